@@ -1,0 +1,6 @@
+import sys
+
+from lora_scaffold.cli import main
+
+
+sys.exit(main())

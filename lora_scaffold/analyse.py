@@ -1,0 +1,216 @@
+"""Stage 3: choose the weight, an input, and how LoRA applies to the target (the strategy), and name the output."""
+
+from __future__ import annotations
+
+import keyword
+import math
+import re
+import shlex
+from dataclasses import dataclass
+
+from torch import nn
+
+from lora_scaffold import probe as probes
+from lora_scaffold.errors import AnalysisError
+from lora_scaffold.introspect import TargetSpec, TensorInfo, instantiate
+from lora_scaffold.sample_input import candidate_inputs, evaluate_input, find_sample_input
+
+
+STRATEGIES = ("auto", "linear", "conv", "embedding", "delta", "stub")
+FACTORED = ("linear", "conv", "embedding")
+
+# PEFT's own layers, by the base class they adapt; a generated layer for these overrides PEFT's when registered.
+PEFT_BUILTINS = {
+    nn.Linear: "Linear",
+    nn.Embedding: "Embedding",
+    nn.Conv1d: "Conv1d",
+    nn.Conv2d: "Conv2d",
+    nn.Conv3d: "Conv3d",
+    nn.MultiheadAttention: "MultiheadAttention",
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    weight: str | None = None
+    strategy: str = "auto"
+    example_input: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    target_spec: str
+    target_module: str
+    target_class: str
+    ctor_args: tuple[tuple[str, str], ...]
+    weight_name: str
+    weight_shape: tuple[int, ...]
+    bias_name: str | None
+    strategy: str
+    fan_in_fan_out: bool
+    conv_dims: int
+    groups: int
+    reason: str
+    probes: tuple[probes.ProbeOutcome, ...]
+    example_input: str
+    input_inferred: bool
+    test_rank: int
+    layer_class: str
+    module_name: str
+    test_module: str
+    peft_builtin: str | None
+    command: str
+
+
+def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
+    if options.strategy not in STRATEGIES:
+        raise AnalysisError(f"unknown strategy {options.strategy!r}; choose from {', '.join(STRATEGIES)}")
+    layer_class, module_name = layer_names(spec.target.class_name, options.name)
+    weight = choose_weight(spec, options.weight)
+    module = instantiate(spec.target, spec.ctor_kwargs())
+    attributes = dict((name, spec.attribute(name)) for name, _ in spec.attributes)
+    if options.example_input:
+        example_input = options.example_input
+        find_sample_input(module, [example_input])
+    else:
+        candidates = candidate_inputs(weight.shape, spec.forward_arity, attributes)
+        example_input = find_sample_input(module, candidates)
+    strategy, fan_in_fan_out, outcomes, reason = choose_strategy(module, weight, example_input, attributes, options)
+    groups = attributes.get("groups", 1) if strategy == "conv" else 1
+    return LayerPlan(
+        target_spec=spec.target.spec,
+        target_module=spec.target.import_module,
+        target_class=spec.target.class_name,
+        ctor_args=spec.ctor_args,
+        weight_name=weight.name,
+        weight_shape=weight.shape,
+        bias_name=_bias_name(spec, weight, strategy, fan_in_fan_out),
+        strategy=strategy,
+        fan_in_fan_out=fan_in_fan_out,
+        conv_dims=len(weight.shape) - 2 if strategy == "conv" else 0,
+        groups=groups,
+        reason=reason,
+        probes=outcomes,
+        example_input=example_input,
+        input_inferred=options.example_input is None,
+        test_rank=math.lcm(4, groups),
+        layer_class=layer_class,
+        module_name=module_name,
+        test_module=f"test_{module_name}",
+        peft_builtin=peft_builtin(spec.target.cls),
+        command=regenerate_command(spec, options),
+    )
+
+
+def choose_weight(spec: TargetSpec, requested: str | None) -> TensorInfo:
+    if not spec.parameters:
+        what = "only buffers" if spec.buffers else "no parameters"
+        raise AnalysisError(f"{spec.target.class_name} has {what}: there is no trainable weight for LoRA to adapt")
+    if requested is not None:
+        found = spec.parameter(requested)
+        if found is None:
+            names = ", ".join(p.name for p in spec.parameters)
+            raise AnalysisError(f"{spec.target.class_name} has no parameter {requested!r}; its parameters: {names}")
+        return found
+    candidates = [p for p in spec.parameters if len(p.shape) >= 2]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        names = ", ".join(f"{p.name} {list(p.shape)}" for p in spec.parameters)
+        raise AnalysisError(f"{spec.target.class_name} has no weight of 2 or more dimensions ({names}); pick one with --weight")
+    names = ", ".join(f"{p.name} {list(p.shape)}" for p in candidates)
+    raise AnalysisError(f"{spec.target.class_name} has several weights ({names}); pick one with --weight NAME")
+
+
+def choose_strategy(
+    module: nn.Module, weight: TensorInfo, example_input: str, attributes: dict, options: Options
+) -> tuple[str, bool, tuple[probes.ProbeOutcome, ...], str]:
+    """The strategy, whether the weight is stored [in, out], what the probe measured, and why, in words."""
+    if options.strategy == "stub":
+        return "stub", False, (), "asked for with --strategy stub: the layer is a skeleton to fill in"
+    probe = probes.probe_weight(module, weight.name, evaluate_input(example_input))
+    if not probe.weight_matters():
+        raise AnalysisError(
+            f"the output of {type(module).__name__} does not change with {weight.name!r} on input {example_input}; "
+            "pick another --weight or pass --example-input"
+        )
+    wanted = _families_for(weight.shape) if options.strategy == "auto" else (options.strategy,)
+    outcomes = tuple(outcome for family in wanted for outcome in _probe_family(probe, family, attributes))
+    for outcome in outcomes:
+        if outcome.matched:
+            how = "forced" if options.strategy != "auto" else "auto"
+            reason = f"{how}: the probe shows the weight acts as {outcome.strategy} (relative error {outcome.relative_error:.1e})"
+            return outcome.strategy.split(" ")[0], "[in, out]" in outcome.strategy, outcomes, reason
+    if options.strategy in FACTORED:
+        failed = "; ".join(f"{o.strategy}: {_describe(o)}" for o in outcomes)
+        raise AnalysisError(
+            f"--strategy {options.strategy} does not fit {type(module).__name__}.{weight.name} ({failed}); "
+            "use --strategy auto or delta"
+        )
+    if options.strategy == "delta":
+        return "delta", False, outcomes, "forced: the forward runs with W + dW, exact for any forward"
+    tried = "; ".join(f"{o.strategy}: {_describe(o)}" for o in outcomes) or "no factored path fits the weight's shape"
+    return "delta", False, outcomes, f"auto: no factored path is exact ({tried}); the forward runs with W + dW"
+
+
+def _families_for(shape: tuple[int, ...]) -> tuple[str, ...]:
+    return ("linear", "embedding") if len(shape) == 2 else ("conv",) if len(shape) >= 3 else ()
+
+
+def _probe_family(probe, family: str, attributes: dict) -> list[probes.ProbeOutcome]:
+    if family == "linear":
+        return [probes.probe_linear(probe, False), probes.probe_linear(probe, True)]
+    if family == "embedding":
+        return [probes.probe_embedding(probe, attributes.get("padding_idx"))]
+    if family == "conv":
+        return [probes.probe_conv(probe, attributes)]
+    return []
+
+
+def _describe(outcome: probes.ProbeOutcome) -> str:
+    if math.isinf(outcome.relative_error):
+        return outcome.note
+    return f"differs by {outcome.relative_error:.1e} (relative)"
+
+
+def _bias_name(spec: TargetSpec, weight: TensorInfo, strategy: str, fan_in_fan_out: bool) -> str | None:
+    if strategy not in ("linear", "conv"):
+        return None
+    prefix = weight.name.rpartition(".")[0]
+    name = f"{prefix}.bias" if prefix else "bias"
+    bias = spec.parameter(name)
+    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    return name if bias is not None and bias.shape == (out_features,) else None
+
+
+def peft_builtin(cls: type) -> str | None:
+    for base, name in PEFT_BUILTINS.items():
+        if issubclass(cls, base):
+            return name
+    if any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in cls.__mro__):
+        return "Linear"
+    return None
+
+
+def layer_names(class_name: str, name: str | None) -> tuple[str, str]:
+    """(layer class, module name) from the target's class name or from --name."""
+    if name is not None:
+        if not name.isidentifier() or keyword.iskeyword(name):
+            raise AnalysisError(f"--name {name!r} must be a Python identifier (no path, not a keyword)")
+        base = name
+    else:
+        base = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", class_name).lower().strip("_")
+    camel = "".join(part[:1].upper() + part[1:] for part in base.split("_") if part)
+    return f"Lora{camel}", f"lora_{base.lower()}"
+
+
+def regenerate_command(spec: TargetSpec, options: Options) -> str:
+    words = ["lora-scaffold", "new", spec.target.spec]
+    words += [f"--arg={name}={source}" for name, source in spec.ctor_args if name not in spec.guessed_args]
+    for flag, value in (("--weight", options.weight), ("--example-input", options.example_input), ("--name", options.name)):
+        if value is not None:
+            words.append(f"{flag}={value}")
+    if options.strategy != "auto":
+        words.append(f"--strategy={options.strategy}")
+    return shlex.join(words)

@@ -1,0 +1,172 @@
+"""The command line: parse, run the pipeline, print. The only module that prints or exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from lora_scaffold import __version__
+from lora_scaffold.analyse import STRATEGIES, LayerPlan, Options, analyse
+from lora_scaffold.errors import ScaffoldError
+from lora_scaffold.files import apply_changes, plan_changes, refuse_conflicts
+from lora_scaffold.introspect import TargetSpec, introspect, parse_arg_overrides
+from lora_scaffold.peft_api import require_supported_peft
+from lora_scaffold.render import render
+from lora_scaffold.resolve import resolve_target
+
+
+DESCRIPTION = """\
+Generate a PEFT LoRA layer, and a pytest suite for it, for an nn.Module class PEFT cannot adapt yet.
+
+TARGET is 'package.module.Class' or 'path/to/file.py:Class'. Resolving it imports that module, which runs its code.
+"""
+
+NEW_EPILOG = """\
+strategies (how LoRA applies to the weight):
+  linear     weight [out, in] (or [in, out]) used as x @ W.T: adds lora_B(lora_A(dropout(x))) * scaling
+  conv       N-d convolution weight [out, in/groups, *k]: lora_A convolves like the base layer, lora_B is 1x1
+  embedding  lookup table [num, dim]: adds the looked-up rows of (B @ A).T * scaling
+  delta      any weight, any forward: runs the module's own forward with W + (B @ A).reshape(W.shape) * scaling
+  stub       a skeleton to fill in by hand
+  auto       (default) probes the module numerically and takes the first factored strategy that is exact,
+             else delta
+
+examples:
+  lora-scaffold new mypkg.MyConv -o out/
+  lora-scaffold new torch.nn.Bilinear -o out/ --arg in1_features=5 --arg in2_features=7 --arg out_features=3
+  lora-scaffold new my_layers.py:Gate -o out/ --weight proj.weight --example-input 'torch.randn(2, 16)'
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-scaffold", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"lora-scaffold {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    new = commands.add_parser(
+        "new",
+        help="generate a LoRA layer and its tests for TARGET",
+        description="Generate a LoraLayer subclass for TARGET and a pytest suite that checks it.",
+        epilog=NEW_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_target_arguments(new)
+    new.add_argument("-o", "--output", metavar="DIR", default=".", help="folder to write into (default: .)")
+    new.add_argument("--weight", metavar="NAME", help="parameter to adapt, e.g. weight or conv.weight")
+    new.add_argument("--strategy", choices=STRATEGIES, default="auto", help="how LoRA applies (default: auto)")
+    new.add_argument("--example-input", metavar="EXPR", help="input for the probe and the tests, a Python expression")
+    new.add_argument("--name", help="base name of the output: lora_NAME.py, LoraName (default: from the class)")
+    new.add_argument("--dry-run", action="store_true", help="show what would be written, write nothing")
+    new.add_argument("--force", action="store_true", help="overwrite files that exist with other content")
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="show what lora-scaffold sees in TARGET",
+        description="Show TARGET's constructor, parameters, buffers and the attributes PEFT reads.",
+    )
+    _add_target_arguments(inspect)
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parser
+
+
+def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="TARGET", help="package.module.Class or path/to/file.py:Class")
+    parser.add_argument(
+        "--arg",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="constructor argument as a Python literal; repeatable",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ScaffoldError as error:
+        if args.debug:
+            raise
+        print(f"lora-scaffold: error: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    spec = _introspect(args)
+    if args.json:
+        print(json.dumps(_spec_as_json(spec), indent=2))
+    else:
+        print(format_spec(spec))
+    return 0
+
+
+def run_new(args: argparse.Namespace) -> int:
+    require_supported_peft()
+    spec = _introspect(args)
+    options = Options(weight=args.weight, strategy=args.strategy, example_input=args.example_input, name=args.name)
+    plan = analyse(spec, options)
+    changes = plan_changes(render(plan), Path(args.output), force=args.force)
+    refuse_conflicts(changes)
+    print(format_plan(plan, spec))
+    if args.dry_run:
+        for change in changes:
+            print(f"would {change.status:<9} {change.path}")
+            if change.writes:
+                print(change.diff(), end="")
+        return 0
+    apply_changes(changes)
+    for change in changes:
+        print(f"{change.status:<9} {change.path}")
+    if spec.target.from_file is not None:
+        print(f"note: the generated code imports {plan.target_module}; put {spec.target.from_file.parent} on PYTHONPATH")
+    return 0
+
+
+def _introspect(args: argparse.Namespace) -> TargetSpec:
+    overrides = parse_arg_overrides(args.arg)
+    return introspect(resolve_target(args.target), overrides)
+
+
+def format_spec(spec: TargetSpec) -> str:
+    guessed = f"  (guessed: {', '.join(spec.guessed_args)})" if spec.guessed_args else ""
+    lines = [f"class       {spec.target.qualified_name}"]
+    lines.append("signature   (" + ", ".join(_format_param(p) for p in spec.ctor_params) + ")")
+    lines.append("built with  (" + ", ".join(f"{n}={v}" for n, v in spec.ctor_args) + ")" + guessed)
+    lines.append(f"forward     {spec.forward_arity} positional input(s)")
+    lines += ["parameters"] + ([f"  {p.name:<24} {list(p.shape)} {p.dtype}" for p in spec.parameters] or ["  none"])
+    lines += ["buffers"] + ([f"  {b.name:<24} {list(b.shape)} {b.dtype}" for b in spec.buffers] or ["  none"])
+    lines += ["attributes"] + ([f"  {n:<24} {v}" for n, v in spec.attributes] or ["  none"])
+    return "\n".join(lines)
+
+
+def _format_param(param) -> str:
+    return param.name if param.required else f"{param.name}={param.default}"
+
+
+def format_plan(plan: LayerPlan, spec: TargetSpec) -> str:
+    inferred = "inferred" if plan.input_inferred else "given"
+    lines = [
+        f"target    {plan.target_spec}(" + ", ".join(f"{n}={v}" for n, v in plan.ctor_args) + ")",
+        f"weight    {plan.weight_name} {list(plan.weight_shape)}",
+        f"input     {plan.example_input} ({inferred})",
+        f"strategy  {plan.strategy}: {plan.reason}",
+    ]
+    if plan.peft_builtin:
+        lines.append(f"note      PEFT has its own {plan.peft_builtin} layer for this type; registering this one overrides it")
+    return "\n".join(lines)
+
+
+def _spec_as_json(spec: TargetSpec) -> dict:
+    data = asdict(spec)
+    data["target"] = {"spec": spec.target.spec, "class": spec.target.qualified_name}
+    return data
+
+
+COMMANDS = {"new": run_new, "inspect": run_inspect}

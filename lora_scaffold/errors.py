@@ -1,0 +1,28 @@
+"""The one exception type that carries a message for the user; the CLI turns it into one line and an exit code."""
+
+BAD_INPUT = 2
+FAILURE = 1
+
+
+class ScaffoldError(Exception):
+    """An expected problem, explained in one line. Anything else escaping the pipeline is a bug."""
+
+    exit_code = BAD_INPUT
+
+
+class TargetError(ScaffoldError):
+    """The target class cannot be found, imported or built."""
+
+
+class AnalysisError(ScaffoldError):
+    """No correct way to apply LoRA could be chosen with the given options."""
+
+
+class WriteError(ScaffoldError):
+    """Writing the output would overwrite something, or failed."""
+
+
+class StaleOutputError(ScaffoldError):
+    """Committed generated files differ from a fresh render."""
+
+    exit_code = FAILURE

@@ -1,0 +1,223 @@
+"""Stage 2: build the target once and describe it as plain data (no torch objects survive this stage)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lora_scaffold.errors import TargetError
+from lora_scaffold.resolve import ResolvedTarget
+
+
+# Small, distinct sizes for the constructor arguments layers most often require: distinct so that input and output
+# dimensions cannot be confused when inferring inputs, small so that generated tests stay fast.
+GUESSES: dict[str, object] = {
+    "in_features": 8,
+    "out_features": 12,
+    "in_channels": 4,
+    "out_channels": 6,
+    "kernel_size": 3,
+    "num_embeddings": 20,
+    "embedding_dim": 8,
+    "in1_features": 5,
+    "in2_features": 7,
+    "input_size": 6,
+    "hidden_size": 8,
+    "embed_dim": 8,
+    "num_heads": 2,
+    "nx": 8,
+    "nf": 12,
+    "dim": 8,
+    "d_model": 8,
+    "hidden_dim": 8,
+    "channels": 4,
+}
+
+# Attributes PEFT and the generated layer read from a base layer, shown by `inspect` and used to infer inputs.
+PEFT_ATTRIBUTES = (
+    "in_features",
+    "out_features",
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "output_padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+    "num_embeddings",
+    "embedding_dim",
+    "padding_idx",
+    "in1_features",
+    "in2_features",
+    "input_size",
+    "hidden_size",
+    "nx",
+    "nf",
+)
+
+
+@dataclass(frozen=True)
+class CtorParam:
+    name: str
+    required: bool
+    default: str | None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    requires_grad: bool
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    target: ResolvedTarget
+    ctor_params: tuple[CtorParam, ...]
+    ctor_args: tuple[tuple[str, str], ...]
+    guessed_args: tuple[str, ...]
+    parameters: tuple[TensorInfo, ...]
+    buffers: tuple[TensorInfo, ...]
+    attributes: tuple[tuple[str, str], ...]
+    forward_arity: int
+
+    def ctor_kwargs(self) -> dict[str, object]:
+        return {name: ast.literal_eval(source) for name, source in self.ctor_args}
+
+    def attribute(self, name: str):
+        return ast.literal_eval(dict(self.attributes)[name]) if name in dict(self.attributes) else None
+
+    def parameter(self, name: str) -> TensorInfo | None:
+        return next((p for p in self.parameters if p.name == name), None)
+
+
+def parse_arg_overrides(pairs: list[str]) -> dict[str, str]:
+    """`NAME=VALUE` strings, values as Python literals, to {name: canonical literal source}."""
+    overrides = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise TargetError(f"bad --arg {pair!r}: expected NAME=VALUE")
+        try:
+            overrides[name] = repr(ast.literal_eval(value.strip()))
+        except (ValueError, SyntaxError):
+            raise TargetError(
+                f"bad --arg value for {name}: {value!r} is not a Python literal (strings need quotes: {name}='\"text\"')"
+            ) from None
+    return overrides
+
+
+def introspect(target: ResolvedTarget, overrides: dict[str, str]) -> TargetSpec:
+    params = ctor_params(target.cls)
+    ctor_args, guessed = choose_ctor_args(target, params, overrides)
+    kwargs = {name: ast.literal_eval(source) for name, source in ctor_args}
+    module = instantiate(target, kwargs, device="meta")
+    parameters = tuple(_tensor_info(name, p) for name, p in module.named_parameters())
+    buffers = tuple(_tensor_info(name, b) for name, b in module.named_buffers())
+    return TargetSpec(
+        target=target,
+        ctor_params=params,
+        ctor_args=ctor_args,
+        guessed_args=guessed,
+        parameters=parameters,
+        buffers=buffers,
+        attributes=_peft_attributes(module),
+        forward_arity=forward_arity(target.cls),
+    )
+
+
+def ctor_params(cls: type) -> tuple[CtorParam, ...]:
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return ()
+    return tuple(
+        CtorParam(p.name, p.default is p.empty, None if p.default is p.empty else repr(p.default))
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    )
+
+
+def _accepts_any_keyword(cls: type) -> bool:
+    try:
+        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):
+        return True
+
+
+def choose_ctor_args(
+    target: ResolvedTarget, params: tuple[CtorParam, ...], overrides: dict[str, str]
+) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    known = {p.name for p in params}
+    unknown = [name for name in overrides if name not in known]
+    if unknown and not _accepts_any_keyword(target.cls):
+        raise TargetError(f"{target.class_name} takes no argument named {', '.join(unknown)}")
+    chosen = dict(overrides)
+    guessed = []
+    for param in params:
+        if param.required and param.name not in chosen and param.name in GUESSES:
+            chosen[param.name] = repr(GUESSES[param.name])
+            guessed.append(param.name)
+    missing = [p.name for p in params if p.required and p.name not in chosen]
+    if missing:
+        example = " ".join(f"--arg {name}=VALUE" for name in missing)
+        raise TargetError(f"{target.class_name} needs constructor arguments {', '.join(missing)}: pass {example}")
+    order = [p.name for p in params] + unknown
+    return tuple((name, chosen[name]) for name in order if name in chosen), tuple(guessed)
+
+
+def instantiate(target: ResolvedTarget, kwargs: dict[str, object], device: str = "cpu") -> nn.Module:
+    """Build the target; on the meta device first when only shapes are needed, so huge defaults cost nothing."""
+    torch.manual_seed(0)
+    try:
+        with torch.device(device):
+            return target.cls(**kwargs)
+    except Exception as exc:
+        if device != "cpu":
+            return instantiate(target, kwargs, "cpu")
+        call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise TargetError(f"{target.class_name}({call}) raised {type(exc).__name__}: {exc}") from exc
+
+
+def forward_arity(cls: type) -> int:
+    """How many positional inputs forward requires (at least one)."""
+    try:
+        signature = inspect.signature(cls.forward)
+    except (TypeError, ValueError):
+        return 1
+    positional = [
+        p
+        for p in list(signature.parameters.values())[1:]
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return max(1, len(positional))
+
+
+def _tensor_info(name: str, tensor: torch.Tensor) -> TensorInfo:
+    return TensorInfo(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), tensor.requires_grad)
+
+
+def _peft_attributes(module: nn.Module) -> tuple[tuple[str, str], ...]:
+    found = []
+    for name in PEFT_ATTRIBUTES:
+        value = getattr(module, name, None)
+        if isinstance(value, list):
+            value = tuple(value)
+        if value is not None and _is_literal(value):
+            found.append((name, repr(value)))
+    return tuple(found)
+
+
+def _is_literal(value: object) -> bool:
+    try:
+        return ast.literal_eval(repr(value)) == value
+    except (ValueError, SyntaxError):
+        return False

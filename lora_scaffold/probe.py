@@ -1,0 +1,134 @@
+"""The numerical probe: does a factored LoRA path add exactly what a change of the weight adds?
+
+For a random D, `f(x; W + D) - f(x; W)` is measured through `torch.func.functional_call` and compared with what the
+factored path would add for the same D. Run in float64 so that a match is unambiguous.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from lora_scaffold.sample_input import flatten_output
+
+
+RELATIVE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONV_GEOMETRY = ("stride", "padding", "dilation", "groups")
+
+
+@dataclass(frozen=True)
+class ProbeOutcome:
+    strategy: str
+    matched: bool
+    relative_error: float
+    note: str = ""
+
+
+class _Probe:
+    """A float64 copy of the module with the chosen weight and inputs; everything the strategies are tested on."""
+
+    def __init__(self, module: nn.Module, weight_name: str, inputs: tuple):
+        self.module, self.inputs = _high_precision(module, inputs)
+        self.module.eval()
+        self.weight_name = weight_name
+        self.weight = self.module.get_parameter(weight_name).detach()
+        generator = torch.Generator().manual_seed(1)
+        scale = float(self.weight.std()) if self.weight.numel() > 1 and float(self.weight.std()) > 0 else 1.0
+        self.delta = torch.randn(self.weight.shape, generator=generator, dtype=self.weight.dtype) * scale
+        self.effect = self._effect()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def _run(self, weight: torch.Tensor):
+        with torch.no_grad():
+            return functional_call(self.module, {self.weight_name: weight}, self.inputs)
+
+    def _effect(self) -> list[torch.Tensor]:
+        before = flatten_output(self._run(self.weight))
+        after = flatten_output(self._run(self.weight + self.delta))
+        return [a - b for a, b in zip(after, before) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+
+    def weight_matters(self) -> bool:
+        return any(bool((e != 0).any()) for e in self.effect)
+
+    def compare(self, strategy: str, predicted: torch.Tensor | None, note: str = "") -> ProbeOutcome:
+        if predicted is None or len(self.effect) != 1 or self.effect[0].shape != predicted.shape:
+            reason = note or "output is not one tensor of the predicted shape"
+            return ProbeOutcome(strategy, False, float("inf"), reason)
+        observed = self.effect[0]
+        scale = max(float(predicted.abs().max()), 1e-12)
+        error = float((observed - predicted).abs().max()) / scale
+        return ProbeOutcome(strategy, error <= RELATIVE_TOLERANCE[self.dtype], error, note)
+
+
+def _high_precision(module: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple]:
+    copied = copy.deepcopy(module)
+    try:
+        doubled = copied.double()
+        cast = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
+        with torch.no_grad():
+            doubled(*cast)
+        return doubled, cast
+    except Exception:
+        return copy.deepcopy(module).float(), inputs
+
+
+def probe_weight(module: nn.Module, weight_name: str, inputs: tuple) -> _Probe:
+    return _Probe(module, weight_name, inputs)
+
+
+def probe_linear(probe: _Probe, fan_in_fan_out: bool) -> ProbeOutcome:
+    x, weight, delta = probe.inputs[0], probe.weight, probe.delta
+    strategy = "linear (weight stored [in, out])" if fan_in_fan_out else "linear"
+    in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    if weight.dim() != 2 or not _is_float(x) or x.shape[-1] != in_features:
+        return ProbeOutcome(strategy, False, float("inf"), "input's last dimension is not the weight's input size")
+    predicted = x @ delta if fan_in_fan_out else F.linear(x, delta)
+    return probe.compare(strategy, predicted)
+
+
+def probe_embedding(probe: _Probe, padding_idx: int | None) -> ProbeOutcome:
+    x, delta = probe.inputs[0], probe.delta
+    if delta.dim() != 2 or not isinstance(x, torch.Tensor) or x.is_floating_point():
+        return ProbeOutcome("embedding", False, float("inf"), "input is not integer indices into a 2-D weight")
+    return probe.compare("embedding", F.embedding(x, delta, padding_idx=padding_idx))
+
+
+def probe_conv(probe: _Probe, attributes: dict) -> ProbeOutcome:
+    x, delta = probe.inputs[0], probe.delta
+    spatial = delta.dim() - 2
+    missing = [name for name in CONV_GEOMETRY if name not in attributes]
+    if spatial not in CONV_CLASSES or missing or not _is_float(x):
+        return ProbeOutcome("conv", False, float("inf"), f"no conv geometry ({', '.join(missing) or 'weight rank'})")
+    groups = attributes["groups"]
+    try:
+        conv = CONV_CLASSES[spatial](
+            delta.shape[1] * groups,
+            delta.shape[0],
+            tuple(delta.shape[2:]),
+            stride=attributes["stride"],
+            padding=attributes["padding"],
+            dilation=attributes["dilation"],
+            groups=groups,
+            bias=False,
+            padding_mode=attributes.get("padding_mode", "zeros"),
+            dtype=delta.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(delta)
+            predicted = conv(x)
+    except Exception as exc:
+        return ProbeOutcome("conv", False, float("inf"), f"conv with the module's geometry failed: {exc}")
+    return probe.compare("conv", predicted)
+
+
+def _is_float(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()

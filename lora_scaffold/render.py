@@ -1,0 +1,104 @@
+"""Stage 4: render the layer module and its tests from `templates/` into memory (nothing touches the disk here)."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from lora_scaffold import __version__
+from lora_scaffold.analyse import LayerPlan
+
+
+TEMPLATE_SUFFIX = ".jinja"
+NOT_RENDERED = ("copier.yml", "partials")
+
+SUMMARIES = {
+    "linear": "the adapter adds `lora_B(lora_A(dropout(x))) * scaling`, as PEFT's Linear does.",
+    "conv": "the adapter adds `lora_B(lora_A(dropout(x))) * scaling`, lora_A convolving like the base layer.",
+    "embedding": "the adapter adds the looked-up rows of `(B @ A).T * scaling`, as PEFT's Embedding does.",
+    "delta": "forward runs the base module with `W + (B @ A).reshape(W.shape) * scaling`.",
+    "stub": "a skeleton to fill in; its methods raise NotImplementedError until then.",
+}
+
+# LoraConfig options a strategy cannot honour: (reason, keyword arguments that request the option).
+REJECTED_OPTIONS = {
+    "delta": {
+        "lora_dropout": ("dropout of the input cannot be written as a change of the weight.", '"lora_dropout": 0.1'),
+        "lora_bias": ("this layer's adapters change the weight only.", '"lora_bias": True'),
+    },
+    "embedding": {"lora_bias": ("embeddings have no bias to merge it into.", '"lora_bias": True')},
+}
+
+
+@dataclass(frozen=True)
+class GeneratedFile:
+    path: str
+    text: str
+
+
+def template_dir() -> Path:
+    """Inside an installed wheel the templates sit in the package; in a source checkout, at the repository root."""
+    packaged = Path(__file__).parent / "templates"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
+
+
+def template_context(plan: LayerPlan) -> dict:
+    rejected = REJECTED_OPTIONS.get(plan.strategy, {})
+    ctor_args = ", ".join(f"{name}={source}" for name, source in plan.ctor_args)
+    return {
+        "version": __version__,
+        "command": plan.command,
+        "target_spec": plan.target_spec,
+        "target_module": plan.target_module,
+        "target_class": plan.target_class,
+        "layer_class": plan.layer_class,
+        "module_name": plan.module_name,
+        "test_module": plan.test_module,
+        "strategy": plan.strategy,
+        "strategy_summary": SUMMARIES[plan.strategy],
+        "reason": plan.reason[:1].upper() + plan.reason[1:],
+        "weight_name": plan.weight_name,
+        "weight_shape": str(plan.weight_shape),
+        "bias_name": plan.bias_name or "",
+        "bias_name_literal": repr(plan.bias_name),
+        "fan_in_fan_out": plan.fan_in_fan_out,
+        "conv_class": f"nn.Conv{plan.conv_dims}d" if plan.strategy == "conv" else "",
+        "needs_functional": plan.strategy == "embedding",
+        "mixed_batch": plan.strategy != "delta",
+        "rejected_options": {option: reason for option, (reason, _) in rejected.items()},
+        "rejected_option_kwargs": {option: kwargs for option, (_, kwargs) in rejected.items()},
+        "peft_builtin": plan.peft_builtin or "",
+        "ctor_call": f"{plan.target_class}({ctor_args})",
+        "inputs_expression": _as_tuple(plan.example_input),
+        "test_rank": plan.test_rank,
+    }
+
+
+def render(plan: LayerPlan) -> tuple[GeneratedFile, ...]:
+    return render_templates(template_context(plan))
+
+
+def render_templates(context: dict, root: Path | None = None) -> tuple[GeneratedFile, ...]:
+    root = root or template_dir()
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(root),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    files = []
+    for source in sorted(root.rglob(f"*{TEMPLATE_SUFFIX}")):
+        relative = source.relative_to(root)
+        if relative.parts[0] in NOT_RENDERED:
+            continue
+        path = environment.from_string(relative.as_posix().removesuffix(TEMPLATE_SUFFIX)).render(context)
+        files.append(GeneratedFile(path, environment.get_template(relative.as_posix()).render(context)))
+    return tuple(files)
+
+
+def _as_tuple(expression: str) -> str:
+    is_tuple = isinstance(ast.parse(expression, mode="eval").body, ast.Tuple)
+    return expression if is_tuple else f"({expression},)"

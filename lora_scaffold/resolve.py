@@ -1,0 +1,90 @@
+"""Stage 1: turn the user's TARGET string into the class it names (this imports, and so runs, user code)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from lora_scaffold.errors import TargetError
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """Where the target class lives, spelled the way generated code imports it."""
+
+    spec: str
+    import_module: str
+    class_name: str
+    cls: type
+    from_file: Path | None = None
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.import_module}.{self.class_name}"
+
+
+def resolve_target(spec: str) -> ResolvedTarget:
+    """Import `pkg.module.Class` or `path/to/file.py:Class` and check that it is an nn.Module subclass."""
+    if ":" in spec:
+        target = _resolve_file_target(spec)
+    else:
+        target = _resolve_dotted_target(spec)
+    if not isinstance(target.cls, type) or not issubclass(target.cls, nn.Module):
+        raise TargetError(f"{spec} is not an nn.Module subclass (got {target.cls!r})")
+    return target
+
+
+def _resolve_dotted_target(spec: str) -> ResolvedTarget:
+    module_name, _, class_name = spec.rpartition(".")
+    if not module_name or not all(part.isidentifier() for part in spec.split(".")):
+        raise TargetError(f"target {spec!r} should look like 'package.module.Class' or 'path/to/file.py:Class'")
+    # Console scripts do not put the working directory on sys.path; users expect their local package to import.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module = _import_module(module_name)
+    return ResolvedTarget(spec, module_name, class_name, _get_class(module, class_name, module_name))
+
+
+def _resolve_file_target(spec: str) -> ResolvedTarget:
+    path_text, _, class_name = spec.rpartition(":")
+    path = Path(path_text)
+    if path.suffix != ".py" or not class_name.isidentifier():
+        raise TargetError(f"target {spec!r} should look like 'path/to/file.py:Class'")
+    if not path.is_file():
+        raise TargetError(f"no such file: {path}")
+    module_name = path.stem
+    if not module_name.isidentifier():
+        raise TargetError(f"{path.name} cannot be imported by generated code: its name is not a Python identifier")
+    loader_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[module_name] = module
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise TargetError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    return ResolvedTarget(spec, module_name, class_name, _get_class(module, class_name, str(path)), path.resolve())
+
+
+def _import_module(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name + ".").startswith(exc.name + "."):
+            raise TargetError(f"no module named {exc.name!r} (while importing {module_name!r})") from exc
+        raise TargetError(f"importing {module_name} failed: {exc}") from exc
+    except Exception as exc:
+        raise TargetError(f"importing {module_name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _get_class(module, class_name: str, where: str) -> type:
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise TargetError(f"{where} has no attribute {class_name!r}") from None

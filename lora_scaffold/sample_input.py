@@ -1,0 +1,86 @@
+"""Find an input the target accepts: the probe and the generated tests both run it.
+
+Inputs are kept as Python expressions (such as `torch.randn(2, 4, 9, 9)`), so the exact input the probe used is
+what the generated tests evaluate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import nn
+
+from lora_scaffold.errors import AnalysisError
+
+
+SEED = 0
+
+
+def evaluate_input(expression: str) -> tuple:
+    """The positional inputs an expression stands for: a tuple stands for several inputs."""
+    torch.manual_seed(SEED)
+    try:
+        value = eval(expression, {"torch": torch, "math": math})  # noqa: S307 - the user's own expression
+    except Exception as exc:
+        raise AnalysisError(f"--example-input {expression!r} failed: {type(exc).__name__}: {exc}") from None
+    return value if isinstance(value, tuple) else (value,)
+
+
+def candidate_inputs(weight_shape: tuple[int, ...], arity: int, attributes: dict) -> list[str]:
+    """Plausible layouts, most likely first, for a module whose chosen weight has this shape."""
+    if len(weight_shape) >= 3 and arity == 2:
+        pairs = [f"(torch.randn(2, {weight_shape[1]}), torch.randn(2, {weight_shape[2]}))"]
+    else:
+        pairs = []
+    singles = _single_inputs(weight_shape, attributes)
+    repeated = ["(" + ", ".join([single] * arity) + ")" for single in singles] if arity > 1 else singles
+    return list(dict.fromkeys(pairs + repeated))
+
+
+def _single_inputs(shape: tuple[int, ...], attributes: dict) -> list[str]:
+    dims = list(dict.fromkeys(shape[:2]))
+    floats = [f"torch.randn(2, {d})" for d in dims] + [f"torch.randn(2, 3, {d})" for d in dims]
+    if len(shape) >= 3:
+        floats = _spatial_inputs(shape, attributes) + floats
+    lookups = [f"torch.randint(0, {d}, (2, 3))" for d in dims]
+    return floats + lookups
+
+
+def _spatial_inputs(shape: tuple[int, ...], attributes: dict) -> list[str]:
+    spatial = len(shape) - 2
+    groups = attributes.get("groups", 1) if isinstance(attributes.get("groups", 1), int) else 1
+    channels = dict.fromkeys(c for c in (attributes.get("in_channels"), shape[1] * groups, shape[0]) if c)
+    dilation = attributes.get("dilation", 1)
+    dilation = max(dilation) if isinstance(dilation, tuple) else dilation if isinstance(dilation, int) else 1
+    side = max(6, max(shape[2:]) * dilation + 3)
+    return [f"torch.randn(2, {c}, {', '.join([str(side)] * spatial)})" for c in channels]
+
+
+def find_sample_input(module: nn.Module, candidates: list[str]) -> str:
+    """The first candidate the module runs on without error."""
+    errors = []
+    module.eval()
+    for expression in candidates:
+        try:
+            with torch.no_grad():
+                output = module(*evaluate_input(expression))
+        except Exception as exc:
+            errors.append(f"{expression}: {type(exc).__name__}")
+            continue
+        if any(isinstance(t, torch.Tensor) for t in flatten_output(output)):
+            return expression
+    tried = "; ".join(itertools.islice(errors, 4))
+    raise AnalysisError(
+        f"could not infer an input {type(module).__name__} accepts (tried {tried}); pass --example-input EXPR, "
+        "e.g. --example-input 'torch.randn(2, 4, 9, 9)'"
+    )
+
+
+def flatten_output(output) -> list:
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in flatten_output(item)]
+    if isinstance(output, dict):
+        return [t for item in output.values() for t in flatten_output(item)]
+    return [output]
