@@ -194,15 +194,19 @@ def peft_builtin(cls: type) -> str | None:
 
 
 def layer_names(class_name: str, name: str | None) -> tuple[str, str]:
-    """(layer class, module name) from the target's class name or from --name."""
-    if name is not None:
-        if not name.isidentifier() or keyword.iskeyword(name):
-            raise AnalysisError(f"--name {name!r} must be a Python identifier (no path, not a keyword)")
-        base = name
-    else:
-        base = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", class_name).lower().strip("_")
-    camel = "".join(part[:1].upper() + part[1:] for part in base.split("_") if part)
-    return f"Lora{camel}", f"lora_{base.lower()}"
+    """(layer class, module name) from the target's class name, or from --name."""
+    if name is None:
+        return f"Lora{class_name}", f"lora_{_snake_case(class_name)}"
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise AnalysisError(f"--name {name!r} must be a Python identifier (no path, not a keyword)")
+    camel = "".join(part[:1].upper() + part[1:] for part in name.split("_") if part)
+    return f"Lora{camel}", f"lora_{name.lower()}"
+
+
+def _snake_case(class_name: str) -> str:
+    """MyConv -> my_conv, ConvTranspose2d -> conv_transpose2d, Conv1D -> conv1d, GRU -> gru."""
+    words = re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z0-9])(?=[A-Z][a-z])", "_", class_name)
+    return words.lower().strip("_")
 
 
 def regenerate_command(spec: TargetSpec, options: Options) -> str:

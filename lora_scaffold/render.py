@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import jinja2
 
 from lora_scaffold import __version__
 from lora_scaffold.analyse import LayerPlan
+from lora_scaffold.imports import format_imports
 
 
 TEMPLATE_SUFFIX = ".jinja"
@@ -24,12 +26,12 @@ SUMMARIES = {
 }
 
 # LoraConfig options a strategy cannot honour: (reason, keyword arguments that request the option).
-REJECTED_OPTIONS = {
+UNSUPPORTED_OPTIONS = {
     "delta": {
-        "lora_dropout": ("dropout of the input cannot be written as a change of the weight.", '"lora_dropout": 0.1'),
-        "lora_bias": ("this layer's adapters change the weight only.", '"lora_bias": True'),
+        "lora_dropout": ("dropout of the input cannot be written as a change of the weight", '"lora_dropout": 0.1'),
+        "lora_bias": ("this layer's adapters change the weight only", '"lora_bias": True'),
     },
-    "embedding": {"lora_bias": ("embeddings have no bias to merge it into.", '"lora_bias": True')},
+    "embedding": {"lora_bias": ("embeddings have no bias to merge it into", '"lora_bias": True')},
 }
 
 
@@ -46,7 +48,7 @@ def template_dir() -> Path:
 
 
 def template_context(plan: LayerPlan) -> dict:
-    rejected = REJECTED_OPTIONS.get(plan.strategy, {})
+    unsupported = UNSUPPORTED_OPTIONS.get(plan.strategy, {})
     ctor_args = ", ".join(f"{name}={source}" for name, source in plan.ctor_args)
     return {
         "version": __version__,
@@ -63,18 +65,52 @@ def template_context(plan: LayerPlan) -> dict:
         "weight_name": plan.weight_name,
         "weight_shape": str(plan.weight_shape),
         "bias_name": plan.bias_name or "",
-        "bias_name_literal": repr(plan.bias_name),
+        "bias_name_literal": json.dumps(plan.bias_name) if plan.bias_name else "None",
         "fan_in_fan_out": plan.fan_in_fan_out,
         "conv_class": f"nn.Conv{plan.conv_dims}d" if plan.strategy == "conv" else "",
-        "needs_functional": plan.strategy == "embedding",
         "mixed_batch": plan.strategy != "delta",
-        "rejected_options": {option: reason for option, (reason, _) in rejected.items()},
-        "rejected_option_kwargs": {option: kwargs for option, (_, kwargs) in rejected.items()},
+        "unsupported_options": {option: reason for option, (reason, _) in unsupported.items()},
+        "unsupported_option_kwargs": {option: kwargs for option, (_, kwargs) in unsupported.items()},
+        "imports": format_imports(layer_imports(plan)),
+        "test_imports": format_imports(test_imports(plan), first_party=("peft", plan.module_name)),
         "peft_builtin": plan.peft_builtin or "",
         "ctor_call": f"{plan.target_class}({ctor_args})",
         "inputs_expression": _as_tuple(plan.example_input),
         "test_rank": plan.test_rank,
     }
+
+
+def layer_imports(plan: LayerPlan) -> list[tuple[str, tuple[str, ...]]]:
+    imports = [
+        ("__future__", ("annotations",)),
+        ("math", ()),
+        ("warnings", ()),
+        ("typing", ("Any", "Optional")),
+        ("torch", ()),
+        ("torch", ("nn",)),
+        (plan.target_module, (plan.target_class,)),
+        ("peft", ("LoraConfig",)),
+        ("peft.tuners.lora.layer", ("LoraLayer",)),
+        ("peft.tuners.tuners_utils", ("check_adapters_to_merge",)),
+    ]
+    if plan.strategy == "embedding":
+        imports.append(("torch.nn.functional as F", ()))
+    if plan.strategy == "delta":
+        imports.append(("torch.func", ("functional_call",)))
+    return imports
+
+
+def test_imports(plan: LayerPlan) -> list[tuple[str, tuple[str, ...]]]:
+    return [
+        ("copy", ()),
+        ("math", ()),
+        ("pytest", ()),
+        ("torch", ()),
+        ("torch", ("nn",)),
+        (plan.module_name, (plan.layer_class, "register")),
+        (plan.target_module, (plan.target_class,)),
+        ("peft", ("LoraConfig", "PeftModel", "get_peft_model")),
+    ]
 
 
 def render(plan: LayerPlan) -> tuple[GeneratedFile, ...]:
