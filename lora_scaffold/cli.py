@@ -11,11 +11,11 @@ from pathlib import Path
 
 from lora_scaffold import __version__
 from lora_scaffold.analyse import STRATEGIES, LayerPlan, Options, analyse
-from lora_scaffold.errors import ScaffoldError
+from lora_scaffold.errors import ScaffoldError, StaleOutputError
 from lora_scaffold.files import apply_changes, plan_changes, refuse_conflicts
 from lora_scaffold.introspect import TargetSpec, introspect, parse_arg_overrides
 from lora_scaffold.peft_api import require_supported_peft
-from lora_scaffold.render import render
+from lora_scaffold.render import GeneratedFile, render
 from lora_scaffold.resolve import resolve_target
 
 
@@ -65,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--dry-run", action="store_true", help="show what would be written, write nothing")
     new.add_argument("--force", action="store_true", help="overwrite files that exist with other content")
 
+    check = commands.add_parser(
+        "check",
+        help="re-render committed generated examples and report any that differ",
+        description=(
+            "Re-render every example listed in DIR/manifest.json ({folder: [new's arguments]}) and compare it with "
+            "the files in DIR/folder. Exit 1, with a diff, when any differ; --update rewrites them instead."
+        ),
+    )
+    check.add_argument("directory", metavar="DIR", nargs="?", default="generated_examples")
+    check.add_argument("--update", action="store_true", help="rewrite stale examples")
+    check.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
+
     inspect = commands.add_parser(
         "inspect",
         help="show what lora-scaffold sees in TARGET",
@@ -108,11 +120,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_new(args: argparse.Namespace) -> int:
-    require_supported_peft()
-    spec = _introspect(args)
-    options = Options(weight=args.weight, strategy=args.strategy, example_input=args.example_input, name=args.name)
-    plan = analyse(spec, options)
-    changes = plan_changes(render(plan), Path(args.output), force=args.force)
+    spec, plan, files = generate(args)
+    changes = plan_changes(files, Path(args.output), force=args.force)
     refuse_conflicts(changes)
     print(format_plan(plan, spec))
     if args.dry_run:
@@ -127,6 +136,50 @@ def run_new(args: argparse.Namespace) -> int:
     if spec.target.from_file is not None:
         print(f"note: the generated code imports {plan.target_module}; put {spec.target.from_file.parent} on PYTHONPATH")
     return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    root = Path(args.directory)
+    stale = []
+    for folder, new_arguments in load_manifest(root).items():
+        _, _, files = generate(build_parser().parse_args(["new", *new_arguments]))
+        changes = plan_changes(files, root / folder, force=True)
+        changed = [change for change in changes if change.writes]
+        for change in changed:
+            print(change.diff(), end="")
+        if changed:
+            stale.append(folder)
+        if args.update:
+            apply_changes(changes)
+    if args.update:
+        print(f"updated {len(stale)} of the examples in {root}" + (f": {', '.join(stale)}" if stale else ""))
+    elif stale:
+        raise StaleOutputError(
+            f"generated examples {', '.join(stale)} differ from a fresh render; refresh: lora-scaffold check {root} --update"
+        )
+    else:
+        print(f"all examples in {root} are up to date")
+    return 0
+
+
+def load_manifest(root: Path) -> dict[str, list[str]]:
+    path = root / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ScaffoldError(f"cannot read {path}: {exc}") from None
+    if not isinstance(manifest, dict) or not all(isinstance(v, list) for v in manifest.values()):
+        raise ScaffoldError(f"{path} should map each example folder to a list of `lora-scaffold new` arguments")
+    return manifest
+
+
+def generate(args: argparse.Namespace) -> tuple[TargetSpec, LayerPlan, tuple[GeneratedFile, ...]]:
+    """The whole pipeline short of the disk: resolve, introspect, analyse, render."""
+    require_supported_peft()
+    spec = _introspect(args)
+    options = Options(weight=args.weight, strategy=args.strategy, example_input=args.example_input, name=args.name)
+    plan = analyse(spec, options)
+    return spec, plan, render(plan)
 
 
 def _introspect(args: argparse.Namespace) -> TargetSpec:
@@ -169,4 +222,4 @@ def _spec_as_json(spec: TargetSpec) -> dict:
     return data
 
 
-COMMANDS = {"new": run_new, "inspect": run_inspect}
+COMMANDS = {"new": run_new, "inspect": run_inspect, "check": run_check}

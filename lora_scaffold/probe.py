@@ -125,8 +125,8 @@ def probe_conv(probe: _Probe, attributes: dict) -> ProbeOutcome:
         with torch.no_grad():
             conv.weight.copy_(delta)
             predicted = conv(x)
-    except Exception as exc:
-        return ProbeOutcome("conv", False, float("inf"), f"conv with the module's geometry failed: {exc}")
+    except Exception:
+        return ProbeOutcome("conv", False, float("inf"), "the weight is not laid out [out, in/groups, *kernel]")
     return probe.compare("conv", predicted)
 
 

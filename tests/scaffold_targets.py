@@ -1,0 +1,116 @@
+"""Small target modules for the tests: layers PEFT cannot adapt, and modules that must be refused."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SquaredConv(nn.Conv2d):
+    """Subclasses nn.Conv2d, but its forward is not linear in the weight: no factored path may be chosen."""
+
+    def forward(self, x):
+        weight = self.weight * self.weight.abs()
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledConv(nn.Conv2d):
+    """Linear in the weight but scales its output, so the conv formula does not hold."""
+
+    def forward(self, x):
+        return 3.0 * super().forward(x)
+
+
+class NormalizedLinear(nn.Linear):
+    """Normalises its weight rows before use."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight / self.weight.norm(dim=1, keepdim=True), self.bias)
+
+
+class PlainLinear(nn.Module):
+    """A linear layer PEFT does not recognise (no nn.Linear base)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / in_features**0.5)
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class NestedConv(nn.Module):
+    """Its only weight sits in a child module: conv.weight."""
+
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 5, 3, padding=1)
+        self.gate = nn.Parameter(torch.ones(5))
+
+    def forward(self, x):
+        return torch.tanh(self.conv(x)) * self.gate[:, None, None]
+
+
+class RequiredArgs(nn.Module):
+    """Constructor arguments the generator cannot guess."""
+
+    def __init__(self, width, depth, *, scale=1.0):
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(depth, width))
+        self.scale = scale
+
+    def forward(self, x):
+        return (x @ self.proj.T) * self.scale
+
+
+class TwoWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(6, 4))
+        self.down = nn.Parameter(torch.randn(4, 6))
+
+    def forward(self, x):
+        return (x @ self.up.T) @ self.down.T
+
+
+class OnlyBuffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(4, 4))
+
+    def forward(self, x):
+        return x @ self.table
+
+
+class NoParameters(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class RaisingCtor(nn.Module):
+    def __init__(self, size: int = 3):
+        super().__init__()
+        raise RuntimeError("size must be even")
+
+
+class IgnoresWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return x * 2
+
+
+class HugeEmbedding(nn.Embedding):
+    """Default arguments that would allocate 1.6 GB if built on the CPU."""
+
+    def __init__(self, num_embeddings: int = 50_000, embedding_dim: int = 8_192):
+        super().__init__(num_embeddings, embedding_dim)
+
+
+NOT_A_MODULE = 42
+
+
+class NotAModule:
+    pass
