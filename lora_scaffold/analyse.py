@@ -69,7 +69,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
     layer_class, module_name = layer_names(spec.target.class_name, options.name)
     weight = choose_weight(spec, options.weight)
     module = instantiate(spec.target, spec.ctor_kwargs())
-    attributes = dict((name, spec.attribute(name)) for name, _ in spec.attributes)
+    attributes = spec.attribute_values()
     if options.example_input:
         example_input = options.example_input
         find_sample_input(module, [example_input])
@@ -118,7 +118,9 @@ def choose_weight(spec: TargetSpec, requested: str | None) -> TensorInfo:
         return candidates[0]
     if not candidates:
         names = ", ".join(f"{p.name} {list(p.shape)}" for p in spec.parameters)
-        raise AnalysisError(f"{spec.target.class_name} has no weight of 2 or more dimensions ({names}); pick one with --weight")
+        raise AnalysisError(
+            f"{spec.target.class_name} has no weight of 2 or more dimensions ({names}); pick one with --weight"
+        )
     names = ", ".join(f"{p.name} {list(p.shape)}" for p in candidates)
     raise AnalysisError(f"{spec.target.class_name} has several weights ({names}); pick one with --weight NAME")
 
@@ -212,7 +214,11 @@ def _snake_case(class_name: str) -> str:
 def regenerate_command(spec: TargetSpec, options: Options) -> str:
     words = ["lora-scaffold", "new", spec.target.spec]
     words += [f"--arg={name}={source}" for name, source in spec.ctor_args if name not in spec.guessed_args]
-    for flag, value in (("--weight", options.weight), ("--example-input", options.example_input), ("--name", options.name)):
+    for flag, value in (
+        ("--weight", options.weight),
+        ("--example-input", options.example_input),
+        ("--name", options.name),
+    ):
         if value is not None:
             words.append(f"{flag}={value}")
     if options.strategy != "auto":

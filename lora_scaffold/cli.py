@@ -134,7 +134,9 @@ def run_new(args: argparse.Namespace) -> int:
     for change in changes:
         print(f"{change.status:<9} {change.path}")
     if spec.target.from_file is not None:
-        print(f"note: the generated code imports {plan.target_module}; put {spec.target.from_file.parent} on PYTHONPATH")
+        print(
+            f"note: the generated code imports {plan.target_module}; put {spec.target.from_file.parent} on PYTHONPATH"
+        )
     return 0
 
 
@@ -212,7 +214,9 @@ def format_plan(plan: LayerPlan, spec: TargetSpec) -> str:
         f"strategy  {plan.strategy}: {plan.reason}",
     ]
     if plan.peft_builtin:
-        lines.append(f"note      PEFT has its own {plan.peft_builtin} layer for this type; registering this one overrides it")
+        lines.append(
+            f"note      PEFT has its own {plan.peft_builtin} layer for this type; registering this one overrides it"
+        )
     return "\n".join(lines)
 
 

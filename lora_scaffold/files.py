@@ -72,7 +72,9 @@ def apply_changes(changes: tuple[FileChange, ...]) -> None:
             replaced.append(change)
     except OSError as exc:
         _roll_back(replaced, [t for t, c in staged if c not in replaced], created_dirs)
-        raise WriteError(f"writing {exc.filename or 'the output'} failed ({exc.strerror}); nothing was changed") from exc
+        raise WriteError(
+            f"writing {exc.filename or 'the output'} failed ({exc.strerror}); nothing was changed"
+        ) from exc
 
 
 def _make_parents(directory: Path) -> list[Path]:

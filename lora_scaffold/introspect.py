@@ -91,8 +91,8 @@ class TargetSpec:
     def ctor_kwargs(self) -> dict[str, object]:
         return {name: ast.literal_eval(source) for name, source in self.ctor_args}
 
-    def attribute(self, name: str):
-        return ast.literal_eval(dict(self.attributes)[name]) if name in dict(self.attributes) else None
+    def attribute_values(self) -> dict[str, object]:
+        return {name: ast.literal_eval(source) for name, source in self.attributes}
 
     def parameter(self, name: str) -> TensorInfo | None:
         return next((p for p in self.parameters if p.name == name), None)

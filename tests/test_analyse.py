@@ -1,0 +1,120 @@
+import pytest
+
+from lora_scaffold.analyse import Options, analyse, layer_names
+from lora_scaffold.errors import AnalysisError
+from lora_scaffold.introspect import introspect
+from lora_scaffold.resolve import resolve_target
+
+
+def plan_for(target, args=None, **options):
+    spec = introspect(resolve_target(target), {k: repr(v) for k, v in (args or {}).items()})
+    return analyse(spec, Options(**options))
+
+
+@pytest.mark.parametrize(
+    "target, args, options, strategy, fan_in_fan_out",
+    [
+        ("torch.nn.Linear", {}, {}, "linear", False),
+        ("scaffold_targets.PlainLinear", {"in_features": 5, "out_features": 7}, {}, "linear", False),
+        ("transformers.pytorch_utils.Conv1D", {}, {}, "linear", True),
+        ("torch.nn.Conv1d", {}, {}, "conv", False),
+        ("torch.nn.Conv2d", {"groups": 2, "dilation": 2, "stride": 2, "padding": 1}, {}, "conv", False),
+        ("torch.nn.Conv2d", {"padding": 1, "padding_mode": "reflect"}, {}, "conv", False),
+        ("torch.nn.Conv3d", {}, {}, "conv", False),
+        ("torch.nn.Embedding", {"padding_idx": 0}, {}, "embedding", False),
+        ("torch.nn.ConvTranspose2d", {}, {}, "delta", False),
+        ("torch.nn.Bilinear", {}, {}, "delta", False),
+        ("torch.nn.EmbeddingBag", {}, {}, "delta", False),
+        ("torch.nn.GRU", {"input_size": 6, "hidden_size": 8}, {"weight": "weight_ih_l0"}, "delta", False),
+        ("scaffold_targets.SquaredConv", {}, {}, "delta", False),
+        ("scaffold_targets.ScaledConv", {}, {}, "delta", False),
+        ("scaffold_targets.NormalizedLinear", {}, {}, "delta", False),
+        ("scaffold_targets.NestedConv", {}, {}, "delta", False),
+        ("scaffold_targets.RequiredArgs", {"width": 3, "depth": 4}, {}, "linear", False),
+        ("scaffold_targets.RequiredArgs", {"width": 3, "depth": 4, "scale": 2.0}, {}, "delta", False),
+        ("torch.nn.Linear", {}, {"strategy": "delta"}, "delta", False),
+        ("torch.nn.Linear", {}, {"strategy": "stub"}, "stub", False),
+    ],
+)
+def test_auto_picks_a_factored_path_only_where_the_probe_proves_it(target, args, options, strategy, fan_in_fan_out):
+    plan = plan_for(target, args, **options)
+    assert (plan.strategy, plan.fan_in_fan_out) == (strategy, fan_in_fan_out)
+    assert plan.reason
+
+
+def test_reason_reports_the_probe_and_the_fallback():
+    plan = plan_for("scaffold_targets.SquaredConv")
+    assert plan.reason.startswith("auto: no factored path is exact (conv: differs by")
+    assert [o.strategy for o in plan.probes] == ["conv"] and not plan.probes[0].matched
+
+
+def test_grouped_conv_rank_is_divisible_by_groups():
+    plan = plan_for("torch.nn.Conv2d", {"in_channels": 6, "out_channels": 9, "groups": 3})
+    assert plan.groups == 3 and plan.test_rank % 3 == 0
+
+
+def test_inputs_are_inferred_from_weight_and_forward():
+    assert plan_for("torch.nn.Conv2d").example_input == "torch.randn(2, 4, 6, 6)"
+    assert plan_for("torch.nn.Embedding").example_input == "torch.randint(0, 20, (2, 3))"
+    assert plan_for("torch.nn.Bilinear").example_input == "(torch.randn(2, 5), torch.randn(2, 7))"
+    assert plan_for("transformers.pytorch_utils.Conv1D").example_input == "torch.randn(2, 8)"
+
+
+def test_example_input_is_used_as_given():
+    plan = plan_for("torch.nn.Conv2d", example_input="torch.randn(1, 4, 11, 11)")
+    assert plan.example_input == "torch.randn(1, 4, 11, 11)" and not plan.input_inferred
+
+
+def test_bad_example_input_is_explained():
+    with pytest.raises(AnalysisError, match="could not infer an input.*--example-input"):
+        plan_for("torch.nn.Conv2d", example_input="torch.randn(2, 3)")
+
+
+def test_several_weights_need_a_choice():
+    with pytest.raises(AnalysisError, match=r"several weights \(up \[6, 4\], down \[4, 6\]\).*--weight"):
+        plan_for("scaffold_targets.TwoWeights")
+    assert plan_for("scaffold_targets.TwoWeights", weight="down").weight_name == "down"
+
+
+def test_nested_weight_can_be_named():
+    plan = plan_for("scaffold_targets.NestedConv", weight="conv.weight")
+    assert plan.weight_name == "conv.weight" and plan.bias_name is None
+
+
+@pytest.mark.parametrize(
+    "target, options, message",
+    [
+        ("scaffold_targets.OnlyBuffers", {}, "only buffers"),
+        ("scaffold_targets.NoParameters", {}, "no parameters"),
+        ("torch.nn.LayerNorm", {}, "no weight of 2 or more dimensions"),
+        ("torch.nn.Linear", {"weight": "kernel"}, "has no parameter 'kernel'; its parameters: weight, bias"),
+        ("scaffold_targets.IgnoresWeight", {}, "does not change with 'weight'"),
+        ("scaffold_targets.SquaredConv", {"strategy": "conv"}, "--strategy conv does not fit"),
+        ("torch.nn.Linear", {"strategy": "embedding"}, "--strategy embedding does not fit"),
+        ("torch.nn.Linear", {"name": "my/layer"}, "must be a Python identifier"),
+        ("torch.nn.Linear", {"name": "class"}, "must be a Python identifier"),
+    ],
+)
+def test_bad_choices_are_explained(target, options, message):
+    args = {"normalized_shape": 4} if target.endswith("LayerNorm") else {}
+    with pytest.raises(AnalysisError, match=message):
+        plan_for(target, args, **options)
+
+
+@pytest.mark.parametrize(
+    "class_name, name, expected",
+    [
+        ("MyConv", None, ("LoraMyConv", "lora_my_conv")),
+        ("ConvTranspose2d", None, ("LoraConvTranspose2d", "lora_conv_transpose2d")),
+        ("Conv1D", None, ("LoraConv1D", "lora_conv1d")),
+        ("GRU", None, ("LoraGRU", "lora_gru")),
+        ("Conv1D", "gpt2_conv", ("LoraGpt2Conv", "lora_gpt2_conv")),
+    ],
+)
+def test_layer_names(class_name, name, expected):
+    assert layer_names(class_name, name) == expected
+
+
+def test_regenerate_command_repeats_the_choices_but_not_the_guesses():
+    plan = plan_for("torch.nn.Conv2d", {"groups": 2}, name="grouped", strategy="delta")
+    assert plan.command == "lora-scaffold new torch.nn.Conv2d --arg=groups=2 --name=grouped --strategy=delta"

@@ -1,0 +1,122 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_scaffold.cli import main
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def test_new_writes_layer_and_tests_and_reports_the_choice(tmp_path, capsys):
+    assert main(["new", "torch.nn.Conv1d", "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert listing(tmp_path) == ["lora_conv1d.py", "test_lora_conv1d.py"]
+    assert "strategy  conv: auto: the probe shows the weight acts as conv" in out
+    assert "input     torch.randn(2, 4, 6) (inferred)" in out
+    assert f"create    {tmp_path / 'lora_conv1d.py'}" in out
+
+
+def test_second_run_is_identical_and_a_user_edit_is_not_overwritten(tmp_path, capsys):
+    assert main(["new", "torch.nn.Linear", "-o", str(tmp_path)]) == 0
+    assert main(["new", "torch.nn.Linear", "-o", str(tmp_path)]) == 0
+    assert f"identical {tmp_path / 'lora_linear.py'}" in capsys.readouterr().out
+    edited = tmp_path / "lora_linear.py"
+    edited.write_text("# my edits\n")
+    assert main(["new", "torch.nn.Linear", "-o", str(tmp_path)]) == 2
+    assert f"{edited} already exists with other content; pass --force" in capsys.readouterr().err
+    assert edited.read_text() == "# my edits\n"
+    assert main(["new", "torch.nn.Linear", "-o", str(tmp_path), "--force"]) == 0
+    assert "class LoraLinear" in edited.read_text()
+
+
+def test_dry_run_prints_the_files_and_writes_nothing(tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    assert main(["new", "torch.nn.Linear", "-o", str(out_dir), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would create    {out_dir / 'lora_linear.py'}" in out
+    assert "+class LoraLinear(nn.Module, LoraLayer):" in out
+    assert not out_dir.exists()
+
+
+def test_inspect_prints_what_the_generator_sees(capsys):
+    assert main(["inspect", "torch.nn.Conv2d", "--arg", "groups=2"]) == 0
+    out = capsys.readouterr().out
+    assert "built with  (in_channels=4, out_channels=6, kernel_size=3, groups=2)" in out
+    assert "  weight                   [6, 2, 3, 3] float32" in out
+    assert "  groups                   2" in out
+
+
+def test_inspect_json(capsys):
+    assert main(["inspect", "torch.nn.Linear", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["parameters"][0] == {"name": "weight", "shape": [12, 8], "dtype": "float32", "requires_grad": True}
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["nosuchpkg_xyz.Layer"], "no module named 'nosuchpkg_xyz'"),
+        (["torch.nn.NoSuchLayer"], "has no attribute 'NoSuchLayer'"),
+        (["scaffold_targets.NotAModule"], "not an nn.Module subclass"),
+        (["scaffold_targets.RaisingCtor"], "RaisingCtor() raised RuntimeError: size must be even"),
+        (["scaffold_targets.RequiredArgs"], "needs constructor arguments width, depth"),
+        (["torch.nn.Linear", "--arg", "in_features=eight"], "bad --arg value for in_features"),
+        (["torch.nn.Linear", "--arg", "in_features"], "expected NAME=VALUE"),
+        (["scaffold_targets.NoParameters"], "no parameters: there is no trainable weight"),
+        (["scaffold_targets.OnlyBuffers"], "only buffers: there is no trainable weight"),
+        (["torch.nn.Linear", "--weight", "kernel"], "has no parameter 'kernel'"),
+        (["torch.nn.Linear", "--name", "not-valid"], "must be a Python identifier"),
+        (["torch.nn.Linear", "--name", "import"], "must be a Python identifier"),
+        (["torch.nn.Linear", "--name", "../escape"], "must be a Python identifier"),
+        (["torch.nn.Conv2d", "--example-input", "torch.randn("], "--example-input"),
+    ],
+)
+def test_bad_input_gives_one_line_exit_2_and_touches_nothing(arguments, message, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    assert main(["new", *arguments, "-o", str(out_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-scaffold: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert "Traceback" not in err
+    assert not out_dir.exists()
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(Exception, match="no module named"):
+        main(["new", "nosuchpkg_xyz.Layer", "--debug"])
+
+
+def run_cli(*arguments, cwd):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(arguments, cwd=cwd, capture_output=True, text=True, env=env)
+
+
+def test_console_script_and_module_entry_point_work_from_any_folder(tmp_path):
+    script = run_cli("lora-scaffold", "new", "torch.nn.Embedding", "-o", "out", cwd=tmp_path)
+    assert script.returncode == 0, script.stderr
+    module = run_cli(sys.executable, "-m", "lora_scaffold", "new", "torch.nn.Embedding", "-o", "out", cwd=tmp_path)
+    assert module.returncode == 0 and "identical" in module.stdout, module.stderr
+    assert listing(tmp_path / "out") == ["lora_embedding.py", "test_lora_embedding.py"]
+
+
+def test_console_script_errors_are_one_line(tmp_path):
+    result = run_cli("lora-scaffold", "new", "scaffold_targets.OnlyBuffers", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert listing(tmp_path) == []
+
+
+def test_help_explains_strategies():
+    result = subprocess.run(["lora-scaffold", "new", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for word in ("auto", "linear", "conv", "embedding", "delta", "stub", "--example-input", "--dry-run"):
+        assert word in result.stdout

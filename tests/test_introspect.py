@@ -1,0 +1,83 @@
+import time
+
+import pytest
+
+from lora_scaffold.errors import TargetError
+from lora_scaffold.introspect import introspect, parse_arg_overrides
+from lora_scaffold.resolve import resolve_target
+
+
+def spec_of(target, **overrides):
+    return introspect(resolve_target(target), {k: repr(v) for k, v in overrides.items()})
+
+
+def test_required_arguments_with_common_names_are_guessed():
+    spec = spec_of("torch.nn.Conv2d")
+    assert dict(spec.ctor_args) == {"in_channels": "4", "out_channels": "6", "kernel_size": "3"}
+    assert spec.guessed_args == ("in_channels", "out_channels", "kernel_size")
+
+
+def test_overrides_win_and_are_kept_in_signature_order():
+    spec = spec_of("torch.nn.Conv2d", groups=2, in_channels=8)
+    assert [name for name, _ in spec.ctor_args] == ["in_channels", "out_channels", "kernel_size", "groups"]
+    assert dict(spec.ctor_args)["in_channels"] == "8"
+
+
+def test_parameters_buffers_and_peft_attributes_are_described():
+    spec = spec_of("torch.nn.BatchNorm2d", num_features=3)
+    assert [(p.name, p.shape, p.dtype) for p in spec.parameters] == [
+        ("weight", (3,), "float32"),
+        ("bias", (3,), "float32"),
+    ]
+    assert {b.name for b in spec.buffers} == {"running_mean", "running_var", "num_batches_tracked"}
+    conv = spec_of("torch.nn.Conv2d")
+    assert dict(conv.attributes)["stride"] == "(1, 1)"
+    assert conv.forward_arity == 1
+
+
+def test_nested_parameter_names_are_kept():
+    spec = spec_of("scaffold_targets.NestedConv")
+    assert [p.name for p in spec.parameters] == ["gate", "conv.weight", "conv.bias"]
+    assert spec.parameter("conv.weight").shape == (5, 3, 3, 3)
+
+
+def test_forward_arity_counts_required_inputs():
+    assert spec_of("torch.nn.Bilinear").forward_arity == 2
+
+
+def test_huge_defaults_are_inspected_on_the_meta_device():
+    start = time.perf_counter()
+    spec = spec_of("scaffold_targets.HugeEmbedding")
+    assert spec.parameter("weight").shape == (50_000, 8_192)
+    assert time.perf_counter() - start < 5  # a CPU build would allocate 1.6 GB
+
+
+def test_missing_required_arguments_are_named():
+    with pytest.raises(TargetError, match=r"needs constructor arguments width, depth: pass --arg width=VALUE"):
+        spec_of("scaffold_targets.RequiredArgs")
+
+
+def test_unknown_argument_is_refused():
+    with pytest.raises(TargetError, match="takes no argument named colour"):
+        spec_of("torch.nn.Linear", colour=1)
+
+
+def test_raising_constructor_shows_its_message():
+    with pytest.raises(TargetError, match=r"RaisingCtor\(\) raised RuntimeError: size must be even"):
+        spec_of("scaffold_targets.RaisingCtor")
+
+
+def test_arg_values_are_python_literals():
+    assert parse_arg_overrides(["groups=2", "padding_mode='reflect'", "kernel_size=(3, 5)"]) == {
+        "groups": "2",
+        "padding_mode": "'reflect'",
+        "kernel_size": "(3, 5)",
+    }
+
+
+@pytest.mark.parametrize(
+    "pair, message", [("groups", "expected NAME=VALUE"), ("mode=reflect", "not a Python literal")]
+)
+def test_bad_arg_values_are_explained(pair, message):
+    with pytest.raises(TargetError, match=message):
+        parse_arg_overrides([pair])
