@@ -131,7 +131,12 @@ def choose_strategy(
     """The strategy, whether the weight is stored [in, out], what the probe measured, and why, in words."""
     if options.strategy == "stub":
         return "stub", False, (), "asked for with --strategy stub: the layer is a skeleton to fill in"
-    probe = probes.probe_weight(module, weight.name, evaluate_input(example_input))
+    try:
+        probe = probes.probe_weight(module, weight.name, evaluate_input(example_input))
+    except Exception as exc:
+        raise AnalysisError(
+            f"running {type(module).__name__} with a changed {weight.name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     if not probe.weight_matters():
         raise AnalysisError(
             f"the output of {type(module).__name__} does not change with {weight.name!r} on input {example_input}; "

@@ -169,6 +169,19 @@ def test_two_adapters_switch_and_one_deletes():
     assert_close(run(model), first)
 
 
+def test_two_active_adapters_apply_together_and_merge_together():
+    model = make_model(init_lora_weights=False)
+    model.add_adapter("other", make_config(init_lora_weights=False))
+    singles = [run(model)]
+    model.set_adapter("other")
+    singles.append(run(model))
+    model.base_model.set_adapter(["default", "other"])
+    both = run(model)
+    assert all(not torch.allclose(both, single) for single in singles)
+    model.merge_adapter(["default", "other"])
+    assert_close(run(model), both)
+
+
 def test_rslora_scaling():
     rslora = lora_layer(make_model(lora_alpha=8, use_rslora=True))
     assert rslora.scaling["default"] == pytest.approx(8 / math.sqrt(RANK))
