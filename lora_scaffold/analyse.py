@@ -8,12 +8,13 @@ import re
 import shlex
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lora_scaffold import probe as probes
 from lora_scaffold.errors import AnalysisError
 from lora_scaffold.introspect import TargetSpec, TensorInfo, instantiate
-from lora_scaffold.sample_input import candidate_inputs, evaluate_input, find_sample_input
+from lora_scaffold.sample_input import candidate_inputs, evaluate_input, find_sample_input, flatten_output
 
 
 STRATEGIES = ("auto", "linear", "conv", "embedding", "delta", "stub")
@@ -39,6 +40,15 @@ class Options:
 
 
 @dataclass(frozen=True)
+class InputInfo:
+    """One positional input of the example, per sample: shape without the batch dimension, and its kind."""
+
+    shape: tuple[int, ...]
+    floating: bool
+    high: int
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     target_spec: str
     target_module: str
@@ -55,11 +65,15 @@ class LayerPlan:
     probes: tuple[probes.ProbeOutcome, ...]
     example_input: str
     input_inferred: bool
+    inputs: tuple[InputInfo, ...]
+    output_features: int
+    output_is_tuple: bool
     test_rank: int
     layer_class: str
     module_name: str
     test_module: str
     peft_builtin: str | None
+    peft_builtin_exact: bool
     command: str
 
 
@@ -78,6 +92,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         example_input = find_sample_input(module, candidates)
     strategy, fan_in_fan_out, outcomes, reason = choose_strategy(module, weight, example_input, attributes, options)
     groups = attributes.get("groups", 1) if strategy == "conv" else 1
+    inputs, output_features, output_is_tuple = describe_io(module, example_input)
     return LayerPlan(
         target_spec=spec.target.spec,
         target_module=spec.target.import_module,
@@ -94,13 +109,30 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         probes=outcomes,
         example_input=example_input,
         input_inferred=options.example_input is None,
+        inputs=inputs,
+        output_features=output_features,
+        output_is_tuple=output_is_tuple,
         test_rank=math.lcm(4, groups),
         layer_class=layer_class,
         module_name=module_name,
         test_module=f"test_{module_name}",
         peft_builtin=peft_builtin(spec.target.cls),
+        peft_builtin_exact=peft_builtin(spec.target.cls, exact=True) is not None,
         command=regenerate_command(spec, options),
     )
+
+
+def describe_io(module: nn.Module, example_input: str) -> tuple[tuple[InputInfo, ...], int, bool]:
+    """Per-sample input shapes and output size, for test models that feed the target from other layers."""
+    inputs = evaluate_input(example_input)
+    with torch.no_grad():
+        output = module(*inputs)
+    first = next(t for t in flatten_output(output) if isinstance(t, torch.Tensor))
+    described = tuple(
+        InputInfo(tuple(x.shape[1:]), x.is_floating_point(), 0 if x.is_floating_point() else int(x.max()) + 1)
+        for x in inputs
+    )
+    return described, int(first[0].numel()), not isinstance(output, torch.Tensor)
 
 
 def choose_weight(spec: TargetSpec, requested: str | None) -> TensorInfo:
@@ -191,11 +223,13 @@ def _bias_name(spec: TargetSpec, weight: TensorInfo, strategy: str, fan_in_fan_o
     return name if bias is not None and bias.shape == (out_features,) else None
 
 
-def peft_builtin(cls: type) -> str | None:
+def peft_builtin(cls: type, exact: bool = False) -> str | None:
+    """PEFT's own layer for `cls` (exact: for `cls` itself, not for one of its base classes)."""
     for base, name in PEFT_BUILTINS.items():
-        if issubclass(cls, base):
+        if cls is base or (not exact and issubclass(cls, base)):
             return name
-    if any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in cls.__mro__):
+    candidates = cls.__mro__[:1] if exact else cls.__mro__
+    if any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in candidates):
         return "Linear"
     return None
 

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 from lora_scaffold import __version__
-from lora_scaffold.analyse import STRATEGIES, LayerPlan, Options, analyse
+from lora_scaffold.analyse import STRATEGIES, LayerPlan, Options, analyse, layer_names
 from lora_scaffold.errors import ScaffoldError, StaleOutputError
-from lora_scaffold.files import apply_changes, plan_changes, refuse_conflicts
+from lora_scaffold.files import FileChange, apply_changes, plan_changes, plan_deletions, refuse_conflicts
 from lora_scaffold.introspect import TargetSpec, introspect, parse_arg_overrides
+from lora_scaffold.patch.checkout import LORA_PACKAGE, PeftCheckout, read_checkout, safe_path
+from lora_scaffold.patch.cst_utils import PatchError
+from lora_scaffold.patch.plan import (
+    EDITED_FILES,
+    build_patch,
+    checkout_path,
+    edited_by_user,
+    patched_sources,
+    refuse_foreign_layer,
+    unpatched_sources,
+)
 from lora_scaffold.peft_api import require_supported_peft
 from lora_scaffold.render import GeneratedFile, render
 from lora_scaffold.resolve import resolve_target
@@ -57,13 +69,34 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_target_arguments(new)
+    _add_generation_arguments(new)
     new.add_argument("-o", "--output", metavar="DIR", default=".", help="folder to write into (default: .)")
-    new.add_argument("--weight", metavar="NAME", help="parameter to adapt, e.g. weight or conv.weight")
-    new.add_argument("--strategy", choices=STRATEGIES, default="auto", help="how LoRA applies (default: auto)")
-    new.add_argument("--example-input", metavar="EXPR", help="input for the probe and the tests, a Python expression")
-    new.add_argument("--name", help="base name of the output: lora_NAME.py, LoraName (default: from the class)")
-    new.add_argument("--dry-run", action="store_true", help="show what would be written, write nothing")
-    new.add_argument("--force", action="store_true", help="overwrite files that exist with other content")
+    new.add_argument(
+        "--peft-checkout",
+        metavar="PATH",
+        help="patch mode: add the layer to this peft source checkout (dispatch_default, exports, tests) instead",
+    )
+    new.add_argument("--dry-run", action="store_true", help="show what would change (a diff), write nothing")
+    new.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite files that exist with other content; in patch mode, also adapt a type PEFT already supports",
+    )
+
+    remove = commands.add_parser(
+        "remove",
+        help="take a generated layer back out of a peft checkout",
+        description=(
+            "Undo `new TARGET --peft-checkout PATH`: remove the layer module, its tests, the dispatch_default branch, "
+            "the export and the test-battery entries, leaving the files as they were before. Refuses when what was "
+            "added has been edited since, unless --force."
+        ),
+    )
+    _add_target_arguments(remove)
+    _add_generation_arguments(remove)
+    remove.add_argument("--peft-checkout", metavar="PATH", required=True, help="the peft source checkout")
+    remove.add_argument("--dry-run", action="store_true", help="show what would change (a diff), write nothing")
+    remove.add_argument("--force", action="store_true", help="remove what lora-scaffold added even if it was edited")
 
     check = commands.add_parser(
         "check",
@@ -87,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weight", metavar="NAME", help="parameter to adapt, e.g. weight or conv.weight")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="auto", help="how LoRA applies (default: auto)")
+    parser.add_argument(
+        "--example-input", metavar="EXPR", help="input for the probe and the tests, a Python expression"
+    )
+    parser.add_argument("--name", help="base name of the output: lora_NAME.py, LoraName (default: from the class)")
+
+
 def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="TARGET", help="package.module.Class or path/to/file.py:Class")
     parser.add_argument(
@@ -103,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except ScaffoldError as error:
         if args.debug:
             raise
@@ -121,23 +166,98 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_new(args: argparse.Namespace) -> int:
     spec, plan, files = generate(args)
+    if args.peft_checkout:
+        return patch_checkout(args, spec, plan)
     changes = plan_changes(files, Path(args.output), force=args.force)
     refuse_conflicts(changes)
     print(format_plan(plan, spec))
-    if args.dry_run:
-        for change in changes:
-            print(f"would {change.status:<9} {change.path}")
-            if change.writes:
-                print(change.diff(), end="")
-        return 0
-    apply_changes(changes)
-    for change in changes:
-        print(f"{change.status:<9} {change.path}")
+    _apply_or_show(changes, args.dry_run)
     if spec.target.from_file is not None:
         print(
             f"note: the generated code imports {plan.target_module}; put {spec.target.from_file.parent} on PYTHONPATH"
         )
     return 0
+
+
+def patch_checkout(args: argparse.Namespace, spec: TargetSpec, plan: LayerPlan) -> int:
+    checkout = _read_supported_checkout(args.peft_checkout)
+    if plan.peft_builtin_exact and not args.force:
+        raise PatchError(
+            f"PEFT already supports {plan.target_spec} with its own {plan.peft_builtin} layer; pass --force to put "
+            "a branch for the generated layer before PEFT's"
+        )
+    patch = build_patch(plan, spec.target.cls, checkout)
+    refuse_foreign_layer(checkout, patch, plan.target_spec)
+    changes = _checkout_changes(checkout, patched_sources(checkout, patch), args.force)
+    refuse_conflicts(changes)
+    print(format_plan(plan, spec))
+    if not any(change.changes_disk for change in changes):
+        print(f"nothing to do: {checkout.root} already has {plan.layer_class} for {plan.target_spec}")
+        return 0
+    _apply_or_show(changes, args.dry_run)
+    return 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    checkout = _read_supported_checkout(args.peft_checkout)
+    args = _arguments_new_used(args, checkout)
+    spec, plan, _ = generate(args)
+    patch = build_patch(plan, spec.target.cls, checkout)
+    refuse_foreign_layer(checkout, patch, plan.target_spec)
+    edited = edited_by_user(checkout, patch)
+    if edited and not args.force:
+        raise PatchError(f"{', '.join(edited)} changed since lora-scaffold wrote it; pass --force to remove it anyway")
+    changes = _checkout_changes(checkout, unpatched_sources(checkout, patch, args.force), force=True)
+    changes += plan_deletions([checkout_path(checkout, path) for path in patch.new_files])
+    if not any(change.changes_disk for change in changes):
+        print(f"nothing to remove: {checkout.root} has no {plan.layer_class} for {plan.target_spec}")
+        return 0
+    _apply_or_show(changes, args.dry_run)
+    return 0
+
+
+def _read_supported_checkout(path: str) -> PeftCheckout:
+    checkout = read_checkout(path)
+    if checkout.call_form != "config":
+        raise PatchError(
+            f"{checkout.root} holds peft {checkout.version}, whose layers take the pre-0.19 API; "
+            "patch mode supports peft>=0.19 only so far"
+        )
+    return checkout
+
+
+def _arguments_new_used(args: argparse.Namespace, checkout: PeftCheckout) -> argparse.Namespace:
+    """`remove` regenerates exactly what `new` wrote, with the arguments recorded in the layer module's header."""
+    class_name = args.target.rpartition(":" if ":" in args.target else ".")[2]
+    _, module_name = layer_names(class_name, args.name)
+    layer = checkout_path(checkout, f"{LORA_PACKAGE}/{module_name}.py")
+    if not layer.is_file():
+        return args
+    header = layer.read_text(encoding="utf-8").splitlines()[1:2]
+    words = shlex.split(header[0].lstrip("# ")) if header else []
+    if words[:2] != ["lora-scaffold", "new"]:
+        return args
+    recorded = build_parser().parse_args([*words[1:], "--peft-checkout", args.peft_checkout])
+    recorded.force, recorded.dry_run, recorded.debug = args.force, args.dry_run, args.debug
+    return recorded
+
+
+def _checkout_changes(checkout: PeftCheckout, files: tuple[GeneratedFile, ...], force: bool) -> tuple[FileChange, ...]:
+    for generated in files:
+        safe_path(checkout.root, generated.path)
+    return plan_changes(files, checkout.root, force=force, edits=EDITED_FILES)
+
+
+def _apply_or_show(changes: tuple[FileChange, ...], dry_run: bool) -> None:
+    if dry_run:
+        for change in changes:
+            print(f"would {change.status:<9} {change.path}")
+            if change.changes_disk:
+                print(change.diff(), end="")
+        return
+    apply_changes(changes)
+    for change in changes:
+        print(f"{change.status:<9} {change.path}")
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -213,7 +333,11 @@ def format_plan(plan: LayerPlan, spec: TargetSpec) -> str:
         f"input     {plan.example_input} ({inferred})",
         f"strategy  {plan.strategy}: {plan.reason}",
     ]
-    if plan.peft_builtin:
+    if plan.peft_builtin and not plan.peft_builtin_exact:
+        lines.append(
+            f"note      PEFT's own {plan.peft_builtin} layer would catch this subclass; this layer takes precedence"
+        )
+    elif plan.peft_builtin:
         lines.append(
             f"note      PEFT has its own {plan.peft_builtin} layer for this type; registering this one overrides it"
         )
@@ -226,4 +350,4 @@ def _spec_as_json(spec: TargetSpec) -> dict:
     return data
 
 
-COMMANDS = {"new": run_new, "inspect": run_inspect, "check": run_check}
+COMMANDS = {"new": run_new, "remove": run_remove, "inspect": run_inspect, "check": run_check}

@@ -12,42 +12,68 @@ from lora_scaffold.errors import WriteError
 from lora_scaffold.render import GeneratedFile
 
 
-CREATE, IDENTICAL, OVERWRITE, CONFLICT = "create", "identical", "overwrite", "conflict"
+CREATE, IDENTICAL, UPDATE, OVERWRITE, CONFLICT, DELETE = (
+    "create",
+    "identical",
+    "update",
+    "overwrite",
+    "conflict",
+    "delete",
+)
 
 
 @dataclass(frozen=True)
 class FileChange:
     path: Path
     status: str
-    new_text: str
+    new_text: str | None
     old_text: str | None
 
     @property
     def writes(self) -> bool:
-        return self.status in (CREATE, OVERWRITE)
+        return self.status in (CREATE, UPDATE, OVERWRITE)
+
+    @property
+    def changes_disk(self) -> bool:
+        return self.writes or self.status == DELETE
 
     def diff(self) -> str:
         old = (self.old_text or "").splitlines(keepends=True)
+        new = (self.new_text or "").splitlines(keepends=True)
         old_name = str(self.path) if self.old_text is not None else "/dev/null"
-        lines = difflib.unified_diff(old, self.new_text.splitlines(keepends=True), old_name, str(self.path))
-        return "".join(lines)
+        new_name = str(self.path) if self.new_text is not None else "/dev/null"
+        return "".join(difflib.unified_diff(old, new, old_name, new_name))
 
 
-def plan_changes(files: tuple[GeneratedFile, ...], out_dir: Path, force: bool) -> tuple[FileChange, ...]:
+def plan_changes(
+    files: tuple[GeneratedFile, ...], out_dir: Path, force: bool, edits: frozenset[str] = frozenset()
+) -> tuple[FileChange, ...]:
+    """One change a file. Paths in `edits` are existing files the run means to change (status update); any other
+    existing file with other content is a conflict unless forced."""
     changes = []
     for generated in files:
         path = out_dir / generated.path
-        if path.is_symlink() or (path.exists() and not path.is_file()):
-            raise WriteError(f"{path} exists and is not a regular file; refusing to replace it")
-        old = path.read_text(encoding="utf-8") if path.exists() else None
+        old = _read_regular(path)
         if old is None:
             status = CREATE
         elif old == generated.text:
             status = IDENTICAL
+        elif generated.path in edits:
+            status = UPDATE
         else:
             status = OVERWRITE if force else CONFLICT
         changes.append(FileChange(path, status, generated.text, old))
     return tuple(changes)
+
+
+def plan_deletions(paths: list[Path]) -> tuple[FileChange, ...]:
+    return tuple(FileChange(path, DELETE, None, _read_regular(path)) for path in paths if path.exists())
+
+
+def _read_regular(path: Path) -> str | None:
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise WriteError(f"{path} exists and is not a regular file; refusing to replace it")
+    return path.read_bytes().decode("utf-8") if path.exists() else None
 
 
 def refuse_conflicts(changes: tuple[FileChange, ...]) -> None:
@@ -61,20 +87,28 @@ def apply_changes(changes: tuple[FileChange, ...]) -> None:
     refuse_conflicts(changes)
     created_dirs: list[Path] = []
     staged: list[tuple[Path, FileChange]] = []
-    replaced: list[FileChange] = []
+    done: list[tuple[Path | None, FileChange]] = []
     try:
         for change in changes:
             if change.writes:
                 created_dirs += _make_parents(change.path.parent)
-                staged.append((_stage(change), change))
+                staged.append((_stage(change.path, change.new_text), change))
+        for change in changes:
+            if change.status == DELETE:
+                backup = _stage(change.path, change.old_text)
+                os.replace(change.path, backup)
+                done.append((backup, change))
         for temporary, change in staged:
             os.replace(temporary, change.path)
-            replaced.append(change)
+            done.append((None, change))
     except OSError as exc:
-        _roll_back(replaced, [t for t, c in staged if c not in replaced], created_dirs)
+        _roll_back(done, [t for t, c in staged if (None, c) not in done], created_dirs)
         raise WriteError(
             f"writing {exc.filename or 'the output'} failed ({exc.strerror}); nothing was changed"
         ) from exc
+    for backup, _ in done:
+        if backup is not None:
+            backup.unlink()
 
 
 def _make_parents(directory: Path) -> list[Path]:
@@ -83,16 +117,18 @@ def _make_parents(directory: Path) -> list[Path]:
     return missing
 
 
-def _stage(change: FileChange) -> Path:
-    handle, name = tempfile.mkstemp(dir=change.path.parent, prefix=f".{change.path.name}.", suffix=".tmp")
+def _stage(path: Path, text: str) -> Path:
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(handle, "wb") as stream:
-        stream.write(change.new_text.encode("utf-8"))
+        stream.write(text.encode("utf-8"))
     return Path(name)
 
 
-def _roll_back(replaced: list[FileChange], leftovers: list[Path], created_dirs: list[Path]) -> None:
-    for change in replaced:
-        if change.old_text is None:
+def _roll_back(done: list[tuple[Path | None, FileChange]], leftovers: list[Path], created_dirs: list[Path]) -> None:
+    for backup, change in reversed(done):
+        if backup is not None:
+            os.replace(backup, change.path)
+        elif change.old_text is None:
             change.path.unlink(missing_ok=True)
         else:
             change.path.write_bytes(change.old_text.encode("utf-8"))

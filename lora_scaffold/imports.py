@@ -33,6 +33,8 @@ def format_imports(statements: Iterable[tuple[str, tuple[str, ...]]], first_part
 
 
 def _section(module: str, first_party: tuple[str, ...]) -> int:
+    if module.startswith("."):
+        return 4
     top = module.split(".")[0].split(" ")[0]
     if top == "__future__":
         return 0

@@ -15,6 +15,7 @@ from lora_scaffold.imports import format_imports
 
 
 TEMPLATE_SUFFIX = ".jinja"
+PLUGIN, PATCH = "plugin", "patch"
 NOT_RENDERED = ("copier.yml", "partials")
 
 SUMMARIES = {
@@ -27,10 +28,7 @@ SUMMARIES = {
 
 # LoraConfig options a strategy cannot honour: (reason, keyword arguments that request the option).
 UNSUPPORTED_OPTIONS = {
-    "delta": {
-        "lora_dropout": ("dropout of the input cannot be written as a change of the weight", '"lora_dropout": 0.1'),
-        "lora_bias": ("this layer's adapters change the weight only", '"lora_bias": True'),
-    },
+    "delta": {"lora_bias": ("this layer's adapters change the weight only", '"lora_bias": True')},
     "embedding": {"lora_bias": ("embeddings have no bias to merge it into", '"lora_bias": True')},
 }
 
@@ -47,7 +45,7 @@ def template_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
 
 
-def template_context(plan: LayerPlan) -> dict:
+def template_context(plan: LayerPlan, mode: str = PLUGIN) -> dict:
     unsupported = UNSUPPORTED_OPTIONS.get(plan.strategy, {})
     ctor_args = ", ".join(f"{name}={source}" for name, source in plan.ctor_args)
     return {
@@ -71,8 +69,10 @@ def template_context(plan: LayerPlan) -> dict:
         "mixed_batch": plan.strategy != "delta",
         "unsupported_options": {option: reason for option, (reason, _) in unsupported.items()},
         "unsupported_option_kwargs": {option: kwargs for option, (_, kwargs) in unsupported.items()},
-        "imports": format_imports(layer_imports(plan)),
-        "test_imports": format_imports(test_imports(plan), first_party=("peft", plan.module_name)),
+        "imports": format_imports(layer_imports(plan, mode)),
+        "test_imports": format_imports(test_imports(plan, mode), first_party=("peft", plan.module_name)),
+        "plugin": mode == PLUGIN,
+        "optional_target": "" if _importable_by_peft(plan, mode) else _importorskip(plan),
         "peft_builtin": plan.peft_builtin or "",
         "ctor_call": f"{plan.target_class}({ctor_args})",
         "inputs_expression": _as_tuple(plan.example_input),
@@ -80,7 +80,7 @@ def template_context(plan: LayerPlan) -> dict:
     }
 
 
-def layer_imports(plan: LayerPlan) -> list[tuple[str, tuple[str, ...]]]:
+def layer_imports(plan: LayerPlan, mode: str) -> list[tuple[str, tuple[str, ...]]]:
     imports = [
         ("__future__", ("annotations",)),
         ("math", ()),
@@ -88,11 +88,17 @@ def layer_imports(plan: LayerPlan) -> list[tuple[str, tuple[str, ...]]]:
         ("typing", ("Any", "Optional")),
         ("torch", ()),
         ("torch", ("nn",)),
-        (plan.target_module, (plan.target_class,)),
-        ("peft", ("LoraConfig",)),
-        ("peft.tuners.lora.layer", ("LoraLayer",)),
         ("peft.tuners.tuners_utils", ("check_adapters_to_merge",)),
     ]
+    if mode == PLUGIN:
+        imports += [
+            (plan.target_module, (plan.target_class,)),
+            ("peft", ("LoraConfig",)),
+            ("peft.tuners.lora.layer", ("LoraLayer",)),
+        ]
+    else:
+        # Inside the peft package: relative imports, as PEFT's own backends do (`from peft import` would be circular).
+        imports += [(".config", ("LoraConfig",)), (".layer", ("LoraLayer",))]
     if plan.strategy == "embedding":
         imports.append(("torch.nn.functional as F", ()))
     if plan.strategy == "delta":
@@ -100,31 +106,54 @@ def layer_imports(plan: LayerPlan) -> list[tuple[str, tuple[str, ...]]]:
     return imports
 
 
-def test_imports(plan: LayerPlan) -> list[tuple[str, tuple[str, ...]]]:
-    return [
+def test_imports(plan: LayerPlan, mode: str) -> list[tuple[str, tuple[str, ...]]]:
+    imports = [
         ("copy", ()),
         ("math", ()),
         ("pytest", ()),
         ("torch", ()),
         ("torch", ("nn",)),
-        (plan.module_name, (plan.layer_class, "register")),
-        (plan.target_module, (plan.target_class,)),
         ("peft", ("LoraConfig", "PeftModel", "get_peft_model")),
     ]
+    if mode == PLUGIN:
+        imports.append((plan.module_name, (plan.layer_class, "register")))
+    else:
+        imports.append((f"peft.tuners.lora.{plan.module_name}", (plan.layer_class,)))
+    if _importable_by_peft(plan, mode):
+        imports.append((plan.target_module, (plan.target_class,)))
+    return imports
 
 
-def render(plan: LayerPlan) -> tuple[GeneratedFile, ...]:
-    return render_templates(template_context(plan))
+def _importable_by_peft(plan: LayerPlan, mode: str) -> bool:
+    """Plugin output imports its target; inside peft, only torch's classes are sure to be installed."""
+    return mode == PLUGIN or plan.target_module.split(".")[0] == "torch"
 
 
-def render_templates(context: dict, root: Path | None = None) -> tuple[GeneratedFile, ...]:
-    root = root or template_dir()
-    environment = jinja2.Environment(
+def _importorskip(plan: LayerPlan) -> str:
+    return f'{plan.target_class} = pytest.importorskip("{plan.target_module}").{plan.target_class}\n\n\n'
+
+
+def render(plan: LayerPlan, mode: str = PLUGIN) -> tuple[GeneratedFile, ...]:
+    return render_templates(template_context(plan, mode))
+
+
+def _environment(root: Path) -> jinja2.Environment:
+    return jinja2.Environment(
         loader=jinja2.FileSystemLoader(root),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
     )
+
+
+def render_snippet(name: str, context: dict) -> str:
+    """A piece of code that patch mode inserts into an existing file (not a file of its own)."""
+    return _environment(template_dir()).get_template(name).render(context)
+
+
+def render_templates(context: dict, root: Path | None = None) -> tuple[GeneratedFile, ...]:
+    root = root or template_dir()
+    environment = _environment(root)
     files = []
     for source in sorted(root.rglob(f"*{TEMPLATE_SUFFIX}")):
         relative = source.relative_to(root)

@@ -26,9 +26,15 @@ WEIGHT_NAME = "weight"
 BIAS_NAME = None
 SUPPORTED_INITS = (True, False, "gaussian")
 UNSUPPORTED_OPTIONS = {
-    "lora_dropout": "dropout of the input cannot be written as a change of the weight",
     "lora_bias": "this layer's adapters change the weight only",
 }
+
+
+def _get_attribute(module: nn.Module, name: str) -> Any:
+    """getattr along a dotted name; unlike get_parameter, it also finds the plain tensors FSDP puts in its place."""
+    for attribute in name.split("."):
+        module = getattr(module, attribute)
+    return module
 
 
 class LoraConvTranspose2d(nn.Module, LoraLayer):
@@ -48,11 +54,11 @@ class LoraConvTranspose2d(nn.Module, LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
-    def _base_weight(self) -> nn.Parameter:
-        return self.get_base_layer().get_parameter(WEIGHT_NAME)
+    def _base_weight(self) -> torch.Tensor:
+        return _get_attribute(self.get_base_layer(), WEIGHT_NAME)
 
-    def _base_bias(self) -> Optional[nn.Parameter]:
-        return self.get_base_layer().get_parameter(BIAS_NAME) if BIAS_NAME else None
+    def _base_bias(self) -> Optional[torch.Tensor]:
+        return _get_attribute(self.get_base_layer(), BIAS_NAME) if BIAS_NAME else None
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs) -> None:
         if r <= 0:
@@ -90,7 +96,7 @@ class LoraConvTranspose2d(nn.Module, LoraLayer):
                 raise ValueError(f"{name} does not support {option}={getattr(config, option)!r}: {reason}.")
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        weight = module.get_parameter(WEIGHT_NAME)
+        weight = _get_attribute(module, WEIGHT_NAME)
         return math.prod(weight.shape[1:]), weight.shape[0]
 
     def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
@@ -103,6 +109,12 @@ class LoraConvTranspose2d(nn.Module, LoraLayer):
 
     def _compose(self, weight_A: torch.Tensor, weight_B: torch.Tensor) -> torch.Tensor:
         return (weight_B @ weight_A).reshape(self._base_weight().shape)
+
+    def _training_delta_weight(self, adapter: str) -> torch.Tensor:
+        # Dropout of the input cannot be written as a change of the weight: lora_dropout drops entries of A instead
+        # (DropConnect). Like input dropout, it is the identity in eval mode, so merging stays exact.
+        weight_A, weight_B = self._adapter_factors(adapter)
+        return self._delta_weight(adapter, self.lora_dropout[adapter](weight_A), weight_B)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         self._check_forward_args(x, *args, **kwargs)
@@ -117,14 +129,29 @@ class LoraConvTranspose2d(nn.Module, LoraLayer):
         if self.disable_adapters or self.merged or not adapters:
             return self.base_layer(x, *args, **kwargs)
         weight = self._base_weight()
-        delta = sum(self.get_delta_weight(adapter) for adapter in adapters)
+        delta = sum(self._training_delta_weight(adapter) for adapter in adapters)
         # The base module's own forward runs with W + dW, so the adapter is exact whatever that forward computes.
-        parameters = {WEIGHT_NAME: weight + delta.to(weight.dtype)}
-        return functional_call(self.get_base_layer(), parameters, (x, *args), kwargs)
+        return self._forward_with_weight(weight + delta.to(weight.dtype), x, *args, **kwargs)
+
+    def _forward_with_weight(self, weight: torch.Tensor, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        owner_name, _, attribute = WEIGHT_NAME.rpartition(".")
+        owner = _get_attribute(self.get_base_layer(), owner_name) if owner_name else self.get_base_layer()
+        if attribute not in vars(owner):
+            return functional_call(self.get_base_layer(), {WEIGHT_NAME: weight}, (x, *args), kwargs)
+        # A plain attribute shadows the parameter (FSDP's use_orig_params does this during forward), so
+        # functional_call would not reach it: swap the attribute itself.
+        saved = vars(owner)[attribute]
+        vars(owner)[attribute] = weight
+        try:
+            return self.base_layer(x, *args, **kwargs)
+        finally:
+            vars(owner)[attribute] = saved
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The change this adapter makes to the base weight, `(B @ A) * scaling` laid out like the weight."""
-        weight_A, weight_B = self._adapter_factors(adapter)
+        return self._delta_weight(adapter, *self._adapter_factors(adapter))
+
+    def _delta_weight(self, adapter: str, weight_A: torch.Tensor, weight_B: torch.Tensor) -> torch.Tensor:
         dtype = weight_A.dtype
         # fp16/bf16 matmuls are slow or missing on CPU: compute in fp32 there, as PEFT does.
         cast_to_fp32 = weight_A.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)

@@ -27,6 +27,13 @@ SUPPORTED_INITS = (True, False, "gaussian")
 UNSUPPORTED_OPTIONS = {}
 
 
+def _get_attribute(module: nn.Module, name: str) -> Any:
+    """getattr along a dotted name; unlike get_parameter, it also finds the plain tensors FSDP puts in its place."""
+    for attribute in name.split("."):
+        module = getattr(module, attribute)
+    return module
+
+
 class LoraMyConv(nn.Module, LoraLayer):
     """LoRA for `MyConv`: the adapter adds `lora_B(lora_A(dropout(x))) * scaling`, lora_A convolving like the base layer."""
 
@@ -44,11 +51,11 @@ class LoraMyConv(nn.Module, LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
-    def _base_weight(self) -> nn.Parameter:
-        return self.get_base_layer().get_parameter(WEIGHT_NAME)
+    def _base_weight(self) -> torch.Tensor:
+        return _get_attribute(self.get_base_layer(), WEIGHT_NAME)
 
-    def _base_bias(self) -> Optional[nn.Parameter]:
-        return self.get_base_layer().get_parameter(BIAS_NAME) if BIAS_NAME else None
+    def _base_bias(self) -> Optional[torch.Tensor]:
+        return _get_attribute(self.get_base_layer(), BIAS_NAME) if BIAS_NAME else None
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs) -> None:
         if r <= 0:
@@ -86,7 +93,7 @@ class LoraMyConv(nn.Module, LoraLayer):
                 raise ValueError(f"{name} does not support {option}={getattr(config, option)!r}: {reason}.")
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        weight = module.get_parameter(WEIGHT_NAME)
+        weight = _get_attribute(module, WEIGHT_NAME)
         return weight.shape[1] * module.groups, weight.shape[0]
 
     def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
@@ -157,7 +164,9 @@ class LoraMyConv(nn.Module, LoraLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The change this adapter makes to the base weight, `(B @ A) * scaling` laid out like the weight."""
-        weight_A, weight_B = self._adapter_factors(adapter)
+        return self._delta_weight(adapter, *self._adapter_factors(adapter))
+
+    def _delta_weight(self, adapter: str, weight_A: torch.Tensor, weight_B: torch.Tensor) -> torch.Tensor:
         dtype = weight_A.dtype
         # fp16/bf16 matmuls are slow or missing on CPU: compute in fp32 there, as PEFT does.
         cast_to_fp32 = weight_A.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)

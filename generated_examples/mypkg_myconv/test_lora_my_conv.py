@@ -182,6 +182,17 @@ def test_two_active_adapters_apply_together_and_merge_together():
     assert_close(run(model), both)
 
 
+def test_lora_dropout_acts_in_training_only():
+    model = make_model(init_lora_weights=False, lora_dropout=0.5)
+    model.train()
+    inputs = make_inputs()
+    assert not torch.allclose(flatten(model(*inputs)), flatten(model(*inputs)))
+    model.eval()
+    unmerged = run(model)
+    model.merge_adapter()
+    assert_close(run(model), unmerged)
+
+
 def test_rslora_scaling():
     rslora = lora_layer(make_model(lora_alpha=8, use_rslora=True))
     assert rslora.scaling["default"] == pytest.approx(8 / math.sqrt(RANK))

@@ -1,0 +1,133 @@
+"""Add or take out one `elif isinstance(target_base_layer, Target)` branch of `dispatch_default` (layer.py).
+
+An `elif` is an `If` node in the previous branch's `orelse`: the chain is flattened to a list, edited, and folded
+back, so every other node (and so every other byte) is reused as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import libcst as cst
+
+from lora_scaffold.patch.cst_utils import PatchError, code, is_function, normalized, parse
+
+
+LAYER_FILE = "src/peft/tuners/lora/layer.py"
+
+
+@dataclass(frozen=True)
+class DispatchBranch:
+    test: str
+    body: str
+    shadowed_by: frozenset[str] = frozenset()
+
+    def statement(self) -> cst.If:
+        indented = "".join(f"    {line}\n" if line else "\n" for line in self.body.splitlines())
+        return cst.parse_statement(f"if {self.test}:\n{indented}")
+
+
+@dataclass(frozen=True)
+class DispatchChain:
+    """The if/elif chain on `target_base_layer` in dispatch_default, flattened."""
+
+    module: cst.Module
+    function_index: int
+    statement_index: int
+    branches: tuple[cst.If, ...]
+    tail: cst.Else | None
+
+    def branch_type(self, branch: cst.If) -> str | None:
+        test = branch.test
+        if isinstance(test, cst.Call) and code(self.module, test.func) == "isinstance" and len(test.args) == 2:
+            return code(self.module, test.args[1].value)
+        return None
+
+    def branch_types(self) -> list[str | None]:
+        return [self.branch_type(branch) for branch in self.branches]
+
+    def find(self, test: str) -> int | None:
+        wanted = normalized(test)
+        return next((i for i, b in enumerate(self.branches) if normalized(code(self.module, b.test)) == wanted), None)
+
+    def with_branches(self, branches: list[cst.If]) -> str:
+        folded: cst.BaseSuite | cst.If | cst.Else | None = self.tail
+        for branch in reversed(branches):
+            folded = branch.with_changes(orelse=folded)
+        function = self.module.body[self.function_index]
+        body = list(function.body.body)
+        body[self.statement_index] = folded
+        function = function.with_changes(body=function.body.with_changes(body=body))
+        module_body = list(self.module.body)
+        module_body[self.function_index] = function
+        return self.module.with_changes(body=module_body).code
+
+
+def read_chain(source: str) -> DispatchChain:
+    module = parse(source, LAYER_FILE)
+    function_index = next((i for i, s in enumerate(module.body) if is_function(s, "dispatch_default")), None)
+    if function_index is None:
+        raise PatchError(f"{LAYER_FILE} has no module-level function dispatch_default")
+    function = module.body[function_index]
+    for statement_index in reversed(range(len(function.body.body))):
+        statement = function.body.body[statement_index]
+        if not isinstance(statement, cst.If):
+            continue
+        branches, tail = _flatten(statement)
+        if any("target_base_layer" in code(module, branch.test) for branch in branches):
+            return DispatchChain(module, function_index, statement_index, tuple(branches), tail)
+    raise PatchError(f"dispatch_default in {LAYER_FILE} has no if/elif chain on target_base_layer")
+
+
+def call_form(source: str) -> str:
+    """How dispatch_default builds layers: `config=config` (peft >= 0.19) or plain `**kwargs` (older)."""
+    chain = read_chain(source)
+    function = chain.module.body[chain.function_index]
+    third = function.params.params[2].name.value if len(function.params.params) > 2 else ""
+    return "config" if third == "config" else "kwargs"
+
+
+def insert_branch(source: str, branch: DispatchBranch) -> str:
+    """Insert the branch after the parameter_name branch, before the first branch for a base class of the target
+    (else at the end of the chain). A chain that already tests the same class is returned unchanged."""
+    chain = read_chain(source)
+    if chain.find(branch.test) is not None:
+        return source
+    branches = list(chain.branches)
+    start = 1 if branches and "parameter_name" in code(chain.module, branches[0].test) else 0
+    types = chain.branch_types()
+    position = next((i for i in range(start, len(branches)) if types[i] in branch.shadowed_by), len(branches))
+    new = branch.statement()
+    if position == 0 and branches:
+        new = new.with_changes(leading_lines=branches[0].leading_lines)
+        branches[0] = branches[0].with_changes(leading_lines=())
+    branches.insert(position, new)
+    return chain.with_branches(branches)
+
+
+def remove_branch(source: str, branch: DispatchBranch, force: bool) -> str:
+    """Take the branch out again; refuse (unless forced) when its body is not what lora-scaffold wrote."""
+    chain = read_chain(source)
+    position = chain.find(branch.test)
+    if position is None:
+        return source
+    branches = list(chain.branches)
+    found = code(chain.module, branches[position].body)
+    expected = code(cst.Module(body=[]), branch.statement().body)
+    if found != expected and not force:
+        raise PatchError(
+            f"the dispatch_default branch for {branch.test} in {LAYER_FILE} was edited; pass --force to remove it"
+        )
+    removed = branches.pop(position)
+    if position == 0 and branches:
+        branches[0] = branches[0].with_changes(leading_lines=removed.leading_lines)
+    return chain.with_branches(branches)
+
+
+def _flatten(statement: cst.If) -> tuple[list[cst.If], cst.Else | None]:
+    branches = []
+    node: cst.If | cst.Else | None = statement
+    while isinstance(node, cst.If):
+        branches.append(node)
+        node = node.orelse
+    return branches, node

@@ -1,0 +1,81 @@
+"""Import and export the generated layer in `peft/tuners/lora/__init__.py` (and take both out again)."""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from lora_scaffold.patch.cst_utils import PatchError, parse
+
+
+INIT_FILE = "src/peft/tuners/lora/__init__.py"
+
+
+def _relative_module(statement: cst.CSTNode) -> str | None:
+    if isinstance(statement, cst.SimpleStatementLine) and len(statement.body) == 1:
+        node = statement.body[0]
+        if isinstance(node, cst.ImportFrom) and len(node.relative) == 1 and node.module is not None:
+            return cst.Module(body=[]).code_for_node(node.module)
+    return None
+
+
+def _all_list(module: cst.Module) -> tuple[int, cst.List]:
+    for index, statement in enumerate(module.body):
+        if isinstance(statement, cst.SimpleStatementLine) and isinstance(statement.body[0], cst.Assign):
+            assign = statement.body[0]
+            target = assign.targets[0].target
+            if isinstance(target, cst.Name) and target.value == "__all__" and isinstance(assign.value, cst.List):
+                return index, assign.value
+    raise PatchError(f"{INIT_FILE} has no `__all__ = [...]` list")
+
+
+def _sort_key(name: str) -> tuple[int, str]:
+    """RUF022's isort-style order: SCREAMING_CASE, then CamelCase, then the rest."""
+    kind = 0 if name.isupper() else 1 if name[:1].isupper() else 2
+    return kind, name
+
+
+def add_export(source: str, module_name: str, class_name: str) -> str:
+    module = parse(source, INIT_FILE)
+    modules = [_relative_module(statement) for statement in module.body]
+    if module_name not in modules:
+        present = [i for i, found in enumerate(modules) if found]
+        if not present:
+            raise PatchError(f"{INIT_FILE} has no `from .module import ...` lines")
+        position = next((i for i in present if modules[i] > module_name), present[-1] + 1)
+        body = list(module.body)
+        body.insert(position, cst.parse_statement(f"from .{module_name} import {class_name}\n"))
+        module = module.with_changes(body=body)
+    index, names = _all_list(module)
+    values = [element.value.evaluated_value for element in names.elements]
+    if class_name in values:
+        return module.code
+    position = next((i for i, value in enumerate(values) if _sort_key(value) > _sort_key(class_name)), len(values))
+    template = names.elements[min(position, len(values) - 1)]
+    element = template.with_changes(value=cst.SimpleString(f'"{class_name}"'))
+    elements = list(names.elements)
+    if position == len(values) and template.comma == cst.MaybeSentinel.DEFAULT:
+        elements[-1] = template.with_changes(comma=cst.Comma(whitespace_after=cst.SimpleWhitespace(" ")))
+    elements.insert(position, element)
+    return _with_all(module, index, names.with_changes(elements=elements))
+
+
+def remove_export(source: str, module_name: str, class_name: str) -> str:
+    module = parse(source, INIT_FILE)
+    modules = [_relative_module(statement) for statement in module.body]
+    if module_name in modules:
+        body = list(module.body)
+        del body[modules.index(module_name)]
+        module = module.with_changes(body=body)
+    index, names = _all_list(module)
+    elements = [e for e in names.elements if e.value.evaluated_value != class_name]
+    if len(elements) == len(names.elements):
+        return module.code
+    return _with_all(module, index, names.with_changes(elements=elements))
+
+
+def _with_all(module: cst.Module, index: int, names: cst.List) -> str:
+    statement = module.body[index]
+    assign = statement.body[0].with_changes(value=names)
+    body = list(module.body)
+    body[index] = statement.with_changes(body=[assign])
+    return module.with_changes(body=body).code
