@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_target_arguments(new)
     _add_generation_arguments(new)
-    new.add_argument("-o", "--output", metavar="DIR", default=".", help="folder to write into (default: .)")
+    new.add_argument("-o", "--output", metavar="DIR", help="plugin mode: folder to write into (default: .)")
     new.add_argument(
         "--peft-checkout",
         metavar="PATH",
@@ -165,10 +165,12 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_new(args: argparse.Namespace) -> int:
-    spec, plan, files = generate(args)
     if args.peft_checkout:
-        return patch_checkout(args, spec, plan)
-    changes = plan_changes(files, Path(args.output), force=args.force)
+        if args.output is not None:
+            raise ScaffoldError("-o writes plugin files and --peft-checkout patches peft: give one of them, not both")
+        return patch_checkout(args)
+    spec, plan = plan_layer(args)
+    changes = plan_changes(render(plan), Path(args.output or "."), force=args.force)
     refuse_conflicts(changes)
     print(format_plan(plan, spec))
     _apply_or_show(changes, args.dry_run)
@@ -179,8 +181,9 @@ def run_new(args: argparse.Namespace) -> int:
     return 0
 
 
-def patch_checkout(args: argparse.Namespace, spec: TargetSpec, plan: LayerPlan) -> int:
+def patch_checkout(args: argparse.Namespace) -> int:
     checkout = _read_supported_checkout(args.peft_checkout)
+    spec, plan = plan_layer(args)
     if plan.peft_builtin_exact and not args.force:
         raise PatchError(
             f"PEFT already supports {plan.target_spec} with its own {plan.peft_builtin} layer; pass --force to put "
@@ -201,7 +204,7 @@ def patch_checkout(args: argparse.Namespace, spec: TargetSpec, plan: LayerPlan) 
 def run_remove(args: argparse.Namespace) -> int:
     checkout = _read_supported_checkout(args.peft_checkout)
     args = _arguments_new_used(args, checkout)
-    spec, plan, _ = generate(args)
+    spec, plan = plan_layer(args)
     patch = build_patch(plan, spec.target.cls, checkout)
     refuse_foreign_layer(checkout, patch, plan.target_spec)
     edited = edited_by_user(checkout, patch)
@@ -264,8 +267,8 @@ def run_check(args: argparse.Namespace) -> int:
     root = Path(args.directory)
     stale = []
     for folder, new_arguments in load_manifest(root).items():
-        _, _, files = generate(build_parser().parse_args(["new", *new_arguments]))
-        changes = plan_changes(files, root / folder, force=True)
+        _, plan = plan_layer(build_parser().parse_args(["new", *new_arguments]))
+        changes = plan_changes(render(plan), root / folder, force=True)
         changed = [change for change in changes if change.writes]
         for change in changed:
             print(change.diff(), end="")
@@ -295,13 +298,12 @@ def load_manifest(root: Path) -> dict[str, list[str]]:
     return manifest
 
 
-def generate(args: argparse.Namespace) -> tuple[TargetSpec, LayerPlan, tuple[GeneratedFile, ...]]:
-    """The whole pipeline short of the disk: resolve, introspect, analyse, render."""
+def plan_layer(args: argparse.Namespace) -> tuple[TargetSpec, LayerPlan]:
+    """Resolve, introspect and analyse: everything up to rendering."""
     require_supported_peft()
     spec = _introspect(args)
     options = Options(weight=args.weight, strategy=args.strategy, example_input=args.example_input, name=args.name)
-    plan = analyse(spec, options)
-    return spec, plan, render(plan)
+    return spec, analyse(spec, options)
 
 
 def _introspect(args: argparse.Namespace) -> TargetSpec:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import libcst as cst
 
-from lora_scaffold.patch.cst_utils import PatchError, code, is_class, parse
+from lora_scaffold.patch.cst_utils import PatchError, code, insert_element, is_class, parse, remove_elements
 
 
 BATTERY_FILE = "tests/test_custom_models.py"
@@ -85,10 +85,9 @@ def _edit_from_pretrained(module: cst.Module, edit) -> cst.Module:
 
 
 def _insert_branch(statements: list, entry: BatteryEntry) -> list:
-    branches = [s for s in statements if isinstance(s, cst.If)]
-    if not branches or not isinstance(statements[-1], cst.SimpleStatementLine):
+    if not any(isinstance(s, cst.If) for s in statements) or not isinstance(statements[-1], cst.SimpleStatementLine):
         raise PatchError(f"{WRAPPER}.from_pretrained in {BATTERY_FILE} does not end in `if model_id == ...` branches")
-    branch = cst.parse_statement(entry.branch_code()).with_changes(leading_lines=branches[-1].leading_lines)
+    branch = cst.parse_statement(entry.branch_code()).with_changes(leading_lines=statements[-1].leading_lines)
     return statements[:-1] + [branch, statements[-1]]
 
 
@@ -115,11 +114,9 @@ def _edit_test_cases(module: cst.Module, edit) -> cst.Module:
 def _append_cases(elements: list, entry: BatteryEntry) -> list:
     if len(elements) < 2:
         raise PatchError(f"TEST_CASES in {BATTERY_FILE} is too short to follow its layout")
-    between, closing = elements[-2].comma, elements[-1].comma
-    elements[-1] = elements[-1].with_changes(comma=between)
-    new = [cst.Element(cst.parse_expression(case), comma=between) for case in entry.test_cases]
-    new[-1] = new[-1].with_changes(comma=closing)
-    return elements + new
+    for case in entry.test_cases:
+        elements = insert_element(elements, len(elements), cst.parse_expression(case))
+    return elements
 
 
 def _remove_cases(elements: list, entry: BatteryEntry) -> list:
@@ -130,7 +127,4 @@ def _remove_cases(elements: list, entry: BatteryEntry) -> list:
         first = value.elements[0].value if isinstance(value, cst.Tuple) and value.elements else None
         return isinstance(first, cst.SimpleString) and first.evaluated_value in names
 
-    kept = [element for element in elements if not ours(element)]
-    if len(kept) < len(elements) and kept and ours(elements[-1]):
-        kept[-1] = kept[-1].with_changes(comma=elements[-1].comma)
-    return kept
+    return remove_elements(elements, ours)

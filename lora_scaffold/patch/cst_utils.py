@@ -42,3 +42,28 @@ def replace_body(module: cst.Module, index: int, statements: list[cst.CSTNode]) 
     body = list(module.body)
     body[index : index + 1] = statements
     return module.with_changes(body=body)
+
+
+def insert_element(elements: list[cst.Element], position: int, value: cst.BaseExpression) -> list[cst.Element]:
+    """Insert into a one-item-a-line list or tuple, keeping its commas and line breaks as they were."""
+    elements = list(elements)
+    if len(elements) < 2:
+        raise ValueError("needs a list of at least two elements to copy its layout")
+    empty = cst.Module(body=[])
+    # A comma's trailing whitespace may hold the comment lines before the next element: copy one without any.
+    plain = [e.comma for e in elements[:-1] if "#" not in empty.code_for_node(e.comma)]
+    between, closing = (plain or [elements[0].comma])[0], elements[-1].comma
+    if position >= len(elements):
+        elements[-1] = elements[-1].with_changes(comma=between)
+        elements.append(cst.Element(value, comma=closing))
+    else:
+        elements.insert(position, cst.Element(value, comma=between))
+    return elements
+
+
+def remove_elements(elements: list[cst.Element], unwanted) -> list[cst.Element]:
+    """The inverse of insert_element for every element `unwanted(element)` is true for."""
+    kept = [element for element in elements if not unwanted(element)]
+    if kept and len(kept) < len(elements) and unwanted(elements[-1]):
+        kept[-1] = kept[-1].with_changes(comma=elements[-1].comma)
+    return kept

@@ -18,9 +18,15 @@ LAYER_FILE = "src/peft/tuners/lora/layer.py"
 
 @dataclass(frozen=True)
 class DispatchBranch:
+    """`elif test: body`; `marker` (the layer class) tells this branch from PEFT's own for the same type."""
+
     test: str
     body: str
     shadowed_by: frozenset[str] = frozenset()
+
+    @property
+    def marker(self) -> str:
+        return self.body.rsplit("new_module = ", 1)[-1].split("(")[0]
 
     def statement(self) -> cst.If:
         indented = "".join(f"    {line}\n" if line else "\n" for line in self.body.splitlines())
@@ -46,9 +52,15 @@ class DispatchChain:
     def branch_types(self) -> list[str | None]:
         return [self.branch_type(branch) for branch in self.branches]
 
-    def find(self, test: str) -> int | None:
-        wanted = normalized(test)
-        return next((i for i, b in enumerate(self.branches) if normalized(code(self.module, b.test)) == wanted), None)
+    def find(self, branch: DispatchBranch) -> int | None:
+        """Our branch: the same test, and a body that builds our layer (PEFT may test the same type itself)."""
+        wanted = normalized(branch.test)
+        for index, node in enumerate(self.branches):
+            if normalized(code(self.module, node.test)) == wanted and f"{branch.marker}(" in code(
+                self.module, node.body
+            ):
+                return index
+        return None
 
     def with_branches(self, branches: list[cst.If]) -> str:
         folded: cst.BaseSuite | cst.If | cst.Else | None = self.tail
@@ -91,7 +103,7 @@ def insert_branch(source: str, branch: DispatchBranch) -> str:
     """Insert the branch after the parameter_name branch, before the first branch for a base class of the target
     (else at the end of the chain). A chain that already tests the same class is returned unchanged."""
     chain = read_chain(source)
-    if chain.find(branch.test) is not None:
+    if chain.find(branch) is not None:
         return source
     branches = list(chain.branches)
     start = 1 if branches and "parameter_name" in code(chain.module, branches[0].test) else 0
@@ -108,7 +120,7 @@ def insert_branch(source: str, branch: DispatchBranch) -> str:
 def remove_branch(source: str, branch: DispatchBranch, force: bool) -> str:
     """Take the branch out again; refuse (unless forced) when its body is not what lora-scaffold wrote."""
     chain = read_chain(source)
-    position = chain.find(branch.test)
+    position = chain.find(branch)
     if position is None:
         return source
     branches = list(chain.branches)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import libcst as cst
 
-from lora_scaffold.patch.cst_utils import PatchError, parse
+from lora_scaffold.patch.cst_utils import PatchError, insert_element, parse, remove_elements
 
 
 INIT_FILE = "src/peft/tuners/lora/__init__.py"
@@ -50,12 +50,7 @@ def add_export(source: str, module_name: str, class_name: str) -> str:
     if class_name in values:
         return module.code
     position = next((i for i, value in enumerate(values) if _sort_key(value) > _sort_key(class_name)), len(values))
-    template = names.elements[min(position, len(values) - 1)]
-    element = template.with_changes(value=cst.SimpleString(f'"{class_name}"'))
-    elements = list(names.elements)
-    if position == len(values) and template.comma == cst.MaybeSentinel.DEFAULT:
-        elements[-1] = template.with_changes(comma=cst.Comma(whitespace_after=cst.SimpleWhitespace(" ")))
-    elements.insert(position, element)
+    elements = insert_element(names.elements, position, cst.SimpleString(f'"{class_name}"'))
     return _with_all(module, index, names.with_changes(elements=elements))
 
 
@@ -67,7 +62,7 @@ def remove_export(source: str, module_name: str, class_name: str) -> str:
         del body[modules.index(module_name)]
         module = module.with_changes(body=body)
     index, names = _all_list(module)
-    elements = [e for e in names.elements if e.value.evaluated_value != class_name]
+    elements = remove_elements(names.elements, lambda element: element.value.evaluated_value == class_name)
     if len(elements) == len(names.elements):
         return module.code
     return _with_all(module, index, names.with_changes(elements=elements))

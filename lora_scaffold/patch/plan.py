@@ -92,13 +92,14 @@ def battery_entry(plan: LayerPlan) -> BatteryEntry:
         output_is_tuple=plan.output_is_tuple,
     )
     class_code = render_snippet("partials/battery_model.py.jinja", context)
-    cases = [("1", '{"target_modules": ["target"]}'), ("2", '{"target_modules": ["target", "lin0"]}')]
-    cases.append(("3 rsLoRA", '{"target_modules": ["target"], "use_rslora": True, "lora_alpha": 16}'))
+    # Only options the layer implements: PEFT's battery would pass a layer that ignored the others.
+    cases = [("1 LoRA", '{"target_modules": ["target"]}'), ("2 LoRA", '{"target_modules": ["target", "lin0"]}')]
+    cases.append(("3 LoRA rsLoRA", '{"target_modules": ["target"], "use_rslora": True, "lora_alpha": 16}'))
+    if plan.strategy != "embedding":
+        cases.append(("4 LoRA dropout", '{"target_modules": ["target"], "lora_dropout": 0.1}'))
     if plan.bias_name:
-        cases.append(("4 lora_bias", '{"target_modules": ["target"], "lora_bias": True}'))
-    test_cases = tuple(
-        _case_code(f"{model_id} {label} LoRA (lora-scaffold)", model_id, kwargs) for label, kwargs in cases
-    )
+        cases.append(("5 LoRA lora_bias", '{"target_modules": ["target"], "lora_bias": True}'))
+    test_cases = tuple(_case_code(f"{model_id} {label} (lora-scaffold)", model_id, kwargs) for label, kwargs in cases)
     return BatteryEntry(model_id, model_class, class_code, test_cases)
 
 

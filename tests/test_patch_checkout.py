@@ -1,0 +1,256 @@
+"""Patch mode on a real peft 0.21.2 source tree: its own tests, dispatch, idempotence, remove, safety."""
+
+import filecmp
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from lora_scaffold import files
+from lora_scaffold.cli import main
+
+
+PEFT_VERSION = "0.21.2"
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+LORA = Path("src/peft/tuners/lora")
+IGNORED = ["__pycache__", ".pytest_cache", ".benchmarks", ".ruff_cache"]
+PEFT_RUFF = TESTS / "peft_ruff.toml"
+
+
+@pytest.fixture(scope="session")
+def pristine(tmp_path_factory) -> Path:
+    """An unmodified peft sdist (from LORA_SCAFFOLD_PEFT_SDIST, else downloaded once) with tests/__init__.py,
+    which PEFT's tests need to run."""
+    given = os.environ.get("LORA_SCAFFOLD_PEFT_SDIST")
+    root = tmp_path_factory.mktemp("pristine")
+    if given:
+        shutil.copytree(given, root / "peft")
+    else:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora-scaffold"
+        archive = cache / f"peft-{PEFT_VERSION}.tar.gz"
+        if not archive.exists():
+            command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+            subprocess.run([*command, f"peft=={PEFT_VERSION}", "-d", str(cache)], check=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(root, filter="data")
+        (root / f"peft-{PEFT_VERSION}").rename(root / "peft")
+    (root / "peft" / "tests" / "__init__.py").touch()
+    return root / "peft"
+
+
+@pytest.fixture
+def checkout(pristine, tmp_path) -> Path:
+    shutil.copytree(pristine, tmp_path / "peft", ignore=shutil.ignore_patterns(*IGNORED))
+    return tmp_path / "peft"
+
+
+def same_tree(left: Path, right: Path) -> bool:
+    comparison = filecmp.dircmp(left, right, ignore=IGNORED)
+    stack = [comparison]
+    while stack:
+        current = stack.pop()
+        if current.left_only or current.right_only or current.diff_files or current.funny_files:
+            return False
+        _, mismatch, errors = filecmp.cmpfiles(current.left, current.right, current.common_files, shallow=False)
+        if mismatch or errors:
+            return False
+        stack.extend(current.subdirs.values())
+    return True
+
+
+def run_in(checkout: Path, *command: str, with_targets: bool = True) -> subprocess.CompletedProcess:
+    paths = [str(checkout / "src")] + ([str(TESTS)] if with_targets else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *command], cwd=checkout, capture_output=True, text=True, env=env)
+
+
+def patch_both(checkout: Path) -> None:
+    assert main(["new", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 0
+    assert main(["new", "scaffold_targets.SquaredConv", "--arg", "padding=1", "--peft-checkout", str(checkout)]) == 0
+
+
+def test_patched_checkout_passes_generated_tests_peft_battery_and_dispatch(checkout, pristine):
+    patch_both(checkout)
+    generated = run_in(
+        checkout,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--no-cov",
+        "tests/test_lora_conv_transpose2d.py",
+        "tests/test_lora_squared_conv.py",
+    )
+    assert generated.returncode == 0 and " passed" in generated.stdout, generated.stdout[-3000:]
+
+    dispatch = run_in(checkout, str(TESTS / "patched_peft_check.py"))
+    assert dispatch.returncode == 0 and "dispatch and merge ok" in dispatch.stdout, dispatch.stderr[-3000:]
+
+    selection = "LoRA and (MLP or Conv2d) or LoraConvTranspose2d or LoraSquaredConv"
+    battery = run_in(
+        checkout,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--no-cov",
+        "tests/test_custom_models.py",
+        "-k",
+        selection,
+    )
+    summary = battery.stdout.strip().splitlines()[-1]
+    print("PEFT battery on the patched checkout:", summary)
+    assert battery.returncode == 0, battery.stdout[-5000:]
+    new_cases = run_in(
+        checkout,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--no-cov",
+        "--collect-only",
+        "tests/test_custom_models.py",
+        "-k",
+        "LoraConvTranspose2d or LoraSquaredConv",
+    )
+    assert int(new_cases.stdout.strip().splitlines()[-1].split()[0].split("/")[0]) >= 400, new_cases.stdout[-500:]
+
+    assert main(["remove", "scaffold_targets.SquaredConv", "--peft-checkout", str(checkout)]) == 0
+    assert main(["remove", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 0
+    assert same_tree(checkout, pristine)
+
+
+def test_patched_peft_imports_and_skips_without_the_targets_package(checkout):
+    patch_both(checkout)
+    imported = run_in(checkout, "-c", "import peft; from peft.tuners.lora import LoraSquaredConv", with_targets=False)
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    tests = run_in(
+        checkout,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--no-cov",
+        "tests/test_lora_squared_conv.py",
+        "tests/test_custom_models.py",
+        "-k",
+        "LoraSquaredConv or test_lora_squared",
+        with_targets=False,
+    )
+    assert tests.returncode == 0 and "skipped" in tests.stdout, tests.stdout[-2000:]
+
+
+def test_added_code_satisfies_peft_ruff_settings(checkout, pristine):
+    patch_both(checkout)
+    new_files = [
+        LORA / "lora_conv_transpose2d.py",
+        LORA / "lora_squared_conv.py",
+        Path("tests/test_lora_squared_conv.py"),
+    ]
+    edited = [LORA / "layer.py", LORA / "__init__.py", Path("tests/test_custom_models.py")]
+    ruff = [sys.executable, "-m", "ruff"]
+    config = ["--config", str(PEFT_RUFF), "--no-cache"]
+    for path in new_files:
+        check = subprocess.run([*ruff, "check", *config, path], cwd=checkout, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout
+    formatted = subprocess.run(
+        [*ruff, "format", "--check", *config, *new_files, *edited], cwd=checkout, capture_output=True, text=True
+    )
+    assert formatted.returncode == 0, formatted.stdout
+    for path in edited:
+        before = subprocess.run(
+            [*ruff, "check", *config, "--statistics", path], cwd=pristine, capture_output=True, text=True
+        )
+        after = subprocess.run(
+            [*ruff, "check", *config, "--statistics", path], cwd=checkout, capture_output=True, text=True
+        )
+        assert after.stdout == before.stdout, path
+
+
+def test_second_run_changes_nothing_and_says_so(checkout, capsys):
+    assert main(["new", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 0
+    snapshot = {p: p.read_bytes() for p in checkout.rglob("*.py")}
+    capsys.readouterr()
+    assert main(["new", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in checkout.rglob("*.py")} == snapshot
+
+
+def test_dry_run_shows_a_diff_and_writes_nothing(checkout, pristine, capsys):
+    assert main(["new", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "+    elif isinstance(target_base_layer, torch.nn.ConvTranspose2d):" in out
+    assert "+from .lora_conv_transpose2d import LoraConvTranspose2d" in out
+    assert same_tree(checkout, pristine)
+
+
+def test_type_peft_supports_needs_force(checkout, pristine, capsys):
+    assert main(["new", "torch.nn.Linear", "--peft-checkout", str(checkout)]) == 2
+    assert "PEFT already supports torch.nn.Linear with its own Linear layer; pass --force" in capsys.readouterr().err
+    assert same_tree(checkout, pristine)
+    assert main(["new", "torch.nn.Linear", "--peft-checkout", str(checkout), "--force"]) == 0
+    layer = (checkout / LORA / "layer.py").read_text()
+    assert layer.index("isinstance(target_base_layer, torch.nn.Linear):\n        from .lora_linear") < layer.index(
+        "elif isinstance(target_base_layer, torch.nn.Linear):\n        if config.fan_in_fan_out"
+    )
+
+
+def test_another_class_under_the_same_name_is_an_error(checkout, capsys):
+    assert main(["new", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 0
+    capsys.readouterr()
+    arguments = ["new", "torch.nn.ConvTranspose1d", "--name", "conv_transpose2d", "--peft-checkout", str(checkout)]
+    assert main(arguments) == 2
+    assert "is not lora-scaffold's layer for torch.nn.ConvTranspose1d" in capsys.readouterr().err
+
+
+def test_remove_refuses_user_edits_unless_forced(checkout, pristine, capsys):
+    assert main(["new", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 0
+    layer_module = checkout / LORA / "lora_conv_transpose2d.py"
+    layer_module.write_text(layer_module.read_text() + "# my fix\n")
+    capsys.readouterr()
+    assert main(["remove", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 2
+    assert "lora_conv_transpose2d.py changed since lora-scaffold wrote it; pass --force" in capsys.readouterr().err
+    assert layer_module.exists()
+    assert main(["remove", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout), "--force"]) == 0
+    assert same_tree(checkout, pristine)
+
+
+def test_a_failure_between_file_writes_leaves_the_checkout_as_it_was(checkout, pristine, monkeypatch):
+    real_replace = os.replace
+    calls = []
+
+    def fail_third(source, destination):
+        calls.append(destination)
+        if len(calls) == 3:
+            raise OSError(5, "Input/output error", str(destination))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(files.os, "replace", fail_third)
+    assert main(["new", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 2
+    assert len(calls) == 3
+    assert same_tree(checkout, pristine)
+
+
+def test_symlinks_inside_the_checkout_are_refused(checkout, tmp_path, capsys):
+    outside = tmp_path / "outside.py"
+    outside.write_text("x = 1\n")
+    (checkout / "tests" / "test_lora_conv_transpose2d.py").symlink_to(outside)
+    assert main(["new", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert outside.read_text() == "x = 1\n"
+
+
+def test_not_a_checkout_is_explained(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    assert main(["new", "torch.nn.ConvTranspose2d", "--peft-checkout", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a peft source checkout: src/peft/tuners/lora/layer.py" in err and err.count("\n") == 1

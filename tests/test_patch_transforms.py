@@ -1,0 +1,261 @@
+"""libcst transforms as before/after source strings, with no-change cases."""
+
+from textwrap import dedent
+
+import pytest
+
+from lora_scaffold.patch.battery import BatteryEntry, add_battery_entry, remove_battery_entry
+from lora_scaffold.patch.cst_utils import PatchError
+from lora_scaffold.patch.dispatch import DispatchBranch, call_form, insert_branch, remove_branch
+from lora_scaffold.patch.exports import add_export, remove_export
+from lora_scaffold.patch.imports import add_import, remove_import_if_unused
+
+
+NEW_STYLE = dedent(
+    """\
+    import math
+
+    import torch
+    from torch import nn
+
+
+    def dispatch_default(target, adapter_name, config, parameter_name=None, **kwargs):
+        new_module = None
+
+        if isinstance(target, BaseTunerLayer):
+            target_base_layer = target.get_base_layer()
+        else:
+            target_base_layer = target
+
+        if parameter_name is not None:
+            new_module = ParamWrapper(target, adapter_name, parameter_name=parameter_name, config=config, **kwargs)
+        elif isinstance(target_base_layer, torch.nn.Conv2d):
+            new_module = Conv2d(target, adapter_name, config=config, **kwargs)
+        elif isinstance(target_base_layer, torch.nn.Linear):
+            new_module = Linear(target, adapter_name, config=config, **kwargs)
+
+        return new_module
+    """
+)
+
+# peft 0.13 - 0.16: `lora_config`, no parameter_name branch, layers built from **kwargs.
+OLD_STYLE = dedent(
+    """\
+    def dispatch_default(target, adapter_name, lora_config, **kwargs):
+        new_module = None
+
+        if isinstance(target, BaseTunerLayer):
+            target_base_layer = target.get_base_layer()
+        else:
+            target_base_layer = target
+
+        if isinstance(target_base_layer, torch.nn.Embedding):
+            embedding_kwargs = kwargs.copy()
+            new_module = Embedding(target, adapter_name, **embedding_kwargs)
+        elif isinstance(target_base_layer, torch.nn.Conv2d):
+            kwargs.update(lora_config.loftq_config)
+            new_module = Conv2d(target, adapter_name, **kwargs)
+
+        return new_module
+    """
+)
+
+CONVT = DispatchBranch(
+    "isinstance(target_base_layer, torch.nn.ConvTranspose2d)",
+    "from .lora_convt import LoraConvT\n\nnew_module = LoraConvT(target, adapter_name, config=config, **kwargs)",
+)
+
+
+def test_branch_goes_at_the_end_when_no_branch_catches_the_target():
+    after = insert_branch(NEW_STYLE, CONVT)
+    assert after == NEW_STYLE.replace(
+        "        new_module = Linear(target, adapter_name, config=config, **kwargs)\n",
+        "        new_module = Linear(target, adapter_name, config=config, **kwargs)\n"
+        "    elif isinstance(target_base_layer, torch.nn.ConvTranspose2d):\n"
+        "        from .lora_convt import LoraConvT\n\n"
+        "        new_module = LoraConvT(target, adapter_name, config=config, **kwargs)\n",
+    )
+
+
+def test_subclass_branch_goes_before_the_branch_of_its_base_class():
+    branch = DispatchBranch(
+        "isinstance(target_base_layer, MyConv)", "new_module = LoraMyConv(target)", frozenset({"torch.nn.Conv2d"})
+    )
+    after = insert_branch(NEW_STYLE, branch)
+    assert (
+        "config=config, **kwargs)\n"
+        "    elif isinstance(target_base_layer, MyConv):\n"
+        "        new_module = LoraMyConv(target)\n"
+        "    elif isinstance(target_base_layer, torch.nn.Conv2d):\n"
+    ) in after
+    assert after.index("MyConv)") > after.index("parameter_name is not None")
+
+
+def test_insert_is_idempotent_and_remove_restores_every_byte():
+    once = insert_branch(NEW_STYLE, CONVT)
+    assert insert_branch(once, CONVT) == once
+    assert remove_branch(once, CONVT, force=False) == NEW_STYLE
+    assert remove_branch(NEW_STYLE, CONVT, force=False) == NEW_STYLE
+
+
+def test_old_style_chain_first_position_keeps_the_blank_line():
+    branch = DispatchBranch(
+        "isinstance(target_base_layer, MyEmb)",
+        "new_module = LoraMyEmb(target, adapter_name, **kwargs)",
+        frozenset({"torch.nn.Embedding"}),
+    )
+    after = insert_branch(OLD_STYLE, branch)
+    assert (
+        "        target_base_layer = target\n\n"
+        "    if isinstance(target_base_layer, MyEmb):\n"
+        "        new_module = LoraMyEmb(target, adapter_name, **kwargs)\n"
+        "    elif isinstance(target_base_layer, torch.nn.Embedding):\n"
+    ) in after
+    assert remove_branch(after, branch, force=False) == OLD_STYLE
+    assert (call_form(OLD_STYLE), call_form(NEW_STYLE)) == ("kwargs", "config")
+
+
+def test_a_branch_the_user_edited_is_not_removed_without_force():
+    edited = insert_branch(NEW_STYLE, CONVT).replace(
+        "**kwargs)\n\n    return", "**kwargs)\n        print(1)\n\n    return"
+    )
+    with pytest.raises(PatchError, match="was edited; pass --force"):
+        remove_branch(edited, CONVT, force=False)
+    assert remove_branch(edited, CONVT, force=True) == NEW_STYLE
+
+
+def test_missing_dispatch_default_is_explained():
+    with pytest.raises(PatchError, match="no module-level function dispatch_default"):
+        insert_branch("def something_else():\n    pass\n", CONVT)
+    with pytest.raises(PatchError, match="no if/elif chain on target_base_layer"):
+        insert_branch("def dispatch_default(target, adapter_name, config):\n    return None\n", CONVT)
+
+
+def test_import_sys_lands_in_order_and_leaves_when_unused():
+    after = add_import(NEW_STYLE, "sys", "layer.py")
+    assert after.startswith("import math\nimport sys\n\nimport torch\n")
+    assert add_import(after, "sys", "layer.py") == after
+    assert remove_import_if_unused(after, "sys", "layer.py") == NEW_STYLE
+    used = after + "\nprint(sys.argv)\n"
+    assert remove_import_if_unused(used, "sys", "layer.py") == used
+
+
+INIT = dedent(
+    """\
+    from .config import LoraConfig
+    from .layer import Conv2d, LoraLayer
+    from .model import LoraModel
+
+
+    __all__ = [
+        "Conv2d",
+        "LoraConfig",
+        "LoraLayer",
+        "LoraModel",
+    ]
+    """
+)
+
+
+def test_export_is_imported_and_listed_in_sorted_position():
+    after = add_export(INIT, "lora_convt", "LoraConvT")
+    assert after == dedent(
+        """\
+        from .config import LoraConfig
+        from .layer import Conv2d, LoraLayer
+        from .lora_convt import LoraConvT
+        from .model import LoraModel
+
+
+        __all__ = [
+            "Conv2d",
+            "LoraConfig",
+            "LoraConvT",
+            "LoraLayer",
+            "LoraModel",
+        ]
+        """
+    )
+    assert add_export(after, "lora_convt", "LoraConvT") == after
+    assert remove_export(after, "lora_convt", "LoraConvT") == INIT
+
+
+def test_export_at_the_end_of_all():
+    after = add_export(INIT, "zeta", "Zeta")
+    assert '    "LoraModel",\n    "Zeta",\n]' in after
+    assert remove_export(after, "zeta", "Zeta") == INIT
+
+
+BATTERY = dedent(
+    """\
+    TEST_CASES = [
+        ("Vanilla MLP 1 LoRA", "MLP", LoraConfig, {"target_modules": ["lin0"]}),
+        ("Conv2d 1 LoRA", "Conv2d", LoraConfig, {"target_modules": ["conv2d"]}),
+    ]
+
+
+    class MLP(nn.Module):
+        pass
+
+
+    class MockTransformerWrapper:
+        @classmethod
+        def from_pretrained(cls, model_id, dtype=None):
+            if model_id == "MLP":
+                return MLP().to(dtype)
+
+            raise ValueError(f"model_id {model_id} not implemented")
+    """
+)
+
+ENTRY = BatteryEntry(
+    model_id="LoraConvT",
+    model_class="ModelLoraConvT",
+    class_code="class ModelLoraConvT(nn.Module):\n    pass\n",
+    test_cases=('("LoraConvT 1 LoRA (lora-scaffold)", "LoraConvT", LoraConfig, {"target_modules": ["target"]})',),
+)
+
+
+def test_battery_gets_model_class_wrapper_branch_and_test_cases():
+    after = add_battery_entry(BATTERY, ENTRY)
+    assert after == dedent(
+        """\
+        TEST_CASES = [
+            ("Vanilla MLP 1 LoRA", "MLP", LoraConfig, {"target_modules": ["lin0"]}),
+            ("Conv2d 1 LoRA", "Conv2d", LoraConfig, {"target_modules": ["conv2d"]}),
+            ("LoraConvT 1 LoRA (lora-scaffold)", "LoraConvT", LoraConfig, {"target_modules": ["target"]}),
+        ]
+
+
+        class MLP(nn.Module):
+            pass
+
+
+        class ModelLoraConvT(nn.Module):
+            pass
+
+
+        class MockTransformerWrapper:
+            @classmethod
+            def from_pretrained(cls, model_id, dtype=None):
+                if model_id == "MLP":
+                    return MLP().to(dtype)
+
+                if model_id == "LoraConvT":
+                    return ModelLoraConvT().to(dtype)
+
+                raise ValueError(f"model_id {model_id} not implemented")
+        """
+    )
+    assert add_battery_entry(after, ENTRY) == after
+    assert remove_battery_entry(after, ENTRY, force=False) == BATTERY
+    assert remove_battery_entry(BATTERY, ENTRY, force=False) == BATTERY
+
+
+def test_edited_battery_model_is_not_removed_without_force():
+    edited = add_battery_entry(BATTERY, ENTRY).replace(
+        "class ModelLoraConvT(nn.Module):\n    pass", "class ModelLoraConvT(nn.Module):\n    x = 1"
+    )
+    with pytest.raises(PatchError, match="ModelLoraConvT in tests/test_custom_models.py was edited"):
+        remove_battery_entry(edited, ENTRY, force=False)
+    assert remove_battery_entry(edited, ENTRY, force=True) == BATTERY
