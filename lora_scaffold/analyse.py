@@ -19,6 +19,7 @@ from lora_scaffold.sample_input import candidate_inputs, evaluate_input, find_sa
 
 STRATEGIES = ("auto", "linear", "conv", "embedding", "delta", "stub")
 FACTORED = ("linear", "conv", "embedding")
+CONV_FAMILY = ("conv", "conv_transpose")
 
 # PEFT's own layers, by the base class they adapt; a generated layer for these overrides PEFT's when registered.
 PEFT_BUILTINS = {
@@ -91,7 +92,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         candidates = candidate_inputs(weight.shape, spec.forward_arity, attributes)
         example_input = find_sample_input(module, candidates)
     strategy, fan_in_fan_out, outcomes, reason = choose_strategy(module, weight, example_input, attributes, options)
-    groups = attributes.get("groups", 1) if strategy == "conv" else 1
+    groups = attributes.get("groups", 1) if strategy in CONV_FAMILY else 1
     inputs, output_features, output_is_tuple = describe_io(module, example_input)
     return LayerPlan(
         target_spec=spec.target.spec,
@@ -103,7 +104,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         bias_name=_bias_name(spec, weight, strategy, fan_in_fan_out),
         strategy=strategy,
         fan_in_fan_out=fan_in_fan_out,
-        conv_dims=len(weight.shape) - 2 if strategy == "conv" else 0,
+        conv_dims=len(weight.shape) - 2 if strategy in CONV_FAMILY else 0,
         groups=groups,
         reason=reason,
         probes=outcomes,
@@ -203,7 +204,7 @@ def _probe_family(probe, family: str, attributes: dict) -> list[probes.ProbeOutc
     if family == "embedding":
         return [probes.probe_embedding(probe, attributes.get("padding_idx"))]
     if family == "conv":
-        return [probes.probe_conv(probe, attributes)]
+        return [probes.probe_conv(probe, attributes), probes.probe_conv_transpose(probe, attributes)]
     return []
 
 
@@ -214,12 +215,15 @@ def _describe(outcome: probes.ProbeOutcome) -> str:
 
 
 def _bias_name(spec: TargetSpec, weight: TensorInfo, strategy: str, fan_in_fan_out: bool) -> str | None:
-    if strategy not in ("linear", "conv"):
+    if strategy not in ("linear", *CONV_FAMILY):
         return None
     prefix = weight.name.rpartition(".")[0]
     name = f"{prefix}.bias" if prefix else "bias"
     bias = spec.parameter(name)
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    if strategy == "conv_transpose":
+        out_features = weight.shape[1] * (spec.attribute_values().get("groups") or 1)
+    else:
+        out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     return name if bias is not None and bias.shape == (out_features,) else None
 
 

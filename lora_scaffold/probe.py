@@ -19,7 +19,9 @@ from lora_scaffold.sample_input import flatten_output
 
 RELATIVE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONV_TRANSPOSE_CLASSES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 CONV_GEOMETRY = ("stride", "padding", "dilation", "groups")
+CONV_TRANSPOSE_GEOMETRY = ("stride", "padding", "output_padding", "dilation", "groups")
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,37 @@ def probe_conv(probe: _Probe, attributes: dict) -> ProbeOutcome:
     except Exception:
         return ProbeOutcome("conv", False, float("inf"), "the weight is not laid out [out, in/groups, *kernel]")
     return probe.compare("conv", predicted)
+
+
+def probe_conv_transpose(probe: _Probe, attributes: dict) -> ProbeOutcome:
+    x, delta = probe.inputs[0], probe.delta
+    spatial = delta.dim() - 2
+    missing = [name for name in CONV_TRANSPOSE_GEOMETRY if name not in attributes]
+    strategy = "conv_transpose"
+    if spatial not in CONV_TRANSPOSE_CLASSES or missing or not _is_float(x):
+        return ProbeOutcome(
+            strategy, False, float("inf"), f"no transposed-conv geometry ({', '.join(missing) or 'weight rank'})"
+        )
+    groups = attributes["groups"]
+    try:
+        conv = CONV_TRANSPOSE_CLASSES[spatial](
+            delta.shape[0],
+            delta.shape[1] * groups,
+            tuple(delta.shape[2:]),
+            stride=attributes["stride"],
+            padding=attributes["padding"],
+            output_padding=attributes["output_padding"],
+            groups=groups,
+            bias=False,
+            dilation=attributes["dilation"],
+            dtype=delta.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(delta)
+            predicted = conv(x)
+    except Exception:
+        return ProbeOutcome(strategy, False, float("inf"), "the weight is not laid out [in, out/groups, *kernel]")
+    return probe.compare(strategy, predicted)
 
 
 def _is_float(x) -> bool:

@@ -21,6 +21,9 @@ NOT_RENDERED = ("copier.yml", "partials")
 SUMMARIES = {
     "linear": "the adapter adds `lora_B(lora_A(dropout(x))) * scaling`, as PEFT's Linear does.",
     "conv": "the adapter adds `lora_B(lora_A(dropout(x))) * scaling`, lora_A convolving like the base layer.",
+    "conv_transpose": (
+        "the adapter adds `lora_B(lora_A(dropout(x))) * scaling`, lora_A a transposed conv like the base layer."
+    ),
     "embedding": "the adapter adds the looked-up rows of `(B @ A).T * scaling`, as PEFT's Embedding does.",
     "delta": "forward runs the base module with `W + (B @ A).reshape(W.shape) * scaling`.",
     "stub": "a skeleton to fill in; its methods raise NotImplementedError until then.",
@@ -65,7 +68,7 @@ def template_context(plan: LayerPlan, mode: str = PLUGIN) -> dict:
         "bias_name": plan.bias_name or "",
         "bias_name_literal": json.dumps(plan.bias_name) if plan.bias_name else "None",
         "fan_in_fan_out": plan.fan_in_fan_out,
-        "conv_class": f"nn.Conv{plan.conv_dims}d" if plan.strategy == "conv" else "",
+        "conv_class": _conv_class(plan),
         "mixed_batch": plan.strategy != "delta",
         "unsupported_options": {option: reason for option, (reason, _) in unsupported.items()},
         "unsupported_option_kwargs": {option: kwargs for option, (_, kwargs) in unsupported.items()},
@@ -162,6 +165,14 @@ def render_templates(context: dict, root: Path | None = None) -> tuple[Generated
         path = environment.from_string(relative.as_posix().removesuffix(TEMPLATE_SUFFIX)).render(context)
         files.append(GeneratedFile(path, environment.get_template(relative.as_posix()).render(context)))
     return tuple(files)
+
+
+def _conv_class(plan: LayerPlan) -> str:
+    if plan.strategy == "conv":
+        return f"nn.Conv{plan.conv_dims}d"
+    if plan.strategy == "conv_transpose":
+        return f"nn.ConvTranspose{plan.conv_dims}d"
+    return ""
 
 
 def _as_tuple(expression: str) -> str:

@@ -39,8 +39,13 @@ def candidate_inputs(weight_shape: tuple[int, ...], arity: int, attributes: dict
     return list(dict.fromkeys(pairs + repeated))
 
 
+# Attributes that name the size of a module's input, for weights whose shape does not show it (LSTM's weight_hh).
+INPUT_SIZE_ATTRIBUTES = ("in_features", "input_size", "in_channels", "embed_dim")
+
+
 def _single_inputs(shape: tuple[int, ...], attributes: dict) -> list[str]:
-    dims = list(dict.fromkeys(shape[:2]))
+    named = [attributes[name] for name in INPUT_SIZE_ATTRIBUTES if isinstance(attributes.get(name), int)]
+    dims = list(dict.fromkeys([*shape[:2], *named]))
     floats = [f"torch.randn(2, {d})" for d in dims] + [f"torch.randn(2, 3, {d})" for d in dims]
     if len(shape) >= 3:
         floats = _spatial_inputs(shape, attributes) + floats

@@ -22,7 +22,9 @@ def plan_for(target, args=None, **options):
         ("torch.nn.Conv2d", {"padding": 1, "padding_mode": "reflect"}, {}, "conv", False),
         ("torch.nn.Conv3d", {}, {}, "conv", False),
         ("torch.nn.Embedding", {"padding_idx": 0}, {}, "embedding", False),
-        ("torch.nn.ConvTranspose2d", {}, {}, "delta", False),
+        ("torch.nn.ConvTranspose2d", {}, {}, "conv_transpose", False),
+        ("torch.nn.ConvTranspose1d", {"stride": 2, "padding": 1, "output_padding": 1}, {}, "conv_transpose", False),
+        ("torch.nn.ConvTranspose3d", {"groups": 2, "dilation": 2}, {}, "conv_transpose", False),
         ("torch.nn.Bilinear", {}, {}, "delta", False),
         ("torch.nn.EmbeddingBag", {}, {}, "delta", False),
         ("torch.nn.GRU", {"input_size": 6, "hidden_size": 8}, {"weight": "weight_ih_l0"}, "delta", False),
@@ -45,7 +47,8 @@ def test_auto_picks_a_factored_path_only_where_the_probe_proves_it(target, args,
 def test_reason_reports_the_probe_and_the_fallback():
     plan = plan_for("scaffold_targets.SquaredConv")
     assert plan.reason.startswith("auto: no factored path is exact (conv: differs by")
-    assert [o.strategy for o in plan.probes] == ["conv"] and not plan.probes[0].matched
+    assert [o.strategy for o in plan.probes] == ["conv", "conv_transpose"]
+    assert not any(o.matched for o in plan.probes)
 
 
 def test_grouped_conv_rank_is_divisible_by_groups():

@@ -14,16 +14,15 @@ from lora_scaffold.cli import main
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
-# (folder, arguments of `lora-scaffold new`, strategy the generator must choose); generated_examples/ (run with
-# these) adds torch.nn.ConvTranspose2d with defaults and the demo mypkg.MyConv.
+# (folder, arguments of `lora-scaffold new`, strategy the generator must choose). generated_examples/ adds the zoo
+# below, run from its committed files.
 TARGETS = [
     (
         "strided_convt",
         ["torch.nn.ConvTranspose2d", "--arg", "stride=2", "--arg", "output_padding=1", "--name", "strided_convt"],
-        "delta",
+        "conv_transpose",
     ),
-    ("bilinear", ["torch.nn.Bilinear"], "delta"),
-    ("gpt2_conv1d", ["transformers.pytorch_utils.Conv1D", "--name", "gpt2_conv1d"], "linear"),
+    ("grouped_convt1d", ["torch.nn.ConvTranspose1d", "--arg", "groups=2", "--arg", "dilation=2"], "conv_transpose"),
     ("squared_conv", ["scaffold_targets.SquaredConv", "--arg", "padding=1"], "delta"),
     ("nested_conv", ["scaffold_targets.NestedConv", "--weight", "conv.weight"], "delta"),
     ("required_args", ["scaffold_targets.RequiredArgs", "--arg", "width=5", "--arg", "depth=3"], "linear"),
@@ -33,10 +32,33 @@ TARGETS = [
         ["torch.nn.Conv2d", "--arg", "groups=2", "--arg", "dilation=2", "--name", "grouped_conv"],
         "conv",
     ),
+    (
+        "depthwise_conv",
+        ["torch.nn.Conv1d", "--arg", "groups=4", "--arg", "out_channels=4", "--name", "depthwise"],
+        "conv",
+    ),
     ("embedding", ["torch.nn.Embedding", "--arg", "padding_idx=0"], "embedding"),
-    ("embedding_bag", ["torch.nn.EmbeddingBag"], "delta"),
-    ("gru", ["torch.nn.GRU", "--arg", "input_size=6", "--arg", "hidden_size=8", "--weight", "weight_ih_l0"], "delta"),
+    (
+        "lstm",
+        ["torch.nn.LSTM", "--arg", "input_size=5", "--arg", "hidden_size=4", "--weight", "weight_hh_l0"],
+        "delta",
+    ),
 ]
+EXAMPLES = REPO / "generated_examples"
+EXAMPLE_STRATEGIES = {
+    "conv_transpose2d": "conv_transpose",
+    "bilinear": "delta",
+    "embedding_bag": "delta",
+    "gru": "delta",
+    "gpt2_conv1d": "linear",
+    "mypkg_myconv": "conv",
+    "mypkg_myconv_stub": "stub",
+}
+
+
+def strategy_of(folder: Path) -> str:
+    layer = next(folder.glob("lora_*.py")).read_text()
+    return layer.split("Strategy: ", 1)[1].split(".", 1)[0]
 
 
 def pytest_env(*paths: Path) -> dict:
@@ -70,26 +92,25 @@ def suite_counts(junit: Path) -> dict[str, dict[str, int]]:
 @pytest.fixture(scope="module")
 def generated_suites(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    strategies = {}
     for folder, arguments, _ in TARGETS:
         assert main(["new", *arguments, "-o", str(root / folder)]) == 0
-        layer = next((root / folder).glob("lora_*.py")).read_text()
-        strategies[folder] = layer.split("Strategy: ", 1)[1].split(".", 1)[0]
-    return root, strategies
+    return root
 
 
 def test_generator_chooses_the_expected_strategies(generated_suites):
-    _, strategies = generated_suites
-    assert strategies == {folder: strategy for folder, _, strategy in TARGETS}
+    chosen = {folder: strategy_of(generated_suites / folder) for folder, _, _ in TARGETS}
+    assert chosen == {folder: strategy for folder, _, strategy in TARGETS}
+    assert {folder: strategy_of(EXAMPLES / folder) for folder in EXAMPLE_STRATEGIES} == EXAMPLE_STRATEGIES
 
 
 def test_generated_suites_pass(generated_suites, tmp_path):
-    root, _ = generated_suites
-    folders = [root / folder for folder, _, _ in TARGETS] + [REPO / "generated_examples"]
+    examples = [EXAMPLES / folder for folder, strategy in EXAMPLE_STRATEGIES.items() if strategy != "stub"]
+    folders = [generated_suites / folder for folder, _, _ in TARGETS] + examples
     result = run_suites(folders, tmp_path / "junit.xml")
     counts = suite_counts(tmp_path / "junit.xml")
+    print("\n".join(f"{module}: {outcome}" for module, outcome in sorted(counts.items())))
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
-    assert len(counts) == len(TARGETS) + 2, counts
+    assert len(counts) == len(folders), counts
     for module, outcome in counts.items():
         assert outcome["failed"] == 0 and outcome["skipped"] == 0 and outcome["passed"] >= 17, (module, outcome)
 
@@ -108,9 +129,8 @@ def test_file_path_target_works_end_to_end(tmp_path):
 
 
 def test_stub_suite_fails_and_says_why(tmp_path):
-    assert main(["new", "mypkg.MyConv", "--strategy", "stub", "-o", str(tmp_path / "stub")]) == 0
-    result = run_suites([tmp_path / "stub"], tmp_path / "junit.xml")
+    result = run_suites([EXAMPLES / "mypkg_myconv_stub"], tmp_path / "junit.xml")
     assert result.returncode == 1
-    assert "lora-scaffold stub: LoraMyConv._create_adapter is not written yet" in result.stdout
-    counts = suite_counts(tmp_path / "junit.xml")["test_lora_my_conv"]
+    assert "lora-scaffold stub: LoraMyConvStub._create_adapter is not written yet" in result.stdout
+    counts = suite_counts(tmp_path / "junit.xml")["test_lora_my_conv_stub"]
     assert counts["failed"] >= 14
