@@ -316,6 +316,8 @@ def format_spec(spec: TargetSpec) -> str:
     lines = [f"class       {spec.target.qualified_name}"]
     lines.append("signature   (" + ", ".join(_format_param(p) for p in spec.ctor_params) + ")")
     lines.append("built with  (" + ", ".join(f"{n}={v}" for n, v in spec.ctor_args) + ")" + guessed)
+    for name, old, new in spec.scaled_args:
+        lines.append(f"scaled      {name}: {old} -> {new} (the defaults build more than a million weights)")
     lines.append(f"forward     {spec.forward_arity} positional input(s)")
     lines += ["parameters"] + ([f"  {p.name:<24} {list(p.shape)} {p.dtype}" for p in spec.parameters] or ["  none"])
     lines += ["buffers"] + ([f"  {b.name:<24} {list(b.shape)} {b.dtype}" for b in spec.buffers] or ["  none"])
@@ -329,8 +331,11 @@ def _format_param(param) -> str:
 
 def format_plan(plan: LayerPlan, spec: TargetSpec) -> str:
     inferred = "inferred" if plan.input_inferred else "given"
+    scaled = "".join(
+        f"\nscaled    {name} {old} -> {new} to keep the probe and tests small" for name, old, new in spec.scaled_args
+    )
     lines = [
-        f"target    {plan.target_spec}(" + ", ".join(f"{n}={v}" for n, v in plan.ctor_args) + ")",
+        f"target    {plan.target_spec}(" + ", ".join(f"{n}={v}" for n, v in plan.ctor_args) + ")" + scaled,
         f"weight    {plan.weight_name} {list(plan.weight_shape)}",
         f"input     {plan.example_input} ({inferred})",
         f"strategy  {plan.strategy}: {plan.reason}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -77,12 +78,21 @@ class TensorInfo:
     requires_grad: bool
 
 
+# Above this many parameter elements, size-like defaults are scaled down: the probe and the generated tests build
+# the target for real, and a 50 000 x 8 192 embedding would cost 1.6 GB each time.
+ELEMENT_BUDGET = 1_000_000
+SCALED_SIZE = 16
+# Integers that shape a module's structure rather than its size: never scaled, and what sizes must stay divisible by.
+STRUCTURAL = ("groups", "num_heads", "kernel_size", "stride", "padding", "dilation", "output_padding", "num_layers")
+
+
 @dataclass(frozen=True)
 class TargetSpec:
     target: ResolvedTarget
     ctor_params: tuple[CtorParam, ...]
     ctor_args: tuple[tuple[str, str], ...]
     guessed_args: tuple[str, ...]
+    scaled_args: tuple[tuple[str, str, str], ...]
     parameters: tuple[TensorInfo, ...]
     buffers: tuple[TensorInfo, ...]
     attributes: tuple[tuple[str, str], ...]
@@ -120,6 +130,9 @@ def introspect(target: ResolvedTarget, overrides: dict[str, str]) -> TargetSpec:
     ctor_args, guessed = choose_ctor_args(target, params, overrides)
     kwargs = {name: ast.literal_eval(source) for name, source in ctor_args}
     module = instantiate(target, kwargs, device="meta")
+    scaled = ()
+    if _size(module) > ELEMENT_BUDGET:
+        ctor_args, scaled, module = scale_down(target, params, ctor_args, overrides) or (ctor_args, (), module)
     parameters = tuple(_tensor_info(name, p) for name, p in module.named_parameters())
     buffers = tuple(_tensor_info(name, b) for name, b in module.named_buffers())
     return TargetSpec(
@@ -127,6 +140,7 @@ def introspect(target: ResolvedTarget, overrides: dict[str, str]) -> TargetSpec:
         ctor_params=params,
         ctor_args=ctor_args,
         guessed_args=guessed,
+        scaled_args=scaled,
         parameters=parameters,
         buffers=buffers,
         attributes=_peft_attributes(module),
@@ -185,6 +199,41 @@ def instantiate(target: ResolvedTarget, kwargs: dict[str, object], device: str =
             return instantiate(target, kwargs, "cpu")
         call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         raise TargetError(f"{target.class_name}({call}) raised {type(exc).__name__}: {exc}") from exc
+
+
+def scale_down(target: ResolvedTarget, params: tuple[CtorParam, ...], ctor_args, overrides: dict[str, str]):
+    """Shrink large size-like integers the user did not give (defaults and guesses), keeping them divisible by
+    groups and heads; None when that does not bring the module under the budget."""
+    chosen = {name: ast.literal_eval(source) for name, source in ctor_args}
+    values = {p.name: _literal(p.default) for p in params if p.default is not None} | chosen
+    unit = math.lcm(*(values[n] for n in ("groups", "num_heads") if isinstance(values.get(n), int) and values[n] > 0))
+    small = unit * math.ceil(SCALED_SIZE / unit)
+    scaled = {
+        name: small
+        for name, value in values.items()
+        if name not in overrides and name not in STRUCTURAL and type(value) is int and value > small * 4
+    }
+    if not scaled:
+        return None
+    kwargs = chosen | scaled
+    module = instantiate(target, kwargs, device="meta")
+    if _size(module) > ELEMENT_BUDGET:
+        return None
+    order = [p.name for p in params] + [name for name in chosen if name not in {p.name for p in params}]
+    new_args = tuple((name, repr(kwargs[name])) for name in order if name in kwargs)
+    changes = tuple((name, repr(values[name]), repr(small)) for name in scaled)
+    return new_args, changes, module
+
+
+def _literal(source: str):
+    try:
+        return ast.literal_eval(source)
+    except (ValueError, SyntaxError):
+        return None
+
+
+def _size(module: nn.Module) -> int:
+    return sum(t.numel() for t in (*module.parameters(), *module.buffers()))
 
 
 def forward_arity(cls: type) -> int:

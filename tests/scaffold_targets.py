@@ -109,6 +109,17 @@ class HugeEmbedding(nn.Embedding):
         super().__init__(num_embeddings, embedding_dim)
 
 
+class WideGroupedConv(nn.Module):
+    """Large defaults with structure to keep: channels must stay divisible by groups."""
+
+    def __init__(self, channels: int = 4800, groups: int = 12):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, groups=groups)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
 NOT_A_MODULE = 42
 
 

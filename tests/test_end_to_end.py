@@ -38,6 +38,7 @@ TARGETS = [
         "conv",
     ),
     ("embedding", ["torch.nn.Embedding", "--arg", "padding_idx=0"], "embedding"),
+    ("huge_embedding", ["scaffold_targets.HugeEmbedding"], "embedding"),
     (
         "lstm",
         ["torch.nn.LSTM", "--arg", "input_size=5", "--arg", "hidden_size=4", "--weight", "weight_hh_l0"],

@@ -1,5 +1,3 @@
-import time
-
 import pytest
 
 from lora_scaffold.errors import TargetError
@@ -45,11 +43,19 @@ def test_forward_arity_counts_required_inputs():
     assert spec_of("torch.nn.Bilinear").forward_arity == 2
 
 
-def test_huge_defaults_are_inspected_on_the_meta_device():
-    start = time.perf_counter()
-    spec = spec_of("scaffold_targets.HugeEmbedding")
-    assert spec.parameter("weight").shape == (50_000, 8_192)
-    assert time.perf_counter() - start < 5  # a CPU build would allocate 1.6 GB
+def test_huge_defaults_are_inspected_on_the_meta_device_and_scaled_down():
+    spec = spec_of("scaffold_targets.HugeEmbedding")  # built on the meta device: a CPU build would take 1.6 GB
+    assert spec.scaled_args == (("num_embeddings", "50000", "16"), ("embedding_dim", "8192", "16"))
+    assert dict(spec.ctor_args) == {"num_embeddings": "16", "embedding_dim": "16"}
+    assert spec.parameter("weight").shape == (16, 16)
+
+
+def test_scaling_keeps_sizes_divisible_by_groups_and_leaves_given_arguments_alone():
+    spec = spec_of("torch.nn.Conv2d", in_channels=3072, out_channels=3072, groups=12)
+    assert spec.scaled_args == () and spec.parameter("weight").shape == (3072, 256, 3, 3)
+    wide = introspect(resolve_target("scaffold_targets.WideGroupedConv"), {})
+    assert dict(wide.ctor_args) == {"channels": "24"}
+    assert wide.parameter("conv.weight").shape == (24, 2, 3, 3)
 
 
 def test_missing_required_arguments_are_named():

@@ -50,10 +50,11 @@ def make_model(dtype: torch.dtype = torch.float32, autocast_adapter_dtype: bool 
 
 
 def flatten(output) -> torch.Tensor:
-    """Every tensor of an output (a tensor, or nested tuples of them as RNNs return) as one vector."""
+    """Every tensor of an output (a tensor, or tuples and dicts of them as RNNs return) as one vector."""
     if isinstance(output, torch.Tensor):
         return output.flatten()
-    return torch.cat([flatten(item) for item in output if isinstance(item, (torch.Tensor, tuple, list))])
+    items = output.values() if isinstance(output, dict) else output
+    return torch.cat([flatten(item) for item in items if isinstance(item, (torch.Tensor, tuple, list, dict))])
 
 
 def run(model: nn.Module, dtype: torch.dtype | None = None, **kwargs) -> torch.Tensor:
