@@ -26,7 +26,7 @@ from lora_scaffold.patch.plan import (
     refuse_foreign_layer,
     unpatched_sources,
 )
-from lora_scaffold.peft_api import require_supported_peft
+from lora_scaffold.peft_api import installed_layer_api, layer_api, parse_version
 from lora_scaffold.render import GeneratedFile, render
 from lora_scaffold.resolve import resolve_target
 
@@ -170,7 +170,7 @@ def run_new(args: argparse.Namespace) -> int:
             raise ScaffoldError("-o writes plugin files and --peft-checkout patches peft: give one of them, not both")
         return patch_checkout(args)
     spec, plan = plan_layer(args)
-    changes = plan_changes(render(plan), Path(args.output or "."), force=args.force)
+    changes = plan_changes(render(plan, api=installed_layer_api()), Path(args.output or "."), force=args.force)
     refuse_conflicts(changes)
     print(format_plan(plan, spec))
     _apply_or_show(changes, args.dry_run)
@@ -221,11 +221,7 @@ def run_remove(args: argparse.Namespace) -> int:
 
 def _read_supported_checkout(path: str) -> PeftCheckout:
     checkout = read_checkout(path)
-    if checkout.call_form != "config":
-        raise PatchError(
-            f"{checkout.root} holds peft {checkout.version}, whose layers take the pre-0.19 API; "
-            "patch mode supports peft>=0.19 only so far"
-        )
+    layer_api(parse_version(checkout.version))  # refuses peft < 0.13
     return checkout
 
 
@@ -300,7 +296,6 @@ def load_manifest(root: Path) -> dict[str, list[str]]:
 
 def plan_layer(args: argparse.Namespace) -> tuple[TargetSpec, LayerPlan]:
     """Resolve, introspect and analyse: everything up to rendering."""
-    require_supported_peft()
     spec = _introspect(args)
     options = Options(weight=args.weight, strategy=args.strategy, example_input=args.example_input, name=args.name)
     return spec, analyse(spec, options)

@@ -12,6 +12,7 @@ import jinja2
 from lora_scaffold import __version__
 from lora_scaffold.analyse import LayerPlan
 from lora_scaffold.imports import format_imports
+from lora_scaffold.peft_api import CONFIG_API, KWARGS_API
 
 
 TEMPLATE_SUFFIX = ".jinja"
@@ -27,6 +28,11 @@ SUMMARIES = {
     "embedding": "the adapter adds the looked-up rows of `(B @ A).T * scaling`, as PEFT's Embedding does.",
     "delta": "forward runs the base module with `W + (B @ A).reshape(W.shape) * scaling`.",
     "stub": "a skeleton to fill in; its methods raise NotImplementedError until then.",
+}
+
+API_LINES = {
+    CONFIG_API: "Written for the layer API of peft >= 0.19 (options come in a LoraConfig).",
+    KWARGS_API: "Written for the layer API of peft 0.13 - 0.18 (options come as keyword arguments).",
 }
 
 # LoraConfig options a strategy cannot honour: (reason, keyword arguments that request the option).
@@ -48,7 +54,7 @@ def template_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
 
 
-def template_context(plan: LayerPlan, mode: str = PLUGIN) -> dict:
+def template_context(plan: LayerPlan, mode: str = PLUGIN, api: str = CONFIG_API) -> dict:
     unsupported = UNSUPPORTED_OPTIONS.get(plan.strategy, {})
     ctor_args = ", ".join(f"{name}={source}" for name, source in plan.ctor_args)
     return {
@@ -72,7 +78,9 @@ def template_context(plan: LayerPlan, mode: str = PLUGIN) -> dict:
         "mixed_batch": plan.strategy != "delta",
         "unsupported_options": {option: reason for option, (reason, _) in unsupported.items()},
         "unsupported_option_kwargs": {option: kwargs for option, (_, kwargs) in unsupported.items()},
-        "imports": format_imports(layer_imports(plan, mode)),
+        "imports": format_imports(layer_imports(plan, mode, api)),
+        "api": api,
+        "api_line": API_LINES[api],
         "test_imports": format_imports(test_imports(plan, mode), first_party=("peft", plan.module_name)),
         "plugin": mode == PLUGIN,
         "optional_target": "" if _importable_by_peft(plan, mode) else _importorskip(plan),
@@ -83,7 +91,7 @@ def template_context(plan: LayerPlan, mode: str = PLUGIN) -> dict:
     }
 
 
-def layer_imports(plan: LayerPlan, mode: str) -> list[tuple[str, tuple[str, ...]]]:
+def layer_imports(plan: LayerPlan, mode: str, api: str) -> list[tuple[str, tuple[str, ...]]]:
     imports = [
         ("__future__", ("annotations",)),
         ("math", ()),
@@ -93,15 +101,16 @@ def layer_imports(plan: LayerPlan, mode: str) -> list[tuple[str, tuple[str, ...]
         ("torch", ("nn",)),
         ("peft.tuners.tuners_utils", ("check_adapters_to_merge",)),
     ]
+    # LoraConfig is read by the config API and typed in plugin mode's register().
+    needs_config = api == CONFIG_API or mode == PLUGIN
     if mode == PLUGIN:
-        imports += [
-            (plan.target_module, (plan.target_class,)),
-            ("peft", ("LoraConfig",)),
-            ("peft.tuners.lora.layer", ("LoraLayer",)),
-        ]
+        imports += [(plan.target_module, (plan.target_class,)), ("peft.tuners.lora.layer", ("LoraLayer",))]
+        imports += [("peft", ("LoraConfig",))] if needs_config else []
     else:
         # Inside the peft package: relative imports, as PEFT's own backends do (`from peft import` would be circular).
-        imports += [(".config", ("LoraConfig",)), (".layer", ("LoraLayer",))]
+        imports += [(".layer", ("LoraLayer",))] + ([(".config", ("LoraConfig",))] if needs_config else [])
+    if api == KWARGS_API:
+        imports.append(("types", ("SimpleNamespace",)))
     if plan.strategy == "embedding":
         imports.append(("torch.nn.functional as F", ()))
     if plan.strategy == "delta":
@@ -136,8 +145,8 @@ def _importorskip(plan: LayerPlan) -> str:
     return f'{plan.target_class} = pytest.importorskip("{plan.target_module}").{plan.target_class}\n\n\n'
 
 
-def render(plan: LayerPlan, mode: str = PLUGIN) -> tuple[GeneratedFile, ...]:
-    return render_templates(template_context(plan, mode))
+def render(plan: LayerPlan, mode: str = PLUGIN, api: str = CONFIG_API) -> tuple[GeneratedFile, ...]:
+    return render_templates(template_context(plan, mode, api))
 
 
 def _environment(root: Path) -> jinja2.Environment:

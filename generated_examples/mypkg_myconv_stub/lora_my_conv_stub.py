@@ -4,6 +4,7 @@
 
 Strategy: stub. Asked for with --strategy stub: the layer is a skeleton to fill in.
 Adapted weight: `weight`, shape (6, 4, 3, 3) for the constructor arguments the generator used.
+Written for the layer API of peft >= 0.19 (options come in a LoraConfig).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def _get_attribute(module: nn.Module, name: str) -> Any:
 class LoraMyConvStub(nn.Module, LoraLayer):
     """LoRA for `MyConv`: a skeleton to fill in; its methods raise NotImplementedError until then."""
 
+    # peft >= 0.19: layers get the LoraConfig and read every option from it.
     def __init__(
         self,
         base_layer: nn.Module,
@@ -51,46 +53,51 @@ class LoraMyConvStub(nn.Module, LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs) -> None:
+        try:
+            self.resolve_lora_variant(config=config)
+        except ValueError as exc:
+            name = f"lora.{type(self).__name__}"
+            raise ValueError(f"{name} supports plain LoRA only, not variants such as DoRA ({exc}).") from None
+        self._add_adapter(adapter_name, r, lora_alpha, config)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
     def _base_weight(self) -> torch.Tensor:
         return _get_attribute(self.get_base_layer(), WEIGHT_NAME)
 
     def _base_bias(self) -> Optional[torch.Tensor]:
         return _get_attribute(self.get_base_layer(), BIAS_NAME) if BIAS_NAME else None
 
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs) -> None:
+    def _add_adapter(self, adapter_name: str, r: int, lora_alpha: int, options: Any) -> None:
+        """What update_layer does once the API's arguments are read: `options` has LoraConfig's attribute names."""
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-        self._check_config(config)
-        if config.lora_bias and self._base_bias() is None:
+        self._check_options(options)
+        if options.lora_bias and self._base_bias() is None:
             warnings.warn(
                 f"`lora_bias=True` was passed but {type(self.get_base_layer()).__name__} has no bias "
                 f"named {BIAS_NAME or 'bias'}. This means that merging LoRA weights won't be possible."
             )
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
-        self.use_rslora[adapter_name] = config.use_rslora
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if options.use_rslora else lora_alpha / r
+        self.use_rslora[adapter_name] = options.use_rslora
         self.use_dora[adapter_name] = False
-        self.lora_bias[adapter_name] = config.lora_bias
-        dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0.0 else nn.Identity()
+        self.lora_bias[adapter_name] = options.lora_bias
+        dropout = nn.Dropout(p=options.lora_dropout) if options.lora_dropout > 0.0 else nn.Identity()
         self.lora_dropout[adapter_name] = dropout
-        self._create_adapter(adapter_name, r, config.lora_bias)
-        self.reset_lora_parameters(adapter_name, config.init_lora_weights)
+        self._create_adapter(adapter_name, r, options.lora_bias)
+        self.reset_lora_parameters(adapter_name, options.init_lora_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def _check_config(self, config: LoraConfig) -> None:
+    def _check_options(self, options: Any) -> None:
         name = f"lora.{type(self).__name__}"
-        try:
-            self.resolve_lora_variant(config=config)
-        except ValueError as exc:
-            raise ValueError(f"{name} supports plain LoRA only, not variants such as DoRA ({exc}).") from None
-        init = config.init_lora_weights
+        init = options.init_lora_weights
         if not any(init is option or init == option for option in SUPPORTED_INITS):
             raise ValueError(f"{name} supports init_lora_weights in {SUPPORTED_INITS}, got {init!r}.")
         for option, reason in UNSUPPORTED_OPTIONS.items():
-            if getattr(config, option):
-                raise ValueError(f"{name} does not support {option}={getattr(config, option)!r}: {reason}.")
+            if getattr(options, option):
+                raise ValueError(f"{name} does not support {option}={getattr(options, option)!r}: {reason}.")
 
     # TODO(lora-scaffold stub): fill in the four methods below; the generated tests fail until you do.
     # The adapted weight `weight` has shape (6, 4, 3, 3) (for the generator's constructor arguments).

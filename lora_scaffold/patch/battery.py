@@ -24,8 +24,8 @@ class BatteryEntry:
     class_code: str
     test_cases: tuple[str, ...]
 
-    def branch_code(self) -> str:
-        return f'if model_id == "{self.model_id}":\n    return {self.model_class}().to(dtype)\n'
+    def branch_code(self, dtype_name: str) -> str:
+        return f'if model_id == "{self.model_id}":\n    return {self.model_class}().to({dtype_name})\n'
 
     def case_names(self) -> set[str]:
         return {cst.parse_expression(case).elements[0].value.evaluated_value for case in self.test_cases}
@@ -36,7 +36,8 @@ def add_battery_entry(source: str, entry: BatteryEntry) -> str:
     if any(is_class(statement, entry.model_class) for statement in module.body):
         return source
     module = _insert_model_class(module, entry)
-    module = _edit_from_pretrained(module, lambda body: _insert_branch(body, entry))
+    dtype_name = _from_pretrained(module).params.params[-1].name.value  # `dtype`, or `torch_dtype` before 0.18
+    module = _edit_from_pretrained(module, lambda body: _insert_branch(body, entry, dtype_name))
     return _edit_test_cases(module, lambda elements: _append_cases(elements, entry)).code
 
 
@@ -65,6 +66,11 @@ def _insert_model_class(module: cst.Module, entry: BatteryEntry) -> cst.Module:
     return module.with_changes(body=body)
 
 
+def _from_pretrained(module: cst.Module) -> cst.FunctionDef:
+    wrapper = next(statement for statement in module.body if is_class(statement, WRAPPER))
+    return next(m for m in wrapper.body.body if isinstance(m, cst.FunctionDef) and m.name.value == "from_pretrained")
+
+
 def _edit_from_pretrained(module: cst.Module, edit) -> cst.Module:
     index = next((i for i, statement in enumerate(module.body) if is_class(statement, WRAPPER)), None)
     if index is None:
@@ -84,10 +90,12 @@ def _edit_from_pretrained(module: cst.Module, edit) -> cst.Module:
     return module.with_changes(body=body)
 
 
-def _insert_branch(statements: list, entry: BatteryEntry) -> list:
+def _insert_branch(statements: list, entry: BatteryEntry, dtype_name: str) -> list:
     if not any(isinstance(s, cst.If) for s in statements) or not isinstance(statements[-1], cst.SimpleStatementLine):
         raise PatchError(f"{WRAPPER}.from_pretrained in {BATTERY_FILE} does not end in `if model_id == ...` branches")
-    branch = cst.parse_statement(entry.branch_code()).with_changes(leading_lines=statements[-1].leading_lines)
+    branch = cst.parse_statement(entry.branch_code(dtype_name)).with_changes(
+        leading_lines=statements[-1].leading_lines
+    )
     return statements[:-1] + [branch, statements[-1]]
 
 

@@ -38,7 +38,7 @@ class CheckoutPatch:
 
 
 def build_patch(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -> CheckoutPatch:
-    layer_file, test_file = render(plan, PATCH)
+    layer_file, test_file = render(plan, PATCH, checkout.call_form)
     layer_path = f"{LORA_PACKAGE}/{layer_file.path}"
     test_path = f"tests/{test_file.path}"
     in_torch = plan.target_module.split(".")[0] == "torch"
