@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import libcst as cst
 
 from lora_scaffold.errors import ScaffoldError
@@ -11,7 +13,9 @@ class PatchError(ScaffoldError):
     """The checkout does not look as expected, or the user edited what lora-scaffold added."""
 
 
+@functools.lru_cache(maxsize=16)
 def parse(source: str, filename: str) -> cst.Module:
+    """Parsed once per text: one run reads layer.py several times, and libcst trees are immutable."""
     try:
         return cst.parse_module(source)
     except cst.ParserSyntaxError as exc:

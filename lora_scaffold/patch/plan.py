@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ast
-import importlib
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,35 +144,26 @@ def _input_expressions(plan: LayerPlan) -> list[str]:
 
 def _resolve_spelling(spelling: str, layer_source: str):
     """The class a branch's type spelling names in layer.py (`torch.nn.Conv2d`, `nn.Conv1d`, `Conv1D`), or None.
-    Names are looked up in the installed packages layer.py imports from, never in the checkout."""
-    bindings: dict[str, str] = {}
+
+    Only modules already imported are looked in: a class from a module nobody imported cannot be a base class of
+    the target (which is imported), and importing transformers just to find out would take seconds."""
+    bindings: dict[str, tuple[str, str | None]] = {}
     for node in ast.parse(layer_source).body:
         if isinstance(node, ast.Import):
             for alias in node.names:
-                bindings[alias.asname or alias.name.split(".")[0]] = (
-                    alias.name if alias.asname else alias.name.split(".")[0]
-                )
+                bound = alias.asname or alias.name.split(".")[0]
+                bindings[bound] = (alias.name if alias.asname else alias.name.split(".")[0], None)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             for alias in node.names:
-                bindings[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+                bindings[alias.asname or alias.name] = (node.module, alias.name)
     head, *rest = spelling.split(".")
-    if head not in bindings or bindings[head].split(".")[0] == "peft":
+    if head not in bindings:
         return None
-    try:
-        value = _import_dotted(bindings[head])
-        for attribute in rest:
-            value = getattr(value, attribute)
-    except (ImportError, AttributeError):
-        return None
+    module_name, attribute = bindings[head]
+    value = sys.modules.get(module_name)
+    for name in ([attribute] if attribute else []) + rest:
+        value = getattr(value, name, None)
     return value
-
-
-def _import_dotted(dotted: str):
-    try:
-        return importlib.import_module(dotted)
-    except ImportError:
-        module, _, name = dotted.rpartition(".")
-        return getattr(importlib.import_module(module), name)
 
 
 def _is_base_class(candidate, target_cls: type) -> bool:
