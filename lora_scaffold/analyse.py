@@ -204,7 +204,7 @@ def _probe_family(probe, family: str, attributes: dict) -> list[probes.ProbeOutc
     if family == "embedding":
         return [probes.probe_embedding(probe, attributes.get("padding_idx"))]
     if family == "conv":
-        return [probes.probe_conv(probe, attributes), probes.probe_conv_transpose(probe, attributes)]
+        return [probes.probe_conv(probe, attributes), probes.probe_conv(probe, attributes, probes.CONV_TRANSPOSE)]
     return []
 
 

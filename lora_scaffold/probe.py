@@ -20,8 +20,6 @@ from lora_scaffold.sample_input import flatten_output
 RELATIVE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_TRANSPOSE_CLASSES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-CONV_GEOMETRY = ("stride", "padding", "dilation", "groups")
-CONV_TRANSPOSE_GEOMETRY = ("stride", "padding", "output_padding", "dilation", "groups")
 
 
 @dataclass(frozen=True)
@@ -104,63 +102,48 @@ def probe_embedding(probe: _Probe, padding_idx: int | None) -> ProbeOutcome:
     return probe.compare("embedding", F.embedding(x, delta, padding_idx=padding_idx))
 
 
-def probe_conv(probe: _Probe, attributes: dict) -> ProbeOutcome:
+@dataclass(frozen=True)
+class _ConvKind:
+    strategy: str
+    classes: dict
+    geometry: tuple[str, ...]
+    layout: str
+
+
+CONV = _ConvKind("conv", CONV_CLASSES, ("stride", "padding", "dilation", "groups"), "[out, in/groups, *kernel]")
+CONV_TRANSPOSE = _ConvKind(
+    "conv_transpose",
+    CONV_TRANSPOSE_CLASSES,
+    ("stride", "padding", "output_padding", "dilation", "groups"),
+    "[in, out/groups, *kernel]",
+)
+
+
+def probe_conv(probe: _Probe, attributes: dict, kind: _ConvKind = CONV) -> ProbeOutcome:
+    """Compare with a torch conv (or transposed conv) of the module's geometry whose weight is D."""
     x, delta = probe.inputs[0], probe.delta
     spatial = delta.dim() - 2
-    missing = [name for name in CONV_GEOMETRY if name not in attributes]
-    if spatial not in CONV_CLASSES or missing or not _is_float(x):
-        return ProbeOutcome("conv", False, float("inf"), f"no conv geometry ({', '.join(missing) or 'weight rank'})")
+    missing = [name for name in kind.geometry if name not in attributes]
+    if spatial not in kind.classes or missing or not _is_float(x):
+        return ProbeOutcome(kind.strategy, False, float("inf"), f"no geometry ({', '.join(missing) or 'weight rank'})")
     groups = attributes["groups"]
+    if kind is CONV:
+        channels = (delta.shape[1] * groups, delta.shape[0])
+        extra = {"padding_mode": attributes.get("padding_mode", "zeros")}
+    else:
+        channels = (delta.shape[0], delta.shape[1] * groups)
+        extra = {"output_padding": attributes["output_padding"]}
+    geometry = {name: attributes[name] for name in ("stride", "padding", "dilation", "groups")}
     try:
-        conv = CONV_CLASSES[spatial](
-            delta.shape[1] * groups,
-            delta.shape[0],
-            tuple(delta.shape[2:]),
-            stride=attributes["stride"],
-            padding=attributes["padding"],
-            dilation=attributes["dilation"],
-            groups=groups,
-            bias=False,
-            padding_mode=attributes.get("padding_mode", "zeros"),
-            dtype=delta.dtype,
+        conv = kind.classes[spatial](
+            *channels, tuple(delta.shape[2:]), bias=False, dtype=delta.dtype, **geometry, **extra
         )
         with torch.no_grad():
             conv.weight.copy_(delta)
             predicted = conv(x)
     except Exception:
-        return ProbeOutcome("conv", False, float("inf"), "the weight is not laid out [out, in/groups, *kernel]")
-    return probe.compare("conv", predicted)
-
-
-def probe_conv_transpose(probe: _Probe, attributes: dict) -> ProbeOutcome:
-    x, delta = probe.inputs[0], probe.delta
-    spatial = delta.dim() - 2
-    missing = [name for name in CONV_TRANSPOSE_GEOMETRY if name not in attributes]
-    strategy = "conv_transpose"
-    if spatial not in CONV_TRANSPOSE_CLASSES or missing or not _is_float(x):
-        return ProbeOutcome(
-            strategy, False, float("inf"), f"no transposed-conv geometry ({', '.join(missing) or 'weight rank'})"
-        )
-    groups = attributes["groups"]
-    try:
-        conv = CONV_TRANSPOSE_CLASSES[spatial](
-            delta.shape[0],
-            delta.shape[1] * groups,
-            tuple(delta.shape[2:]),
-            stride=attributes["stride"],
-            padding=attributes["padding"],
-            output_padding=attributes["output_padding"],
-            groups=groups,
-            bias=False,
-            dilation=attributes["dilation"],
-            dtype=delta.dtype,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(delta)
-            predicted = conv(x)
-    except Exception:
-        return ProbeOutcome(strategy, False, float("inf"), "the weight is not laid out [in, out/groups, *kernel]")
-    return probe.compare(strategy, predicted)
+        return ProbeOutcome(kind.strategy, False, float("inf"), f"the weight is not laid out {kind.layout}")
+    return probe.compare(kind.strategy, predicted)
 
 
 def _is_float(x) -> bool:

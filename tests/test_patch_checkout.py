@@ -75,6 +75,11 @@ def run_in(checkout: Path, *command: str, with_targets: bool = True) -> subproce
     return subprocess.run([sys.executable, *command], cwd=checkout, capture_output=True, text=True, env=env)
 
 
+def run_pytest(checkout: Path, *arguments: str, with_targets: bool = True) -> subprocess.CompletedProcess:
+    options = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-cov"]
+    return run_in(checkout, *options, *arguments, with_targets=with_targets)
+
+
 def patch_both(checkout: Path) -> None:
     assert main(["new", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 0
     assert main(["new", "scaffold_targets.SquaredConv", "--arg", "padding=1", "--peft-checkout", str(checkout)]) == 0
@@ -82,14 +87,8 @@ def patch_both(checkout: Path) -> None:
 
 def test_patched_checkout_passes_generated_tests_peft_battery_and_dispatch(checkout, pristine):
     patch_both(checkout)
-    generated = run_in(
+    generated = run_pytest(
         checkout,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--no-cov",
         "tests/test_lora_conv_transpose2d.py",
         "tests/test_lora_squared_conv.py",
     )
@@ -99,14 +98,8 @@ def test_patched_checkout_passes_generated_tests_peft_battery_and_dispatch(check
     assert dispatch.returncode == 0 and "dispatch and merge ok" in dispatch.stdout, dispatch.stderr[-3000:]
 
     selection = "LoRA and (MLP or Conv2d) or LoraConvTranspose2d or LoraSquaredConv"
-    battery = run_in(
+    battery = run_pytest(
         checkout,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--no-cov",
         "tests/test_custom_models.py",
         "-k",
         selection,
@@ -114,14 +107,8 @@ def test_patched_checkout_passes_generated_tests_peft_battery_and_dispatch(check
     summary = battery.stdout.strip().splitlines()[-1]
     print("PEFT battery on the patched checkout:", summary)
     assert battery.returncode == 0, battery.stdout[-5000:]
-    new_cases = run_in(
+    new_cases = run_pytest(
         checkout,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--no-cov",
         "--collect-only",
         "tests/test_custom_models.py",
         "-k",
@@ -142,14 +129,8 @@ def test_patched_peft_imports_and_skips_without_the_targets_package(checkout):
     patch_both(checkout)
     imported = run_in(checkout, "-c", "import peft; from peft.tuners.lora import LoraSquaredConv", with_targets=False)
     assert imported.returncode == 0, imported.stderr[-2000:]
-    tests = run_in(
+    tests = run_pytest(
         checkout,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--no-cov",
         "tests/test_lora_squared_conv.py",
         "tests/test_custom_models.py",
         "-k",

@@ -2,7 +2,7 @@
 #   lora-scaffold new torch.nn.Bilinear
 """LoRA layer for `torch.nn.Bilinear`.
 
-Strategy: delta. Auto: no factored path is exact (conv: no conv geometry (stride, padding, dilation, groups); conv_transpose: no transposed-conv geometry (stride, padding, output_padding, dilation, groups)); the forward runs with W + dW.
+Strategy: delta. Auto: no factored path is exact (conv: no geometry (stride, padding, dilation, groups); conv_transpose: no geometry (stride, padding, output_padding, dilation, groups)); the forward runs with W + dW.
 Adapted weight: `weight`, shape (12, 5, 7) for the constructor arguments the generator used.
 Written for the layer API of peft >= 0.19 (options come in a LoraConfig).
 """
