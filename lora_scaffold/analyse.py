@@ -17,9 +17,12 @@ from lora_scaffold.introspect import TargetSpec, TensorInfo, instantiate
 from lora_scaffold.sample_input import candidate_inputs, evaluate_input, find_sample_input, flatten_output
 
 
-STRATEGIES = ("auto", "linear", "conv", "embedding", "delta", "stub")
+STRATEGIES = ("auto", "linear", "conv", "embedding", "delta", "reuse", "stub")
 FACTORED = ("linear", "conv", "embedding")
 CONV_FAMILY = ("conv", "conv_transpose")
+
+# Parent classes whose PEFT layer a subclass can reuse, with the strategy the probe must confirm.
+REUSABLE = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv"}
 
 # PEFT's own layers, by the base class they adapt; a generated layer for these overrides PEFT's when registered.
 PEFT_BUILTINS = {
@@ -175,14 +178,31 @@ def choose_strategy(
             f"the output of {type(module).__name__} does not change with {weight.name!r} on input {example_input}; "
             "pick another --weight or pass --example-input"
         )
-    wanted = _families_for(weight.shape) if options.strategy == "auto" else (options.strategy,)
+    reusable = reusable_family(type(module), weight, attributes)
+    if options.strategy == "reuse" and reusable is None:
+        raise AnalysisError(
+            f"--strategy reuse needs a subclass of nn.Linear, or of nn.Conv1d/2d/3d keeping its constructor, with "
+            f"groups=1 and dilation=1, adapting `weight`; {type(module).__name__}.{weight.name} is not one"
+        )
+    if options.strategy == "auto":
+        wanted = _families_for(weight.shape)
+    else:
+        wanted = (reusable if options.strategy == "reuse" else options.strategy,)
     outcomes = tuple(outcome for family in wanted for outcome in _probe_family(probe, family, attributes))
     for outcome in outcomes:
-        if outcome.matched:
+        if outcome.matched and options.strategy in ("auto", "reuse") and outcome.strategy == reusable:
+            parent = peft_builtin(type(module))
+            reason = (
+                f"{'auto' if options.strategy == 'auto' else 'forced'}: a subclass whose weight still acts as in its "
+                f"parent (probe: {outcome.strategy}, relative error {outcome.relative_error:.1e}), so PEFT's own "
+                f"lora.{parent} is reused"
+            )
+            return "reuse", False, outcomes, reason
+        if outcome.matched and options.strategy != "reuse":
             how = "forced" if options.strategy != "auto" else "auto"
             reason = f"{how}: the probe shows the weight acts as {outcome.strategy} (relative error {outcome.relative_error:.1e})"
             return outcome.strategy.split(" ")[0], "[in, out]" in outcome.strategy, outcomes, reason
-    if options.strategy in FACTORED:
+    if options.strategy in (*FACTORED, "reuse"):
         failed = "; ".join(f"{o.strategy}: {_describe(o)}" for o in outcomes)
         raise AnalysisError(
             f"--strategy {options.strategy} does not fit {type(module).__name__}.{weight.name} ({failed}); "
@@ -192,6 +212,27 @@ def choose_strategy(
         return "delta", False, outcomes, "forced: the forward runs with W + dW, exact for any forward"
     tried = "; ".join(f"{o.strategy}: {_describe(o)}" for o in outcomes) or "no factored path fits the weight's shape"
     return "delta", False, outcomes, f"auto: no factored path is exact ({tried}); the forward runs with W + dW"
+
+
+def reusable_family(cls: type, weight: TensorInfo, attributes: dict) -> str | None:
+    """The strategy PEFT's layer for a parent of `cls` implements, when that layer can serve `cls` unchanged.
+
+    PEFT's conv layers build lora_A as `type(base_layer)(in, r, kernel, stride, padding)`: the subclass must keep
+    its parent's constructor, and dilation and groups must be 1 (PEFT ignores dilation and cannot merge groups)."""
+    if weight.name != "weight":
+        return None
+    for base, family in REUSABLE.items():
+        if cls is base or not issubclass(cls, base):
+            continue
+        if family == "conv":
+            dilation = attributes.get("dilation", 1)
+            plain = attributes.get("groups") == 1 and set(
+                dilation if isinstance(dilation, tuple) else (dilation,)
+            ) == {1}
+            if cls.__init__ is not base.__init__ or not plain:
+                return None
+        return family
+    return None
 
 
 def _families_for(shape: tuple[int, ...]) -> tuple[str, ...]:
@@ -215,7 +256,7 @@ def _describe(outcome: probes.ProbeOutcome) -> str:
 
 
 def _bias_name(spec: TargetSpec, weight: TensorInfo, strategy: str, fan_in_fan_out: bool) -> str | None:
-    if strategy not in ("linear", *CONV_FAMILY):
+    if strategy not in ("linear", "reuse", *CONV_FAMILY):
         return None
     prefix = weight.name.rpartition(".")[0]
     name = f"{prefix}.bias" if prefix else "bias"

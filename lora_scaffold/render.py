@@ -28,6 +28,7 @@ SUMMARIES = {
     "embedding": "the adapter adds the looked-up rows of `(B @ A).T * scaling`, as PEFT's Embedding does.",
     "delta": "forward runs the base module with `W + (B @ A).reshape(W.shape) * scaling`.",
     "stub": "a skeleton to fill in; its methods raise NotImplementedError until then.",
+    "reuse": "PEFT's own layer for the parent class.",
 }
 
 API_LINES = {
@@ -77,14 +78,16 @@ def template_context(plan: LayerPlan, mode: str = PLUGIN, api: str = CONFIG_API)
         "conv_class": _conv_class(plan),
         "mixed_batch": plan.strategy != "delta",
         "unsupported_options": {option: reason for option, (reason, _) in unsupported.items()},
-        "unsupported_option_kwargs": {option: kwargs for option, (_, kwargs) in unsupported.items()},
+        "unsupported_cases": _unsupported_cases(plan.strategy),
         "imports": format_imports(layer_imports(plan, mode, api)),
         "api": api,
+        "layer_partial": "partials/reuse_layer.jinja" if plan.strategy == "reuse" else "partials/full_layer.jinja",
         "api_line": API_LINES[api],
         "test_imports": format_imports(test_imports(plan, mode), first_party=("peft", plan.module_name)),
         "plugin": mode == PLUGIN,
         "optional_target": "" if _importable_by_peft(plan, mode) else _importorskip(plan),
         "peft_builtin": plan.peft_builtin or "",
+        "builtin_note": _builtin_note(plan),
         "ctor_call": f"{plan.target_class}({ctor_args})",
         "inputs_expression": _as_tuple(plan.example_input),
         "test_rank": plan.test_rank,
@@ -92,6 +95,13 @@ def template_context(plan: LayerPlan, mode: str = PLUGIN, api: str = CONFIG_API)
 
 
 def layer_imports(plan: LayerPlan, mode: str, api: str) -> list[tuple[str, tuple[str, ...]]]:
+    # Inside the peft package, imports are relative, as PEFT's own backends do (`from peft import` would be circular).
+    package = "peft.tuners.lora." if mode == PLUGIN else "."
+    target = [(plan.target_module, (plan.target_class,))] if mode == PLUGIN else []
+    # LoraConfig is read by the config API and typed in plugin mode's register().
+    config = [(f"{package}config" if mode == PATCH else "peft", ("LoraConfig",))]
+    if plan.strategy == "reuse":
+        return target + [(f"{package}layer", (plan.peft_builtin,))] + (config if mode == PLUGIN else [])
     imports = [
         ("__future__", ("annotations",)),
         ("math", ()),
@@ -100,15 +110,10 @@ def layer_imports(plan: LayerPlan, mode: str, api: str) -> list[tuple[str, tuple
         ("torch", ()),
         ("torch", ("nn",)),
         ("peft.tuners.tuners_utils", ("check_adapters_to_merge",)),
+        (f"{package}layer", ("LoraLayer",)),
+        *target,
+        *(config if api == CONFIG_API or mode == PLUGIN else []),
     ]
-    # LoraConfig is read by the config API and typed in plugin mode's register().
-    needs_config = api == CONFIG_API or mode == PLUGIN
-    if mode == PLUGIN:
-        imports += [(plan.target_module, (plan.target_class,)), ("peft.tuners.lora.layer", ("LoraLayer",))]
-        imports += [("peft", ("LoraConfig",))] if needs_config else []
-    else:
-        # Inside the peft package: relative imports, as PEFT's own backends do (`from peft import` would be circular).
-        imports += [(".layer", ("LoraLayer",))] + ([(".config", ("LoraConfig",))] if needs_config else [])
     if api == KWARGS_API:
         imports.append(("types", ("SimpleNamespace",)))
     if plan.strategy == "embedding":
@@ -174,6 +179,24 @@ def render_templates(context: dict, root: Path | None = None) -> tuple[Generated
         path = environment.from_string(relative.as_posix().removesuffix(TEMPLATE_SUFFIX)).render(context)
         files.append(GeneratedFile(path, environment.get_template(relative.as_posix()).render(context)))
     return tuple(files)
+
+
+def _builtin_note(plan: LayerPlan) -> str:
+    if not plan.peft_builtin or plan.strategy == "reuse":
+        return ""
+    return (
+        f"PEFT has a built-in layer for this type (`peft.tuners.lora.{plan.peft_builtin}`): once registered, this "
+        "layer overrides it."
+    )
+
+
+def _unsupported_cases(strategy: str) -> list[tuple[str, str]]:
+    """(keyword arguments, error text) the generated tests expect a ValueError for; PEFT's own layers (reuse)
+    support them all."""
+    if strategy == "reuse":
+        return []
+    cases = [('"use_dora": True', "DoRA"), ('"init_lora_weights": "pissa"', "init_lora_weights")]
+    return cases + [(kwargs, option) for option, (_, kwargs) in UNSUPPORTED_OPTIONS.get(strategy, {}).items()]
 
 
 def _conv_class(plan: LayerPlan) -> str:

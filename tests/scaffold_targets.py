@@ -13,6 +13,23 @@ class SquaredConv(nn.Conv2d):
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class CountingLinear(nn.Linear):
+    """A subclass whose forward still computes its parent's: PEFT's own lora.Linear can serve it (reuse)."""
+
+    calls = 0
+
+    def forward(self, x):
+        CountingLinear.calls += 1
+        return super().forward(x)
+
+
+class TracedConv2d(nn.Conv2d):
+    """Same for nn.Conv2d: keeps the parent's constructor and math."""
+
+    def forward(self, x):
+        return super().forward(x)
+
+
 class ScaledConv(nn.Conv2d):
     """Linear in the weight but scales its output, so the conv formula does not hold."""
 

@@ -27,6 +27,9 @@ TARGETS = [
     ("nested_conv", ["scaffold_targets.NestedConv", "--weight", "conv.weight"], "delta"),
     ("required_args", ["scaffold_targets.RequiredArgs", "--arg", "width=5", "--arg", "depth=3"], "linear"),
     ("plain_linear", ["scaffold_targets.PlainLinear"], "linear"),
+    ("counting_linear", ["scaffold_targets.CountingLinear"], "reuse"),
+    ("traced_conv", ["scaffold_targets.TracedConv2d", "--arg", "padding=1"], "reuse"),
+    ("normalized_linear", ["scaffold_targets.NormalizedLinear"], "delta"),
     (
         "grouped_conv",
         ["torch.nn.Conv2d", "--arg", "groups=2", "--arg", "dilation=2", "--name", "grouped_conv"],

@@ -73,6 +73,13 @@ def lora_layer(model: PeftModel) -> LoraGpt2Conv1d:
     return model.base_model.model.target
 
 
+def base_weight(layer: LoraGpt2Conv1d) -> torch.Tensor:
+    module = layer.get_base_layer()
+    for name in "weight".split("."):
+        module = getattr(module, name)
+    return module
+
+
 def base_state(model: PeftModel) -> dict[str, torch.Tensor]:
     return copy.deepcopy(lora_layer(model).get_base_layer().state_dict())
 
@@ -209,9 +216,9 @@ def test_bf16_forward_is_finite():
 def test_fp16_merge_on_cpu():
     model = make_model(dtype=torch.float16, autocast_adapter_dtype=False, init_lora_weights=False)
     layer = lora_layer(model)
-    expected = layer._base_weight().float() + layer.get_delta_weight("default").float()
+    expected = base_weight(layer).float() + layer.get_delta_weight("default").float()
     model.merge_adapter()
-    merged = layer._base_weight()
+    merged = base_weight(layer)
     assert merged.dtype == torch.float16
     torch.testing.assert_close(merged.float(), expected, rtol=1e-2, atol=1e-2)
 

@@ -99,6 +99,8 @@ def battery_entry(plan: LayerPlan) -> BatteryEntry:
         cases.append(("4 LoRA dropout", '{"target_modules": ["target"], "lora_dropout": 0.1}'))
     if plan.bias_name:
         cases.append(("5 LoRA lora_bias", '{"target_modules": ["target"], "lora_bias": True}'))
+    if plan.strategy == "reuse":  # PEFT's own layer, DoRA included
+        cases.append(("6 LoRA DoRA", '{"target_modules": ["target"], "use_dora": True}'))
     test_cases = tuple(_case_code(f"{model_id} {label} (lora-scaffold)", model_id, kwargs) for label, kwargs in cases)
     return BatteryEntry(model_id, model_class, class_code, test_cases)
 
