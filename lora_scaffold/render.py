@@ -72,6 +72,7 @@ def template_context(plan: LayerPlan, mode: str = PLUGIN, api: str = CONFIG_API)
         "reason": plan.reason[:1].upper() + plan.reason[1:],
         "weight_name": plan.weight_name,
         "weight_shape": str(plan.weight_shape),
+        "weight_path": json.dumps(plan.weight_name.split(".")),
         "bias_name": plan.bias_name or "",
         "bias_name_literal": json.dumps(plan.bias_name) if plan.bias_name else "None",
         "fan_in_fan_out": plan.fan_in_fan_out,

@@ -75,7 +75,7 @@ def lora_layer(model: PeftModel) -> LoraEmbeddingBag:
 
 def base_weight(layer: LoraEmbeddingBag) -> torch.Tensor:
     module = layer.get_base_layer()
-    for name in "weight".split("."):
+    for name in ["weight"]:
         module = getattr(module, name)
     return module
 

@@ -71,6 +71,11 @@ class LoraGRU(nn.Module, LoraLayer):
     def _base_bias(self) -> Optional[torch.Tensor]:
         return _get_attribute(self.get_base_layer(), BIAS_NAME) if BIAS_NAME else None
 
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
+        # PEFT moves adapters to the device and dtype of `base_layer.weight`; this layer adapts WEIGHT_NAME.
+        weight = _get_attribute(base_layer, WEIGHT_NAME)
+        return weight.device, weight.dtype
+
     def _add_adapter(self, adapter_name: str, r: int, lora_alpha: int, options: Any) -> None:
         """What update_layer does once the API's arguments are read: `options` has LoraConfig's attribute names."""
         if r <= 0:

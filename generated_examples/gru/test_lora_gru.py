@@ -75,7 +75,7 @@ def lora_layer(model: PeftModel) -> LoraGRU:
 
 def base_weight(layer: LoraGRU) -> torch.Tensor:
     module = layer.get_base_layer()
-    for name in "weight_ih_l0".split("."):
+    for name in ["weight_ih_l0"]:
         module = getattr(module, name)
     return module
 

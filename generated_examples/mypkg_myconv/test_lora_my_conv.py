@@ -75,7 +75,7 @@ def lora_layer(model: PeftModel) -> LoraMyConv:
 
 def base_weight(layer: LoraMyConv) -> torch.Tensor:
     module = layer.get_base_layer()
-    for name in "weight".split("."):
+    for name in ["weight"]:
         module = getattr(module, name)
     return module
 
