@@ -78,6 +78,7 @@ class LayerPlan:
     test_module: str
     peft_builtin: str | None
     peft_builtin_exact: bool
+    battery_blocker: str
     command: str
 
 
@@ -122,6 +123,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         test_module=f"test_{module_name}",
         peft_builtin=peft_builtin(spec.target.cls),
         peft_builtin_exact=peft_builtin(spec.target.cls, exact=True) is not None,
+        battery_blocker=battery_blocker(module),
         command=regenerate_command(spec, options),
     )
 
@@ -212,6 +214,17 @@ def choose_strategy(
         return "delta", False, outcomes, "forced: the forward runs with W + dW, exact for any forward"
     tried = "; ".join(f"{o.strategy}: {_describe(o)}" for o in outcomes) or "no factored path fits the weight's shape"
     return "delta", False, outcomes, f"auto: no factored path is exact ({tried}); the forward runs with W + dW"
+
+
+def battery_blocker(module: nn.Module) -> str:
+    """Why PEFT's custom-model battery cannot run on this target ("" when it can)."""
+    bias = getattr(module, "bias", None)
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        return (
+            f"PEFT's test_save_load_roundtrip_fsdp_wrapped_learnable_bias sets `.bias.data` on every module, and "
+            f"{type(module).__name__}.bias is a {type(bias).__name__}"
+        )
+    return ""
 
 
 def reusable_family(cls: type, weight: TensorInfo, attributes: dict) -> str | None:

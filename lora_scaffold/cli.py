@@ -15,6 +15,7 @@ from lora_scaffold.analyse import STRATEGIES, LayerPlan, Options, analyse, layer
 from lora_scaffold.errors import ScaffoldError, StaleOutputError
 from lora_scaffold.files import FileChange, apply_changes, plan_changes, plan_deletions, refuse_conflicts
 from lora_scaffold.introspect import TargetSpec, introspect, parse_arg_overrides
+from lora_scaffold.patch.battery import BATTERY_FILE
 from lora_scaffold.patch.checkout import LORA_PACKAGE, PeftCheckout, read_checkout, safe_path
 from lora_scaffold.patch.cst_utils import PatchError
 from lora_scaffold.patch.plan import (
@@ -198,6 +199,8 @@ def patch_checkout(args: argparse.Namespace) -> int:
         print(f"nothing to do: {checkout.root} already has {plan.layer_class} for {plan.target_spec}")
         return 0
     _apply_or_show(changes, args.dry_run)
+    if plan.battery_blocker:
+        print(f"note: not wired into {BATTERY_FILE}: {plan.battery_blocker}; {patch.test_path} covers the layer")
     return 0
 
 

@@ -245,3 +245,14 @@ def test_not_a_checkout_is_explained(tmp_path, capsys):
     assert main(["new", "torch.nn.ConvTranspose2d", "--peft-checkout", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "is not a peft source checkout: src/peft/tuners/lora/layer.py" in err and err.count("\n") == 1
+
+
+def test_a_target_peft_battery_cannot_take_gets_no_battery_entry(checkout, pristine, capsys):
+    arguments = ["torch.nn.GRU", "--arg", "input_size=6", "--arg", "hidden_size=8", "--weight", "weight_ih_l0"]
+    assert main(["new", *arguments, "--peft-checkout", str(checkout)]) == 0
+    assert "GRU.bias is a bool" in capsys.readouterr().out
+    battery = Path("tests/test_custom_models.py")
+    assert (checkout / battery).read_bytes() == (pristine / battery).read_bytes()
+    assert (checkout / "tests" / "test_lora_gru.py").is_file()
+    assert main(["remove", "torch.nn.GRU", "--peft-checkout", str(checkout)]) == 0
+    assert same_tree(checkout, pristine)

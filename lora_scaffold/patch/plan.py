@@ -28,7 +28,7 @@ class CheckoutPatch:
     generated: tuple[GeneratedFile, ...]
     branch: DispatchBranch
     needs_sys: bool
-    battery: BatteryEntry
+    battery: BatteryEntry | None
     module_name: str
     layer_class: str
 
@@ -48,7 +48,7 @@ def build_patch(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -> Ch
         generated=(GeneratedFile(layer_path, layer_file.text), GeneratedFile(test_path, test_file.text)),
         branch=dispatch_branch(plan, target_cls, checkout, in_torch),
         needs_sys=not in_torch,
-        battery=battery_entry(plan),
+        battery=None if plan.battery_blocker else battery_entry(plan),
         module_name=plan.module_name,
         layer_class=plan.layer_class,
     )
@@ -179,8 +179,9 @@ def patched_sources(checkout: PeftCheckout, patch: CheckoutPatch) -> tuple[Gener
     edited = (
         GeneratedFile(LAYER_FILE, insert_branch(layer, patch.branch)),
         GeneratedFile(INIT_FILE, add_export(checkout.source(INIT_FILE), patch.module_name, patch.layer_class)),
-        GeneratedFile(BATTERY_FILE, add_battery_entry(checkout.source(BATTERY_FILE), patch.battery)),
     )
+    if patch.battery is not None:
+        edited += (GeneratedFile(BATTERY_FILE, add_battery_entry(checkout.source(BATTERY_FILE), patch.battery)),)
     return patch.generated + edited
 
 
@@ -188,11 +189,14 @@ def unpatched_sources(checkout: PeftCheckout, patch: CheckoutPatch, force: bool)
     layer = remove_branch(checkout.source(LAYER_FILE), patch.branch, force)
     if patch.needs_sys:
         layer = remove_import_if_unused(layer, "sys", LAYER_FILE)
-    return (
+    edited = (
         GeneratedFile(LAYER_FILE, layer),
         GeneratedFile(INIT_FILE, remove_export(checkout.source(INIT_FILE), patch.module_name, patch.layer_class)),
-        GeneratedFile(BATTERY_FILE, remove_battery_entry(checkout.source(BATTERY_FILE), patch.battery, force)),
     )
+    if patch.battery is not None:
+        battery = remove_battery_entry(checkout.source(BATTERY_FILE), patch.battery, force)
+        edited += (GeneratedFile(BATTERY_FILE, battery),)
+    return edited
 
 
 def refuse_foreign_layer(checkout: PeftCheckout, patch: CheckoutPatch, target_spec: str) -> None:
