@@ -41,9 +41,11 @@ TARGET is 'package.module.Class' or 'path/to/file.py:Class'. Resolving it import
 NEW_EPILOG = """\
 strategies (how LoRA applies to the weight):
   linear     weight [out, in] (or [in, out]) used as x @ W.T: adds lora_B(lora_A(dropout(x))) * scaling
-  conv       N-d convolution weight [out, in/groups, *k]: lora_A convolves like the base layer, lora_B is 1x1
+  conv       N-d convolution weight [out, in/groups, *k] (or a transposed one, [in, out/groups, *k]):
+             lora_A convolves like the base layer, lora_B is a (grouped) 1x1 map
   embedding  lookup table [num, dim]: adds the looked-up rows of (B @ A).T * scaling
   delta      any weight, any forward: runs the module's own forward with W + (B @ A).reshape(W.shape) * scaling
+  reuse      a subclass of nn.Linear/nn.ConvNd whose math is its parent's: a thin subclass of PEFT's own layer
   stub       a skeleton to fill in by hand
   auto       (default) probes the module numerically and takes the first factored strategy that is exact,
              else delta
@@ -52,6 +54,7 @@ examples:
   lora-scaffold new mypkg.MyConv -o out/
   lora-scaffold new torch.nn.Bilinear -o out/ --arg in1_features=5 --arg in2_features=7 --arg out_features=3
   lora-scaffold new my_layers.py:Gate -o out/ --weight proj.weight --example-input 'torch.randn(2, 16)'
+  lora-scaffold new torch.nn.ConvTranspose2d --peft-checkout ../peft --dry-run
 """
 
 
