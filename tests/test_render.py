@@ -11,7 +11,8 @@ import yaml
 from lora_scaffold.analyse import Options, analyse
 from lora_scaffold.cli import main
 from lora_scaffold.introspect import introspect
-from lora_scaffold.render import render, render_templates, template_context, template_dir
+from lora_scaffold.peft_api import KWARGS_API
+from lora_scaffold.render import PATCH, PLUGIN, render, render_templates, template_context, template_dir
 from lora_scaffold.resolve import resolve_target
 
 
@@ -20,6 +21,8 @@ PEFT_RUFF = Path(__file__).parent / "peft_ruff.toml"
 
 VARIETY = [
     ("torch.nn.Linear", {}, {}),
+    ("scaffold_targets.CountingLinear", {}, {}),
+    ("torch.nn.ConvTranspose1d", {"groups": 2}, {}),
     ("transformers.pytorch_utils.Conv1D", {}, {"name": "gpt2_conv1d"}),
     ("torch.nn.Conv2d", {"groups": 2}, {}),
     ("torch.nn.Embedding", {}, {}),
@@ -36,7 +39,10 @@ def plan_for(target, args, options):
 
 @pytest.fixture(scope="module")
 def rendered_variety():
-    return [render(plan_for(*case)) for case in VARIETY]
+    """Every case as plugin output for peft >= 0.19, plus both modes of the older API for a few."""
+    plans = [plan_for(*case) for case in VARIETY]
+    older = [render(plan, mode, KWARGS_API) for plan in plans[2:5] for mode in (PLUGIN, PATCH)]
+    return [render(plan) for plan in plans] + [render(plan, PATCH) for plan in plans[:2]] + older
 
 
 def test_committed_examples_match_a_fresh_render(capsys):
