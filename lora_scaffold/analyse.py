@@ -81,6 +81,11 @@ class LayerPlan:
     battery_blocker: str
     command: str
 
+    @property
+    def target_in_torch(self) -> bool:
+        """Whether the target comes from torch, which any peft installation can import."""
+        return self.target_module.split(".")[0] == "torch"
+
 
 def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
     if options.strategy not in STRATEGIES:

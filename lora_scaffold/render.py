@@ -144,7 +144,7 @@ def test_imports(plan: LayerPlan, mode: str) -> list[tuple[str, tuple[str, ...]]
 
 def _importable_by_peft(plan: LayerPlan, mode: str) -> bool:
     """Plugin output imports its target; inside peft, only torch's classes are sure to be installed."""
-    return mode == PLUGIN or plan.target_module.split(".")[0] == "torch"
+    return mode == PLUGIN or plan.target_in_torch
 
 
 def _importorskip(plan: LayerPlan) -> str:

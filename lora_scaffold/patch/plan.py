@@ -41,21 +41,20 @@ def build_patch(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -> Ch
     layer_file, test_file = render(plan, PATCH, checkout.call_form)
     layer_path = f"{LORA_PACKAGE}/{layer_file.path}"
     test_path = f"tests/{test_file.path}"
-    in_torch = plan.target_module.split(".")[0] == "torch"
     return CheckoutPatch(
         layer_path=layer_path,
         test_path=test_path,
         generated=(GeneratedFile(layer_path, layer_file.text), GeneratedFile(test_path, test_file.text)),
-        branch=dispatch_branch(plan, target_cls, checkout, in_torch),
-        needs_sys=not in_torch,
+        branch=dispatch_branch(plan, target_cls, checkout),
+        needs_sys=not plan.target_in_torch,
         battery=None if plan.battery_blocker else battery_entry(plan),
         module_name=plan.module_name,
         layer_class=plan.layer_class,
     )
 
 
-def dispatch_branch(plan: LayerPlan, target_cls: type, checkout: PeftCheckout, in_torch: bool) -> DispatchBranch:
-    if in_torch:
+def dispatch_branch(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -> DispatchBranch:
+    if plan.target_in_torch:
         test = f"isinstance(target_base_layer, {plan.target_module}.{plan.target_class})"
         comment = ""
     else:
@@ -122,8 +121,7 @@ def _tuple_code(items: list[str], indent: int, prefix: str) -> str:
 
 
 def _battery_target(plan: LayerPlan) -> str:
-    in_torch = plan.target_module.split(".")[0] == "torch"
-    return f"{plan.target_module}.{plan.target_class}" if in_torch else plan.target_class
+    return f"{plan.target_module}.{plan.target_class}" if plan.target_in_torch else plan.target_class
 
 
 def _floats(plan: LayerPlan):
