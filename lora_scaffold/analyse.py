@@ -20,6 +20,13 @@ from lora_scaffold.sample_input import candidate_inputs, evaluate_input, find_sa
 STRATEGIES = ("auto", "linear", "conv", "embedding", "delta", "reuse", "stub")
 FACTORED = ("linear", "conv", "embedding")
 CONV_FAMILY = ("conv", "conv_transpose")
+DORA_STRATEGIES = ("linear", "conv")
+NO_DORA = {
+    "conv_transpose": "PEFT has no DoRA for transposed convolutions",
+    "embedding": "lora-scaffold does not generate DoRA for embeddings yet",
+    "delta": "DoRA rescales a weight acting as a linear map or a convolution, and the probe found neither",
+    "stub": "a stub implements no variants until it is written",
+}
 
 # Parent classes whose PEFT layer a subclass can reuse, with the strategy the probe must confirm.
 REUSABLE = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv"}
@@ -79,6 +86,7 @@ class LayerPlan:
     peft_builtin: str | None
     peft_builtin_exact: bool
     battery_blocker: str
+    dora_blocker: str
     command: str
 
     @property
@@ -100,7 +108,8 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
     else:
         candidates = candidate_inputs(weight.shape, spec.forward_arity, attributes)
         example_input = find_sample_input(module, candidates)
-    strategy, fan_in_fan_out, outcomes, reason = choose_strategy(module, weight, example_input, attributes, options)
+    probe = None if options.strategy == "stub" else run_probe(module, weight, example_input)
+    strategy, fan_in_fan_out, outcomes, reason = choose_strategy(probe, module, weight, attributes, options)
     groups = attributes.get("groups", 1) if strategy in CONV_FAMILY else 1
     inputs, output_features, output_is_tuple = describe_io(module, example_input)
     return LayerPlan(
@@ -129,6 +138,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         peft_builtin=peft_builtin(spec.target.cls),
         peft_builtin_exact=peft_builtin(spec.target.cls, exact=True) is not None,
         battery_blocker=battery_blocker(module),
+        dora_blocker=dora_blocker(probe, module, weight.name, strategy, fan_in_fan_out, attributes),
         command=regenerate_command(spec, options),
     )
 
@@ -168,12 +178,7 @@ def choose_weight(spec: TargetSpec, requested: str | None) -> TensorInfo:
     raise AnalysisError(f"{spec.target.class_name} has several weights ({names}); pick one with --weight NAME")
 
 
-def choose_strategy(
-    module: nn.Module, weight: TensorInfo, example_input: str, attributes: dict, options: Options
-) -> tuple[str, bool, tuple[probes.ProbeOutcome, ...], str]:
-    """The strategy, whether the weight is stored [in, out], what the probe measured, and why, in words."""
-    if options.strategy == "stub":
-        return "stub", False, (), "asked for with --strategy stub: the layer is a skeleton to fill in"
+def run_probe(module: nn.Module, weight: TensorInfo, example_input: str) -> probes.Probe:
     try:
         probe = probes.probe_weight(module, weight.name, evaluate_input(example_input))
     except Exception as exc:
@@ -185,6 +190,15 @@ def choose_strategy(
             f"the output of {type(module).__name__} does not change with {weight.name!r} on input {example_input}; "
             "pick another --weight or pass --example-input"
         )
+    return probe
+
+
+def choose_strategy(
+    probe: probes.Probe | None, module: nn.Module, weight: TensorInfo, attributes: dict, options: Options
+) -> tuple[str, bool, tuple[probes.ProbeOutcome, ...], str]:
+    """The strategy, whether the weight is stored [in, out], what the probe measured, and why, in words."""
+    if options.strategy == "stub":
+        return "stub", False, (), "asked for with --strategy stub: the layer is a skeleton to fill in"
     reusable = reusable_family(type(module), weight, attributes)
     if options.strategy == "reuse" and reusable is None:
         raise AnalysisError(
@@ -197,7 +211,8 @@ def choose_strategy(
         wanted = (reusable if options.strategy == "reuse" else options.strategy,)
     outcomes = tuple(outcome for family in wanted for outcome in _probe_family(probe, family, attributes))
     for outcome in outcomes:
-        if outcome.matched and options.strategy in ("auto", "reuse") and outcome.strategy == reusable:
+        reuse_asked = options.strategy in ("auto", "reuse") and outcome.strategy == reusable
+        if outcome.matched and reuse_asked and _parent_forward_holds(probe, reusable, attributes, options.strategy):
             parent = peft_builtin(type(module))
             reason = (
                 f"{'auto' if options.strategy == 'auto' else 'forced'}: a subclass whose weight still acts as in its "
@@ -221,6 +236,19 @@ def choose_strategy(
     return "delta", False, outcomes, f"auto: no factored path is exact ({tried}); the forward runs with W + dW"
 
 
+def _parent_forward_holds(probe: probes.Probe, family: str, attributes: dict, strategy_option: str) -> bool:
+    """Whether the output is exactly the parent's (`F.linear`/`F.convNd` plus bias); --strategy reuse insists.
+
+    PEFT's layers assume that much: DoRA rescales `output - bias`, and PEFT's conv LoRA ignores padding_mode."""
+    parent_forward = probes.probe_affine(probe, family, False, attributes)
+    if not parent_forward.matched and strategy_option == "reuse":
+        raise AnalysisError(
+            f"--strategy reuse needs the parent's forward, and the output {_describe(parent_forward)} from it; "
+            "use --strategy auto"
+        )
+    return parent_forward.matched
+
+
 def battery_blocker(module: nn.Module) -> str:
     """Why PEFT's custom-model battery cannot run on this target ("" when it can)."""
     bias = getattr(module, "bias", None)
@@ -228,6 +256,39 @@ def battery_blocker(module: nn.Module) -> str:
         return (
             f"PEFT's test_save_load_roundtrip_fsdp_wrapped_learnable_bias sets `.bias.data` on every module, and "
             f"{type(module).__name__}.bias is a {type(bias).__name__}"
+        )
+    return ""
+
+
+def dora_blocker(
+    probe: probes.Probe | None,
+    module: nn.Module,
+    weight_name: str,
+    strategy: str,
+    fan_in_fan_out: bool,
+    attributes: dict,
+) -> str:
+    """Why PEFT's DoRA variant cannot serve the generated layer ("" when it can).
+
+    PEFT's DoRA reads `base_layer.weight` and `base_layer.bias` and takes the base output to be the weight's linear
+    map (or convolution) plus that bias; the probe checks the last part on the real module."""
+    if strategy == "reuse":
+        return ""
+    if strategy not in DORA_STRATEGIES:
+        return NO_DORA[strategy]
+    name = type(module).__name__
+    if weight_name != "weight":
+        return f"PEFT's DoRA reads `base_layer.weight`, and this layer adapts `{weight_name}`"
+    bias = getattr(module, "bias", False)
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        return f"PEFT's DoRA reads `base_layer.bias`, and {name} has no bias tensor (nor `bias = None`)"
+    if strategy == "conv" and attributes.get("groups", 1) != 1:
+        return f"PEFT's DoRA composes B @ A ungrouped, and this convolution has groups={attributes['groups']}"
+    outcome = probes.probe_affine(probe, strategy, fan_in_fan_out, attributes)
+    if not outcome.matched:
+        return (
+            f"PEFT's DoRA takes the output to be the weight's {strategy} map plus the bias, and {name}'s "
+            f"{_describe(outcome)}"
         )
     return ""
 

@@ -27,7 +27,7 @@ from lora_scaffold.patch.plan import (
     refuse_foreign_layer,
     unpatched_sources,
 )
-from lora_scaffold.peft_api import installed_layer_api, layer_api, parse_version
+from lora_scaffold.peft_api import installed_has_lora_variants, installed_layer_api, layer_api, parse_version
 from lora_scaffold.render import GeneratedFile, render
 from lora_scaffold.resolve import resolve_target
 
@@ -174,7 +174,8 @@ def run_new(args: argparse.Namespace) -> int:
             raise ScaffoldError("-o writes plugin files and --peft-checkout patches peft: give one of them, not both")
         return patch_checkout(args)
     spec, plan = plan_layer(args)
-    changes = plan_changes(render(plan, api=installed_layer_api()), Path(args.output or "."), force=args.force)
+    files = render(plan, api=installed_layer_api(), lora_variants=installed_has_lora_variants())
+    changes = plan_changes(files, Path(args.output or "."), force=args.force)
     refuse_conflicts(changes)
     print(format_plan(plan, spec))
     _apply_or_show(changes, args.dry_run)

@@ -10,6 +10,7 @@ from lora_scaffold.errors import ScaffoldError
 CONFIG_API, KWARGS_API = "config", "kwargs"
 CONFIG_API_SINCE = (0, 19)
 OLDEST_SUPPORTED = (0, 13)
+LORA_VARIANTS_SINCE = (0, 16)  # LoraVariant, through which DoRA plugs into a layer
 
 
 def installed_peft_version() -> tuple[int, ...] | None:
@@ -29,8 +30,16 @@ def layer_api(found: tuple[int, ...] | None) -> str:
     return CONFIG_API if found >= CONFIG_API_SINCE else KWARGS_API
 
 
+def has_lora_variants(found: tuple[int, ...] | None) -> bool:
+    return found is not None and found >= LORA_VARIANTS_SINCE
+
+
 def installed_layer_api() -> str:
     return layer_api(installed_peft_version())
+
+
+def installed_has_lora_variants() -> bool:
+    return has_lora_variants(installed_peft_version())
 
 
 def parse_version(text: str) -> tuple[int, ...]:

@@ -20,6 +20,7 @@ from lora_scaffold.sample_input import flatten_output
 RELATIVE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_TRANSPOSE_CLASSES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class ProbeOutcome:
     note: str = ""
 
 
-class _Probe:
+class Probe:
     """A float64 copy of the module with the chosen weight and inputs; everything the strategies are tested on."""
 
     def __init__(self, module: nn.Module, weight_name: str, inputs: tuple):
@@ -41,6 +42,7 @@ class _Probe:
         generator = torch.Generator().manual_seed(1)
         scale = float(self.weight.std()) if self.weight.numel() > 1 and float(self.weight.std()) > 0 else 1.0
         self.delta = torch.randn(self.weight.shape, generator=generator, dtype=self.weight.dtype) * scale
+        self.output = flatten_output(self._run(self.weight))
         self.effect = self._effect()
 
     @property
@@ -52,18 +54,25 @@ class _Probe:
             return functional_call(self.module, {self.weight_name: weight}, self.inputs)
 
     def _effect(self) -> list[torch.Tensor]:
-        before = flatten_output(self._run(self.weight))
         after = flatten_output(self._run(self.weight + self.delta))
-        return [a - b for a, b in zip(after, before) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+        return [a - b for a, b in zip(after, self.output) if isinstance(a, torch.Tensor) and a.is_floating_point()]
 
     def weight_matters(self) -> bool:
         return any(bool((e != 0).any()) for e in self.effect)
 
     def compare(self, strategy: str, predicted: torch.Tensor | None, note: str = "") -> ProbeOutcome:
-        if predicted is None or len(self.effect) != 1 or self.effect[0].shape != predicted.shape:
+        """Does the change of the output equal `predicted`?"""
+        return self._match(strategy, self.effect, predicted, note)
+
+    def compare_output(self, strategy: str, predicted: torch.Tensor | None, note: str = "") -> ProbeOutcome:
+        """Does the output itself (with the unchanged weight) equal `predicted`?"""
+        return self._match(strategy, self.output, predicted, note)
+
+    def _match(self, strategy: str, observed: list, predicted: torch.Tensor | None, note: str) -> ProbeOutcome:
+        if predicted is None or len(observed) != 1 or observed[0].shape != predicted.shape:
             reason = note or "output is not one tensor of the predicted shape"
             return ProbeOutcome(strategy, False, float("inf"), reason)
-        observed = self.effect[0]
+        observed = observed[0]
         scale = max(float(predicted.abs().max()), 1e-12)
         error = float((observed - predicted).abs().max()) / scale
         return ProbeOutcome(strategy, error <= RELATIVE_TOLERANCE[self.dtype], error, note)
@@ -81,11 +90,11 @@ def _high_precision(module: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple]
         return copy.deepcopy(module).float(), inputs
 
 
-def probe_weight(module: nn.Module, weight_name: str, inputs: tuple) -> _Probe:
-    return _Probe(module, weight_name, inputs)
+def probe_weight(module: nn.Module, weight_name: str, inputs: tuple) -> Probe:
+    return Probe(module, weight_name, inputs)
 
 
-def probe_linear(probe: _Probe, fan_in_fan_out: bool) -> ProbeOutcome:
+def probe_linear(probe: Probe, fan_in_fan_out: bool) -> ProbeOutcome:
     x, weight, delta = probe.inputs[0], probe.weight, probe.delta
     strategy = "linear (weight stored [in, out])" if fan_in_fan_out else "linear"
     in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
@@ -95,7 +104,7 @@ def probe_linear(probe: _Probe, fan_in_fan_out: bool) -> ProbeOutcome:
     return probe.compare(strategy, predicted)
 
 
-def probe_embedding(probe: _Probe, padding_idx: int | None) -> ProbeOutcome:
+def probe_embedding(probe: Probe, padding_idx: int | None) -> ProbeOutcome:
     x, delta = probe.inputs[0], probe.delta
     if delta.dim() != 2 or not isinstance(x, torch.Tensor) or x.is_floating_point():
         return ProbeOutcome("embedding", False, float("inf"), "input is not integer indices into a 2-D weight")
@@ -119,7 +128,7 @@ CONV_TRANSPOSE = _ConvKind(
 )
 
 
-def probe_conv(probe: _Probe, attributes: dict, kind: _ConvKind = CONV) -> ProbeOutcome:
+def probe_conv(probe: Probe, attributes: dict, kind: _ConvKind = CONV) -> ProbeOutcome:
     """Compare with a torch conv (or transposed conv) of the module's geometry whose weight is D."""
     x, delta = probe.inputs[0], probe.delta
     spatial = delta.dim() - 2
@@ -144,6 +153,27 @@ def probe_conv(probe: _Probe, attributes: dict, kind: _ConvKind = CONV) -> Probe
     except Exception:
         return ProbeOutcome(kind.strategy, False, float("inf"), f"the weight is not laid out {kind.layout}")
     return probe.compare(kind.strategy, predicted)
+
+
+def probe_affine(probe: Probe, strategy: str, fan_in_fan_out: bool, attributes: dict) -> ProbeOutcome:
+    """Is the output exactly `F.linear(x, W, bias)` (or the conv's), the base result PEFT's DoRA layers assume?
+
+    DoRA rescales `output - bias` and recomputes it from `x` and the weight when dropout is active; both are only
+    right when the module computes nothing besides the weight's map and its bias."""
+    x, weight = probe.inputs[0], probe.weight
+    bias = getattr(probe.module, "bias", None)
+    if not _is_float(x) or not (bias is None or isinstance(bias, torch.Tensor)):
+        return ProbeOutcome(strategy, False, float("inf"), "no floating input, or a bias that is not a tensor")
+    try:
+        with torch.no_grad():
+            if strategy == "linear":
+                predicted = F.linear(x, weight.T if fan_in_fan_out else weight, bias)
+            else:
+                geometry = [attributes[name] for name in ("stride", "padding", "dilation", "groups")]
+                predicted = CONV_FUNCTIONS[weight.dim() - 2](x, weight, bias, *geometry)
+    except Exception as exc:
+        return ProbeOutcome(strategy, False, float("inf"), f"{type(exc).__name__}: {exc}")
+    return probe.compare_output(strategy, predicted)
 
 
 def _is_float(x) -> bool:

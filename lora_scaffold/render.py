@@ -55,8 +55,11 @@ def template_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
 
 
-def template_context(plan: LayerPlan, mode: str = PLUGIN, api: str = CONFIG_API) -> dict:
+def template_context(plan: LayerPlan, mode: str = PLUGIN, api: str = CONFIG_API, lora_variants: bool = True) -> dict:
+    """`lora_variants`: whether the peft generated for has PEFT's LoRA variants (0.16 on), which DoRA goes through."""
     unsupported = UNSUPPORTED_OPTIONS.get(plan.strategy, {})
+    dora_blocker = dora_blocker_for(plan, lora_variants)
+    dora_variant = "" if dora_blocker or plan.strategy == "reuse" else _dora_variant(plan)
     ctor_args = ", ".join(f"{name}={source}" for name, source in plan.ctor_args)
     return {
         "version": __version__,
@@ -79,8 +82,11 @@ def template_context(plan: LayerPlan, mode: str = PLUGIN, api: str = CONFIG_API)
         "conv_class": _conv_class(plan),
         "mixed_batch": plan.strategy != "delta",
         "unsupported_options": {option: reason for option, (reason, _) in unsupported.items()},
-        "unsupported_cases": _unsupported_cases(plan.strategy),
-        "imports": format_imports(layer_imports(plan, mode, api)),
+        "unsupported_cases": _unsupported_cases(plan.strategy, dora_blocker),
+        "dora_variant": dora_variant,
+        "variant_support": json.dumps(f"plain LoRA only (no DoRA: {dora_blocker})" if dora_blocker else "plain LoRA and DoRA"),
+        "dora_norm_dims": _dora_norm_dims(plan),
+        "imports": format_imports(layer_imports(plan, mode, api, dora_variant)),
         "api": api,
         "layer_partial": "partials/reuse_layer.jinja" if plan.strategy == "reuse" else "partials/full_layer.jinja",
         "api_line": API_LINES[api],
@@ -95,7 +101,16 @@ def template_context(plan: LayerPlan, mode: str = PLUGIN, api: str = CONFIG_API)
     }
 
 
-def layer_imports(plan: LayerPlan, mode: str, api: str) -> list[tuple[str, tuple[str, ...]]]:
+def dora_blocker_for(plan: LayerPlan, lora_variants: bool) -> str:
+    """Why the generated layer refuses DoRA ("" when it offers it)."""
+    if not lora_variants and plan.strategy != "reuse":
+        return "DoRA goes through PEFT's LoRA variants, which arrived in peft 0.16"
+    return plan.dora_blocker
+
+
+def layer_imports(
+    plan: LayerPlan, mode: str, api: str, dora_variant: str = ""
+) -> list[tuple[str, tuple[str, ...]]]:
     # Inside the peft package, imports are relative, as PEFT's own backends do (`from peft import` would be circular).
     package = "peft.tuners.lora." if mode == PLUGIN else "."
     target = [(plan.target_module, (plan.target_class,))] if mode == PLUGIN else []
@@ -117,6 +132,8 @@ def layer_imports(plan: LayerPlan, mode: str, api: str) -> list[tuple[str, tuple
     ]
     if api == KWARGS_API:
         imports.append(("types", ("SimpleNamespace",)))
+    if dora_variant:
+        imports.append((f"{package}variants", (dora_variant,)))
     if plan.strategy == "embedding":
         imports.append(("torch.nn.functional as F", ()))
     if plan.strategy == "delta":
@@ -151,8 +168,10 @@ def _importorskip(plan: LayerPlan) -> str:
     return f'{plan.target_class} = pytest.importorskip("{plan.target_module}").{plan.target_class}\n\n\n'
 
 
-def render(plan: LayerPlan, mode: str = PLUGIN, api: str = CONFIG_API) -> tuple[GeneratedFile, ...]:
-    return render_templates(template_context(plan, mode, api))
+def render(
+    plan: LayerPlan, mode: str = PLUGIN, api: str = CONFIG_API, lora_variants: bool = True
+) -> tuple[GeneratedFile, ...]:
+    return render_templates(template_context(plan, mode, api, lora_variants))
 
 
 def _environment(root: Path) -> jinja2.Environment:
@@ -191,13 +210,25 @@ def _builtin_note(plan: LayerPlan) -> str:
     )
 
 
-def _unsupported_cases(strategy: str) -> list[tuple[str, str]]:
+def _unsupported_cases(strategy: str, dora_blocker: str) -> list[tuple[str, str]]:
     """(keyword arguments, error text) the generated tests expect a ValueError for; PEFT's own layers (reuse)
     support them all."""
     if strategy == "reuse":
         return []
-    cases = [('"use_dora": True', "DoRA"), ('"init_lora_weights": "pissa"', "init_lora_weights")]
+    cases = [('"use_dora": True', "no DoRA")] if dora_blocker else []
+    cases.append(('"init_lora_weights": "pissa"', "init_lora_weights"))
     return cases + [(kwargs, option) for option, (_, kwargs) in UNSUPPORTED_OPTIONS.get(strategy, {}).items()]
+
+
+def _dora_variant(plan: LayerPlan) -> str:
+    return "DoraLinearVariant" if plan.strategy == "linear" else f"DoraConv{plan.conv_dims}dVariant"
+
+
+def _dora_norm_dims(plan: LayerPlan) -> str:
+    """The weight dimensions DoRA's norm runs over: all but the output one."""
+    if plan.strategy == "linear":
+        return "0" if plan.fan_in_fan_out else "1"
+    return str(tuple(range(1, len(plan.weight_shape))))
 
 
 def _conv_class(plan: LayerPlan) -> str:

@@ -44,6 +44,24 @@ class NormalizedLinear(nn.Linear):
         return F.linear(x, self.weight / self.weight.norm(dim=1, keepdim=True), self.bias)
 
 
+class OffsetLinear(nn.Linear):
+    """Linear in its weight, but adds a constant besides the bias: LoRA fits, PEFT's Linear and DoRA do not."""
+
+    def forward(self, x):
+        return super().forward(x) + 0.5
+
+
+class BiaslessLinear(nn.Module):
+    """x @ W.T with no `bias` attribute at all, which PEFT's DoRA reads."""
+
+    def __init__(self, in_features: int = 5, out_features: int = 7):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
 class PlainLinear(nn.Module):
     """A linear layer PEFT does not recognise (no nn.Linear base)."""
 

@@ -38,6 +38,8 @@ def plan_for(target, args=None, **options):
         ("scaffold_targets.CountingLinear", {}, {}, "reuse", False),
         ("scaffold_targets.TracedConv2d", {"padding": 1}, {}, "reuse", False),
         ("scaffold_targets.TracedConv2d", {"dilation": 2}, {}, "conv", False),
+        ("scaffold_targets.TracedConv2d", {"padding": 1, "padding_mode": "reflect"}, {}, "conv", False),
+        ("scaffold_targets.OffsetLinear", {}, {}, "linear", False),
         ("scaffold_targets.CountingLinear", {}, {"strategy": "linear"}, "linear", False),
         ("torch.nn.Linear", {}, {"strategy": "stub"}, "stub", False),
     ],
@@ -46,6 +48,33 @@ def test_auto_picks_a_factored_path_only_where_the_probe_proves_it(target, args,
     plan = plan_for(target, args, **options)
     assert (plan.strategy, plan.fan_in_fan_out) == (strategy, fan_in_fan_out)
     assert plan.reason
+
+
+@pytest.mark.parametrize(
+    "target, args, blocker",
+    [
+        ("torch.nn.Linear", {}, ""),
+        ("transformers.pytorch_utils.Conv1D", {}, ""),
+        ("scaffold_targets.PlainLinear", {"in_features": 5, "out_features": 7}, ""),
+        ("torch.nn.Conv2d", {"stride": 2, "padding": 1, "dilation": 2}, ""),
+        ("scaffold_targets.CountingLinear", {}, ""),
+        ("torch.nn.Conv2d", {"in_channels": 4, "out_channels": 6, "groups": 2}, "groups=2"),
+        ("torch.nn.Conv2d", {"padding": 1, "padding_mode": "reflect"}, "conv map plus the bias"),
+        ("scaffold_targets.OffsetLinear", {}, "linear map plus the bias, and OffsetLinear's differs by"),
+        ("scaffold_targets.BiaslessLinear", {}, "BiaslessLinear has no bias tensor"),
+        ("scaffold_targets.NestedConv", {}, "the probe found neither"),
+        ("torch.nn.ConvTranspose2d", {}, "transposed"),
+        ("torch.nn.Embedding", {}, "embeddings"),
+    ],
+)
+def test_dora_is_offered_only_where_peft_dora_math_holds(target, args, blocker):
+    plan = plan_for(target, args)
+    assert blocker in plan.dora_blocker if blocker else plan.dora_blocker == ""
+
+
+def test_reuse_needs_the_parent_forward():
+    with pytest.raises(AnalysisError, match="reuse needs the parent's forward"):
+        plan_for("scaffold_targets.OffsetLinear", strategy="reuse")
 
 
 def test_reason_reports_the_probe_and_the_fallback():

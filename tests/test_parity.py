@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners import lora
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lora_scaffold.cli import main
 
@@ -25,7 +26,11 @@ CASES = {
     ),
     "conv2d_1x1": ("torch.nn.Conv2d", [], lambda: nn.Conv2d(4, 6, 1), lora.Conv2d, torch.randn(2, 4, 5, 5)),
     "embedding": ("torch.nn.Embedding", [], lambda: nn.Embedding(20, 8), lora.Embedding, torch.randint(0, 20, (2, 5))),
+    "conv3d": ("torch.nn.Conv3d", [], lambda: nn.Conv3d(2, 3, 2), lora.layer.Conv3d, torch.randn(2, 2, 4, 4, 4)),
+    # GPT-2's Conv1D stores its weight [in, out]; PEFT adapts it with lora.Linear and fan_in_fan_out=True.
+    "gpt2_conv1d": ("transformers.pytorch_utils.Conv1D", [], lambda: Conv1D(12, 8), lora.Linear, torch.randn(3, 8)),
 }
+BUILTIN_OPTIONS = {"gpt2_conv1d": {"fan_in_fan_out": True}}
 TOLERANCE = {"rtol": 0, "atol": 1e-6}
 
 
@@ -51,7 +56,7 @@ def layer_class(module):
 
 def build_pair(key, generated, **config_options):
     _, _, make_base, builtin_cls, _ = CASES[key]
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **config_options)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **BUILTIN_OPTIONS.get(key, {}), **config_options)
     torch.manual_seed(0)
     base = make_base()
     builtin = builtin_cls(copy.deepcopy(base), "default", config=config, r=4, lora_alpha=8)
@@ -112,3 +117,39 @@ def test_adapter_saved_with_peft_loads_into_the_generated_layer(key, generated, 
     assert isinstance(loaded.base_model.model.target, layer_class(generated[key]))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), trained(x), **TOLERANCE)
+
+
+@pytest.mark.parametrize("key", ["linear", "gpt2_conv1d", "conv1d", "conv2d", "conv2d_1x1", "conv3d"])
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.3])
+def test_dora_matches_peft(key, lora_dropout, generated):
+    builtin, ours = build_pair(key, generated, use_dora=True, lora_dropout=lora_dropout)
+    assert type(ours.lora_variant["default"]) is type(builtin.lora_variant["default"])
+    magnitude = builtin.lora_magnitude_vector["default"].weight
+    scale = torch.linspace(0.5, 1.5, magnitude.numel()).reshape(magnitude.shape)
+    x = CASES[key][4]
+    with torch.no_grad():
+        for layer in (builtin, ours):
+            layer.lora_magnitude_vector["default"].weight.mul_(scale)
+    for layer in (builtin, ours):  # with dropout, DoRA recomputes the base output from the dropped-out input
+        torch.manual_seed(1)
+        layer.train()(x).pow(2).sum().backward()
+    assert magnitude.grad is not None and magnitude.grad.abs().sum() > 0
+    torch.testing.assert_close(ours.lora_magnitude_vector["default"].weight.grad, magnitude.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), builtin.eval()(x), **TOLERANCE)
+        for safe_merge in (True, False):
+            builtin.merge(safe_merge=safe_merge)
+            ours.merge(safe_merge=safe_merge)
+            torch.testing.assert_close(ours.get_base_layer().weight, builtin.get_base_layer().weight, **TOLERANCE)
+            torch.testing.assert_close(ours(x), builtin(x), **TOLERANCE)
+            builtin.unmerge()
+            ours.unmerge()
+            torch.testing.assert_close(ours.get_base_layer().weight, builtin.get_base_layer().weight, **TOLERANCE)
+
+
+@pytest.mark.parametrize("key", ["linear", "conv2d"])
+def test_dora_refuses_mixed_batches_as_peft_does(key, generated):
+    x = CASES[key][4]
+    for layer in build_pair(key, generated, use_dora=True):
+        with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
+            layer(x, adapter_names=["default"] * len(x))

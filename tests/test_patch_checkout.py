@@ -80,24 +80,30 @@ def run_pytest(checkout: Path, *arguments: str, with_targets: bool = True) -> su
     return run_in(checkout, *options, *arguments, with_targets=with_targets)
 
 
-def patch_both(checkout: Path) -> None:
+PLAIN_LINEAR = ["scaffold_targets.PlainLinear", "--arg", "in_features=5", "--arg", "out_features=7"]
+
+
+def patch_targets(checkout: Path) -> None:
+    """A factored layer, a delta layer, and a layer with DoRA (through PEFT's variants)."""
     assert main(["new", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 0
     assert main(["new", "scaffold_targets.SquaredConv", "--arg", "padding=1", "--peft-checkout", str(checkout)]) == 0
+    assert main(["new", *PLAIN_LINEAR, "--peft-checkout", str(checkout)]) == 0
 
 
 def test_patched_checkout_passes_generated_tests_peft_battery_and_dispatch(checkout, pristine):
-    patch_both(checkout)
+    patch_targets(checkout)
     generated = run_pytest(
         checkout,
         "tests/test_lora_conv_transpose2d.py",
         "tests/test_lora_squared_conv.py",
+        "tests/test_lora_plain_linear.py",
     )
     assert generated.returncode == 0 and " passed" in generated.stdout, generated.stdout[-3000:]
 
     dispatch = run_in(checkout, str(TESTS / "patched_peft_check.py"))
     assert dispatch.returncode == 0 and "dispatch and merge ok" in dispatch.stdout, dispatch.stderr[-3000:]
 
-    selection = "LoRA and (MLP or Conv2d) or LoraConvTranspose2d or LoraSquaredConv"
+    selection = "LoRA and (MLP or Conv2d) or LoraConvTranspose2d or LoraSquaredConv or LoraPlainLinear"
     battery = run_pytest(
         checkout,
         "tests/test_custom_models.py",
@@ -112,21 +118,24 @@ def test_patched_checkout_passes_generated_tests_peft_battery_and_dispatch(check
         "--collect-only",
         "tests/test_custom_models.py",
         "-k",
-        "LoraConvTranspose2d or LoraSquaredConv",
+        "LoraConvTranspose2d or LoraSquaredConv or LoraPlainLinear",
     )
     collected = int(new_cases.stdout.strip().splitlines()[-1].split()[0].split("/")[0])
     print("PEFT battery tests on the generated layers:", collected)
-    # 9 TEST_CASES (ConvTranspose2d: plain, with lin0, rsLoRA, dropout, lora_bias; SquaredConv: no lora_bias) and
-    # dozens of battery tests each (36 in peft 0.17.1, 55 in 0.21.2).
-    assert collected >= 9 * 30, new_cases.stdout[-500:]
+    # 15 TEST_CASES (ConvTranspose2d: plain, with lin0, rsLoRA, dropout, lora_bias; SquaredConv: no lora_bias;
+    # PlainLinear: all five and DoRA) and dozens of battery tests each (36 in peft 0.17.1, 55 in 0.21.2).
+    assert collected >= 15 * 30, new_cases.stdout[-500:]
+    dora_cases = run_pytest(checkout, "--collect-only", "tests/test_custom_models.py", "-k", "LoraPlainLinear and DoRA")
+    assert int(dora_cases.stdout.strip().splitlines()[-1].split()[0].split("/")[0]) >= 30, dora_cases.stdout[-500:]
 
+    assert main(["remove", "scaffold_targets.PlainLinear", "--peft-checkout", str(checkout)]) == 0
     assert main(["remove", "scaffold_targets.SquaredConv", "--peft-checkout", str(checkout)]) == 0
     assert main(["remove", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 0
     assert same_tree(checkout, pristine)
 
 
 def test_patched_peft_imports_and_skips_without_the_targets_package(checkout):
-    patch_both(checkout)
+    patch_targets(checkout)
     imported = run_in(checkout, "-c", "import peft; from peft.tuners.lora import LoraSquaredConv", with_targets=False)
     assert imported.returncode == 0, imported.stderr[-2000:]
     tests = run_pytest(
@@ -141,11 +150,13 @@ def test_patched_peft_imports_and_skips_without_the_targets_package(checkout):
 
 
 def test_added_code_satisfies_peft_ruff_settings(checkout, pristine):
-    patch_both(checkout)
+    patch_targets(checkout)
     new_files = [
         LORA / "lora_conv_transpose2d.py",
         LORA / "lora_squared_conv.py",
+        LORA / "lora_plain_linear.py",
         Path("tests/test_lora_squared_conv.py"),
+        Path("tests/test_lora_plain_linear.py"),
     ]
     edited = [LORA / "layer.py", LORA / "__init__.py", Path("tests/test_custom_models.py")]
     ruff = [sys.executable, "-m", "ruff"]

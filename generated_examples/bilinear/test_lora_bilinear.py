@@ -69,6 +69,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
 
 
+def load_saved(path) -> PeftModel:
+    config = register(LoraConfig.from_pretrained(path))
+    return PeftModel.from_pretrained(make_base(), path, config=config)
+
+
 def lora_layer(model: PeftModel) -> LoraBilinear:
     return model.base_model.model.target
 
@@ -156,8 +161,7 @@ def test_save_and_load_roundtrip(tmp_path):
     model = make_model(init_lora_weights=False)
     expected = run(model)
     model.save_pretrained(tmp_path)
-    config = register(LoraConfig.from_pretrained(tmp_path))
-    loaded = PeftModel.from_pretrained(make_base(), tmp_path, config=config)
+    loaded = load_saved(tmp_path)
     assert isinstance(lora_layer(loaded), LoraBilinear)
     assert_close(run(loaded), expected)
 
@@ -231,7 +235,7 @@ def test_rank_must_be_positive():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"use_dora": True}, "DoRA"),
+        ({"use_dora": True}, "no DoRA"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights"),
         ({"lora_bias": True}, "lora_bias"),
     ],

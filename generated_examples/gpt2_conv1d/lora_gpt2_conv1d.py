@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peft import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
 
@@ -28,6 +29,9 @@ WEIGHT_NAME = "weight"
 BIAS_NAME = "bias"
 SUPPORTED_INITS = (True, False, "gaussian")
 UNSUPPORTED_OPTIONS = {}
+# LoRA variants this layer implements, keyed by the sorted LoraConfig options that ask for them.
+VARIANTS = {(): None, ("use_dora",): DoraLinearVariant}
+VARIANT_SUPPORT = "plain LoRA and DoRA"
 
 
 def _get_attribute(module: nn.Module, name: str) -> Any:
@@ -40,7 +44,12 @@ def _get_attribute(module: nn.Module, name: str) -> Any:
 class LoraGpt2Conv1d(nn.Module, LoraLayer):
     """LoRA for `Conv1D`: the adapter adds `lora_B(lora_A(dropout(x))) * scaling`, as PEFT's Linear does."""
 
-    # peft >= 0.19: layers get the LoraConfig and read every option from it.
+    fan_in_fan_out = True  # whether the weight is stored [in, out]; PEFT's DoRA reads it
+
+    # peft >= 0.19: layers get the LoraConfig and read every option from it. peft 0.19 does not yet tag the options
+    # that ask for a LoRA variant, so this layer names them.
+    UNTAGGED_VARIANT_OPTIONS = ("alora_invocation_tokens", "arrow_config", "use_bdlora", "use_dora", "use_qalora")
+
     def __init__(
         self,
         base_layer: nn.Module,
@@ -56,13 +65,21 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs) -> None:
-        try:
-            self.resolve_lora_variant(config=config)
-        except ValueError as exc:
-            name = f"lora.{type(self).__name__}"
-            raise ValueError(f"{name} supports plain LoRA only, not variants such as DoRA ({exc}).") from None
+        variant = self.resolve_lora_variant(config=config)
         self._add_adapter(adapter_name, r, lora_alpha, config)
+        if variant is not None:
+            self.lora_variant[adapter_name] = variant
+            variant.init(self, adapter_name=adapter_name, config=config, **kwargs)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs) -> Any:
+        if hasattr(LoraLayer, "lora_variants"):  # peft >= 0.20 matches the config against self.lora_variants
+            try:
+                return super().resolve_lora_variant(config=config, **kwargs)
+            except ValueError as exc:
+                raise self._unsupported_variants(f"the variants asked for ({exc})") from None
+        options = self.UNTAGGED_VARIANT_OPTIONS
+        return self._variant_for(tuple(name for name in options if getattr(config, name, None) not in (None, False)))
 
     def _base_weight(self) -> torch.Tensor:
         return _get_attribute(self.get_base_layer(), WEIGHT_NAME)
@@ -89,13 +106,27 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if options.use_rslora else lora_alpha / r
         self.use_rslora[adapter_name] = options.use_rslora
-        self.use_dora[adapter_name] = False
+        self.use_dora[adapter_name] = bool(options.use_dora)
         self.lora_bias[adapter_name] = options.lora_bias
         dropout = nn.Dropout(p=options.lora_dropout) if options.lora_dropout > 0.0 else nn.Identity()
         self.lora_dropout[adapter_name] = dropout
         self._create_adapter(adapter_name, r, options.lora_bias)
         self.reset_lora_parameters(adapter_name, options.init_lora_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+
+    @property
+    def lora_variants(self) -> dict:
+        return VARIANTS
+
+    def _variant_for(self, requested: tuple[str, ...]) -> Any:
+        """A new PEFT variant object for the options asked for (None for plain LoRA); a ValueError for others."""
+        if requested not in VARIANTS:
+            raise self._unsupported_variants(", ".join(requested))
+        variant_class = VARIANTS[requested]
+        return variant_class() if variant_class else None
+
+    def _unsupported_variants(self, requested: str) -> ValueError:
+        return ValueError(f"lora.{type(self).__name__} cannot apply {requested}: it supports {VARIANT_SUPPORT}.")
 
     def _check_options(self, options: Any) -> None:
         name = f"lora.{type(self).__name__}"
@@ -141,7 +172,7 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
         result_dtype = result.dtype
         for adapter in self.active_adapters:
             if adapter in self.r:
-                result = result + self._adapter_output(adapter, x)
+                result = self._add_adapter_output(adapter, x, result)
         return result.to(result_dtype)
 
     def _mixed_batch_forward(
@@ -153,8 +184,14 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
             if adapter not in self.r:
                 continue
             rows = [index for index, name in enumerate(adapter_names) if name == adapter]
-            result[rows] += self._adapter_output(adapter, x[rows]).to(result.dtype)
+            result[rows] = self._add_adapter_output(adapter, x[rows], result[rows]).to(result.dtype)
         return result
+
+    def _add_adapter_output(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if adapter in self.lora_variant:
+            x = self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype)
+            return self.lora_variant[adapter].forward(self, active_adapter=adapter, x=x, result=result)
+        return result + self._adapter_output(adapter, x)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The change this adapter makes to the base weight, `(B @ A) * scaling` laid out like the weight."""
@@ -175,7 +212,7 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
             if adapter not in self.r:
                 continue
             weight = self._base_weight()
-            new_weight = weight.data + self.get_delta_weight(adapter).to(weight.dtype)
+            new_weight = self._merged_weight(adapter)
             new_bias = self._shifted_bias(adapter, sign=1)
             if safe_merge and not all(torch.isfinite(t).all() for t in (new_weight, new_bias) if t is not None):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
@@ -194,10 +231,23 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
             if adapter not in self.r:
                 continue
             weight = self._base_weight()
-            weight.data -= self.get_delta_weight(adapter).to(weight.dtype)
+            weight.data = self._unmerged_weight(adapter)
             new_bias = self._shifted_bias(adapter, sign=-1)
             if new_bias is not None:
                 self._base_bias().data = new_bias
+
+    def _merged_weight(self, adapter: str) -> torch.Tensor:
+        weight = self._base_weight()
+        if adapter in self.lora_variant:
+            # merge_safe leaves the weight alone and returns the merged one, so NaNs are still caught before writing.
+            return self.lora_variant[adapter].merge_safe(self, adapter, weight.data.clone())
+        return weight.data + self.get_delta_weight(adapter).to(weight.dtype)
+
+    def _unmerged_weight(self, adapter: str) -> torch.Tensor:
+        weight = self._base_weight()
+        if adapter in self.lora_variant:
+            return self.lora_variant[adapter].unmerge(self, adapter, weight)
+        return weight.data - self.get_delta_weight(adapter).to(weight.dtype)
 
     def _shifted_bias(self, adapter: str, sign: int) -> Optional[torch.Tensor]:
         if not self.lora_bias[adapter]:

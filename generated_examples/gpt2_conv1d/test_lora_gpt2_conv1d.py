@@ -69,6 +69,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
 
 
+def load_saved(path) -> PeftModel:
+    config = register(LoraConfig.from_pretrained(path))
+    return PeftModel.from_pretrained(make_base(), path, config=config)
+
+
 def lora_layer(model: PeftModel) -> LoraGpt2Conv1d:
     return model.base_model.model.target
 
@@ -156,8 +161,7 @@ def test_save_and_load_roundtrip(tmp_path):
     model = make_model(init_lora_weights=False)
     expected = run(model)
     model.save_pretrained(tmp_path)
-    config = register(LoraConfig.from_pretrained(tmp_path))
-    loaded = PeftModel.from_pretrained(make_base(), tmp_path, config=config)
+    loaded = load_saved(tmp_path)
     assert isinstance(lora_layer(loaded), LoraGpt2Conv1d)
     assert_close(run(loaded), expected)
 
@@ -231,7 +235,6 @@ def test_rank_must_be_positive():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"use_dora": True}, "DoRA"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights"),
     ],
 )
@@ -253,6 +256,40 @@ def test_mixed_batch_gives_each_sample_its_adapter():
         expected["__base__"] = run(model)
     for row, name in enumerate(names):
         assert_close(mixed[row], expected[name].reshape(batch, -1)[row])
+
+
+def test_dora_keeps_output_at_init():
+    assert_close(run(make_model(use_dora=True)), run(make_base()))
+
+
+def test_dora_merges_magnitude_times_direction_and_unmerges():
+    model = make_model(init_lora_weights=False, use_dora=True)
+    layer = lora_layer(model)
+    magnitude = layer.lora_magnitude_vector["default"].weight
+    with torch.no_grad():
+        magnitude.mul_(torch.linspace(0.5, 1.5, magnitude.numel()).reshape(magnitude.shape))
+    before = base_state(model)
+    unmerged = run(model)
+    combined = base_weight(layer) + layer.get_delta_weight("default")
+    norm = combined.norm(p=2, dim=0, keepdim=True)
+    model.merge_adapter()
+    assert_close(base_weight(layer), magnitude.detach().reshape(norm.shape) * combined / norm)
+    assert_close(run(model), unmerged)
+    model.unmerge_adapter()
+    for name, tensor in base_state(model).items():
+        assert_close(tensor, before[name])
+
+
+def test_dora_magnitude_trains_and_is_saved(tmp_path):
+    model = make_model(init_lora_weights=False, use_dora=True)
+    magnitude = lora_layer(model).lora_magnitude_vector["default"].weight
+    flatten(model(*make_inputs())).pow(2).sum().backward()
+    assert magnitude.requires_grad and magnitude.grad.abs().sum() > 0
+    with torch.no_grad():
+        magnitude.mul_(1.5)
+    expected = run(model)
+    model.save_pretrained(tmp_path)
+    assert_close(run(load_saved(tmp_path)), expected)
 
 
 def test_lora_bias_merges_into_base_bias():

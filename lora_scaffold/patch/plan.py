@@ -15,7 +15,8 @@ from lora_scaffold.patch.cst_utils import PatchError
 from lora_scaffold.patch.dispatch import LAYER_FILE, DispatchBranch, insert_branch, read_chain, remove_branch
 from lora_scaffold.patch.exports import INIT_FILE, add_export, remove_export
 from lora_scaffold.patch.imports import add_import, remove_import_if_unused
-from lora_scaffold.render import PATCH, GeneratedFile, render, render_snippet, template_context
+from lora_scaffold.peft_api import has_lora_variants, parse_version
+from lora_scaffold.render import PATCH, GeneratedFile, dora_blocker_for, render, render_snippet, template_context
 
 
 EDITED_FILES = frozenset({LAYER_FILE, INIT_FILE, BATTERY_FILE})
@@ -38,7 +39,8 @@ class CheckoutPatch:
 
 
 def build_patch(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -> CheckoutPatch:
-    layer_file, test_file = render(plan, PATCH, checkout.call_form)
+    lora_variants = has_lora_variants(parse_version(checkout.version))
+    layer_file, test_file = render(plan, PATCH, checkout.call_form, lora_variants)
     layer_path = f"{LORA_PACKAGE}/{layer_file.path}"
     test_path = f"tests/{test_file.path}"
     return CheckoutPatch(
@@ -47,7 +49,7 @@ def build_patch(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -> Ch
         generated=(GeneratedFile(layer_path, layer_file.text), GeneratedFile(test_path, test_file.text)),
         branch=dispatch_branch(plan, target_cls, checkout),
         needs_sys=not plan.target_in_torch,
-        battery=None if plan.battery_blocker else battery_entry(plan),
+        battery=None if plan.battery_blocker else battery_entry(plan, lora_variants),
         module_name=plan.module_name,
         layer_class=plan.layer_class,
     )
@@ -78,7 +80,7 @@ def dispatch_branch(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -
     return DispatchBranch(test, body, base_spellings)
 
 
-def battery_entry(plan: LayerPlan) -> BatteryEntry:
+def battery_entry(plan: LayerPlan, lora_variants: bool) -> BatteryEntry:
     model_id = plan.layer_class
     model_class = f"Model{plan.layer_class}"
     context = template_context(plan, PATCH)
@@ -98,7 +100,7 @@ def battery_entry(plan: LayerPlan) -> BatteryEntry:
         cases.append(("4 LoRA dropout", '{"target_modules": ["target"], "lora_dropout": 0.1}'))
     if plan.bias_name:
         cases.append(("5 LoRA lora_bias", '{"target_modules": ["target"], "lora_bias": True}'))
-    if plan.strategy == "reuse":  # PEFT's own layer, DoRA included
+    if not dora_blocker_for(plan, lora_variants):
         cases.append(("6 LoRA DoRA", '{"target_modules": ["target"], "use_dora": True}'))
     test_cases = tuple(_case_code(f"{model_id} {label} (lora-scaffold)", model_id, kwargs) for label, kwargs in cases)
     return BatteryEntry(model_id, model_class, class_code, test_cases)
