@@ -9,7 +9,14 @@ import pytest
 
 from lora_scaffold.cli import main
 from lora_scaffold.errors import ScaffoldError
-from lora_scaffold.peft_api import CONFIG_API, KWARGS_API, installed_layer_api, layer_api, parse_version
+from lora_scaffold.peft_api import (
+    CONFIG_API,
+    KWARGS_API,
+    has_lora_variants,
+    installed_layer_api,
+    layer_api,
+    parse_version,
+)
 from lora_scaffold.render import API_LINES
 
 
@@ -23,6 +30,7 @@ TARGETS = [
     ("squared", ["scaffold_targets.SquaredConv", "--name", "api_squared"]),
     ("bilinear", ["torch.nn.Bilinear", "--name", "api_bilinear"]),
     ("mypkg", ["mypkg.MyConv", "--name", "api_myconv"]),
+    ("conv1d", ["torch.nn.Conv1d", "--name", "api_conv1d"]),
 ]
 
 
@@ -31,6 +39,11 @@ TARGETS = [
 )
 def test_api_follows_the_peft_version(version, api):
     assert layer_api(parse_version(version)) == api
+
+
+@pytest.mark.parametrize("version, expected", [("0.21.2", True), ("0.16.0", True), ("0.15.2", False), (None, False)])
+def test_lora_variants_arrived_in_peft_0_16(version, expected):
+    assert has_lora_variants(parse_version(version) if version else None) is expected
 
 
 def test_peft_older_than_0_13_is_refused():

@@ -42,7 +42,8 @@ def rendered_variety():
     """Every case as plugin output for peft >= 0.19, plus both modes of the older API for a few."""
     plans = [plan_for(*case) for case in VARIETY]
     older = [render(plan, mode, KWARGS_API) for plan in plans[2:5] for mode in (PLUGIN, PATCH)]
-    return [render(plan) for plan in plans] + [render(plan, PATCH) for plan in plans[:2]] + older
+    without_variants = [render(plans[0], PLUGIN, KWARGS_API, lora_variants=False)]
+    return [render(plan) for plan in plans] + [render(plan, PATCH) for plan in plans[:2]] + older + without_variants
 
 
 def test_committed_examples_match_a_fresh_render(capsys):
@@ -125,3 +126,25 @@ def test_plan_holds_plain_values_only():
         if field.name == "probes":
             continue
         assert isinstance(value, plain), field.name
+
+
+def test_dora_goes_through_peft_variant_where_offered():
+    layer, tests = render(plan_for("torch.nn.Conv2d", {}, {}))
+    assert "from peft.tuners.lora.variants import DoraConv2dVariant" in layer.text
+    assert 'VARIANTS = {(): None, ("use_dora",): DoraConv2dVariant}' in layer.text
+    assert "def test_dora_merges_magnitude_times_direction_and_unmerges" in tests.text
+    assert '"use_dora": True' not in tests.text
+
+
+def test_dora_is_refused_with_the_reason_elsewhere():
+    layer, tests = render(plan_for("torch.nn.Bilinear", {}, {}))
+    assert "variants import" not in layer.text and "VARIANTS = {(): None}\n" in layer.text
+    assert "no DoRA: DoRA rescales a weight acting as a linear map or a convolution" in layer.text
+    assert '({"use_dora": True}, "no DoRA")' in tests.text
+
+
+def test_peft_without_lora_variants_gets_dora_refused():
+    layer, tests = render(plan_for("torch.nn.Linear", {}, {}), PLUGIN, KWARGS_API, lora_variants=False)
+    assert "variants import" not in layer.text
+    assert "which arrived in peft 0.16" in layer.text
+    assert '({"use_dora": True}, "no DoRA")' in tests.text

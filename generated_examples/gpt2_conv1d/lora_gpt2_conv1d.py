@@ -246,7 +246,9 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
     def _unmerged_weight(self, adapter: str) -> torch.Tensor:
         weight = self._base_weight()
         if adapter in self.lora_variant:
-            return self.lora_variant[adapter].unmerge(self, adapter, weight)
+            # PEFT's DoRA unmerge before 0.21 does not transpose its factor for weights stored [in, out].
+            factor = self.lora_magnitude_vector[adapter].weight / self._cache_pop(f"{adapter}-weight_norm")
+            return (weight.data / factor.view(1, -1) - self.get_delta_weight(adapter)).to(weight.dtype)
         return weight.data - self.get_delta_weight(adapter).to(weight.dtype)
 
     def _shifted_bias(self, adapter: str, sign: int) -> Optional[torch.Tensor]:
