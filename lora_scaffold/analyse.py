@@ -87,6 +87,7 @@ class LayerPlan:
     peft_builtin_exact: bool
     battery_blocker: str
     dora_blocker: str
+    flat_rnn_weights: bool
     command: str
 
     @property
@@ -138,6 +139,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         peft_builtin=peft_builtin(spec.target.cls),
         peft_builtin_exact=peft_builtin(spec.target.cls, exact=True) is not None,
         battery_blocker=battery_blocker(module),
+        flat_rnn_weights=isinstance(module.get_submodule(weight.name.rpartition(".")[0]), nn.RNNBase),
         dora_blocker=dora_blocker(probe, module, weight.name, strategy, fan_in_fan_out, attributes),
         command=regenerate_command(spec, options),
     )

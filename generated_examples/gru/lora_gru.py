@@ -31,6 +31,7 @@ UNSUPPORTED_OPTIONS = {
 }
 VARIANTS = {(): None}
 VARIANT_SUPPORT = "plain LoRA only (no DoRA: DoRA rescales a weight acting as a linear map or a convolution, and the probe found neither)"
+FLAT_WEIGHTS_WARNING = "RNN module weights are not part of single contiguous chunk of memory"
 
 
 def _get_attribute(module: nn.Module, name: str) -> Any:
@@ -176,7 +177,10 @@ class LoraGRU(nn.Module, LoraLayer):
         owner_name, _, attribute = WEIGHT_NAME.rpartition(".")
         owner = _get_attribute(self.get_base_layer(), owner_name) if owner_name else self.get_base_layer()
         if attribute not in vars(owner):
-            return functional_call(self.get_base_layer(), {WEIGHT_NAME: weight}, (x, *args), kwargs)
+            with warnings.catch_warnings():
+                # W + dW cannot sit in cuDNN's flattened RNN weight buffer: cuDNN copies it each call and says so.
+                warnings.filterwarnings("ignore", message=FLAT_WEIGHTS_WARNING)
+                return functional_call(self.get_base_layer(), {WEIGHT_NAME: weight}, (x, *args), kwargs)
         # A plain attribute shadows the parameter (FSDP's use_orig_params does this during forward), so
         # functional_call would not reach it: swap the attribute itself.
         saved = vars(owner)[attribute]
@@ -213,6 +217,7 @@ class LoraGRU(nn.Module, LoraLayer):
             if new_bias is not None:
                 self._base_bias().data = new_bias
             self.merged_adapters.append(adapter)
+        self._flatten_rnn_weights()
 
     def unmerge(self) -> None:
         """Take every merged adapter back out of the base weight."""
@@ -228,6 +233,13 @@ class LoraGRU(nn.Module, LoraLayer):
             new_bias = self._shifted_bias(adapter, sign=-1)
             if new_bias is not None:
                 self._base_bias().data = new_bias
+        self._flatten_rnn_weights()
+
+    def _flatten_rnn_weights(self) -> None:
+        # (Un)merging gave the weight new storage; put it back into cuDNN's flattened buffer (a no-op on CPU).
+        owner_name = WEIGHT_NAME.rpartition(".")[0]
+        base = self.get_base_layer()
+        (_get_attribute(base, owner_name) if owner_name else base).flatten_parameters()
 
     def _merged_weight(self, adapter: str) -> torch.Tensor:
         weight = self._base_weight()
