@@ -27,8 +27,14 @@ from lora_scaffold.patch.plan import (
     refuse_foreign_layer,
     unpatched_sources,
 )
-from lora_scaffold.peft_api import installed_has_lora_variants, installed_layer_api, layer_api, parse_version
-from lora_scaffold.render import GeneratedFile, render
+from lora_scaffold.peft_api import (
+    has_lora_variants,
+    installed_has_lora_variants,
+    installed_layer_api,
+    layer_api,
+    parse_version,
+)
+from lora_scaffold.render import GeneratedFile, dora_blocker_for, render
 from lora_scaffold.resolve import resolve_target
 
 
@@ -49,6 +55,10 @@ strategies (how LoRA applies to the weight):
   stub       a skeleton to fill in by hand
   auto       (default) probes the module numerically and takes the first factored strategy that is exact,
              else delta
+
+DoRA (use_dora=True) goes through PEFT's own DoRA variants (peft >= 0.16) on linear and (ungrouped) conv
+layers whose output the probe finds to be exactly the weight's map plus `bias`, as PEFT's DoRA assumes;
+elsewhere the layer raises a ValueError saying why. `new` prints which one you got.
 
 examples:
   lora-scaffold new mypkg.MyConv -o out/
@@ -174,10 +184,11 @@ def run_new(args: argparse.Namespace) -> int:
             raise ScaffoldError("-o writes plugin files and --peft-checkout patches peft: give one of them, not both")
         return patch_checkout(args)
     spec, plan = plan_layer(args)
-    files = render(plan, api=installed_layer_api(), lora_variants=installed_has_lora_variants())
+    lora_variants = installed_has_lora_variants()
+    files = render(plan, api=installed_layer_api(), lora_variants=lora_variants)
     changes = plan_changes(files, Path(args.output or "."), force=args.force)
     refuse_conflicts(changes)
-    print(format_plan(plan, spec))
+    print(format_plan(plan, spec, lora_variants))
     _apply_or_show(changes, args.dry_run)
     if spec.target.from_file is not None:
         print(
@@ -198,7 +209,7 @@ def patch_checkout(args: argparse.Namespace) -> int:
     refuse_foreign_layer(checkout, patch, plan.target_spec)
     changes = _checkout_changes(checkout, patched_sources(checkout, patch), args.force)
     refuse_conflicts(changes)
-    print(format_plan(plan, spec))
+    print(format_plan(plan, spec, has_lora_variants(parse_version(checkout.version))))
     if not any(change.changes_disk for change in changes):
         print(f"nothing to do: {checkout.root} already has {plan.layer_class} for {plan.target_spec}")
         return 0
@@ -331,7 +342,7 @@ def _format_param(param) -> str:
     return param.name if param.required else f"{param.name}={param.default}"
 
 
-def format_plan(plan: LayerPlan, spec: TargetSpec) -> str:
+def format_plan(plan: LayerPlan, spec: TargetSpec, lora_variants: bool) -> str:
     inferred = "inferred" if plan.input_inferred else "given"
     scaled = "".join(
         f"\nscaled    {name} {old} -> {new} to keep the probe and tests small" for name, old, new in spec.scaled_args
@@ -341,6 +352,7 @@ def format_plan(plan: LayerPlan, spec: TargetSpec) -> str:
         f"weight    {plan.weight_name} {list(plan.weight_shape)}",
         f"input     {plan.example_input} ({inferred})",
         f"strategy  {plan.strategy}: {plan.reason}",
+        f"dora      {_dora_line(plan, lora_variants)}",
     ]
     if plan.peft_builtin and not plan.peft_builtin_exact:
         lines.append(
@@ -351,6 +363,13 @@ def format_plan(plan: LayerPlan, spec: TargetSpec) -> str:
             f"note      PEFT has its own {plan.peft_builtin} layer for this type; registering this one overrides it"
         )
     return "\n".join(lines)
+
+
+def _dora_line(plan: LayerPlan, lora_variants: bool) -> str:
+    blocker = dora_blocker_for(plan, lora_variants)
+    if blocker:
+        return f"refused (use_dora=True raises): {blocker}"
+    return "PEFT's own" if plan.strategy == "reuse" else "through PEFT's DoRA variant"
 
 
 def _spec_as_json(spec: TargetSpec) -> dict:

@@ -85,7 +85,9 @@ def template_context(plan: LayerPlan, mode: str = PLUGIN, api: str = CONFIG_API,
         "unsupported_options": {option: reason for option, (reason, _) in unsupported.items()},
         "unsupported_cases": _unsupported_cases(plan.strategy, dora_blocker),
         "dora_variant": dora_variant,
-        "variant_support": json.dumps(f"plain LoRA only (no DoRA: {dora_blocker})" if dora_blocker else "plain LoRA and DoRA"),
+        "variant_support": json.dumps(
+            f"plain LoRA only (no DoRA: {dora_blocker})" if dora_blocker else "plain LoRA and DoRA"
+        ),
         "dora_norm_dims": _dora_norm_dims(plan),
         "imports": format_imports(layer_imports(plan, mode, api, dora_variant)),
         "api": api,
@@ -109,9 +111,7 @@ def dora_blocker_for(plan: LayerPlan, lora_variants: bool) -> str:
     return plan.dora_blocker
 
 
-def layer_imports(
-    plan: LayerPlan, mode: str, api: str, dora_variant: str = ""
-) -> list[tuple[str, tuple[str, ...]]]:
+def layer_imports(plan: LayerPlan, mode: str, api: str, dora_variant: str = "") -> list[tuple[str, tuple[str, ...]]]:
     # Inside the peft package, imports are relative, as PEFT's own backends do (`from peft import` would be circular).
     package = "peft.tuners.lora." if mode == PLUGIN else "."
     target = [(plan.target_module, (plan.target_class,))] if mode == PLUGIN else []

@@ -21,8 +21,14 @@ def test_new_writes_layer_and_tests_and_reports_the_choice(tmp_path, capsys):
     out = capsys.readouterr().out
     assert listing(tmp_path) == ["lora_conv1d.py", "test_lora_conv1d.py"]
     assert "strategy  conv: auto: the probe shows the weight acts as conv" in out
+    assert "dora      through PEFT's DoRA variant" in out
     assert "input     torch.randn(2, 4, 6) (inferred)" in out
     assert f"create    {tmp_path / 'lora_conv1d.py'}" in out
+
+
+def test_new_says_why_dora_is_refused(tmp_path, capsys):
+    assert main(["new", "torch.nn.Conv2d", "--arg", "groups=2", "-o", str(tmp_path)]) == 0
+    assert "dora      refused (use_dora=True raises): PEFT's DoRA composes B @ A ungrouped" in capsys.readouterr().out
 
 
 def test_second_run_is_identical_and_a_user_edit_is_not_overwritten(tmp_path, capsys):

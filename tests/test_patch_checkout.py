@@ -125,7 +125,9 @@ def test_patched_checkout_passes_generated_tests_peft_battery_and_dispatch(check
     # 15 TEST_CASES (ConvTranspose2d: plain, with lin0, rsLoRA, dropout, lora_bias; SquaredConv: no lora_bias;
     # PlainLinear: all five and DoRA) and dozens of battery tests each (36 in peft 0.17.1, 55 in 0.21.2).
     assert collected >= 15 * 30, new_cases.stdout[-500:]
-    dora_cases = run_pytest(checkout, "--collect-only", "tests/test_custom_models.py", "-k", "LoraPlainLinear and DoRA")
+    dora_cases = run_pytest(
+        checkout, "--collect-only", "tests/test_custom_models.py", "-k", "LoraPlainLinear and DoRA"
+    )
     assert int(dora_cases.stdout.strip().splitlines()[-1].split()[0].split("/")[0]) >= 30, dora_cases.stdout[-500:]
 
     assert main(["remove", "scaffold_targets.PlainLinear", "--peft-checkout", str(checkout)]) == 0
