@@ -62,13 +62,10 @@ class Probe:
 
     def compare(self, strategy: str, predicted: torch.Tensor | None, note: str = "") -> ProbeOutcome:
         """Does the change of the output equal `predicted`?"""
-        return self._match(strategy, self.effect, predicted, note)
+        return self.matches(strategy, self.effect, predicted, note)
 
-    def compare_output(self, strategy: str, predicted: torch.Tensor | None, note: str = "") -> ProbeOutcome:
-        """Does the output itself (with the unchanged weight) equal `predicted`?"""
-        return self._match(strategy, self.output, predicted, note)
-
-    def _match(self, strategy: str, observed: list, predicted: torch.Tensor | None, note: str) -> ProbeOutcome:
+    def matches(self, strategy: str, observed: list, predicted: torch.Tensor | None, note: str = "") -> ProbeOutcome:
+        """Is `observed` (a flattened output) one tensor equal to `predicted`?"""
         if predicted is None or len(observed) != 1 or observed[0].shape != predicted.shape:
             reason = note or "output is not one tensor of the predicted shape"
             return ProbeOutcome(strategy, False, float("inf"), reason)
@@ -166,6 +163,11 @@ def probe_affine(probe: Probe, strategy: str, fan_in_fan_out: bool, attributes: 
         return ProbeOutcome(strategy, False, float("inf"), "no floating input, or a bias that is not a tensor")
     try:
         with torch.no_grad():
+            observed = probe.output
+            if bias is not None:
+                # A bias of zeros (a common init) would not show whether the forward adds it at all.
+                bias = torch.randn(bias.shape, generator=torch.Generator().manual_seed(2), dtype=bias.dtype)
+                observed = flatten_output(functional_call(probe.module, {"bias": bias}, probe.inputs))
             if strategy == "linear":
                 predicted = F.linear(x, weight.T if fan_in_fan_out else weight, bias)
             else:
@@ -173,7 +175,7 @@ def probe_affine(probe: Probe, strategy: str, fan_in_fan_out: bool, attributes: 
                 predicted = CONV_FUNCTIONS[weight.dim() - 2](x, weight, bias, *geometry)
     except Exception as exc:
         return ProbeOutcome(strategy, False, float("inf"), f"{type(exc).__name__}: {exc}")
-    return probe.compare_output(strategy, predicted)
+    return probe.matches(strategy, observed, predicted)
 
 
 def _is_float(x) -> bool:

@@ -51,6 +51,18 @@ class OffsetLinear(nn.Linear):
         return super().forward(x) + 0.5
 
 
+class IgnoresBias(nn.Module):
+    """x @ W.T: its bias (zeros, as often initialised) is never used, which only a non-zero bias reveals."""
+
+    def __init__(self, in_features: int = 5, out_features: int = 7):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
 class BiaslessLinear(nn.Module):
     """x @ W.T with no `bias` attribute at all, which PEFT's DoRA reads."""
 
