@@ -29,8 +29,7 @@ from lora_scaffold.patch.plan import (
 )
 from lora_scaffold.peft_api import (
     has_lora_variants,
-    installed_has_lora_variants,
-    installed_layer_api,
+    installed_peft_version,
     layer_api,
     parse_version,
 )
@@ -184,8 +183,9 @@ def run_new(args: argparse.Namespace) -> int:
             raise ScaffoldError("-o writes plugin files and --peft-checkout patches peft: give one of them, not both")
         return patch_checkout(args)
     spec, plan = plan_layer(args)
-    lora_variants = installed_has_lora_variants()
-    files = render(plan, api=installed_layer_api(), lora_variants=lora_variants)
+    installed = installed_peft_version()
+    lora_variants = has_lora_variants(installed)
+    files = render(plan, api=layer_api(installed), lora_variants=lora_variants)
     changes = plan_changes(files, Path(args.output or "."), force=args.force)
     refuse_conflicts(changes)
     print(format_plan(plan, spec, lora_variants))

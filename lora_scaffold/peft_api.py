@@ -38,10 +38,6 @@ def installed_layer_api() -> str:
     return layer_api(installed_peft_version())
 
 
-def installed_has_lora_variants() -> bool:
-    return has_lora_variants(installed_peft_version())
-
-
 def parse_version(text: str) -> tuple[int, ...]:
     parts = []
     for part in text.split(".")[:3]:

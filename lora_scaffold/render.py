@@ -83,7 +83,8 @@ def template_context(plan: LayerPlan, mode: str = PLUGIN, api: str = CONFIG_API,
         "mixed_batch": plan.strategy != "delta",
         "flat_rnn_weights": plan.flat_rnn_weights,
         "unsupported_options": {option: reason for option, (reason, _) in unsupported.items()},
-        "unsupported_cases": _unsupported_cases(plan.strategy, dora_blocker),
+        "unsupported_cases": _unsupported_cases(plan.strategy, dora_blocker, api),
+        "guard_lora_bias": api == KWARGS_API,
         "dora_variant": dora_variant,
         "variant_support": json.dumps(
             f"plain LoRA only (no DoRA: {dora_blocker})" if dora_blocker else "plain LoRA and DoRA"
@@ -211,14 +212,23 @@ def _builtin_note(plan: LayerPlan) -> str:
     )
 
 
-def _unsupported_cases(strategy: str, dora_blocker: str) -> list[tuple[str, str]]:
-    """(keyword arguments, error text) the generated tests expect a ValueError for; PEFT's own layers (reuse)
-    support them all."""
+def _unsupported_cases(strategy: str, dora_blocker: str, api: str) -> list[str]:
+    """The parametrize entries (options, error text) the generated tests expect a ValueError for; PEFT's own layers
+    (reuse) support them all. On the kwargs API a lora_bias case skips where LoraConfig predates the option."""
     if strategy == "reuse":
         return []
     cases = [('"use_dora": True', "no DoRA")] if dora_blocker else []
     cases.append(('"init_lora_weights": "pissa"', "init_lora_weights"))
-    return cases + [(kwargs, option) for option, (_, kwargs) in UNSUPPORTED_OPTIONS.get(strategy, {}).items()]
+    cases += [(kwargs, option) for option, (_, kwargs) in UNSUPPORTED_OPTIONS.get(strategy, {}).items()]
+    return [
+        _parametrize_entry(kwargs, message, api == KWARGS_API and "lora_bias" in kwargs) for kwargs, message in cases
+    ]
+
+
+def _parametrize_entry(kwargs: str, message: str, needs_lora_bias: bool) -> str:
+    if needs_lora_bias:
+        return f'pytest.param({{{kwargs}}}, "{message}", marks=needs_lora_bias)'
+    return f'({{{kwargs}}}, "{message}")'
 
 
 def _dora_variant(plan: LayerPlan) -> str:

@@ -80,6 +80,12 @@ def run_pytest(checkout: Path, *arguments: str, with_targets: bool = True) -> su
     return run_in(checkout, *options, *arguments, with_targets=with_targets)
 
 
+def count_battery_tests(checkout: Path, selection: str) -> int:
+    collected = run_pytest(checkout, "--collect-only", "tests/test_custom_models.py", "-k", selection)
+    assert collected.returncode == 0, collected.stdout[-500:]
+    return int(collected.stdout.strip().splitlines()[-1].split()[0].split("/")[0])
+
+
 PLAIN_LINEAR = ["scaffold_targets.PlainLinear", "--arg", "in_features=5", "--arg", "out_features=7"]
 
 
@@ -113,22 +119,12 @@ def test_patched_checkout_passes_generated_tests_peft_battery_and_dispatch(check
     summary = battery.stdout.strip().splitlines()[-1]
     print("PEFT battery on the patched checkout:", summary)
     assert battery.returncode == 0, battery.stdout[-5000:]
-    new_cases = run_pytest(
-        checkout,
-        "--collect-only",
-        "tests/test_custom_models.py",
-        "-k",
-        "LoraConvTranspose2d or LoraSquaredConv or LoraPlainLinear",
-    )
-    collected = int(new_cases.stdout.strip().splitlines()[-1].split()[0].split("/")[0])
+    collected = count_battery_tests(checkout, "LoraConvTranspose2d or LoraSquaredConv or LoraPlainLinear")
     print("PEFT battery tests on the generated layers:", collected)
     # 15 TEST_CASES (ConvTranspose2d: plain, with lin0, rsLoRA, dropout, lora_bias; SquaredConv: no lora_bias;
     # PlainLinear: all five and DoRA) and dozens of battery tests each (36 in peft 0.17.1, 55 in 0.21.2).
-    assert collected >= 15 * 30, new_cases.stdout[-500:]
-    dora_cases = run_pytest(
-        checkout, "--collect-only", "tests/test_custom_models.py", "-k", "LoraPlainLinear and DoRA"
-    )
-    assert int(dora_cases.stdout.strip().splitlines()[-1].split()[0].split("/")[0]) >= 30, dora_cases.stdout[-500:]
+    assert collected >= 15 * 30
+    assert count_battery_tests(checkout, "LoraPlainLinear and DoRA") >= 30
 
     assert main(["remove", "scaffold_targets.PlainLinear", "--peft-checkout", str(checkout)]) == 0
     assert main(["remove", "scaffold_targets.SquaredConv", "--peft-checkout", str(checkout)]) == 0
