@@ -26,3 +26,13 @@ class StaleOutputError(ScaffoldError):
     """Committed generated files differ from a fresh render."""
 
     exit_code = FAILURE
+
+
+class RenderError(ScaffoldError):
+    """A rendered file does not parse: a bug in lora-scaffold, never the user's fault."""
+
+    exit_code = FAILURE
+
+
+class PatchError(ScaffoldError):
+    """The checkout does not look as expected, or the user edited what lora-scaffold added."""

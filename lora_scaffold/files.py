@@ -46,10 +46,11 @@ class FileChange:
 
 
 def plan_changes(
-    files: tuple[GeneratedFile, ...], out_dir: Path, force: bool, edits: frozenset[str] = frozenset()
+    files: tuple[GeneratedFile, ...], out_dir: Path, force: bool, updatable: frozenset[str] = frozenset()
 ) -> tuple[FileChange, ...]:
-    """One change a file. Paths in `edits` are existing files the run means to change (status update); any other
-    existing file with other content is a conflict unless forced."""
+    """One change a file. Paths in `updatable` are existing files the run may change (status update): files it
+    edits, or files lora-scaffold wrote and nobody edited since. Any other existing file with other content is a
+    conflict unless forced."""
     changes = []
     for generated in files:
         path = out_dir / generated.path
@@ -58,7 +59,7 @@ def plan_changes(
             status = CREATE
         elif old == generated.text:
             status = IDENTICAL
-        elif generated.path in edits:
+        elif generated.path in updatable:
             status = UPDATE
         else:
             status = OVERWRITE if force else CONFLICT
@@ -73,7 +74,12 @@ def plan_deletions(paths: list[Path]) -> tuple[FileChange, ...]:
 def _read_regular(path: Path) -> str | None:
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise WriteError(f"{path} exists and is not a regular file; refusing to replace it")
-    return path.read_bytes().decode("utf-8") if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise WriteError(f"{path} exists and is not UTF-8 text; refusing to replace it") from None
 
 
 def refuse_conflicts(changes: tuple[FileChange, ...]) -> None:
@@ -106,9 +112,16 @@ def apply_changes(changes: tuple[FileChange, ...]) -> None:
         raise WriteError(
             f"writing {exc.filename or 'the output'} failed ({exc.strerror}); nothing was changed"
         ) from exc
-    for backup, _ in done:
+    for backup, change in done:
         if backup is not None:
             backup.unlink()
+            _remove_if_empty(change.path.parent)
+
+
+def _remove_if_empty(directory: Path) -> None:
+    """A folder a deletion left empty goes too, so that `remove` leaves no trace."""
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
 
 
 def _make_parents(directory: Path) -> list[Path]:
@@ -118,10 +131,18 @@ def _make_parents(directory: Path) -> list[Path]:
 
 
 def _stage(path: Path, text: str) -> Path:
+    """A temporary beside `path` with its text, and the mode `path` has (or the umask gives a new file)."""
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(handle, "wb") as stream:
         stream.write(text.encode("utf-8"))
+    os.chmod(name, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
     return Path(name)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _roll_back(done: list[tuple[Path | None, FileChange]], leftovers: list[Path], created_dirs: list[Path]) -> None:

@@ -9,38 +9,30 @@ from pathlib import Path
 
 import jinja2
 
-from lora_scaffold import __version__
+from lora_scaffold import __version__, target
 from lora_scaffold.analyse import LayerPlan
+from lora_scaffold.errors import RenderError
 from lora_scaffold.imports import format_imports
-from lora_scaffold.peft_api import CONFIG_API, KWARGS_API
+from lora_scaffold.record import record_path
+from lora_scaffold.target import CONFIG_API, KWARGS_API, PLUGIN, PeftTarget
 
 
 TEMPLATE_SUFFIX = ".jinja"
-PLUGIN, PATCH = "plugin", "patch"
 NOT_RENDERED = ("copier.yml", "partials")
-
-SUMMARIES = {
-    "linear": "the adapter adds `lora_B(lora_A(dropout(x))) * scaling`, as PEFT's Linear does.",
-    "conv": "the adapter adds `lora_B(lora_A(dropout(x))) * scaling`, lora_A convolving like the base layer.",
-    "conv_transpose": (
-        "the adapter adds `lora_B(lora_A(dropout(x))) * scaling`, lora_A a transposed conv like the base layer."
-    ),
-    "embedding": "the adapter adds the looked-up rows of `(B @ A).T * scaling`, as PEFT's Embedding does.",
-    "delta": "forward runs the base module with `W + (B @ A).reshape(W.shape) * scaling`.",
-    "stub": "a skeleton to fill in; its methods raise NotImplementedError until then.",
-    "reuse": "PEFT's own layer for the parent class.",
-}
-
-API_LINES = {
-    CONFIG_API: "Written for the layer API of peft >= 0.19 (options come in a LoraConfig).",
-    KWARGS_API: "Written for the layer API of peft 0.13 - 0.18 (options come as keyword arguments).",
-}
-
-# LoraConfig options a strategy cannot honour: (reason, keyword arguments that request the option).
-UNSUPPORTED_OPTIONS = {
-    "delta": {"lora_bias": ("this layer's adapters change the weight only", '"lora_bias": True')},
-    "embedding": {"lora_bias": ("embeddings have no bias to merge it into", '"lora_bias": True')},
-}
+LICENSE_HEADER = """\
+# Copyright 2026-present the HuggingFace Inc. team.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License."""
 
 
 @dataclass(frozen=True)
@@ -55,71 +47,81 @@ def template_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
 
 
-def template_context(plan: LayerPlan, mode: str = PLUGIN, api: str = CONFIG_API, lora_variants: bool = True) -> dict:
-    """`lora_variants`: whether the peft generated for has PEFT's LoRA variants (0.16 on), which DoRA goes through."""
-    unsupported = UNSUPPORTED_OPTIONS.get(plan.strategy, {})
-    dora_blocker = dora_blocker_for(plan, lora_variants)
-    dora_variant = "" if dora_blocker or plan.strategy == "reuse" else _dora_variant(plan)
+def dora_refusal(plan: LayerPlan, peft: PeftTarget) -> str:
+    """Why the generated layer refuses DoRA ("" when it offers it)."""
+    if plan.chosen.peft_own_layer:
+        return ""
+    if not peft.has(target.LORA_VARIANTS):
+        return "DoRA goes through PEFT's LoRA variants, which arrived in peft 0.16"
+    return plan.dora_blocker
+
+
+def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
+    strategy = plan.chosen
+    refusal = dora_refusal(plan, peft)
+    dora_variant = "" if refusal or strategy.peft_own_layer else strategy.dora_variant(plan.weight_shape)
+    support = f"plain LoRA only (no DoRA: {refusal})" if refusal else "plain LoRA and DoRA"
     ctor_args = ", ".join(f"{name}={source}" for name, source in plan.ctor_args)
     return {
         "version": __version__,
-        "command": plan.command,
-        "target_spec": plan.target_spec,
+        "target_spec": f"{plan.target_module}.{plan.target_class}",
         "target_module": plan.target_module,
         "target_class": plan.target_class,
         "layer_class": plan.layer_class,
         "module_name": plan.module_name,
         "test_module": plan.test_module,
+        "plugin": peft.mode == PLUGIN,
+        "peft_versions": peft.versions,
+        "license_header": LICENSE_HEADER,
+        "record_path": record_path(plan.module_name),
         "strategy": plan.strategy,
-        "strategy_summary": SUMMARIES[plan.strategy],
-        "reason": plan.reason[:1].upper() + plan.reason[1:],
-        "weight_name": plan.weight_name,
+        "strategy_summary": strategy.summary,
+        "layer_partial": strategy.partial if strategy.peft_own_layer else "partials/full_layer.jinja",
+        "strategy_partial": strategy.partial,
+        "weight_name": _literal(plan.weight_name),
         "weight_shape": str(plan.weight_shape),
         "weight_path": json.dumps(plan.weight_name.split(".")),
-        "bias_name": plan.bias_name or "",
-        "bias_name_literal": json.dumps(plan.bias_name) if plan.bias_name else "None",
+        "bias_name": _literal(plan.bias_name) if plan.bias_name else "",
+        "bias_name_literal": _literal(plan.bias_name) if plan.bias_name else "None",
         "fan_in_fan_out": plan.fan_in_fan_out,
-        "conv_class": _conv_class(plan),
-        "mixed_batch": plan.strategy != "delta",
+        "mixed_batch": strategy.mixed_batch,
+        "uses_dropout": strategy.uses_dropout,
         "flat_rnn_weights": plan.flat_rnn_weights,
-        "unsupported_options": {option: reason for option, (reason, _) in unsupported.items()},
-        "unsupported_cases": _unsupported_cases(plan.strategy, dora_blocker, api),
-        "guard_lora_bias": api == KWARGS_API,
+        "refused_options": strategy.refused_options,
+        "refusal_cases": _refusal_cases(plan, refusal, peft),
+        "lora_bias_option": peft.has_option("lora_bias"),
         "dora_variant": dora_variant,
-        "variant_support": json.dumps(
-            f"plain LoRA only (no DoRA: {dora_blocker})" if dora_blocker else "plain LoRA and DoRA"
-        ),
-        "dora_norm_dims": _dora_norm_dims(plan),
-        "imports": format_imports(layer_imports(plan, mode, api, dora_variant)),
-        "api": api,
-        "layer_partial": "partials/reuse_layer.jinja" if plan.strategy == "reuse" else "partials/full_layer.jinja",
-        "api_line": API_LINES[api],
-        "test_imports": format_imports(test_imports(plan, mode), first_party=("peft", plan.module_name)),
-        "plugin": mode == PLUGIN,
-        "optional_target": "" if _importable_by_peft(plan, mode) else _importorskip(plan),
+        "dora_unmerge_transposed": bool(dora_variant)
+        and plan.fan_in_fan_out
+        and not peft.has(target.DORA_UNMERGE_TRANSPOSES),
+        "variant_support": _literal(support),
+        "dora_norm_dims": strategy.dora_norm_dims(plan.weight_shape, plan.fan_in_fan_out),
+        "api": peft.api,
+        "tagged_variants": peft.has(target.TAGGED_VARIANTS),
+        "set_adapter_inference_mode": peft.has(target.SET_ADAPTER_INFERENCE_MODE),
+        "cast_input_dtype": peft.has(target.CAST_INPUT_DTYPE),
+        "missing_dicts": _missing_dicts(peft),
+        "peft_warning": peft.has(target.PEFT_WARNING),
+        "imports": format_imports(layer_imports(plan, peft, dora_variant)),
+        "test_imports": format_imports(test_imports(plan, peft), first_party=("peft", plan.module_name)),
+        "optional_target": "" if _importable_by_peft(plan, peft) else _importorskip(plan),
         "peft_builtin": plan.peft_builtin or "",
-        "builtin_note": _builtin_note(plan),
         "ctor_call": f"{plan.target_class}({ctor_args})",
         "inputs_expression": _as_tuple(plan.example_input),
         "test_rank": plan.test_rank,
+        **strategy.template_answers(plan.weight_shape),
     }
 
 
-def dora_blocker_for(plan: LayerPlan, lora_variants: bool) -> str:
-    """Why the generated layer refuses DoRA ("" when it offers it)."""
-    if not lora_variants and plan.strategy != "reuse":
-        return "DoRA goes through PEFT's LoRA variants, which arrived in peft 0.16"
-    return plan.dora_blocker
-
-
-def layer_imports(plan: LayerPlan, mode: str, api: str, dora_variant: str = "") -> list[tuple[str, tuple[str, ...]]]:
+def layer_imports(plan: LayerPlan, peft: PeftTarget, dora_variant: str) -> list[tuple[str, tuple[str, ...]]]:
+    plugin = peft.mode == PLUGIN
     # Inside the peft package, imports are relative, as PEFT's own backends do (`from peft import` would be circular).
-    package = "peft.tuners.lora." if mode == PLUGIN else "."
-    target = [(plan.target_module, (plan.target_class,))] if mode == PLUGIN else []
+    package = "peft.tuners.lora." if plugin else "."
+    target_import = [(plan.target_module, (plan.target_class,))] if plugin else []
     # LoraConfig is read by the config API and typed in plugin mode's register().
-    config = [(f"{package}config" if mode == PATCH else "peft", ("LoraConfig",))]
-    if plan.strategy == "reuse":
-        return target + [(f"{package}layer", (plan.peft_builtin,))] + (config if mode == PLUGIN else [])
+    config = [("peft" if plugin else f"{package}config", ("LoraConfig",))]
+    if plan.chosen.peft_own_layer:
+        return target_import + [(f"{package}layer", (plan.peft_builtin,))] + (config if plugin else [])
     imports = [
         ("__future__", ("annotations",)),
         ("math", ()),
@@ -129,21 +131,20 @@ def layer_imports(plan: LayerPlan, mode: str, api: str, dora_variant: str = "") 
         ("torch", ("nn",)),
         ("peft.tuners.tuners_utils", ("check_adapters_to_merge",)),
         (f"{package}layer", ("LoraLayer",)),
-        *target,
-        *(config if api == CONFIG_API or mode == PLUGIN else []),
+        *target_import,
+        *(config if peft.api == CONFIG_API or plugin else []),
+        *plan.chosen.imports(),
     ]
-    if api == KWARGS_API:
+    if peft.has(target.PEFT_WARNING):
+        imports.append(("peft.utils.warning", ("PeftWarning",)))
+    if peft.api == KWARGS_API:
         imports.append(("types", ("SimpleNamespace",)))
     if dora_variant:
         imports.append((f"{package}variants", (dora_variant,)))
-    if plan.strategy == "embedding":
-        imports.append(("torch.nn.functional as F", ()))
-    if plan.strategy == "delta":
-        imports.append(("torch.func", ("functional_call",)))
     return imports
 
 
-def test_imports(plan: LayerPlan, mode: str) -> list[tuple[str, tuple[str, ...]]]:
+def test_imports(plan: LayerPlan, peft: PeftTarget) -> list[tuple[str, tuple[str, ...]]]:
     imports = [
         ("copy", ()),
         ("math", ()),
@@ -152,42 +153,17 @@ def test_imports(plan: LayerPlan, mode: str) -> list[tuple[str, tuple[str, ...]]
         ("torch", ("nn",)),
         ("peft", ("LoraConfig", "PeftModel", "get_peft_model")),
     ]
-    if mode == PLUGIN:
+    if peft.mode == PLUGIN:
         imports.append((plan.module_name, (plan.layer_class, "register")))
     else:
         imports.append((f"peft.tuners.lora.{plan.module_name}", (plan.layer_class,)))
-    if _importable_by_peft(plan, mode):
+    if _importable_by_peft(plan, peft):
         imports.append((plan.target_module, (plan.target_class,)))
     return imports
 
 
-def _importable_by_peft(plan: LayerPlan, mode: str) -> bool:
-    """Plugin output imports its target; inside peft, only torch's classes are sure to be installed."""
-    return mode == PLUGIN or plan.target_in_torch
-
-
-def _importorskip(plan: LayerPlan) -> str:
-    return f'{plan.target_class} = pytest.importorskip("{plan.target_module}").{plan.target_class}\n\n\n'
-
-
-def render(
-    plan: LayerPlan, mode: str = PLUGIN, api: str = CONFIG_API, lora_variants: bool = True
-) -> tuple[GeneratedFile, ...]:
-    return render_templates(template_context(plan, mode, api, lora_variants))
-
-
-def _environment(root: Path) -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(root),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-
-
-def render_snippet(name: str, context: dict) -> str:
-    """A piece of code that patch mode inserts into an existing file (not a file of its own)."""
-    return _environment(template_dir()).get_template(name).render(context)
+def render(plan: LayerPlan, peft: PeftTarget) -> tuple[GeneratedFile, ...]:
+    return render_templates(template_context(plan, peft))
 
 
 def render_templates(context: dict, root: Path | None = None) -> tuple[GeneratedFile, ...]:
@@ -199,55 +175,65 @@ def render_templates(context: dict, root: Path | None = None) -> tuple[Generated
         if relative.parts[0] in NOT_RENDERED:
             continue
         path = environment.from_string(relative.as_posix().removesuffix(TEMPLATE_SUFFIX)).render(context)
-        files.append(GeneratedFile(path, environment.get_template(relative.as_posix()).render(context)))
+        files.append(_parsed(GeneratedFile(path, environment.get_template(relative.as_posix()).render(context))))
     return tuple(files)
 
 
-def _builtin_note(plan: LayerPlan) -> str:
-    if not plan.peft_builtin or plan.strategy == "reuse":
-        return ""
-    return (
-        f"PEFT has a built-in layer for this type (`peft.tuners.lora.{plan.peft_builtin}`): once registered, this "
-        "layer overrides it."
+def render_snippet(name: str, context: dict) -> str:
+    """A piece of code that patch mode inserts into an existing file (not a file of its own)."""
+    return _environment(template_dir()).get_template(name).render(context)
+
+
+def _parsed(generated: GeneratedFile) -> GeneratedFile:
+    """Every rendered file must parse: one that does not is a bug, and is never written."""
+    try:
+        ast.parse(generated.text)
+    except SyntaxError as exc:
+        raise RenderError(
+            f"lora-scaffold rendered {generated.path} that does not parse (line {exc.lineno}: {exc.msg}); "
+            "nothing was written. This is a bug: please report it with the command you ran"
+        ) from None
+    return generated
+
+
+def _environment(root: Path) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(root),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
     )
 
 
-def _unsupported_cases(strategy: str, dora_blocker: str, api: str) -> list[str]:
+def _refusal_cases(plan: LayerPlan, dora_refused: str, peft: PeftTarget) -> list[str]:
     """The parametrize entries (options, error text) the generated tests expect a ValueError for; PEFT's own layers
-    (reuse) support them all. On the kwargs API a lora_bias case skips where LoraConfig predates the option."""
-    if strategy == "reuse":
+    (reuse) support them all. Only options the targeted peft's LoraConfig has."""
+    if plan.chosen.peft_own_layer:
         return []
-    cases = [('"use_dora": True', "no DoRA")] if dora_blocker else []
+    cases = [('"use_dora": True', "no DoRA")] if dora_refused else []
     cases.append(('"init_lora_weights": "pissa"', "init_lora_weights"))
-    cases += [(kwargs, option) for option, (_, kwargs) in UNSUPPORTED_OPTIONS.get(strategy, {}).items()]
-    return [
-        _parametrize_entry(kwargs, message, api == KWARGS_API and "lora_bias" in kwargs) for kwargs, message in cases
-    ]
+    cases += [(f'"{option}": True', option) for option in plan.chosen.refused_options if peft.has_option(option)]
+    return [f'({{{options}}}, "{message}")' for options, message in cases]
 
 
-def _parametrize_entry(kwargs: str, message: str, needs_lora_bias: bool) -> str:
-    if needs_lora_bias:
-        return f'pytest.param({{{kwargs}}}, "{message}", marks=needs_lora_bias)'
-    return f'({{{kwargs}}}, "{message}")'
+def _missing_dicts(peft: PeftTarget) -> list[str]:
+    """Per-adapter dicts LoraLayer of that peft lacks, which the layer creates itself."""
+    releases = {"use_rslora": target.USE_RSLORA_DICT, "lora_bias": target.LORA_BIAS}
+    return [name for name, release in releases.items() if not peft.has(release)]
 
 
-def _dora_variant(plan: LayerPlan) -> str:
-    return "DoraLinearVariant" if plan.strategy == "linear" else f"DoraConv{plan.conv_dims}dVariant"
+def _importable_by_peft(plan: LayerPlan, peft: PeftTarget) -> bool:
+    """Plugin output imports its target; inside peft, only torch's classes are sure to be installed."""
+    return peft.mode == PLUGIN or plan.target_in_torch
 
 
-def _dora_norm_dims(plan: LayerPlan) -> str:
-    """The weight dimensions DoRA's norm runs over: all but the output one."""
-    if plan.strategy == "linear":
-        return "0" if plan.fan_in_fan_out else "1"
-    return str(tuple(range(1, len(plan.weight_shape))))
+def _importorskip(plan: LayerPlan) -> str:
+    return f'{plan.target_class} = pytest.importorskip("{plan.target_module}").{plan.target_class}\n\n\n'
 
 
-def _conv_class(plan: LayerPlan) -> str:
-    if plan.strategy == "conv":
-        return f"nn.Conv{plan.conv_dims}d"
-    if plan.strategy == "conv_transpose":
-        return f"nn.ConvTranspose{plan.conv_dims}d"
-    return ""
+def _literal(text: str) -> str:
+    """A double-quoted Python string literal (as ruff formats them) for any text."""
+    return json.dumps(text)
 
 
 def _as_tuple(expression: str) -> str:

@@ -1,5 +1,6 @@
 import pytest
 
+from lora_scaffold import strategies
 from lora_scaffold.analyse import Options, analyse, layer_names
 from lora_scaffold.errors import AnalysisError
 from lora_scaffold.introspect import introspect
@@ -74,15 +75,15 @@ def test_dora_is_offered_only_where_peft_dora_math_holds(target, args, blocker):
 
 
 def test_reuse_needs_the_parent_forward():
-    with pytest.raises(AnalysisError, match="reuse needs the parent's forward"):
+    with pytest.raises(AnalysisError, match="reuse: needs the parent's forward"):
         plan_for("scaffold_targets.OffsetLinear", strategy="reuse")
 
 
 def test_reason_reports_the_probe_and_the_fallback():
     plan = plan_for("scaffold_targets.SquaredConv")
     assert plan.reason.startswith("auto: no factored path is exact (conv: differs by")
-    assert [o.strategy for o in plan.probes] == ["conv", "conv_transpose"]
-    assert not any(o.matched for o in plan.probes)
+    assert [v.strategy.name for v in plan.verdicts] == ["reuse", "conv", "conv_transpose", "delta"]
+    assert [v.matched for v in plan.verdicts] == [False, False, False, True]
 
 
 def test_grouped_conv_rank_is_divisible_by_groups():
@@ -128,7 +129,7 @@ def test_nested_weight_can_be_named():
         ("scaffold_targets.IgnoresWeight", {}, "does not change with 'weight'"),
         ("scaffold_targets.SquaredConv", {"strategy": "conv"}, "--strategy conv does not fit"),
         ("torch.nn.Linear", {"strategy": "embedding"}, "--strategy embedding does not fit"),
-        ("torch.nn.Linear", {"strategy": "reuse"}, "--strategy reuse needs a subclass"),
+        ("torch.nn.Linear", {"strategy": "reuse"}, "reuse: needs a subclass of nn.Linear"),
         ("scaffold_targets.NormalizedLinear", {"strategy": "reuse"}, "--strategy reuse does not fit"),
         ("torch.nn.Linear", {"name": "my/layer"}, "must be a Python identifier"),
         ("torch.nn.Linear", {"name": "class"}, "must be a Python identifier"),
@@ -154,6 +155,13 @@ def test_layer_names(class_name, name, expected):
     assert layer_names(class_name, name) == expected
 
 
-def test_regenerate_command_repeats_the_choices_but_not_the_guesses():
-    plan = plan_for("torch.nn.Conv2d", {"groups": 2}, name="grouped", strategy="delta")
-    assert plan.command == "lora-scaffold new torch.nn.Conv2d --arg=groups=2 --name=grouped --strategy=delta"
+def test_every_choice_names_strategies_of_the_registry():
+    assert strategies.CHOICES[0] == "auto"
+    for choice in strategies.CHOICES[1:]:
+        assert strategies.asked_for(choice), choice
+    assert {s.name for s in strategies.asked_for("conv")} == {"conv", "conv_transpose"}
+    assert [s.name for s in strategies.REGISTRY if s.fallback] == ["delta"]
+
+
+def test_forced_conv_covers_transposed_convolutions():
+    assert plan_for("torch.nn.ConvTranspose2d", strategy="conv").strategy == "conv_transpose"

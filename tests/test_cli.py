@@ -13,13 +13,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def listing(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
 def test_new_writes_layer_and_tests_and_reports_the_choice(tmp_path, capsys):
     assert main(["new", "torch.nn.Conv1d", "-o", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert listing(tmp_path) == ["lora_conv1d.py", "test_lora_conv1d.py"]
+    assert listing(tmp_path) == [".lora-scaffold/lora_conv1d.json", "lora_conv1d.py", "test_lora_conv1d.py"]
     assert "strategy  conv: auto: the probe shows the weight acts as conv" in out
     assert "dora      through PEFT's DoRA variant" in out
     assert "input     torch.randn(2, 4, 6) (inferred)" in out
@@ -42,6 +42,14 @@ def test_second_run_is_identical_and_a_user_edit_is_not_overwritten(tmp_path, ca
     assert edited.read_text() == "# my edits\n"
     assert main(["new", "torch.nn.Linear", "-o", str(tmp_path), "--force"]) == 0
     assert "class LoraLinear" in edited.read_text()
+
+
+def test_a_new_run_with_other_options_replaces_unedited_files_without_force(tmp_path, capsys):
+    assert main(["new", "torch.nn.Linear", "-o", str(tmp_path)]) == 0
+    assert main(["new", "torch.nn.Linear", "--arg", "in_features=5", "-o", str(tmp_path)]) == 0
+    assert f"update    {tmp_path / 'test_lora_linear.py'}" in capsys.readouterr().out
+    record = json.loads((tmp_path / ".lora-scaffold" / "lora_linear.json").read_text())
+    assert record["request"]["args"] == ["in_features=5"] and record["constructor"]["in_features"] == "5"
 
 
 def test_dry_run_prints_the_files_and_writes_nothing(tmp_path, capsys):
@@ -111,7 +119,11 @@ def test_console_script_and_module_entry_point_work_from_any_folder(tmp_path):
     assert script.returncode == 0, script.stderr
     module = run_cli(sys.executable, "-m", "lora_scaffold", "new", "torch.nn.Embedding", "-o", "out", cwd=tmp_path)
     assert module.returncode == 0 and "identical" in module.stdout, module.stderr
-    assert listing(tmp_path / "out") == ["lora_embedding.py", "test_lora_embedding.py"]
+    assert listing(tmp_path / "out") == [
+        ".lora-scaffold/lora_embedding.json",
+        "lora_embedding.py",
+        "test_lora_embedding.py",
+    ]
 
 
 def test_console_script_errors_are_one_line(tmp_path):

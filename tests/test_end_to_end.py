@@ -1,5 +1,6 @@
 """Run the CLI as a user would, then run the generated test suites with pytest in a fresh process."""
 
+import json
 import os
 import subprocess
 import sys
@@ -61,8 +62,8 @@ EXAMPLE_STRATEGIES = {
 
 
 def strategy_of(folder: Path) -> str:
-    layer = next(folder.glob("lora_*.py")).read_text()
-    return layer.split("Strategy: ", 1)[1].split(".", 1)[0]
+    record = next((folder / ".lora-scaffold").glob("*.json"))
+    return json.loads(record.read_text())["strategy"]
 
 
 def pytest_env(*paths: Path) -> dict:
@@ -135,6 +136,6 @@ def test_file_path_target_works_end_to_end(tmp_path):
 def test_stub_suite_fails_and_says_why(tmp_path):
     result = run_suites([EXAMPLES / "mypkg_myconv_stub"], tmp_path / "junit.xml")
     assert result.returncode == 1
-    assert "lora-scaffold stub: LoraMyConvStub._create_adapter is not written yet" in result.stdout
+    assert "lora-scaffold stub: LoraMyConvStub._create_lora_factors is not written yet" in result.stdout
     counts = suite_counts(tmp_path / "junit.xml")["test_lora_my_conv_stub"]
     assert counts["failed"] >= 14

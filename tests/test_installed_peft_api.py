@@ -9,15 +9,7 @@ import pytest
 
 from lora_scaffold.cli import main
 from lora_scaffold.errors import ScaffoldError
-from lora_scaffold.peft_api import (
-    CONFIG_API,
-    KWARGS_API,
-    has_lora_variants,
-    installed_layer_api,
-    layer_api,
-    parse_version,
-)
-from lora_scaffold.render import API_LINES
+from lora_scaffold.target import CONFIG_API, KWARGS_API, LORA_VARIANTS, PLUGIN, installed_peft, peft_target
 
 
 TESTS = Path(__file__).resolve().parent
@@ -38,25 +30,28 @@ TARGETS = [
     "version, api", [("0.21.2", CONFIG_API), ("0.19.0", CONFIG_API), ("0.18.1", KWARGS_API), ("0.13.0", KWARGS_API)]
 )
 def test_api_follows_the_peft_version(version, api):
-    assert layer_api(parse_version(version)) == api
+    assert peft_target(PLUGIN, version).api == api
 
 
-@pytest.mark.parametrize("version, expected", [("0.21.2", True), ("0.16.0", True), ("0.15.2", False), (None, False)])
+@pytest.mark.parametrize("version, expected", [("0.21.2", True), ("0.16.0", True), ("0.15.2", False)])
 def test_lora_variants_arrived_in_peft_0_16(version, expected):
-    assert has_lora_variants(parse_version(version) if version else None) is expected
+    assert peft_target(PLUGIN, version).has(LORA_VARIANTS) is expected
 
 
-def test_peft_older_than_0_13_is_refused():
+def test_peft_older_than_0_13_or_missing_is_refused():
     with pytest.raises(ScaffoldError, match=r"peft 0.12.0 is too old: lora-scaffold generates layers for peft>=0.13"):
-        layer_api(parse_version("0.12.0"))
+        peft_target(PLUGIN, "0.12.0")
+    with pytest.raises(ScaffoldError, match="peft is not installed"):
+        peft_target(PLUGIN, None)
 
 
 def test_generated_suites_pass_with_the_installed_peft(tmp_path):
-    api = installed_layer_api()
+    peft = installed_peft()
     for folder, arguments in TARGETS:
         assert main(["new", *arguments, "-o", str(tmp_path / folder)]) == 0
         layer = next((tmp_path / folder).glob("lora_*.py")).read_text()
-        assert API_LINES[api] in layer
+        assert f"for {peft.versions}." in layer
+        assert "hasattr(" not in layer
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)

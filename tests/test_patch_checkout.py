@@ -16,10 +16,10 @@ import pytest
 
 from lora_scaffold import files
 from lora_scaffold.cli import main
-from lora_scaffold.peft_api import CONFIG_API, installed_layer_api
+from lora_scaffold.target import CONFIG_API, installed_peft
 
 
-PEFT_VERSION = "0.21.2" if installed_layer_api() == CONFIG_API else "0.17.1"
+PEFT_VERSION = "0.21.2" if installed_peft().api == CONFIG_API else "0.17.1"
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 LORA = Path("src/peft/tuners/lora")
@@ -209,7 +209,8 @@ def test_another_class_under_the_same_name_is_an_error(checkout, capsys):
     capsys.readouterr()
     arguments = ["new", "torch.nn.ConvTranspose1d", "--name", "conv_transpose2d", "--peft-checkout", str(checkout)]
     assert main(arguments) == 2
-    assert "is not lora-scaffold's layer for torch.nn.ConvTranspose1d" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "lora_conv_transpose2d.py already exists and is lora-scaffold's layer for torch.nn.ConvTranspose2d" in err
 
 
 def test_remove_refuses_user_edits_unless_forced(checkout, pristine, capsys):

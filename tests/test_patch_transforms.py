@@ -4,11 +4,24 @@ from textwrap import dedent
 
 import pytest
 
-from lora_scaffold.patch.battery import BatteryEntry, add_battery_entry, remove_battery_entry
-from lora_scaffold.patch.cst_utils import PatchError
-from lora_scaffold.patch.dispatch import DispatchBranch, call_form, insert_branch, remove_branch
-from lora_scaffold.patch.exports import add_export, remove_export
-from lora_scaffold.patch.imports import add_import, remove_import_if_unused
+from lora_scaffold.errors import PatchError
+from lora_scaffold.patch.battery import BatteryEntry, add_battery_entry, battery_edit, remove_battery_entry
+from lora_scaffold.patch.cst_utils import Edit
+from lora_scaffold.patch.dispatch import DispatchBranch, call_form, dispatch_edit, insert_branch, remove_branch
+from lora_scaffold.patch.exports import add_export, export_edit
+from lora_scaffold.patch.imports import add_import, import_edit, remove_import_if_unused
+
+
+def assert_edit(edit: Edit, before: str, after: str | None = None) -> str:
+    """The edit turns `before` into `after` (when given), is idempotent, and reverts to `before` byte for byte."""
+    applied = edit.apply(before)
+    if after is not None:
+        assert applied == after
+    assert applied != before
+    assert edit.apply(applied) == applied
+    assert edit.revert(applied, False) == before
+    assert edit.revert(before, False) == before
+    return applied
 
 
 NEW_STYLE = dedent(
@@ -63,25 +76,32 @@ OLD_STYLE = dedent(
 CONVT = DispatchBranch(
     "isinstance(target_base_layer, torch.nn.ConvTranspose2d)",
     "from .lora_convt import LoraConvT\n\nnew_module = LoraConvT(target, adapter_name, config=config, **kwargs)",
+    "LoraConvT",
 )
 
 
 def test_branch_goes_at_the_end_when_no_branch_catches_the_target():
-    after = insert_branch(NEW_STYLE, CONVT)
-    assert after == NEW_STYLE.replace(
-        "        new_module = Linear(target, adapter_name, config=config, **kwargs)\n",
-        "        new_module = Linear(target, adapter_name, config=config, **kwargs)\n"
-        "    elif isinstance(target_base_layer, torch.nn.ConvTranspose2d):\n"
-        "        from .lora_convt import LoraConvT\n\n"
-        "        new_module = LoraConvT(target, adapter_name, config=config, **kwargs)\n",
+    assert_edit(
+        dispatch_edit(CONVT),
+        NEW_STYLE,
+        NEW_STYLE.replace(
+            "        new_module = Linear(target, adapter_name, config=config, **kwargs)\n",
+            "        new_module = Linear(target, adapter_name, config=config, **kwargs)\n"
+            "    elif isinstance(target_base_layer, torch.nn.ConvTranspose2d):\n"
+            "        from .lora_convt import LoraConvT\n\n"
+            "        new_module = LoraConvT(target, adapter_name, config=config, **kwargs)\n",
+        ),
     )
 
 
 def test_subclass_branch_goes_before_the_branch_of_its_base_class():
     branch = DispatchBranch(
-        "isinstance(target_base_layer, MyConv)", "new_module = LoraMyConv(target)", frozenset({"torch.nn.Conv2d"})
+        "isinstance(target_base_layer, MyConv)",
+        "new_module = LoraMyConv(target)",
+        "LoraMyConv",
+        frozenset({"torch.nn.Conv2d"}),
     )
-    after = insert_branch(NEW_STYLE, branch)
+    after = assert_edit(dispatch_edit(branch), NEW_STYLE)
     assert (
         "config=config, **kwargs)\n"
         "    elif isinstance(target_base_layer, MyConv):\n"
@@ -91,27 +111,28 @@ def test_subclass_branch_goes_before_the_branch_of_its_base_class():
     assert after.index("MyConv)") > after.index("parameter_name is not None")
 
 
-def test_insert_is_idempotent_and_remove_restores_every_byte():
-    once = insert_branch(NEW_STYLE, CONVT)
-    assert insert_branch(once, CONVT) == once
-    assert remove_branch(once, CONVT, force=False) == NEW_STYLE
-    assert remove_branch(NEW_STYLE, CONVT, force=False) == NEW_STYLE
+def test_peft_own_branch_for_the_same_type_is_not_ours():
+    linear = DispatchBranch(
+        "isinstance(target_base_layer, torch.nn.Linear)", "new_module = LoraLinear(target)", "LoraLinear"
+    )
+    after = assert_edit(dispatch_edit(linear), NEW_STYLE)
+    assert after.count("isinstance(target_base_layer, torch.nn.Linear)") == 2
 
 
 def test_old_style_chain_first_position_keeps_the_blank_line():
     branch = DispatchBranch(
         "isinstance(target_base_layer, MyEmb)",
         "new_module = LoraMyEmb(target, adapter_name, **kwargs)",
+        "LoraMyEmb",
         frozenset({"torch.nn.Embedding"}),
     )
-    after = insert_branch(OLD_STYLE, branch)
+    after = assert_edit(dispatch_edit(branch), OLD_STYLE)
     assert (
         "        target_base_layer = target\n\n"
         "    if isinstance(target_base_layer, MyEmb):\n"
         "        new_module = LoraMyEmb(target, adapter_name, **kwargs)\n"
         "    elif isinstance(target_base_layer, torch.nn.Embedding):\n"
     ) in after
-    assert remove_branch(after, branch, force=False) == OLD_STYLE
     assert (call_form(OLD_STYLE), call_form(NEW_STYLE)) == ("kwargs", "config")
 
 
@@ -132,10 +153,8 @@ def test_missing_dispatch_default_is_explained():
 
 
 def test_import_sys_lands_in_order_and_leaves_when_unused():
-    after = add_import(NEW_STYLE, "sys", "layer.py")
+    after = assert_edit(import_edit("sys", "layer.py"), NEW_STYLE)
     assert after.startswith("import math\nimport sys\n\nimport torch\n")
-    assert add_import(after, "sys", "layer.py") == after
-    assert remove_import_if_unused(after, "sys", "layer.py") == NEW_STYLE
     used = after + "\nprint(sys.argv)\n"
     assert remove_import_if_unused(used, "sys", "layer.py") == used
 
@@ -158,9 +177,11 @@ INIT = dedent(
 
 
 def test_export_is_imported_and_listed_in_sorted_position():
-    after = add_export(INIT, "lora_convt", "LoraConvT")
-    assert after == dedent(
-        """\
+    assert_edit(
+        export_edit("lora_convt", "LoraConvT"),
+        INIT,
+        dedent(
+            """\
         from .config import LoraConfig
         from .layer import Conv2d, LoraLayer
         from .lora_convt import LoraConvT
@@ -175,15 +196,24 @@ def test_export_is_imported_and_listed_in_sorted_position():
             "LoraModel",
         ]
         """
+        ),
     )
-    assert add_export(after, "lora_convt", "LoraConvT") == after
-    assert remove_export(after, "lora_convt", "LoraConvT") == INIT
 
 
 def test_export_at_the_end_of_all():
-    after = add_export(INIT, "zeta", "Zeta")
+    after = assert_edit(export_edit("zeta", "Zeta"), INIT)
     assert '    "LoraModel",\n    "Zeta",\n]' in after
-    assert remove_export(after, "zeta", "Zeta") == INIT
+
+
+def test_checkouts_that_do_not_look_as_expected_are_explained():
+    with pytest.raises(PatchError, match="no `__all__ = \\[...\\]` list"):
+        add_export("from .config import LoraConfig\n", "zeta", "Zeta")
+    with pytest.raises(PatchError, match="fewer than two entries"):
+        add_export('from .config import LoraConfig\n\n__all__ = ["LoraConfig"]\n', "zeta", "Zeta")
+    with pytest.raises(PatchError, match="no plain `import x` lines"):
+        add_import("from torch import nn\n", "sys", "layer.py")
+    with pytest.raises(PatchError, match="has no from_pretrained"):
+        add_battery_entry(BATTERY.replace("def from_pretrained", "def other"), ENTRY)
 
 
 BATTERY = dedent(
@@ -217,9 +247,11 @@ ENTRY = BatteryEntry(
 
 
 def test_battery_gets_model_class_wrapper_branch_and_test_cases():
-    after = add_battery_entry(BATTERY, ENTRY)
-    assert after == dedent(
-        """\
+    assert_edit(
+        battery_edit(ENTRY),
+        BATTERY,
+        dedent(
+            """\
         TEST_CASES = [
             ("Vanilla MLP 1 LoRA", "MLP", LoraConfig, {"target_modules": ["lin0"]}),
             ("Conv2d 1 LoRA", "Conv2d", LoraConfig, {"target_modules": ["conv2d"]}),
@@ -246,10 +278,8 @@ def test_battery_gets_model_class_wrapper_branch_and_test_cases():
 
                 raise ValueError(f"model_id {model_id} not implemented")
         """
+        ),
     )
-    assert add_battery_entry(after, ENTRY) == after
-    assert remove_battery_entry(after, ENTRY, force=False) == BATTERY
-    assert remove_battery_entry(BATTERY, ENTRY, force=False) == BATTERY
 
 
 def test_edited_battery_model_is_not_removed_without_force():

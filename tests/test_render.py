@@ -11,9 +11,15 @@ import yaml
 from lora_scaffold.analyse import Options, analyse
 from lora_scaffold.cli import main
 from lora_scaffold.introspect import introspect
-from lora_scaffold.peft_api import KWARGS_API
-from lora_scaffold.render import PATCH, PLUGIN, render, render_templates, template_context, template_dir
+from lora_scaffold.render import render, render_templates, template_context, template_dir
 from lora_scaffold.resolve import resolve_target
+from lora_scaffold.target import PATCH, PLUGIN, PeftTarget
+
+
+LATEST = PeftTarget(PLUGIN, (0, 21, 2))
+KWARGS_017 = PeftTarget(PLUGIN, (0, 17, 1))
+NO_VARIANTS = PeftTarget(PLUGIN, (0, 15, 2))
+OLDEST = PeftTarget(PLUGIN, (0, 13, 2))
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,9 +47,10 @@ def plan_for(target, args, options):
 def rendered_variety():
     """Every case as plugin output for peft >= 0.19, plus both modes of the older API for a few."""
     plans = [plan_for(*case) for case in VARIETY]
-    older = [render(plan, mode, KWARGS_API) for plan in plans[2:5] for mode in (PLUGIN, PATCH)]
-    without_variants = [render(plans[0], PLUGIN, KWARGS_API, lora_variants=False)]
-    return [render(plan) for plan in plans] + [render(plan, PATCH) for plan in plans[:2]] + older + without_variants
+    versions = [(0, 13, 2), (0, 15, 2), (0, 17, 1), (0, 19, 0), (0, 20, 0)]
+    older = [render(plan, PeftTarget(mode, v)) for plan in plans[2:5] for mode in (PLUGIN, PATCH) for v in versions]
+    patch = [render(plan, PeftTarget(PATCH, LATEST.version)) for plan in plans]
+    return [render(plan, LATEST) for plan in plans] + patch + older
 
 
 def test_committed_examples_match_a_fresh_render(capsys):
@@ -66,11 +73,11 @@ def test_check_reports_stale_examples_with_a_diff_and_the_refresh_command(tmp_pa
 
 def test_rendering_is_deterministic():
     plan = plan_for("torch.nn.Conv2d", {}, {})
-    assert render(plan) == render(plan_for("torch.nn.Conv2d", {}, {}))
+    assert render(plan, LATEST) == render(plan_for("torch.nn.Conv2d", {}, {}), LATEST)
 
 
 def test_templates_refuse_missing_answers():
-    context = template_context(plan_for("torch.nn.Linear", {}, {}))
+    context = template_context(plan_for("torch.nn.Linear", {}, {}), LATEST)
     del context["weight_name"]
     with pytest.raises(jinja2.UndefinedError, match="weight_name"):
         render_templates(context)
@@ -79,16 +86,23 @@ def test_templates_refuse_missing_answers():
 def test_copier_yml_declares_every_answer_the_renderer_passes():
     declared = yaml.safe_load((template_dir() / "copier.yml").read_text())
     answers = {key for key in declared if not key.startswith("_")}
-    assert answers == set(template_context(plan_for("torch.nn.Linear", {}, {})))
+    optional = {key for key in answers if "default" in declared[key]}
+    for target, options in (
+        ("torch.nn.Linear", {}),
+        ("torch.nn.Conv2d", {}),
+        ("torch.nn.Linear", {"strategy": "stub"}),
+    ):
+        given = set(template_context(plan_for(target, {}, options), LATEST))
+        assert given <= answers and answers - given <= optional, target
 
 
 def test_copier_renders_the_same_files(tmp_path):
     copier = pytest.importorskip("copier")
     plan = plan_for("torch.nn.Embedding", {}, {})
-    context = template_context(plan)
+    context = template_context(plan, LATEST)
     copier.run_copy(str(template_dir()), tmp_path, data=context, defaults=True, quiet=True, unsafe=True)
     written = {p.relative_to(tmp_path).as_posix(): p.read_text() for p in tmp_path.rglob("*.py")}
-    assert written == {f.path: f.text for f in render(plan)}
+    assert written == {f.path: f.text for f in render(plan, LATEST)}
 
 
 def test_generated_code_passes_peft_ruff_settings(rendered_variety, tmp_path):
@@ -106,16 +120,54 @@ def test_generated_code_passes_peft_ruff_settings(rendered_variety, tmp_path):
             assert result.returncode == 0, f"{folder.name}: {result.stdout}{result.stderr}"
 
 
-def test_layer_file_states_strategy_reason_and_regenerate_command():
-    layer = render(plan_for("scaffold_targets.SquaredConv", {}, {}))[0]
+def test_layer_file_says_what_and_for_which_peft_without_the_probe_report():
+    layer = render(plan_for("scaffold_targets.SquaredConv", {}, {}), LATEST)[0]
     assert layer.path == "lora_squared_conv.py"
-    assert "#   lora-scaffold new scaffold_targets.SquaredConv\n" in layer.text
-    assert "Strategy: delta. Auto: no factored path is exact" in layer.text
+    assert layer.text.startswith('"""LoRA for `scaffold_targets.SquaredConv`, written by lora-scaffold')
+    assert "for peft >= 0.21." in layer.text and "relative error" not in layer.text
+    docstrings = [line for line in layer.text.splitlines() if not line.lstrip().startswith(('f"', "VARIANT_SUPPORT"))]
+    assert max(len(line) for line in docstrings) <= 119
 
 
-def test_peft_builtin_override_is_noted():
-    layer = render(plan_for("torch.nn.Linear", {}, {}))[0]
-    assert "PEFT has a built-in layer for this type (`peft.tuners.lora.Linear`)" in layer.text
+def test_patch_mode_has_peft_license_header_and_no_plugin_parts():
+    layer, tests = render(plan_for("torch.nn.Bilinear", {}, {}), PeftTarget(PATCH, (0, 21, 2)))
+    for text in (layer.text, tests.text):
+        assert text.startswith("# Copyright 2026-present the HuggingFace Inc. team.")
+    assert "def register(" not in layer.text and "lora-scaffold" not in layer.text
+
+
+@pytest.mark.parametrize(
+    "version, present, absent",
+    [
+        ((0, 21, 2), ["PeftWarning", "super().resolve_lora_variant"], ["hasattr", "UNTAGGED", "_variant_for"]),
+        ((0, 19, 0), ['"use_bdlora"', "_variant_for"], ["hasattr", "super().resolve_lora_variant"]),
+        (
+            (0, 17, 1),
+            ["SimpleNamespace", "DoraLinearVariant", "factor.view(1, -1)", "self.use_rslora = {}"],
+            ["hasattr", "self.lora_bias = {}"],
+        ),
+        ((0, 13, 2), ["def _cast_input_dtype", "self.lora_bias = {}"], ["hasattr", "PeftWarning", "Variant"]),
+    ],
+)
+def test_version_differences_are_settled_at_generation_time(version, present, absent):
+    layer = render(plan_for("transformers.pytorch_utils.Conv1D", {}, {}), PeftTarget(PATCH, version))[0].text
+    for text in present:
+        assert text in layer, text
+    for text in absent:
+        assert text not in layer, text
+
+
+def test_no_empty_tables_or_dead_loops():
+    layer = render(plan_for("torch.nn.Conv2d", {}, {}), LATEST)[0].text
+    assert "UNSUPPORTED_OPTIONS" not in layer and "VARIANTS = {(): None}" not in layer
+    assert "for option, reason in" not in layer
+
+
+def test_peft_versions_covered_by_one_render():
+    assert LATEST.versions == "peft >= 0.21"
+    assert KWARGS_017.versions == "peft 0.16 - 0.17"
+    assert PeftTarget(PLUGIN, (0, 19, 3)).versions == "peft 0.19"
+    assert OLDEST.versions == "peft 0.13"
 
 
 def test_plan_holds_plain_values_only():
@@ -123,28 +175,34 @@ def test_plan_holds_plain_values_only():
     plain = (str, int, float, bool, type(None), tuple)
     for field in dataclasses.fields(plan):
         value = getattr(plan, field.name)
-        if field.name == "probes":
+        if field.name == "verdicts":
             continue
         assert isinstance(value, plain), field.name
 
 
 def test_dora_goes_through_peft_variant_where_offered():
-    layer, tests = render(plan_for("torch.nn.Conv2d", {}, {}))
+    layer, tests = render(plan_for("torch.nn.Conv2d", {}, {}), LATEST)
     assert "from peft.tuners.lora.variants import DoraConv2dVariant" in layer.text
-    assert 'VARIANTS = {(): None, ("use_dora",): DoraConv2dVariant}' in layer.text
+    assert 'return {(): None, ("use_dora",): DoraConv2dVariant}' in layer.text
     assert "def test_dora_merges_magnitude_times_direction_and_unmerges" in tests.text
     assert '"use_dora": True' not in tests.text
 
 
 def test_dora_is_refused_with_the_reason_elsewhere():
-    layer, tests = render(plan_for("torch.nn.Bilinear", {}, {}))
-    assert "variants import" not in layer.text and "VARIANTS = {(): None}\n" in layer.text
+    layer, tests = render(plan_for("torch.nn.Bilinear", {}, {}), LATEST)
+    assert "variants import" not in layer.text and "def lora_variants" not in layer.text
     assert "no DoRA: DoRA rescales a weight acting as a linear map or a convolution" in layer.text
     assert '({"use_dora": True}, "no DoRA")' in tests.text
 
 
 def test_peft_without_lora_variants_gets_dora_refused():
-    layer, tests = render(plan_for("torch.nn.Linear", {}, {}), PLUGIN, KWARGS_API, lora_variants=False)
+    layer, tests = render(plan_for("torch.nn.Linear", {}, {}), NO_VARIANTS)
     assert "variants import" not in layer.text
     assert "which arrived in peft 0.16" in layer.text
     assert '({"use_dora": True}, "no DoRA")' in tests.text
+
+
+def test_lora_bias_cases_only_where_lora_config_has_the_option():
+    embedding = plan_for("torch.nn.Embedding", {}, {})
+    assert '"lora_bias": True' in render(embedding, LATEST)[1].text
+    assert "lora_bias" not in render(embedding, OLDEST)[1].text

@@ -6,11 +6,24 @@ and entries at the end of `TEST_CASES`. Each is found again by name for removal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import libcst as cst
 
-from lora_scaffold.patch.cst_utils import PatchError, code, insert_element, is_class, parse, remove_elements
+from lora_scaffold.errors import PatchError
+from lora_scaffold.patch.cst_utils import (
+    Edit,
+    assigned_list,
+    code,
+    index_of,
+    insert_element,
+    is_class,
+    is_function,
+    parse,
+    remove_elements,
+    with_assigned_list,
+    with_statement,
+)
 
 
 BATTERY_FILE = "tests/test_custom_models.py"
@@ -30,100 +43,91 @@ class BatteryEntry:
     def case_names(self) -> set[str]:
         return {cst.parse_expression(case).elements[0].value.evaluated_value for case in self.test_cases}
 
+    def as_dict(self) -> dict:
+        return {**asdict(self), "test_cases": list(self.test_cases)}
+
+
+def battery_edit(entry: BatteryEntry) -> Edit:
+    return Edit(
+        BATTERY_FILE,
+        lambda source: add_battery_entry(source, entry),
+        lambda source, force: remove_battery_entry(source, entry, force),
+    )
+
 
 def add_battery_entry(source: str, entry: BatteryEntry) -> str:
     module = parse(source, BATTERY_FILE)
     if any(is_class(statement, entry.model_class) for statement in module.body):
         return source
-    module = _insert_model_class(module, entry)
-    dtype_name = _from_pretrained(module).params.params[-1].name.value  # `dtype`, or `torch_dtype` before 0.18
-    module = _edit_from_pretrained(module, lambda body: _insert_branch(body, entry, dtype_name))
+    wrapper_index = _wrapper_index(module)
+    new_class = cst.parse_statement(entry.class_code)
+    body = list(module.body)
+    body.insert(wrapper_index, new_class.with_changes(leading_lines=body[wrapper_index].leading_lines))
+    module = module.with_changes(body=body)
+    dtype_name = _from_pretrained(module)[1].params.params[-1].name.value  # `dtype`, or `torch_dtype` before 0.18
+    module = _edit_from_pretrained(module, lambda statements: _insert_branch(statements, entry, dtype_name))
     return _edit_test_cases(module, lambda elements: _append_cases(elements, entry)).code
 
 
 def remove_battery_entry(source: str, entry: BatteryEntry, force: bool) -> str:
     module = parse(source, BATTERY_FILE)
-    index = next((i for i, statement in enumerate(module.body) if is_class(statement, entry.model_class)), None)
+    index = index_of(module.body, lambda statement: is_class(statement, entry.model_class))
     if index is None:
         return source
-    found = code(module, module.body[index].with_changes(leading_lines=()))
-    if found != entry.class_code and not force:
+    if code(module.body[index].with_changes(leading_lines=())) != entry.class_code and not force:
         raise PatchError(f"{entry.model_class} in {BATTERY_FILE} was edited; pass --force to remove it")
-    body = list(module.body)
-    del body[index]
-    module = module.with_changes(body=body)
+    module = with_statement(module, index, None)
     module = _edit_from_pretrained(module, lambda statements: _remove_branch(statements, entry))
     return _edit_test_cases(module, lambda elements: _remove_cases(elements, entry)).code
 
 
-def _insert_model_class(module: cst.Module, entry: BatteryEntry) -> cst.Module:
-    index = next((i for i, statement in enumerate(module.body) if is_class(statement, WRAPPER)), None)
+def _wrapper_index(module: cst.Module) -> int:
+    index = index_of(module.body, lambda statement: is_class(statement, WRAPPER))
     if index is None:
         raise PatchError(f"{BATTERY_FILE} has no class {WRAPPER}")
-    new_class = cst.parse_statement(entry.class_code).with_changes(leading_lines=module.body[index].leading_lines)
-    body = list(module.body)
-    body.insert(index, new_class)
-    return module.with_changes(body=body)
+    return index
 
 
-def _from_pretrained(module: cst.Module) -> cst.FunctionDef:
-    wrapper = next(statement for statement in module.body if is_class(statement, WRAPPER))
-    return next(m for m in wrapper.body.body if isinstance(m, cst.FunctionDef) and m.name.value == "from_pretrained")
+def _from_pretrained(module: cst.Module) -> tuple[int, cst.FunctionDef]:
+    methods = module.body[_wrapper_index(module)].body.body
+    position = index_of(methods, lambda method: is_function(method, "from_pretrained"))
+    if position is None:
+        raise PatchError(f"{WRAPPER} in {BATTERY_FILE} has no from_pretrained")
+    return position, methods[position]
 
 
 def _edit_from_pretrained(module: cst.Module, edit) -> cst.Module:
-    index = next((i for i, statement in enumerate(module.body) if is_class(statement, WRAPPER)), None)
-    if index is None:
-        raise PatchError(f"{BATTERY_FILE} has no class {WRAPPER}")
+    index = _wrapper_index(module)
     wrapper = module.body[index]
+    position, method = _from_pretrained(module)
     methods = list(wrapper.body.body)
-    position = next(
-        (i for i, m in enumerate(methods) if isinstance(m, cst.FunctionDef) and m.name.value == "from_pretrained"),
-        None,
-    )
-    if position is None:
-        raise PatchError(f"{WRAPPER} in {BATTERY_FILE} has no from_pretrained")
-    method = methods[position]
     methods[position] = method.with_changes(body=method.body.with_changes(body=edit(list(method.body.body))))
-    body = list(module.body)
-    body[index] = wrapper.with_changes(body=wrapper.body.with_changes(body=methods))
-    return module.with_changes(body=body)
+    return with_statement(module, index, wrapper.with_changes(body=wrapper.body.with_changes(body=methods)))
 
 
 def _insert_branch(statements: list, entry: BatteryEntry, dtype_name: str) -> list:
     if not any(isinstance(s, cst.If) for s in statements) or not isinstance(statements[-1], cst.SimpleStatementLine):
         raise PatchError(f"{WRAPPER}.from_pretrained in {BATTERY_FILE} does not end in `if model_id == ...` branches")
-    branch = cst.parse_statement(entry.branch_code(dtype_name)).with_changes(
-        leading_lines=statements[-1].leading_lines
-    )
-    return statements[:-1] + [branch, statements[-1]]
+    branch = cst.parse_statement(entry.branch_code(dtype_name))
+    return statements[:-1] + [branch.with_changes(leading_lines=statements[-1].leading_lines), statements[-1]]
 
 
 def _remove_branch(statements: list, entry: BatteryEntry) -> list:
     wanted = f'model_id == "{entry.model_id}"'
-    empty = cst.Module(body=[])
-    return [s for s in statements if not (isinstance(s, cst.If) and empty.code_for_node(s.test) == wanted)]
+    return [s for s in statements if not (isinstance(s, cst.If) and code(s.test) == wanted)]
 
 
 def _edit_test_cases(module: cst.Module, edit) -> cst.Module:
-    for index, statement in enumerate(module.body):
-        if isinstance(statement, cst.SimpleStatementLine) and isinstance(statement.body[0], cst.Assign):
-            assign = statement.body[0]
-            target = assign.targets[0].target
-            if isinstance(target, cst.Name) and target.value == "TEST_CASES" and isinstance(assign.value, cst.List):
-                elements = edit(list(assign.value.elements))
-                new_assign = assign.with_changes(value=assign.value.with_changes(elements=elements))
-                body = list(module.body)
-                body[index] = statement.with_changes(body=[new_assign])
-                return module.with_changes(body=body)
-    raise PatchError(f"{BATTERY_FILE} has no `TEST_CASES = [...]` list")
+    index = index_of(module.body, lambda statement: assigned_list(statement, "TEST_CASES") is not None)
+    if index is None:
+        raise PatchError(f"{BATTERY_FILE} has no `TEST_CASES = [...]` list")
+    elements = edit(list(assigned_list(module.body[index], "TEST_CASES").elements))
+    return with_statement(module, index, with_assigned_list(module.body[index], elements))
 
 
 def _append_cases(elements: list, entry: BatteryEntry) -> list:
-    if len(elements) < 2:
-        raise PatchError(f"TEST_CASES in {BATTERY_FILE} is too short to follow its layout")
     for case in entry.test_cases:
-        elements = insert_element(elements, len(elements), cst.parse_expression(case))
+        elements = insert_element(elements, len(elements), cst.parse_expression(case), f"TEST_CASES in {BATTERY_FILE}")
     return elements
 
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import libcst as cst
 
-from lora_scaffold.patch.cst_utils import PatchError, code, is_function, normalized, parse
+from lora_scaffold.errors import PatchError
+from lora_scaffold.patch.cst_utils import Edit, code, index_of, is_function, normalized, parse, with_statement
 
 
 LAYER_FILE = "src/peft/tuners/lora/layer.py"
@@ -18,19 +19,24 @@ LAYER_FILE = "src/peft/tuners/lora/layer.py"
 
 @dataclass(frozen=True)
 class DispatchBranch:
-    """`elif test: body`; `marker` (the layer class) tells this branch from PEFT's own for the same type."""
+    """`elif test: body`, building `layer_class`, which tells this branch from PEFT's own for the same type."""
 
     test: str
     body: str
+    layer_class: str
     shadowed_by: frozenset[str] = frozenset()
-
-    @property
-    def marker(self) -> str:
-        return self.body.rsplit("new_module = ", 1)[-1].split("(")[0]
 
     def statement(self) -> cst.If:
         indented = "".join(f"    {line}\n" if line else "\n" for line in self.body.splitlines())
         return cst.parse_statement(f"if {self.test}:\n{indented}")
+
+
+def dispatch_edit(branch: DispatchBranch) -> Edit:
+    return Edit(
+        LAYER_FILE,
+        lambda source: insert_branch(source, branch),
+        lambda source, force: remove_branch(source, branch, force),
+    )
 
 
 @dataclass(frozen=True)
@@ -43,22 +49,20 @@ class DispatchChain:
     branches: tuple[cst.If, ...]
     tail: cst.Else | None
 
-    def branch_type(self, branch: cst.If) -> str | None:
-        test = branch.test
-        if isinstance(test, cst.Call) and code(self.module, test.func) == "isinstance" and len(test.args) == 2:
-            return code(self.module, test.args[1].value)
-        return None
-
     def branch_types(self) -> list[str | None]:
-        return [self.branch_type(branch) for branch in self.branches]
+        """What each branch tests `isinstance` against, as spelled in the source."""
+        types = []
+        for branch in self.branches:
+            test = branch.test
+            is_isinstance = isinstance(test, cst.Call) and code(test.func) == "isinstance" and len(test.args) == 2
+            types.append(code(test.args[1].value) if is_isinstance else None)
+        return types
 
     def find(self, branch: DispatchBranch) -> int | None:
         """Our branch: the same test, and a body that builds our layer (PEFT may test the same type itself)."""
         wanted = normalized(branch.test)
         for index, node in enumerate(self.branches):
-            if normalized(code(self.module, node.test)) == wanted and f"{branch.marker}(" in code(
-                self.module, node.body
-            ):
+            if normalized(code(node.test)) == wanted and f"{branch.layer_class}(" in code(node.body):
                 return index
         return None
 
@@ -70,14 +74,12 @@ class DispatchChain:
         body = list(function.body.body)
         body[self.statement_index] = folded
         function = function.with_changes(body=function.body.with_changes(body=body))
-        module_body = list(self.module.body)
-        module_body[self.function_index] = function
-        return self.module.with_changes(body=module_body).code
+        return with_statement(self.module, self.function_index, function).code
 
 
 def read_chain(source: str) -> DispatchChain:
     module = parse(source, LAYER_FILE)
-    function_index = next((i for i, s in enumerate(module.body) if is_function(s, "dispatch_default")), None)
+    function_index = index_of(module.body, lambda statement: is_function(statement, "dispatch_default"))
     if function_index is None:
         raise PatchError(f"{LAYER_FILE} has no module-level function dispatch_default")
     function = module.body[function_index]
@@ -86,7 +88,7 @@ def read_chain(source: str) -> DispatchChain:
         if not isinstance(statement, cst.If):
             continue
         branches, tail = _flatten(statement)
-        if any("target_base_layer" in code(module, branch.test) for branch in branches):
+        if any("target_base_layer" in code(branch.test) for branch in branches):
             return DispatchChain(module, function_index, statement_index, tuple(branches), tail)
     raise PatchError(f"dispatch_default in {LAYER_FILE} has no if/elif chain on target_base_layer")
 
@@ -101,12 +103,12 @@ def call_form(source: str) -> str:
 
 def insert_branch(source: str, branch: DispatchBranch) -> str:
     """Insert the branch after the parameter_name branch, before the first branch for a base class of the target
-    (else at the end of the chain). A chain that already tests the same class is returned unchanged."""
+    (else at the end of the chain). A chain that already has the branch is returned unchanged."""
     chain = read_chain(source)
     if chain.find(branch) is not None:
         return source
     branches = list(chain.branches)
-    start = 1 if branches and "parameter_name" in code(chain.module, branches[0].test) else 0
+    start = 1 if branches and "parameter_name" in code(branches[0].test) else 0
     types = chain.branch_types()
     position = next((i for i in range(start, len(branches)) if types[i] in branch.shadowed_by), len(branches))
     new = branch.statement()
@@ -124,9 +126,7 @@ def remove_branch(source: str, branch: DispatchBranch, force: bool) -> str:
     if position is None:
         return source
     branches = list(chain.branches)
-    found = code(chain.module, branches[position].body)
-    expected = code(cst.Module(body=[]), branch.statement().body)
-    if found != expected and not force:
+    if code(branches[position].body) != code(branch.statement().body) and not force:
         raise PatchError(
             f"the dispatch_default branch for {branch.test} in {LAYER_FILE} was edited; pass --force to remove it"
         )

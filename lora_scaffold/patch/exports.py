@@ -4,34 +4,29 @@ from __future__ import annotations
 
 import libcst as cst
 
-from lora_scaffold.patch.cst_utils import PatchError, insert_element, parse, remove_elements
+from lora_scaffold.errors import PatchError
+from lora_scaffold.patch.cst_utils import (
+    Edit,
+    assigned_list,
+    code,
+    index_of,
+    insert_element,
+    parse,
+    remove_elements,
+    with_assigned_list,
+    with_statement,
+)
 
 
 INIT_FILE = "src/peft/tuners/lora/__init__.py"
 
 
-def _relative_module(statement: cst.CSTNode) -> str | None:
-    if isinstance(statement, cst.SimpleStatementLine) and len(statement.body) == 1:
-        node = statement.body[0]
-        if isinstance(node, cst.ImportFrom) and len(node.relative) == 1 and node.module is not None:
-            return cst.Module(body=[]).code_for_node(node.module)
-    return None
-
-
-def _all_list(module: cst.Module) -> tuple[int, cst.List]:
-    for index, statement in enumerate(module.body):
-        if isinstance(statement, cst.SimpleStatementLine) and isinstance(statement.body[0], cst.Assign):
-            assign = statement.body[0]
-            target = assign.targets[0].target
-            if isinstance(target, cst.Name) and target.value == "__all__" and isinstance(assign.value, cst.List):
-                return index, assign.value
-    raise PatchError(f"{INIT_FILE} has no `__all__ = [...]` list")
-
-
-def _sort_key(name: str) -> tuple[int, str]:
-    """RUF022's isort-style order: SCREAMING_CASE, then CamelCase, then the rest."""
-    kind = 0 if name.isupper() else 1 if name[:1].isupper() else 2
-    return kind, name
+def export_edit(module_name: str, class_name: str) -> Edit:
+    return Edit(
+        INIT_FILE,
+        lambda source: add_export(source, module_name, class_name),
+        lambda source, force: remove_export(source, module_name, class_name),
+    )
 
 
 def add_export(source: str, module_name: str, class_name: str) -> str:
@@ -50,27 +45,38 @@ def add_export(source: str, module_name: str, class_name: str) -> str:
     if class_name in values:
         return module.code
     position = next((i for i, value in enumerate(values) if _sort_key(value) > _sort_key(class_name)), len(values))
-    elements = insert_element(names.elements, position, cst.SimpleString(f'"{class_name}"'))
-    return _with_all(module, index, names.with_changes(elements=elements))
+    elements = insert_element(names.elements, position, cst.SimpleString(f'"{class_name}"'), f"__all__ in {INIT_FILE}")
+    return with_statement(module, index, with_assigned_list(module.body[index], elements)).code
 
 
 def remove_export(source: str, module_name: str, class_name: str) -> str:
     module = parse(source, INIT_FILE)
     modules = [_relative_module(statement) for statement in module.body]
     if module_name in modules:
-        body = list(module.body)
-        del body[modules.index(module_name)]
-        module = module.with_changes(body=body)
+        module = with_statement(module, modules.index(module_name), None)
     index, names = _all_list(module)
     elements = remove_elements(names.elements, lambda element: element.value.evaluated_value == class_name)
     if len(elements) == len(names.elements):
         return module.code
-    return _with_all(module, index, names.with_changes(elements=elements))
+    return with_statement(module, index, with_assigned_list(module.body[index], elements)).code
 
 
-def _with_all(module: cst.Module, index: int, names: cst.List) -> str:
-    statement = module.body[index]
-    assign = statement.body[0].with_changes(value=names)
-    body = list(module.body)
-    body[index] = statement.with_changes(body=[assign])
-    return module.with_changes(body=body).code
+def _relative_module(statement: cst.CSTNode) -> str | None:
+    if isinstance(statement, cst.SimpleStatementLine) and len(statement.body) == 1:
+        node = statement.body[0]
+        if isinstance(node, cst.ImportFrom) and len(node.relative) == 1 and node.module is not None:
+            return code(node.module)
+    return None
+
+
+def _all_list(module: cst.Module) -> tuple[int, cst.List]:
+    index = index_of(module.body, lambda statement: assigned_list(statement, "__all__") is not None)
+    if index is None:
+        raise PatchError(f"{INIT_FILE} has no `__all__ = [...]` list")
+    return index, assigned_list(module.body[index], "__all__")
+
+
+def _sort_key(name: str) -> tuple[int, str]:
+    """RUF022's isort-style order: SCREAMING_CASE, then CamelCase, then the rest."""
+    kind = 0 if name.isupper() else 1 if name[:1].isupper() else 2
+    return kind, name

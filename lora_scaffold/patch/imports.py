@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import libcst as cst
 
-from lora_scaffold.patch.cst_utils import parse
+from lora_scaffold.errors import PatchError
+from lora_scaffold.patch.cst_utils import Edit, code, parse
+
+
+def import_edit(name: str, path: str) -> Edit:
+    return Edit(
+        path,
+        lambda source: add_import(source, name, path),
+        lambda source, force: remove_import_if_unused(source, name, path),
+    )
 
 
 def _plain_import(statement: cst.CSTNode) -> str | None:
     if isinstance(statement, cst.SimpleStatementLine) and len(statement.body) == 1:
         node = statement.body[0]
         if isinstance(node, cst.Import) and len(node.names) == 1 and node.names[0].asname is None:
-            return cst.Module(body=[]).code_for_node(node.names[0].name)
+            return code(node.names[0].name)
     return None
 
 
@@ -23,18 +32,16 @@ def add_import(source: str, name: str, filename: str) -> str:
         return source
     first = next((i for i, found in enumerate(names) if found), None)
     if first is None:
-        raise ValueError(f"{filename} has no plain imports to add `import {name}` to")
+        raise PatchError(f"{filename} has no plain `import x` lines to add `import {name}` to")
     end = first
     while end < len(names) and names[end]:
         end += 1
     position = next((i for i in range(first, end) if names[i].lower() > name.lower()), end)
     statement = cst.parse_statement(f"import {name}\n")
-    if position == first:
-        statement = statement.with_changes(leading_lines=module.body[first].leading_lines)
-        body = list(module.body)
-        body[first] = body[first].with_changes(leading_lines=())
-        module = module.with_changes(body=body)
     body = list(module.body)
+    if position == first:
+        statement = statement.with_changes(leading_lines=body[first].leading_lines)
+        body[first] = body[first].with_changes(leading_lines=())
     body.insert(position, statement)
     return module.with_changes(body=body).code
 

@@ -1,0 +1,80 @@
+"""The small model and TEST_CASES entries through which PEFT's own test battery runs on a generated layer."""
+
+from __future__ import annotations
+
+import math
+
+from lora_scaffold.analyse import LayerPlan
+from lora_scaffold.patch.battery import BatteryEntry
+from lora_scaffold.render import dora_refusal, render_snippet, template_context
+from lora_scaffold.target import PeftTarget
+
+
+def battery_entry(plan: LayerPlan, peft: PeftTarget) -> BatteryEntry:
+    model_id = plan.layer_class
+    model_class = f"Model{plan.layer_class}"
+    context = template_context(plan, peft)
+    context.update(
+        battery_class=model_class,
+        battery_ctor=f"{_battery_target(plan)}({', '.join(f'{n}={v}' for n, v in plan.ctor_args)})",
+        battery_input_layers=[f"self.lin_in{i} = nn.Linear(10, {math.prod(x.shape)})" for i, x in _floats(plan)],
+        battery_inputs=_tuple_code(_input_expressions(plan), indent=8, prefix="inputs = "),
+        output_features=plan.output_features,
+        output_is_tuple=plan.output_is_tuple,
+    )
+    class_code = render_snippet("partials/battery_model.py.jinja", context)
+    test_cases = tuple(
+        _case_code(f"{model_id} {label} (lora-scaffold)", model_id, kwargs) for label, kwargs in _cases(plan, peft)
+    )
+    return BatteryEntry(model_id, model_class, class_code, test_cases)
+
+
+def _cases(plan: LayerPlan, peft: PeftTarget) -> list[tuple[str, str]]:
+    """Only options the layer implements: PEFT's battery would pass a layer that ignored the others."""
+    cases = [("1 LoRA", '{"target_modules": ["target"]}'), ("2 LoRA", '{"target_modules": ["target", "lin0"]}')]
+    cases.append(("3 LoRA rsLoRA", '{"target_modules": ["target"], "use_rslora": True, "lora_alpha": 16}'))
+    if plan.chosen.uses_dropout:
+        cases.append(("4 LoRA dropout", '{"target_modules": ["target"], "lora_dropout": 0.1}'))
+    if plan.bias_name and peft.has_option("lora_bias"):
+        cases.append(("5 LoRA lora_bias", '{"target_modules": ["target"], "lora_bias": True}'))
+    if not dora_refusal(plan, peft):
+        cases.append(("6 LoRA DoRA", '{"target_modules": ["target"], "use_dora": True}'))
+    return cases
+
+
+def _case_code(name: str, model_id: str, kwargs: str) -> str:
+    one_line = f'("{name}", "{model_id}", LoraConfig, {kwargs})'
+    if len(one_line) + len("    ,") <= 119:
+        return one_line
+    return f'(\n        "{name}",\n        "{model_id}",\n        LoraConfig,\n        {kwargs},\n    )'
+
+
+def _tuple_code(items: list[str], indent: int, prefix: str) -> str:
+    """A tuple laid out as ruff formats it: on one line when it fits, else one item a line."""
+    one_line = f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+    if indent + len(prefix) + len(one_line) <= 119:
+        return one_line
+    inner = " " * (indent + 4)
+    return "(\n" + "".join(f"{inner}{item},\n" for item in items) + " " * indent + ")"
+
+
+def _battery_target(plan: LayerPlan) -> str:
+    return f"{plan.target_module}.{plan.target_class}" if plan.target_in_torch else plan.target_class
+
+
+def _floats(plan: LayerPlan):
+    return [(i, x) for i, x in enumerate(plan.inputs) if x.floating]
+
+
+def _input_expressions(plan: LayerPlan) -> list[str]:
+    """PEFT's battery feeds every model `torch.arange(90).view(9, 10)`: shape that into the target's inputs."""
+    expressions = []
+    for index, info in enumerate(plan.inputs):
+        shape = ", ".join(map(str, info.shape))
+        if info.floating:
+            expressions.append(f"self.lin_in{index}(X.to(self.dtype)).reshape(-1, {shape})")
+        else:
+            size = math.prod(info.shape)
+            repeats = max(1, math.ceil(size / 10))
+            expressions.append(f"(X.long().repeat(1, {repeats})[:, :{size}] % {info.high}).reshape(-1, {shape})")
+    return expressions

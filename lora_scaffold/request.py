@@ -1,0 +1,47 @@
+"""What the user asks `new` for, as plain data: it is what the generation record keeps, and what `check` reads from
+a manifest, so that a layer can be generated again exactly."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from lora_scaffold.analyse import Options
+from lora_scaffold.errors import ScaffoldError
+
+
+@dataclass(frozen=True)
+class Request:
+    target: str
+    args: tuple[str, ...] = ()  # NAME=VALUE, values Python literals
+    weight: str | None = None
+    strategy: str = "auto"
+    example_input: str | None = None
+    name: str | None = None
+
+    @property
+    def options(self) -> Options:
+        return Options(weight=self.weight, strategy=self.strategy, example_input=self.example_input, name=self.name)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["args"] = list(self.args)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> Request:
+        """A clear error, naming `where`, for anything but a dict of the fields above with values of their types."""
+        if not isinstance(data, dict):
+            raise ScaffoldError(f"{where}: expected an object with a `target`, got {type(data).__name__}")
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ScaffoldError(f"{where}: unknown option {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        if not isinstance(data.get("target"), str):
+            raise ScaffoldError(f"{where}: `target` must be a string such as 'torch.nn.Conv2d'")
+        args = data.get("args", [])
+        if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
+            raise ScaffoldError(f"{where}: `args` must be a list of NAME=VALUE strings")
+        for key in ("weight", "example_input", "name", "strategy"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise ScaffoldError(f"{where}: `{key}` must be a string")
+        return cls(**{**data, "args": tuple(args), "strategy": data.get("strategy") or "auto"})

@@ -1,0 +1,35 @@
+"""`embedding`: a lookup table [num, dim] indexed by integer inputs."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from lora_scaffold.probe import NOT_ONE_TENSOR
+from lora_scaffold.strategies.base import Evidence, Strategy, Verdict
+
+
+class Embedding(Strategy):
+    name = family = "embedding"
+    help = "lookup table [num, dim]: adds the looked-up rows of (B @ A).T * scaling"
+    summary = "The adapter adds the looked-up rows of `(B @ A).T * scaling`, as PEFT's Embedding does."
+    partial = "partials/embedding.jinja"
+    uses_dropout = False  # as PEFT's Embedding: dropout does not apply to indices
+    refused_options = {"lora_bias": "embeddings have no bias to merge it into"}
+    no_dora = "lora-scaffold does not generate DoRA for embeddings yet"
+
+    def fits(self, evidence: Evidence) -> bool:
+        return len(evidence.weight.shape) == 2
+
+    def judge(self, evidence: Evidence) -> tuple[Verdict, ...]:
+        probe = evidence.probe
+        x, delta = probe.x, probe.delta
+        if delta.dim() != 2 or not hasattr(x, "is_floating_point") or x.is_floating_point():
+            return (self.verdict(NOT_ONE_TENSOR, "input is not integer indices into a 2-D weight", probe=probe),)
+        padding_idx = evidence.attributes.get("padding_idx")
+        return (self.verdict(probe.error(F.embedding(x, delta, padding_idx=padding_idx)), probe=probe),)
+
+    def imports(self):
+        return [("torch.nn.functional as F", ())]
+
+
+EMBEDDING = Embedding()

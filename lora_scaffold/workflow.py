@@ -1,0 +1,199 @@
+"""The commands as functions: typed options in, planned file changes and a report out. Nothing here prints or
+writes; the CLI shows the report and applies the changes (`files.apply_changes`) unless asked for a dry run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_scaffold.analyse import LayerPlan, analyse, layer_names
+from lora_scaffold.errors import PatchError, ScaffoldError
+from lora_scaffold.files import FileChange, plan_changes, plan_deletions, refuse_conflicts
+from lora_scaffold.introspect import TargetSpec, introspect, parse_arg_overrides
+from lora_scaffold.patch.checkout import LORA_PACKAGE, PeftCheckout, read_checkout, read_text
+from lora_scaffold.patch.plan import PatchEdits, as_files, edited_sources, plan_edits, reverted_sources
+from lora_scaffold.record import IGNORE_FILE, IGNORE_TEXT, GenerationRecord, digest, record_path
+from lora_scaffold.render import GeneratedFile, render
+from lora_scaffold.request import Request
+from lora_scaffold.resolve import resolve_target
+from lora_scaffold.target import PLUGIN, PeftTarget, installed_peft, peft_target
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a command found and decided, for the CLI to show."""
+
+    spec: TargetSpec | None = None
+    plan: LayerPlan | None = None
+    peft: PeftTarget | None = None
+    notes: tuple[str, ...] = ()
+    nothing_to_do: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    changes: tuple[FileChange, ...]
+    report: Report = field(default_factory=Report)
+
+
+def inspect_target(request: Request) -> TargetSpec:
+    return introspect(resolve_target(request.target), parse_arg_overrides(list(request.args)))
+
+
+def plan_layer(request: Request) -> tuple[TargetSpec, LayerPlan]:
+    """Resolve, introspect and analyse: everything up to rendering."""
+    spec = inspect_target(request)
+    return spec, analyse(spec, request.options)
+
+
+def new_plugin(request: Request, output: Path, force: bool = False, peft: PeftTarget | None = None) -> Outcome:
+    """`new -o DIR`: the layer, its tests and its record, for the installed peft (or the one given)."""
+    peft = peft or installed_peft(PLUGIN)
+    spec, plan = plan_layer(request)
+    files = with_record(render(plan, peft), request, plan, peft)
+    previous = _read_record(output / record_path(plan.module_name))
+    changes = plan_changes(files, output, force=force, updatable=_unedited(output, previous))
+    refuse_conflicts(changes)
+    notes = ()
+    if spec.target.from_file is not None:
+        notes = (f"the generated code imports {plan.target_module}; put {spec.target.from_file.parent} on PYTHONPATH",)
+    return Outcome(changes, Report(spec, plan, peft, notes))
+
+
+def patch_checkout(request: Request, checkout_path: str, force: bool = False) -> Outcome:
+    """`new --peft-checkout PATH`: the layer becomes part of PEFT (module, dispatch, export, tests)."""
+    checkout = read_checkout(checkout_path)
+    spec, plan = plan_layer(request)
+    if plan.peft_builtin_exact and not force:
+        raise PatchError(
+            f"PEFT already supports {plan.target_module}.{plan.target_class} with its own {plan.peft_builtin} layer; "
+            "pass --force to put a branch for the generated layer before PEFT's"
+        )
+    previous = checkout.record(plan.module_name)
+    _refuse_foreign_layer(checkout, plan.module_name, request.target, previous)
+    edits = plan_edits(plan, spec.target.cls, checkout)
+    sources = checkout.edited_sources()
+    if previous is not None and previous.edits != edits.as_dict():
+        sources = reverted_sources(sources, PatchEdits.from_dict(previous.edits), force)
+    rendered = tuple(
+        GeneratedFile(f"{folder}/{generated.path}", generated.text)
+        for folder, generated in zip((LORA_PACKAGE, "tests"), render(plan, checkout.peft))
+    )
+    files = with_record(rendered, request, plan, checkout.peft, edits.as_dict())
+    files += as_files(edited_sources(sources, edits)) + (GeneratedFile(IGNORE_FILE, IGNORE_TEXT),)
+    updatable = _unedited(checkout.root, previous) | set(checkout.edited_sources()) | {IGNORE_FILE}
+    changes = _checkout_changes(checkout, files, force, updatable)
+    notes = ()
+    if plan.battery_blocker and edits.battery is None:
+        notes = (f"not wired into PEFT's test battery: {plan.battery_blocker}; {rendered[1].path} covers the layer",)
+    nothing = "" if any(c.changes_disk for c in changes) else f"{checkout.root} already has {plan.layer_class}"
+    return Outcome(changes, Report(spec, plan, checkout.peft, notes, nothing))
+
+
+def remove_from_checkout(target: str, name: str | None, checkout_path: str, force: bool = False) -> Outcome:
+    """`remove`: take out exactly what `new` added, as its generation record says."""
+    checkout = read_checkout(checkout_path)
+    class_name = target.rpartition(":" if ":" in target else ".")[2]
+    _, module_name = layer_names(class_name, name)
+    record = checkout.record(module_name)
+    _refuse_foreign_layer(checkout, module_name, target, record)
+    if record is None:
+        return Outcome((), Report(nothing_to_do=f"{checkout.root} has no {module_name} for {target}"))
+    edited = [
+        path for path, hash_ in record.files.items() if _digest_on_disk(checkout.root / path) not in (hash_, None)
+    ]
+    if edited and not force:
+        raise PatchError(f"{', '.join(edited)} changed since lora-scaffold wrote it; pass --force to remove it anyway")
+    reverted = reverted_sources(checkout.edited_sources(), PatchEdits.from_dict(record.edits), force)
+    changes = _checkout_changes(checkout, as_files(reverted), True, frozenset(reverted))
+    owned = [*record.files, record.path]
+    if checkout.records() == [Path(record.path).name]:
+        owned.append(IGNORE_FILE)
+    return Outcome(changes + plan_deletions([checkout.path(path) for path in owned]))
+
+
+def check_examples(root: Path) -> tuple[list[str], tuple[FileChange, ...]]:
+    """Re-render every example of `root/manifest.json`: the stale ones, and the changes that refresh them."""
+    peft, examples = load_manifest(root)
+    stale, changes = [], ()
+    for folder, request in examples.items():
+        planned = new_plugin(request, root / folder, force=True, peft=peft).changes
+        if any(change.writes for change in planned):
+            stale.append(folder)
+        changes += planned
+    return stale, changes
+
+
+def load_manifest(root: Path) -> tuple[PeftTarget, dict[str, Request]]:
+    """`{"peft": VERSION, "examples": {folder: request}}`: the peft the examples are written for, and what each is."""
+    path = root / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ScaffoldError(f"cannot read {path}: {exc}") from None
+    if (
+        not isinstance(manifest, dict)
+        or set(manifest) != {"peft", "examples"}
+        or not isinstance(manifest["examples"], dict)
+    ):
+        raise ScaffoldError(f'{path} should be {{"peft": "VERSION", "examples": {{folder: {{"target": ...}}}}}}')
+    for folder in manifest["examples"]:
+        if not folder or Path(folder).name != folder or folder.startswith("."):
+            raise ScaffoldError(f"{path}: example folder {folder!r} must be a plain folder name inside {root}")
+    examples = {f: Request.from_dict(r, f"{path}, example {f!r}") for f, r in manifest["examples"].items()}
+    return peft_target(PLUGIN, str(manifest["peft"])), examples
+
+
+def with_record(
+    files: tuple[GeneratedFile, ...], request: Request, plan: LayerPlan, peft: PeftTarget, edits: dict | None = None
+) -> tuple[GeneratedFile, ...]:
+    record = GenerationRecord(
+        request=request,
+        mode=peft.mode,
+        peft_version=peft.version_text,
+        layer_api=peft.api,
+        target=f"{plan.target_module}.{plan.target_class}",
+        constructor=dict(plan.ctor_args),
+        strategy=plan.strategy,
+        reason=plan.reason,
+        verdicts=[verdict.as_record() for verdict in plan.verdicts],
+        layer_class=plan.layer_class,
+        module_name=plan.module_name,
+        files={generated.path: digest(generated.text) for generated in files},
+        edits=edits,
+    )
+    return files + (GeneratedFile(record.path, record.to_json()),)
+
+
+def _read_record(path: Path) -> GenerationRecord | None:
+    return GenerationRecord.from_json(read_text(path), str(path)) if path.is_file() else None
+
+
+def _unedited(root: Path, record: GenerationRecord | None) -> set[str]:
+    """Files of an earlier run that nobody edited since, and its record: a new run may replace them."""
+    if record is None:
+        return set()
+    return {path for path, hash_ in record.files.items() if _digest_on_disk(root / path) == hash_} | {record.path}
+
+
+def _digest_on_disk(path: Path) -> str | None:
+    return digest(read_text(path)) if path.is_file() else None
+
+
+def _refuse_foreign_layer(checkout: PeftCheckout, module_name: str, target: str, record: GenerationRecord | None):
+    """A layer module of that name that lora-scaffold did not write for this target is an error, --force or not."""
+    layer = f"{LORA_PACKAGE}/{module_name}.py"
+    if record is not None and record.request.target == target:
+        return
+    if record is not None or checkout.path(layer).exists():
+        owner = f"lora-scaffold's layer for {record.request.target}" if record else "not lora-scaffold's"
+        raise PatchError(f"{layer} already exists and is {owner}, not for {target}; pick another name with --name")
+
+
+def _checkout_changes(checkout: PeftCheckout, files, force: bool, updatable) -> tuple[FileChange, ...]:
+    for generated in files:
+        checkout.path(generated.path)  # refuses paths outside the checkout and symbolic links
+    changes = plan_changes(files, checkout.root, force=force, updatable=frozenset(updatable))
+    refuse_conflicts(changes)
+    return changes
