@@ -53,11 +53,8 @@ class LoraMyConvStub(nn.Module, LoraLayer):
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs) -> None:
-        variant = self.resolve_lora_variant(config=config)
+        self.resolve_lora_variant(config=config)  # refuses every variant: this layer implements none
         self._set_up_adapter(adapter_name, r, lora_alpha, config)
-        if variant is not None:
-            self.lora_variant[adapter_name] = variant
-            variant.init(self, adapter_name=adapter_name, config=config, **kwargs)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs) -> Any:
