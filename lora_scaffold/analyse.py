@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import keyword
-import re
+import ast
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +12,8 @@ from torch import nn
 from lora_scaffold import strategies
 from lora_scaffold.errors import AnalysisError
 from lora_scaffold.introspect import TargetSpec, TensorInfo, instantiate
-from lora_scaffold.probe import Probe
+from lora_scaffold.names import layer_names
+from lora_scaffold.probe import NotDeterministic, Probe, build_probe
 from lora_scaffold.sample_input import candidate_inputs, evaluate_input, find_sample_input, flatten_output
 from lora_scaffold.strategies import Evidence, Strategy, Verdict
 
@@ -62,6 +63,7 @@ class LayerPlan:
     battery_blocker: str
     dora_blocker: str
     flat_rnn_weights: bool
+    eval_only: str  # why the generated tests compare outputs in eval mode only ("" when they need not)
 
     @property
     def target_in_torch(self) -> bool:
@@ -90,7 +92,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
     module = instantiate(spec.target, spec.ctor_kwargs())
     attributes = spec.attribute_values()
     if options.example_input:
-        example_input = options.example_input
+        example_input = normalised_expression(options.example_input)
         find_sample_input(module, [example_input])
     else:
         candidates = candidate_inputs(weight.shape, spec.forward_arity, attributes)
@@ -100,6 +102,10 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
     probe = run_probe(module, weight, example_input) if needs_probe else None
     evidence = Evidence(module, weight, attributes, probe)
     choice = choose_strategy(evidence, options.strategy)
+    if probe is not None and probe.train_mode_note:
+        choice = dataclasses.replace(
+            choice, reason=f"{choice.reason} (compared in eval mode: {probe.train_mode_note})"
+        )
     strategy, verdict = choice.strategy, choice.verdict
     groups = strategy.groups(attributes)
     inputs, output_features, output_is_tuple = describe_io(module, example_input)
@@ -110,7 +116,9 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         ctor_args=spec.ctor_args,
         weight_name=weight.name,
         weight_shape=weight.shape,
-        bias_name=_bias_name(spec, weight, strategy.bias_size(weight.shape, verdict.fan_in_fan_out, groups)),
+        bias_name=_bias_name(
+            spec, evidence, strategy, strategy.bias_size(weight.shape, verdict.fan_in_fan_out, groups)
+        ),
         strategy=strategy.name,
         fan_in_fan_out=verdict.fan_in_fan_out,
         groups=groups,
@@ -130,6 +138,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         battery_blocker=battery_blocker(module),
         flat_rnn_weights=isinstance(module.get_submodule(weight.name.rpartition(".")[0]), nn.RNNBase),
         dora_blocker=strategy.dora_blocker(evidence, verdict),
+        eval_only=probe.train_mode_note if probe else "",
     )
 
 
@@ -164,7 +173,11 @@ def _reason(evidence: Evidence, verdict: Verdict, tried: list[Verdict], auto: bo
 
 def run_probe(module: nn.Module, weight: TensorInfo, example_input: str) -> Probe:
     try:
-        probe = Probe(module, weight.name, evaluate_input(example_input))
+        probe = build_probe(module, weight.name, lambda seed: evaluate_input(example_input, seed))
+    except NotDeterministic as exc:
+        raise AnalysisError(
+            f"{type(module).__name__} cannot be checked: {exc}; lora-scaffold needs a forward it can repeat"
+        ) from None
     except Exception as exc:
         raise AnalysisError(
             f"running {type(module).__name__} with a changed {weight.name!r} failed: {type(exc).__name__}: {exc}"
@@ -175,6 +188,15 @@ def run_probe(module: nn.Module, weight: TensorInfo, example_input: str) -> Prob
             "pick another --weight or pass --example-input"
         )
     return probe
+
+
+def normalised_expression(text: str) -> str:
+    """The user's --example-input as one canonical expression (no comments, no line breaks): it goes into the
+    generated tests as code, so nothing but a single expression may get there."""
+    try:
+        return ast.unparse(ast.parse(text.strip(), mode="eval"))
+    except SyntaxError as exc:
+        raise AnalysisError(f"--example-input {text!r} is not one Python expression ({exc.msg})") from None
 
 
 def describe_io(module: nn.Module, example_input: str) -> tuple[tuple[InputInfo, ...], int, bool]:
@@ -199,14 +221,20 @@ def choose_weight(spec: TargetSpec, requested: str | None) -> TensorInfo:
         if found is None:
             names = ", ".join(p.name for p in spec.parameters)
             raise AnalysisError(f"{spec.target.class_name} has no parameter {requested!r}; its parameters: {names}")
+        if not found.shape or 0 in found.shape:
+            raise AnalysisError(
+                f"{spec.target.class_name}.{requested} has shape {list(found.shape)}: no low-rank adapter fits it"
+            )
         return found
-    candidates = [p for p in spec.parameters if len(p.shape) >= 2]
-    if len(candidates) == 1:
-        return candidates[0]
+    # A per-channel scale such as `gain [C, 1, 1]` is not a weight LoRA would adapt: two real dimensions needed.
+    candidates = [p for p in spec.parameters if sum(size > 1 for size in p.shape) >= 2]
+    named_weight = [p for p in candidates if p.name == "weight"]
+    if len(candidates) == 1 or len(named_weight) == 1:
+        return (named_weight or candidates)[0]
     if not candidates:
         names = ", ".join(f"{p.name} {list(p.shape)}" for p in spec.parameters)
         raise AnalysisError(
-            f"{spec.target.class_name} has no weight of 2 or more dimensions ({names}); pick one with --weight"
+            f"{spec.target.class_name} has no weight with 2 or more dimensions ({names}); pick one with --weight"
         )
     names = ", ".join(f"{p.name} {list(p.shape)}" for p in candidates)
     raise AnalysisError(f"{spec.target.class_name} has several weights ({names}); pick one with --weight NAME")
@@ -223,25 +251,13 @@ def battery_blocker(module: nn.Module) -> str:
     return ""
 
 
-def _bias_name(spec: TargetSpec, weight: TensorInfo, size: int | None) -> str | None:
-    """The bias lora_bias merges into: `bias` beside the weight, of the output's size."""
-    prefix = weight.name.rpartition(".")[0]
+def _bias_name(spec: TargetSpec, evidence: Evidence, strategy: Strategy, size: int | None) -> str | None:
+    """The bias lora_bias merges into: `bias` beside the weight, of the output's size, which the probe finds added
+    to the output (a `bias` the forward ignores would make merging wrong)."""
+    prefix = evidence.weight.name.rpartition(".")[0]
     name = f"{prefix}.bias" if prefix else "bias"
     bias = spec.parameter(name)
-    return name if size is not None and bias is not None and bias.shape == (size,) else None
-
-
-def layer_names(class_name: str, name: str | None) -> tuple[str, str]:
-    """(layer class, module name) from the target's class name, or from --name."""
-    if name is None:
-        return f"Lora{class_name}", f"lora_{_snake_case(class_name)}"
-    if not name.isidentifier() or keyword.iskeyword(name):
-        raise AnalysisError(f"--name {name!r} must be a Python identifier (no path, not a keyword)")
-    camel = "".join(part[:1].upper() + part[1:] for part in name.split("_") if part)
-    return f"Lora{camel}", f"lora_{name.lower()}"
-
-
-def _snake_case(class_name: str) -> str:
-    """MyConv -> my_conv, ConvTranspose2d -> conv_transpose2d, Conv1D -> conv1d, GRU -> gru."""
-    words = re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z0-9])(?=[A-Z][a-z])", "_", class_name)
-    return words.lower().strip("_")
+    if size is None or bias is None or bias.shape != (size,) or evidence.probe is None:
+        return None
+    error = evidence.probe.bias_error(name, lambda change, output: strategy.bias_change(evidence, change, output))
+    return name if evidence.probe.exact(error) else None

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from lora_scaffold import __version__, strategies, workflow
 from lora_scaffold.errors import ScaffoldError, StaleOutputError
-from lora_scaffold.files import apply_changes
 from lora_scaffold.introspect import TargetSpec
 from lora_scaffold.render import dora_refusal
 from lora_scaffold.request import Request
@@ -163,28 +162,32 @@ def run_new(args: argparse.Namespace) -> int:
     if args.peft_checkout is not None:
         if args.output is not None:
             raise ScaffoldError("-o writes plugin files and --peft-checkout patches peft: give one of them, not both")
-        outcome = workflow.patch_checkout(_request(args), args.peft_checkout, args.force)
+        outcome = workflow.patch_checkout(_request(args), args.peft_checkout, args.force, args.dry_run)
     else:
-        outcome = workflow.new_plugin(_request(args), Path(args.output or "."), args.force)
+        outcome = workflow.new_plugin(_request(args), Path(args.output or "."), args.force, dry_run=args.dry_run)
     print(format_report(outcome.report))
     _apply_or_show(outcome, args.dry_run)
     return 0
 
 
 def run_remove(args: argparse.Namespace) -> int:
-    outcome = workflow.remove_from_checkout(args.target, args.name, args.peft_checkout, args.force)
+    outcome = workflow.remove_from_checkout(args.target, args.name, args.peft_checkout, args.force, args.dry_run)
     _apply_or_show(outcome, args.dry_run)
     return 0
 
 
 def run_check(args: argparse.Namespace) -> int:
     root = Path(args.directory)
-    stale, changes = workflow.check_examples(root)
-    for change in changes:
-        if change.writes:
-            print(change.diff(), end="")
+    stale, outcomes = workflow.check_examples(root, dry_run=not args.update)
+    for outcome in outcomes:
+        for note in outcome.report.notes:
+            print(f"note: {note}")
+        for change in outcome.changes:
+            if change.writes:
+                print(change.diff(), end="")
     if args.update:
-        apply_changes(changes)
+        for outcome in outcomes:
+            outcome.apply()
         print(f"updated {len(stale)} of the examples in {root}" + (f": {', '.join(stale)}" if stale else ""))
     elif stale:
         raise StaleOutputError(
@@ -206,7 +209,7 @@ def _apply_or_show(outcome: workflow.Outcome, dry_run: bool) -> None:
             if change.changes_disk:
                 print(change.diff(), end="")
     else:
-        apply_changes(outcome.changes)
+        outcome.apply()
         for change in outcome.changes:
             print(f"{change.status:<9} {change.path}")
     for note in report.notes:

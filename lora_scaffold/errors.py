@@ -9,6 +9,10 @@ class ScaffoldError(Exception):
 
     exit_code = BAD_INPUT
 
+    def __str__(self) -> str:
+        # Messages quote other libraries' errors, which may run over several lines.
+        return " ".join(line.strip() for line in super().__str__().splitlines() if line.strip())
+
 
 class TargetError(ScaffoldError):
     """The target class cannot be found, imported or built."""

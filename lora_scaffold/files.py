@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import difflib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_scaffold import journal
 from lora_scaffold.errors import WriteError
 from lora_scaffold.render import GeneratedFile
 
@@ -88,73 +87,15 @@ def refuse_conflicts(changes: tuple[FileChange, ...]) -> None:
         raise WriteError(f"{', '.join(conflicts)} already exists with other content; pass --force to overwrite it")
 
 
-def apply_changes(changes: tuple[FileChange, ...]) -> None:
-    """Stage every file next to its destination, then rename them all; on any failure restore what was there."""
+def apply_changes(changes: tuple[FileChange, ...], root: Path) -> None:
+    """Write and delete all of `changes` (paths below `root`) or none of them, even across a crash."""
     refuse_conflicts(changes)
-    created_dirs: list[Path] = []
-    staged: list[tuple[Path, FileChange]] = []
-    done: list[tuple[Path | None, FileChange]] = []
-    try:
-        for change in changes:
-            if change.writes:
-                created_dirs += _make_parents(change.path.parent)
-                staged.append((_stage(change.path, change.new_text), change))
-        for change in changes:
-            if change.status == DELETE:
-                backup = _stage(change.path, change.old_text)
-                os.replace(change.path, backup)
-                done.append((backup, change))
-        for temporary, change in staged:
-            os.replace(temporary, change.path)
-            done.append((None, change))
-    except OSError as exc:
-        _roll_back(done, [t for t, c in staged if (None, c) not in done], created_dirs)
-        raise WriteError(
-            f"writing {exc.filename or 'the output'} failed ({exc.strerror}); nothing was changed"
-        ) from exc
-    for backup, change in done:
-        if backup is not None:
-            backup.unlink()
-            _remove_if_empty(change.path.parent)
+    writes = [(c.path, c.new_text, c.old_text, _mode(c.path)) for c in changes if c.writes]
+    deletes = [(c.path, c.old_text) for c in changes if c.status == DELETE]
+    if writes or deletes:
+        journal.apply(root, writes, deletes)
 
 
-def _remove_if_empty(directory: Path) -> None:
-    """A folder a deletion left empty goes too, so that `remove` leaves no trace."""
-    if directory.is_dir() and not any(directory.iterdir()):
-        directory.rmdir()
-
-
-def _make_parents(directory: Path) -> list[Path]:
-    missing = [d for d in (directory, *directory.parents) if not d.exists()]
-    directory.mkdir(parents=True, exist_ok=True)
-    return missing
-
-
-def _stage(path: Path, text: str) -> Path:
-    """A temporary beside `path` with its text, and the mode `path` has (or the umask gives a new file)."""
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "wb") as stream:
-        stream.write(text.encode("utf-8"))
-    os.chmod(name, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
-    return Path(name)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _roll_back(done: list[tuple[Path | None, FileChange]], leftovers: list[Path], created_dirs: list[Path]) -> None:
-    for backup, change in reversed(done):
-        if backup is not None:
-            os.replace(backup, change.path)
-        elif change.old_text is None:
-            change.path.unlink(missing_ok=True)
-        else:
-            change.path.write_bytes(change.old_text.encode("utf-8"))
-    for temporary in leftovers:
-        temporary.unlink(missing_ok=True)
-    for directory in created_dirs:
-        if directory.exists() and not any(directory.iterdir()):
-            directory.rmdir()
+def _mode(path: Path) -> int | None:
+    """A replaced file keeps its mode; a new one gets what the umask gives (None)."""
+    return path.stat().st_mode & 0o7777 if path.exists() else None

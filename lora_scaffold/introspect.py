@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lora_scaffold.errors import TargetError
+from lora_scaffold.names import is_name
 from lora_scaffold.resolve import ResolvedTarget
 
 
@@ -114,14 +115,19 @@ def parse_arg_overrides(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         name = name.strip()
-        if not sep or not name.isidentifier():
-            raise TargetError(f"bad --arg {pair!r}: expected NAME=VALUE")
+        if not sep or not is_name(name):
+            raise TargetError(f"bad --arg {pair!r}: expected NAME=VALUE, NAME a Python identifier")
         try:
-            overrides[name] = repr(ast.literal_eval(value.strip()))
-        except (ValueError, SyntaxError):
+            source = repr(ast.literal_eval(value.strip()))
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             raise TargetError(
                 f"bad --arg value for {name}: {value!r} is not a Python literal (strings need quotes: {name}='\"text\"')"
             ) from None
+        if not _round_trips(source):
+            raise TargetError(
+                f"bad --arg value for {name}: {value!r} has no literal form generated code could write (as inf or nan)"
+            )
+        overrides[name] = source
     return overrides
 
 
@@ -263,6 +269,14 @@ def _peft_attributes(module: nn.Module) -> tuple[tuple[str, str], ...]:
         if value is not None and _is_literal(value):
             found.append((name, repr(value)))
     return tuple(found)
+
+
+def _round_trips(source: str) -> bool:
+    """Whether generated code can spell the value: its repr reads back as itself."""
+    try:
+        return repr(ast.literal_eval(source)) == source
+    except (ValueError, SyntaxError):
+        return False
 
 
 def _is_literal(value: object) -> bool:

@@ -1,12 +1,17 @@
 """The numerical probe: what a change of the weight does to the output, measured in float64.
 
-For a random D, `f(x; W + D) - f(x; W)` is measured through `torch.func.functional_call`; each strategy compares
-it with what its factored path would add for the same D (`strategies/`). Float64 makes a match unambiguous.
+A strategy is trusted only where its formula predicts `f(x; W + t*D) - f(x; W)` exactly for every trial: the
+module's own parameters and also every other parameter and floating buffer drawn at random (a gain that happens
+to be initialised to ones must not pass for no gain), several inputs, several random D, and several scales and
+signs t (a linearity test, not one difference). The module is compared in eval mode; a forward that is random or
+changes the module's state in training mode is noted, so that the generated tests compare in eval mode too.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,65 +22,159 @@ from lora_scaffold.sample_input import flatten_output
 
 RELATIVE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 NOT_ONE_TENSOR = float("inf")
+PARAMETER_DRAWS = 3  # the module's own values, then random ones
+INPUT_SEEDS = (0, 1)
+SCALES = (1.0, -0.5, 3.0)
 
 
-class Probe:
-    """A float64 copy of the module with the chosen weight and inputs; everything the strategies are tested on."""
+@dataclass(frozen=True)
+class Trial:
+    """One draw: inputs, the other parameters and buffers, D, and what W + t*D does to the output for each t."""
 
-    def __init__(self, module: nn.Module, weight_name: str, inputs: tuple):
-        self.module, self.inputs = _high_precision(module, inputs)
-        self.module.eval()
-        self.weight_name = weight_name
-        self.weight = self.module.get_parameter(weight_name).detach()
-        generator = torch.Generator().manual_seed(1)
-        scale = float(self.weight.std()) if self.weight.numel() > 1 and float(self.weight.std()) > 0 else 1.0
-        self.delta = torch.randn(self.weight.shape, generator=generator, dtype=self.weight.dtype) * scale
-        self.output = self.run({weight_name: self.weight})
-        after = self.run({weight_name: self.weight + self.delta})
-        self.effect = [
-            a - b for a, b in zip(after, self.output) if isinstance(a, torch.Tensor) and a.is_floating_point()
-        ]
+    inputs: tuple
+    tensors: dict[str, torch.Tensor]  # every parameter and buffer but the weight
+    weight: torch.Tensor
+    delta: torch.Tensor
+    output: list
+    effects: dict[float, list]
 
     @property
     def x(self):
-        """The first input, which factored paths transform."""
         return self.inputs[0]
+
+
+class NotDeterministic(Exception):
+    """The module's eval-mode forward gives different outputs for the same input: nothing can be checked."""
+
+
+def build_probe(module: nn.Module, weight_name: str, make_inputs: Callable[[int], tuple]) -> Probe:
+    """In float64 where the module runs in it (a match is then unambiguous), else in float32."""
+    try:
+        return Probe(module, weight_name, make_inputs, torch.float64)
+    except NotDeterministic:
+        raise
+    except Exception:
+        return Probe(module, weight_name, make_inputs, torch.float32)
+
+
+class Probe:
+    """A copy of the module in high precision, and the trials every strategy's formula is checked against."""
+
+    def __init__(self, module: nn.Module, weight_name: str, make_inputs: Callable[[int], tuple], dtype: torch.dtype):
+        self.module = copy.deepcopy(module).to(dtype).eval()
+
+        def cast(inputs: tuple) -> tuple:
+            return tuple(x.to(dtype) if _is_float(x) else x for x in inputs)
+
+        self.weight_name = weight_name
+        self.weight = self.module.get_parameter(weight_name).detach()
+        self.train_mode_note = _train_mode_note(self.module, cast(make_inputs(INPUT_SEEDS[0])))
+        generator = torch.Generator().manual_seed(1)
+        own = {name: t.detach() for name, t in _state(self.module).items() if name != weight_name}
+        parameters = {name for name, _ in self.module.named_parameters()}
+        self.trials = []
+        for draw in range(PARAMETER_DRAWS):
+            tensors = own if draw == 0 else {n: _redraw(t, n in parameters, generator) for n, t in own.items()}
+            for seed in INPUT_SEEDS:
+                self.trials.append(self._trial(tensors, cast(make_inputs(seed)), generator))
+        first = self.trials[0]
+        if any(not torch.equal(a, b) for a, b in zip(first.output, self._run(first, self.weight))):
+            raise NotDeterministic("its forward gives different outputs for the same input, even in eval mode")
+
+    def _trial(self, tensors: dict, inputs: tuple, generator: torch.Generator) -> Trial:
+        scale = float(self.weight.std()) if self.weight.numel() > 1 and float(self.weight.std()) > 0 else 1.0
+        delta = torch.randn(self.weight.shape, generator=generator, dtype=self.weight.dtype) * scale
+        trial = Trial(inputs, tensors, self.weight, delta, [], {})
+        output = self._run(trial, self.weight)
+        effects = {}
+        for t in SCALES:
+            after = self._run(trial, self.weight + t * delta)
+            effects[t] = [a - b for a, b in zip(after, output) if _is_float(a)]
+        return Trial(inputs, tensors, self.weight, delta, output, effects)
+
+    def _run(self, trial: Trial, weight: torch.Tensor) -> list:
+        with torch.no_grad():
+            return flatten_output(
+                functional_call(self.module, {**trial.tensors, self.weight_name: weight}, trial.inputs)
+            )
+
+    @property
+    def x(self):
+        """The first input of the first trial, which strategies check shapes and kinds on."""
+        return self.trials[0].x
 
     @property
     def floating_input(self) -> bool:
-        return isinstance(self.x, torch.Tensor) and self.x.is_floating_point()
-
-    def run(self, tensors: dict[str, torch.Tensor]) -> list:
-        """The flattened output with some parameters replaced."""
-        with torch.no_grad():
-            return flatten_output(functional_call(self.module, tensors, self.inputs))
+        return _is_float(self.x)
 
     def weight_matters(self) -> bool:
-        return any(bool((e != 0).any()) for e in self.effect)
+        return any(bool((e != 0).any()) for e in self.trials[0].effects[1.0])
 
-    def error(self, predicted: torch.Tensor | None, observed: list | None = None) -> float:
-        """Relative error of `predicted` against `observed` (default: the change of the output); inf when the
-        output is not one tensor of the predicted shape."""
-        observed = self.effect if observed is None else observed
-        if predicted is None or len(observed) != 1 or observed[0].shape != predicted.shape:
+    def error(self, predict: Callable[[Trial], torch.Tensor]) -> float:
+        """The largest relative error of `predict(trial)` (the change for D) against the observed changes, over
+        every trial and scale; inf when the output is not one tensor of the predicted shape."""
+        worst = 0.0
+        for trial in self.trials:
+            predicted = predict(trial)
+            for t, observed in trial.effects.items():
+                worst = max(worst, _relative_error(observed, t * predicted))
+        return worst
+
+    def output_error(self, predict: Callable[[Trial], torch.Tensor]) -> float:
+        """The same for the output itself: is it exactly `predict(trial)` in every trial?"""
+        return max(_relative_error(trial.output, predict(trial)) for trial in self.trials)
+
+    def bias_error(self, name: str, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
+        """Does changing the parameter `name` by d change the output by exactly `predict(d, output)`?"""
+        trial = self.trials[0]
+        bias = trial.tensors[name]
+        change = torch.randn(bias.shape, generator=torch.Generator().manual_seed(2), dtype=bias.dtype)
+        moved = Trial(trial.inputs, {**trial.tensors, name: bias + change}, trial.weight, trial.delta, [], {})
+        effect = [a - b for a, b in zip(self._run(moved, trial.weight), trial.output) if _is_float(a)]
+        try:
+            return _relative_error(effect, predict(change, trial.output[0]))
+        except RuntimeError:
             return NOT_ONE_TENSOR
-        scale = max(float(predicted.abs().max()), 1e-12)
-        return float((observed[0] - predicted).abs().max()) / scale
 
     def exact(self, error: float) -> bool:
         return error <= RELATIVE_TOLERANCE[self.weight.dtype]
 
-    def random_like(self, tensor: torch.Tensor, seed: int) -> torch.Tensor:
-        return torch.randn(tensor.shape, generator=torch.Generator().manual_seed(seed), dtype=tensor.dtype)
+
+def _relative_error(observed: list, predicted: torch.Tensor | None) -> float:
+    if predicted is None or len(observed) != 1 or observed[0].shape != predicted.shape:
+        return NOT_ONE_TENSOR
+    scale = max(float(predicted.abs().max()), 1e-12)
+    return float((observed[0] - predicted).abs().max()) / scale
 
 
-def _high_precision(module: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple]:
-    copied = copy.deepcopy(module)
-    try:
-        doubled = copied.double()
-        cast = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
-        with torch.no_grad():
-            doubled(*cast)
-        return doubled, cast
-    except Exception:
-        return copy.deepcopy(module).float(), inputs
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+def _redraw(tensor: torch.Tensor, is_parameter: bool, generator: torch.Generator) -> torch.Tensor:
+    """Another plausible value: parameters move by their own spread (or by 1 where they are constant), floating
+    buffers (running statistics, masks) keep their signs and scale by a factor in [0.5, 1.5]."""
+    if not tensor.is_floating_point():
+        return tensor
+    noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+    if is_parameter:
+        spread = float(tensor.std()) if tensor.numel() > 1 else 0.0
+        return tensor + noise * (spread if spread > 0 else max(float(tensor.abs().mean()), 1.0))
+    return tensor * (1 + 0.5 * torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) * noise.sign())
+
+
+def _train_mode_note(module: nn.Module, inputs: tuple) -> str:
+    """Why outputs of the module in training mode cannot be compared ("" when they can)."""
+    copied = copy.deepcopy(module).train()
+    before = {name: t.clone() for name, t in copied.state_dict().items()}
+    with torch.no_grad():
+        first, second = flatten_output(copied(*inputs)), flatten_output(copied(*inputs))
+    if any(not torch.equal(before[name], t) for name, t in copied.state_dict().items()):
+        return "its forward changes the module's state in training mode"
+    if any(_is_float(a) and not torch.equal(a, b) for a, b in zip(first, second)):
+        return "its forward is random in training mode"
+    return ""
+
+
+def _is_float(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()

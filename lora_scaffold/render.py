@@ -13,6 +13,7 @@ from lora_scaffold import __version__, target
 from lora_scaffold.analyse import LayerPlan
 from lora_scaffold.errors import RenderError
 from lora_scaffold.imports import format_imports
+from lora_scaffold.names import target_alias
 from lora_scaffold.record import record_path
 from lora_scaffold.target import CONFIG_API, KWARGS_API, PLUGIN, PeftTarget
 
@@ -67,6 +68,7 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         "target_spec": f"{plan.target_module}.{plan.target_class}",
         "target_module": plan.target_module,
         "target_class": plan.target_class,
+        "target_name": target_alias(plan.target_class),
         "layer_class": plan.layer_class,
         "module_name": plan.module_name,
         "test_module": plan.test_module,
@@ -106,9 +108,10 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         "test_imports": format_imports(test_imports(plan, peft), first_party=("peft", plan.module_name)),
         "optional_target": "" if _importable_by_peft(plan, peft) else _importorskip(plan),
         "peft_builtin": plan.peft_builtin or "",
-        "ctor_call": f"{plan.target_class}({ctor_args})",
+        "ctor_call": f"{target_alias(plan.target_class)}({ctor_args})",
         "inputs_expression": _as_tuple(plan.example_input),
         "test_rank": plan.test_rank,
+        "eval_only": plan.eval_only,
         **strategy.template_answers(plan.weight_shape),
     }
 
@@ -117,7 +120,7 @@ def layer_imports(plan: LayerPlan, peft: PeftTarget, dora_variant: str) -> list[
     plugin = peft.mode == PLUGIN
     # Inside the peft package, imports are relative, as PEFT's own backends do (`from peft import` would be circular).
     package = "peft.tuners.lora." if plugin else "."
-    target_import = [(plan.target_module, (plan.target_class,))] if plugin else []
+    target_import = [_target_import(plan)] if plugin else []
     # LoraConfig is read by the config API and typed in plugin mode's register().
     config = [("peft" if plugin else f"{package}config", ("LoraConfig",))]
     if plan.chosen.peft_own_layer:
@@ -158,8 +161,14 @@ def test_imports(plan: LayerPlan, peft: PeftTarget) -> list[tuple[str, tuple[str
     else:
         imports.append((f"peft.tuners.lora.{plan.module_name}", (plan.layer_class,)))
     if _importable_by_peft(plan, peft):
-        imports.append((plan.target_module, (plan.target_class,)))
+        imports.append(_target_import(plan))
     return imports
+
+
+def _target_import(plan: LayerPlan) -> tuple[str, tuple[str, ...]]:
+    alias = target_alias(plan.target_class)
+    name = plan.target_class if alias == plan.target_class else f"{plan.target_class} as {alias}"
+    return plan.target_module, (name,)
 
 
 def render(plan: LayerPlan, peft: PeftTarget) -> tuple[GeneratedFile, ...]:
@@ -228,7 +237,7 @@ def _importable_by_peft(plan: LayerPlan, peft: PeftTarget) -> bool:
 
 
 def _importorskip(plan: LayerPlan) -> str:
-    return f'{plan.target_class} = pytest.importorskip("{plan.target_module}").{plan.target_class}\n\n\n'
+    return f'{target_alias(plan.target_class)} = pytest.importorskip("{plan.target_module}").{plan.target_class}\n\n\n'
 
 
 def _literal(text: str) -> str:

@@ -12,6 +12,11 @@ from pathlib import Path
 from torch import nn
 
 from lora_scaffold.errors import TargetError
+from lora_scaffold.names import is_name
+
+
+# Modules generated code imports: a file target of the same name would shadow them in the generated tests.
+IMPORTED_BY_GENERATED_CODE = frozenset({"torch", "peft", "pytest", "transformers", "lora_scaffold"})
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ def resolve_target(spec: str) -> ResolvedTarget:
 
 def _resolve_dotted_target(spec: str) -> ResolvedTarget:
     module_name, _, class_name = spec.rpartition(".")
-    if not module_name or not all(part.isidentifier() for part in spec.split(".")):
+    if not module_name or not all(is_name(part) for part in spec.split(".")):
         raise TargetError(f"target {spec!r} should look like 'package.module.Class' or 'path/to/file.py:Class'")
     # Console scripts do not put the working directory on sys.path; users expect their local package to import.
     if os.getcwd() not in sys.path:
@@ -54,13 +59,17 @@ def _resolve_dotted_target(spec: str) -> ResolvedTarget:
 def _resolve_file_target(spec: str) -> ResolvedTarget:
     path_text, _, class_name = spec.rpartition(":")
     path = Path(path_text)
-    if path.suffix != ".py" or not class_name.isidentifier():
+    if path.suffix != ".py" or not is_name(class_name):
         raise TargetError(f"target {spec!r} should look like 'path/to/file.py:Class'")
     if not path.is_file():
         raise TargetError(f"no such file: {path}")
     module_name = path.stem
-    if not module_name.isidentifier():
-        raise TargetError(f"{path.name} cannot be imported by generated code: its name is not a Python identifier")
+    if not is_name(module_name):
+        raise TargetError(f"{path.name!r} cannot be imported by generated code: its name is not a Python identifier")
+    if module_name in sys.stdlib_module_names or module_name in IMPORTED_BY_GENERATED_CODE:
+        raise TargetError(
+            f"{path.name!r} would shadow the module {module_name!r}, which generated code imports; rename the file"
+        )
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[module_name] = module

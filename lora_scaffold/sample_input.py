@@ -18,9 +18,9 @@ from lora_scaffold.errors import AnalysisError
 SEED = 0
 
 
-def evaluate_input(expression: str) -> tuple:
+def evaluate_input(expression: str, seed: int = SEED) -> tuple:
     """The positional inputs an expression stands for: a tuple stands for several inputs."""
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     try:
         value = eval(expression, {"torch": torch, "math": math})  # noqa: S307 - the user's own expression
     except Exception as exc:

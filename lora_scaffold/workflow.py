@@ -7,11 +7,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_scaffold.analyse import LayerPlan, analyse, layer_names
-from lora_scaffold.errors import PatchError, ScaffoldError
-from lora_scaffold.files import FileChange, plan_changes, plan_deletions, refuse_conflicts
+from lora_scaffold import journal
+from lora_scaffold.analyse import LayerPlan, analyse
+from lora_scaffold.errors import PatchError, ScaffoldError, WriteError
+from lora_scaffold.files import FileChange, apply_changes, plan_changes, plan_deletions, refuse_conflicts
 from lora_scaffold.introspect import TargetSpec, introspect, parse_arg_overrides
+from lora_scaffold.names import layer_names
 from lora_scaffold.patch.checkout import LORA_PACKAGE, PeftCheckout, read_checkout, read_text
+from lora_scaffold.patch.exports import INIT_FILE, exported_names
 from lora_scaffold.patch.plan import PatchEdits, as_files, edited_sources, plan_edits, reverted_sources
 from lora_scaffold.record import IGNORE_FILE, IGNORE_TEXT, GenerationRecord, digest, record_path
 from lora_scaffold.render import GeneratedFile, render
@@ -33,8 +36,14 @@ class Report:
 
 @dataclass(frozen=True)
 class Outcome:
+    """The planned changes, all below `root`, and the report."""
+
+    root: Path
     changes: tuple[FileChange, ...]
     report: Report = field(default_factory=Report)
+
+    def apply(self) -> None:
+        apply_changes(self.changes, self.root)
 
 
 def inspect_target(request: Request) -> TargetSpec:
@@ -47,22 +56,28 @@ def plan_layer(request: Request) -> tuple[TargetSpec, LayerPlan]:
     return spec, analyse(spec, request.options)
 
 
-def new_plugin(request: Request, output: Path, force: bool = False, peft: PeftTarget | None = None) -> Outcome:
+def new_plugin(
+    request: Request, output: Path, force: bool = False, peft: PeftTarget | None = None, dry_run: bool = False
+) -> Outcome:
     """`new -o DIR`: the layer, its tests and its record, for the installed peft (or the one given)."""
+    recovered = recover_interrupted(output, dry_run)
     peft = peft or installed_peft(PLUGIN)
     spec, plan = plan_layer(request)
     files = with_record(render(plan, peft), request, plan, peft)
     previous = _read_record(output / record_path(plan.module_name))
     changes = plan_changes(files, output, force=force, updatable=_unedited(output, previous))
     refuse_conflicts(changes)
-    notes = ()
+    notes = recovered
     if spec.target.from_file is not None:
-        notes = (f"the generated code imports {plan.target_module}; put {spec.target.from_file.parent} on PYTHONPATH",)
-    return Outcome(changes, Report(spec, plan, peft, notes))
+        notes += (
+            f"the generated code imports {plan.target_module}; put {spec.target.from_file.parent} on PYTHONPATH",
+        )
+    return Outcome(output, changes, Report(spec, plan, peft, notes))
 
 
-def patch_checkout(request: Request, checkout_path: str, force: bool = False) -> Outcome:
+def patch_checkout(request: Request, checkout_path: str, force: bool = False, dry_run: bool = False) -> Outcome:
     """`new --peft-checkout PATH`: the layer becomes part of PEFT (module, dispatch, export, tests)."""
+    recovered = recover_interrupted(_checkout_root(checkout_path), dry_run)
     checkout = read_checkout(checkout_path)
     spec, plan = plan_layer(request)
     if plan.peft_builtin_exact and not force:
@@ -72,34 +87,40 @@ def patch_checkout(request: Request, checkout_path: str, force: bool = False) ->
         )
     previous = checkout.record(plan.module_name)
     _refuse_foreign_layer(checkout, plan.module_name, request.target, previous)
-    edits = plan_edits(plan, spec.target.cls, checkout)
-    sources = checkout.edited_sources()
-    if previous is not None and previous.edits != edits.as_dict():
-        sources = reverted_sources(sources, PatchEdits.from_dict(previous.edits), force)
     rendered = tuple(
         GeneratedFile(f"{folder}/{generated.path}", generated.text)
         for folder, generated in zip((LORA_PACKAGE, "tests"), render(plan, checkout.peft))
     )
+    _refuse_taking_over(checkout, plan.layer_class, [generated.path for generated in rendered], previous)
+    edits = plan_edits(plan, spec.target.cls, checkout)
+    sources = checkout.edited_sources()
+    if previous is not None and previous.edits != edits.as_dict():
+        sources = reverted_sources(sources, PatchEdits.from_dict(previous.edits), force)
     files = with_record(rendered, request, plan, checkout.peft, edits.as_dict())
     files += as_files(edited_sources(sources, edits)) + (GeneratedFile(IGNORE_FILE, IGNORE_TEXT),)
     updatable = _unedited(checkout.root, previous) | set(checkout.edited_sources()) | {IGNORE_FILE}
     changes = _checkout_changes(checkout, files, force, updatable)
-    notes = ()
+    notes = recovered
     if plan.battery_blocker and edits.battery is None:
-        notes = (f"not wired into PEFT's test battery: {plan.battery_blocker}; {rendered[1].path} covers the layer",)
+        notes += (f"not wired into PEFT's test battery: {plan.battery_blocker}; {rendered[1].path} covers the layer",)
     nothing = "" if any(c.changes_disk for c in changes) else f"{checkout.root} already has {plan.layer_class}"
-    return Outcome(changes, Report(spec, plan, checkout.peft, notes, nothing))
+    return Outcome(checkout.root, changes, Report(spec, plan, checkout.peft, notes, nothing))
 
 
-def remove_from_checkout(target: str, name: str | None, checkout_path: str, force: bool = False) -> Outcome:
+def remove_from_checkout(
+    target: str, name: str | None, checkout_path: str, force: bool = False, dry_run: bool = False
+) -> Outcome:
     """`remove`: take out exactly what `new` added, as its generation record says."""
+    recovered = recover_interrupted(_checkout_root(checkout_path), dry_run)
     checkout = read_checkout(checkout_path)
     class_name = target.rpartition(":" if ":" in target else ".")[2]
     _, module_name = layer_names(class_name, name)
     record = checkout.record(module_name)
     _refuse_foreign_layer(checkout, module_name, target, record)
     if record is None:
-        return Outcome((), Report(nothing_to_do=f"{checkout.root} has no {module_name} for {target}"))
+        return Outcome(
+            checkout.root, (), Report(notes=recovered, nothing_to_do=f"{checkout.root} has no {module_name}")
+        )
     edited = [
         path for path, hash_ in record.files.items() if _digest_on_disk(checkout.root / path) not in (hash_, None)
     ]
@@ -110,19 +131,30 @@ def remove_from_checkout(target: str, name: str | None, checkout_path: str, forc
     owned = [*record.files, record.path]
     if checkout.records() == [Path(record.path).name]:
         owned.append(IGNORE_FILE)
-    return Outcome(changes + plan_deletions([checkout.path(path) for path in owned]))
+    return Outcome(checkout.root, changes + plan_deletions([checkout.path(p) for p in owned]), Report(notes=recovered))
 
 
-def check_examples(root: Path) -> tuple[list[str], tuple[FileChange, ...]]:
-    """Re-render every example of `root/manifest.json`: the stale ones, and the changes that refresh them."""
+def check_examples(root: Path, dry_run: bool = True) -> tuple[list[str], list[Outcome]]:
+    """Re-render every example of `root/manifest.json`: the stale ones, and what refreshes each."""
     peft, examples = load_manifest(root)
-    stale, changes = [], ()
-    for folder, request in examples.items():
-        planned = new_plugin(request, root / folder, force=True, peft=peft).changes
-        if any(change.writes for change in planned):
-            stale.append(folder)
-        changes += planned
-    return stale, changes
+    outcomes = [new_plugin(request, root / folder, True, peft, dry_run) for folder, request in examples.items()]
+    stale = [folder for folder, outcome in zip(examples, outcomes) if any(c.writes for c in outcome.changes)]
+    return stale, outcomes
+
+
+def recover_interrupted(root: Path, dry_run: bool) -> tuple[str, ...]:
+    """Complete or undo what an interrupted run left in `root`, before anything else reads it."""
+    if not journal.pending(root):
+        return ()
+    if dry_run:
+        raise WriteError(f"an interrupted run left {root} half-written; run again without --dry-run to complete it")
+    return (journal.recover(root),)
+
+
+def _checkout_root(checkout_path: str) -> Path:
+    if not str(checkout_path).strip():
+        raise PatchError("--peft-checkout needs the path of a peft source checkout, got an empty one")
+    return Path(checkout_path)
 
 
 def load_manifest(root: Path) -> tuple[PeftTarget, dict[str, Request]]:
@@ -189,6 +221,16 @@ def _refuse_foreign_layer(checkout: PeftCheckout, module_name: str, target: str,
     if record is not None or checkout.path(layer).exists():
         owner = f"lora-scaffold's layer for {record.request.target}" if record else "not lora-scaffold's"
         raise PatchError(f"{layer} already exists and is {owner}, not for {target}; pick another name with --name")
+
+
+def _refuse_taking_over(checkout: PeftCheckout, layer_class: str, paths: list[str], previous) -> None:
+    """Nothing PEFT owns is ever overwritten or re-exported, --force or not: a name already taken is an error."""
+    ours = set(previous.files) if previous else set()
+    for path in paths:
+        if path not in ours and checkout.path(path).exists():
+            raise PatchError(f"{path} exists and lora-scaffold did not write it; pick another name with --name")
+    if previous is None and layer_class in exported_names(checkout.source(INIT_FILE)):
+        raise PatchError(f"PEFT already exports a {layer_class}; pick another name with --name")
 
 
 def _checkout_changes(checkout: PeftCheckout, files, force: bool, updatable) -> tuple[FileChange, ...]:

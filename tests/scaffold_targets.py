@@ -172,3 +172,47 @@ NOT_A_MODULE = 42
 
 class NotAModule:
     pass
+
+
+class GainLinear(nn.Module):
+    """x @ W.T times a gain initialised to ones: only a random gain shows that LoRA's linear path is wrong."""
+
+    def __init__(self, in_features: int = 5, out_features: int = 7):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self.gain = nn.Parameter(torch.ones(out_features))
+
+    def forward(self, x):
+        return (x @ self.weight.T) * self.gain
+
+
+class GainConv(nn.Conv2d):
+    """A convolution times a per-channel gain of ones."""
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 5, kernel_size: int = 3, padding: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, padding=padding)
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1))
+
+    def forward(self, x):
+        return super().forward(x) * self.gain
+
+
+class ReluLinear(nn.Linear):
+    """relu(x @ W.T + b): linear on the inputs where the pre-activation is positive, which one draw may hit."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class DropoutLinear(nn.Linear):
+    """Dropout inside the forward: random in training mode, linear in eval mode."""
+
+    def forward(self, x):
+        return F.dropout(super().forward(x), p=0.5, training=self.training)
+
+
+class NoisyLinear(nn.Linear):
+    """Random even in eval mode: nothing can be checked against it."""
+
+    def forward(self, x):
+        return super().forward(x) + torch.randn(x.shape[0], self.out_features)

@@ -1,9 +1,10 @@
 import pytest
 
 from lora_scaffold import strategies
-from lora_scaffold.analyse import Options, analyse, layer_names
+from lora_scaffold.analyse import Options, analyse
 from lora_scaffold.errors import AnalysisError
 from lora_scaffold.introspect import introspect
+from lora_scaffold.names import layer_names
 from lora_scaffold.resolve import resolve_target
 
 
@@ -43,6 +44,10 @@ def plan_for(target, args=None, **options):
         ("scaffold_targets.OffsetLinear", {}, {}, "linear", False),
         ("scaffold_targets.CountingLinear", {}, {"strategy": "linear"}, "linear", False),
         ("torch.nn.Linear", {}, {"strategy": "stub"}, "stub", False),
+        ("scaffold_targets.GainLinear", {}, {}, "delta", False),
+        ("scaffold_targets.GainConv", {}, {}, "delta", False),
+        ("scaffold_targets.ReluLinear", {}, {}, "delta", False),
+        ("scaffold_targets.DropoutLinear", {}, {}, "reuse", False),
     ],
 )
 def test_auto_picks_a_factored_path_only_where_the_probe_proves_it(target, args, options, strategy, fan_in_fan_out):
@@ -124,7 +129,7 @@ def test_nested_weight_can_be_named():
     [
         ("scaffold_targets.OnlyBuffers", {}, "only buffers"),
         ("scaffold_targets.NoParameters", {}, "no parameters"),
-        ("torch.nn.LayerNorm", {}, "no weight of 2 or more dimensions"),
+        ("torch.nn.LayerNorm", {}, "no weight with 2 or more dimensions"),
         ("torch.nn.Linear", {"weight": "kernel"}, "has no parameter 'kernel'; its parameters: weight, bias"),
         ("scaffold_targets.IgnoresWeight", {}, "does not change with 'weight'"),
         ("scaffold_targets.SquaredConv", {"strategy": "conv"}, "--strategy conv does not fit"),
@@ -165,3 +170,18 @@ def test_every_choice_names_strategies_of_the_registry():
 
 def test_forced_conv_covers_transposed_convolutions():
     assert plan_for("torch.nn.ConvTranspose2d", strategy="conv").strategy == "conv_transpose"
+
+
+def test_a_forward_random_in_training_is_compared_in_eval_mode():
+    plan = plan_for("scaffold_targets.DropoutLinear")
+    assert plan.eval_only == "its forward is random in training mode"
+    assert plan.reason.endswith("(compared in eval mode: its forward is random in training mode)")
+    batch_norm = plan_for(
+        "torch.nn.BatchNorm1d", {"num_features": 4}, weight="weight", example_input="torch.randn(3, 4)"
+    )
+    assert batch_norm.eval_only == "its forward changes the module's state in training mode"
+
+
+def test_a_forward_random_in_eval_mode_is_refused():
+    with pytest.raises(AnalysisError, match="NoisyLinear cannot be checked: its forward gives different outputs"):
+        plan_for("scaffold_targets.NoisyLinear")

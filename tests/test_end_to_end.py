@@ -70,7 +70,7 @@ def pytest_env(*paths: Path) -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (*paths, REPO, TESTS))}
 
 
-def run_suites(folders: list[Path], junit: Path) -> subprocess.CompletedProcess:
+def run_suites(folders: list[Path], junit: Path, extra_paths: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         "-m",
@@ -81,7 +81,7 @@ def run_suites(folders: list[Path], junit: Path) -> subprocess.CompletedProcess:
         f"--junitxml={junit}",
         *map(str, folders),
     ]
-    return subprocess.run(command, capture_output=True, text=True, env=pytest_env(), cwd=junit.parent)
+    return subprocess.run(command, capture_output=True, text=True, env=pytest_env(*extra_paths), cwd=junit.parent)
 
 
 def suite_counts(junit: Path) -> dict[str, dict[str, int]]:

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from lora_scaffold import files
+from lora_scaffold import journal
 from lora_scaffold.errors import WriteError
 from lora_scaffold.files import apply_changes, plan_changes
 from lora_scaffold.render import GeneratedFile
@@ -22,13 +22,13 @@ def test_statuses(tmp_path):
 def test_conflicts_are_refused_and_named(tmp_path):
     (tmp_path / "test_lora_x.py").write_text("mine\n")
     with pytest.raises(WriteError, match=r"test_lora_x.py already exists with other content; pass --force"):
-        apply_changes(plan_changes(GENERATED, tmp_path, force=False))
+        apply_changes(plan_changes(GENERATED, tmp_path, force=False), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test_lora_x.py"]
     assert (tmp_path / "test_lora_x.py").read_text() == "mine\n"
 
 
 def test_writes_create_missing_folders(tmp_path):
-    apply_changes(plan_changes(GENERATED, tmp_path / "a" / "b", force=False))
+    apply_changes(plan_changes(GENERATED, tmp_path / "a" / "b", force=False), tmp_path / "a" / "b")
     assert (tmp_path / "a" / "b" / "lora_x.py").read_text() == "layer\n"
 
 
@@ -43,9 +43,9 @@ def test_a_failure_between_two_renames_leaves_the_disk_as_it_was(tmp_path, monke
             raise OSError(28, "No space left on device", str(destination))
         real_replace(source, destination)
 
-    monkeypatch.setattr(files.os, "replace", fail_second)
+    monkeypatch.setattr(journal.os, "replace", fail_second)
     with pytest.raises(WriteError, match="nothing was changed"):
-        apply_changes(plan_changes(GENERATED, out, force=False))
+        apply_changes(plan_changes(GENERATED, out, force=False), out)
     assert not out.exists()
 
 
@@ -58,9 +58,9 @@ def test_a_failed_overwrite_restores_the_old_content(tmp_path, monkeypatch):
             raise OSError(13, "Permission denied", str(destination))
         real_replace(source, destination)
 
-    monkeypatch.setattr(files.os, "replace", fail_on_tests)
+    monkeypatch.setattr(journal.os, "replace", fail_on_tests)
     with pytest.raises(WriteError):
-        apply_changes(plan_changes(GENERATED, tmp_path, force=True))
+        apply_changes(plan_changes(GENERATED, tmp_path, force=True), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora_x.py"]
     assert (tmp_path / "lora_x.py").read_text() == "old layer\n"
 

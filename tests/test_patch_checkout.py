@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_scaffold import files
+from lora_scaffold import journal
 from lora_scaffold.cli import main
 from lora_scaffold.target import CONFIG_API, installed_peft
 
@@ -235,7 +235,7 @@ def test_a_failure_between_file_writes_leaves_the_checkout_as_it_was(checkout, p
             raise OSError(5, "Input/output error", str(destination))
         real_replace(source, destination)
 
-    monkeypatch.setattr(files.os, "replace", fail_third)
+    monkeypatch.setattr(journal.os, "replace", fail_third)
     assert main(["new", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 2
     assert len(calls) == 3
     assert same_tree(checkout, pristine)

@@ -8,7 +8,6 @@ import pytest
 
 from lora_scaffold import workflow
 from lora_scaffold.errors import ScaffoldError
-from lora_scaffold.files import apply_changes
 from lora_scaffold.record import GenerationRecord
 from lora_scaffold.request import Request
 from lora_scaffold.target import PLUGIN, PeftTarget
@@ -30,7 +29,7 @@ def test_new_plugin_plans_three_files_and_writes_nothing(tmp_path):
 
 def test_record_holds_what_is_needed_to_generate_again(tmp_path):
     request = Request("torch.nn.Conv2d", ("groups=2",), name="grouped")
-    apply_changes(workflow.new_plugin(request, tmp_path, peft=PeftTarget(PLUGIN, (0, 17, 1))).changes)
+    workflow.new_plugin(request, tmp_path, peft=PeftTarget(PLUGIN, (0, 17, 1))).apply()
     text = (tmp_path / ".lora-scaffold" / "lora_grouped.json").read_text()
     record = GenerationRecord.from_json(text, "record")
     assert record.request == request
@@ -54,9 +53,9 @@ def test_check_examples_finds_the_stale_one(tmp_path):
     assert workflow.check_examples(tmp_path / "examples")[0] == []
     layer = tmp_path / "examples" / "bilinear" / "lora_bilinear.py"
     layer.write_text(layer.read_text() + "# edited\n")
-    stale, changes = workflow.check_examples(tmp_path / "examples")
+    stale, outcomes = workflow.check_examples(tmp_path / "examples")
     assert stale == ["bilinear"]
-    assert [c.path for c in changes if c.writes] == [layer]
+    assert [c.path for outcome in outcomes for c in outcome.changes if c.writes] == [layer]
 
 
 @pytest.mark.parametrize(

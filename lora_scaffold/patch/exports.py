@@ -32,6 +32,8 @@ def export_edit(module_name: str, class_name: str) -> Edit:
 def add_export(source: str, module_name: str, class_name: str) -> str:
     module = parse(source, INIT_FILE)
     modules = [_relative_module(statement) for statement in module.body]
+    if module_name not in modules and class_name in exported_names(source):
+        raise PatchError(f"PEFT already exports a {class_name} from {INIT_FILE}; pick another --name")
     if module_name not in modules:
         present = [i for i, found in enumerate(modules) if found]
         if not present:
@@ -47,6 +49,11 @@ def add_export(source: str, module_name: str, class_name: str) -> str:
     position = next((i for i, value in enumerate(values) if _sort_key(value) > _sort_key(class_name)), len(values))
     elements = insert_element(names.elements, position, cst.SimpleString(f'"{class_name}"'), f"__all__ in {INIT_FILE}")
     return with_statement(module, index, with_assigned_list(module.body[index], elements)).code
+
+
+def exported_names(source: str) -> list[str]:
+    """The names in the lora package's `__all__`."""
+    return [element.value.evaluated_value for element in _all_list(parse(source, INIT_FILE))[1].elements]
 
 
 def remove_export(source: str, module_name: str, class_name: str) -> str:

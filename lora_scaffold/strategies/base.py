@@ -50,14 +50,33 @@ class Verdict:
         return f"{self.strategy.name} (weight stored [in, out])" if self.fan_in_fan_out else self.strategy.name
 
     def describe(self) -> str:
-        if self.note or math.isinf(self.relative_error):
+        if self.note:
             return self.note
+        if math.isinf(self.relative_error):
+            return "the output is not one tensor of the predicted shape"
         return f"differs by {self.relative_error:.1e} (relative)"
 
+    @property
+    def rounded_error(self) -> float | None:
+        """The error as records and reasons show it: a match only as the power of ten it stays under (its last
+        bits differ between CPUs, and records are golden files), a mismatch to two digits."""
+        if math.isinf(self.relative_error):
+            return None
+        if self.matched:
+            return 0.0 if self.relative_error == 0 else 10.0 ** math.ceil(math.log10(self.relative_error))
+        return float(f"{self.relative_error:.1e}")
+
+    @property
+    def error_text(self) -> str:
+        return f"relative error at most {self.rounded_error:.0e}" if self.matched else self.describe()
+
     def as_record(self) -> dict[str, Any]:
-        # Two significant digits: the last bits of a float64 error differ between CPUs, and records are golden files.
-        error = None if math.isinf(self.relative_error) else float(f"{self.relative_error:.1e}")
-        return {"strategy": self.label, "matched": self.matched, "relative_error": error, "note": self.note}
+        return {
+            "strategy": self.label,
+            "matched": self.matched,
+            "relative_error": self.rounded_error,
+            "note": self.note,
+        }
 
 
 class Strategy:
@@ -83,7 +102,7 @@ class Strategy:
         raise NotImplementedError
 
     def reason(self, evidence: Evidence, verdict: Verdict) -> str:
-        return f"the probe shows the weight acts as {verdict.label} (relative error {verdict.relative_error:.1e})"
+        return f"the probe shows the weight acts as {verdict.label} ({verdict.error_text})"
 
     def dora_blocker(self, evidence: Evidence, verdict: Verdict) -> str:
         """Why PEFT's DoRA variant cannot serve the generated layer ("" when it can)."""
@@ -92,6 +111,10 @@ class Strategy:
     def bias_size(self, weight_shape: tuple[int, ...], fan_in_fan_out: bool, groups: int) -> int | None:
         """The size of a bias that lora_bias merges into; None when the strategy has no such bias."""
         return None
+
+    def bias_change(self, evidence: Evidence, change: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """What changing that bias by `change` must do to the output, for lora_bias to merge into it."""
+        raise NotImplementedError
 
     def groups(self, attributes: dict) -> int:
         return 1
@@ -133,20 +156,20 @@ class AffineStrategy(Strategy):
         raise NotImplementedError
 
     def base_map_error(self, evidence: Evidence, verdict: Verdict) -> tuple[float, str]:
+        """Is the output exactly the weight's map plus `bias` in every trial (whose biases are random)?"""
         probe = evidence.probe
         bias = getattr(probe.module, "bias", None)
         if not probe.floating_input or not (bias is None or isinstance(bias, torch.Tensor)):
             return NOT_ONE_TENSOR, "no floating input, or a bias that is not a tensor"
-        observed = probe.output
-        if bias is not None:
-            # A bias of zeros (a common init) would not show whether the forward adds it at all.
-            bias = probe.random_like(bias, seed=2)
-            observed = probe.run({"bias": bias})
+
+        def predict(trial):
+            trial_bias = None if bias is None else trial.tensors["bias"]
+            return self.base_output(evidence, verdict, trial.x, trial.weight, trial_bias)
+
         try:
-            predicted = self.base_output(evidence, verdict, probe.x, probe.weight, bias)
+            return probe.output_error(predict), ""
         except Exception as exc:
             return NOT_ONE_TENSOR, f"{type(exc).__name__}: {exc}"
-        return probe.error(predicted, observed), ""
 
     def dora_blocker(self, evidence: Evidence, verdict: Verdict) -> str:
         name = type(evidence.module).__name__

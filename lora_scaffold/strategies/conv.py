@@ -32,18 +32,21 @@ class Conv(AffineStrategy):
     def judge(self, evidence: Evidence) -> tuple[Verdict, ...]:
         """Compare with a torch conv of the module's geometry whose weight is D."""
         probe, attributes = evidence.probe, evidence.attributes
-        delta = probe.delta
         missing = [name for name in self.geometry if name not in attributes]
-        if delta.dim() - 2 not in self.torch_classes or missing or not probe.floating_input:
+        if probe.weight.dim() - 2 not in self.torch_classes or missing or not probe.floating_input:
             note = f"no geometry ({', '.join(missing) or 'weight rank'})"
             return (self.verdict(NOT_ONE_TENSOR, note, probe=probe),)
+
+        def predict(trial):
+            conv = self._conv_like_base(trial.delta, attributes)
+            conv.weight.data.copy_(trial.delta)
+            return conv(trial.x).detach()
+
         try:
-            conv = self._conv_like_base(delta, attributes)
-            conv.weight.data.copy_(delta)
-            predicted = conv(probe.x).detach()
+            error = probe.error(predict)
         except Exception:
             return (self.verdict(NOT_ONE_TENSOR, f"the weight is not laid out {self.layout}", probe=probe),)
-        return (self.verdict(probe.error(predicted), probe=probe),)
+        return (self.verdict(error, probe=probe),)
 
     def _conv_like_base(self, delta, attributes: dict) -> nn.Module:
         geometry = {name: attributes[name] for name in ("stride", "padding", "dilation", "groups")}
@@ -60,6 +63,9 @@ class Conv(AffineStrategy):
 
     def bias_size(self, weight_shape, fan_in_fan_out, groups):
         return weight_shape[0]
+
+    def bias_change(self, evidence, change, output):
+        return change.view(1, -1, *[1] * (output.dim() - 2)).expand_as(output)
 
     def test_rank(self, groups: int) -> int:
         return math.lcm(4, groups)

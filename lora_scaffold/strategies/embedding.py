@@ -22,11 +22,15 @@ class Embedding(Strategy):
 
     def judge(self, evidence: Evidence) -> tuple[Verdict, ...]:
         probe = evidence.probe
-        x, delta = probe.x, probe.delta
-        if delta.dim() != 2 or not hasattr(x, "is_floating_point") or x.is_floating_point():
+        x = probe.x
+        if probe.weight.dim() != 2 or not hasattr(x, "is_floating_point") or x.is_floating_point():
             return (self.verdict(NOT_ONE_TENSOR, "input is not integer indices into a 2-D weight", probe=probe),)
         padding_idx = evidence.attributes.get("padding_idx")
-        return (self.verdict(probe.error(F.embedding(x, delta, padding_idx=padding_idx)), probe=probe),)
+        try:
+            error = probe.error(lambda trial: F.embedding(trial.x, trial.delta, padding_idx=padding_idx))
+        except (IndexError, RuntimeError):
+            return (self.verdict(NOT_ONE_TENSOR, "input is not indices into the weight's rows", probe=probe),)
+        return (self.verdict(error, probe=probe),)
 
     def imports(self):
         return [("torch.nn.functional as F", ())]

@@ -27,14 +27,20 @@ class Linear(AffineStrategy):
         if weight.dim() != 2 or not probe.floating_input or probe.x.shape[-1] != in_features:
             note = "input's last dimension is not the weight's input size"
             return self.verdict(NOT_ONE_TENSOR, note, fan_in_fan_out, probe)
-        predicted = probe.x @ probe.delta if fan_in_fan_out else F.linear(probe.x, probe.delta)
-        return self.verdict(probe.error(predicted), "", fan_in_fan_out, probe)
+        if fan_in_fan_out:
+            error = probe.error(lambda trial: trial.x @ trial.delta)
+        else:
+            error = probe.error(lambda trial: F.linear(trial.x, trial.delta))
+        return self.verdict(error, "", fan_in_fan_out, probe)
 
     def base_output(self, evidence, verdict, x, weight, bias):
         return F.linear(x, weight.T if verdict.fan_in_fan_out else weight, bias)
 
     def bias_size(self, weight_shape, fan_in_fan_out, groups):
         return weight_shape[1] if fan_in_fan_out else weight_shape[0]
+
+    def bias_change(self, evidence, change, output):
+        return change.expand_as(output)
 
     def dora_variant(self, weight_shape):
         return "DoraLinearVariant"

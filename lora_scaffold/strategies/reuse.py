@@ -76,8 +76,8 @@ class Reuse(Strategy):
 
     def reason(self, evidence: Evidence, verdict: Verdict) -> str:
         return (
-            f"a subclass whose weight still acts as in its parent (probe: {verdict.note}, relative error "
-            f"{verdict.relative_error:.1e}), so PEFT's own lora.{peft_builtin(type(evidence.module))} is reused"
+            f"a subclass whose weight still acts as in its parent (probe: {verdict.note}, {verdict.error_text}), "
+            f"so PEFT's own lora.{peft_builtin(type(evidence.module))} is reused"
         )
 
     def dora_blocker(self, evidence: Evidence, verdict: Verdict) -> str:
@@ -85,6 +85,9 @@ class Reuse(Strategy):
 
     def bias_size(self, weight_shape, fan_in_fan_out, groups):
         return weight_shape[0]
+
+    def bias_change(self, evidence, change, output):
+        return self.parent_strategy(evidence).bias_change(evidence, change, output)
 
 
 def peft_builtin(cls: type, exact: bool = False) -> str | None:

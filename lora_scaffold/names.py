@@ -1,0 +1,56 @@
+"""Every name lora-scaffold puts into generated code: validated identifiers that cannot shadow one another."""
+
+from __future__ import annotations
+
+import keyword
+import re
+
+from lora_scaffold.errors import AnalysisError
+
+
+# The module-level names generated layer modules and tests bind (imports, constants, helpers): a target class or a
+# layer class of one of these names would shadow it. tests/test_names.py keeps this list complete.
+GENERATED_NAMES = frozenset(
+    {
+        *("annotations", "copy", "math", "pytest", "torch", "nn", "F", "warnings", "Any", "Optional"),
+        *("functional_call", "SimpleNamespace", "check_adapters_to_merge", "PeftWarning"),
+        *("LoraConfig", "LoraLayer", "PeftModel", "get_peft_model", "register"),
+        *("DoraLinearVariant", "DoraConv1dVariant", "DoraConv2dVariant", "DoraConv3dVariant"),
+        *("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "MultiheadAttention"),
+        *("WEIGHT_NAME", "BIAS_NAME", "SUPPORTED_INITS", "VARIANT_SUPPORT", "FLAT_WEIGHTS_WARNING", "_get_attribute"),
+        *("RANK", "RTOL", "ATOL", "Wrapper", "make_target", "make_inputs", "make_base", "make_config", "make_model"),
+        *("flatten", "run", "assert_close", "load_saved", "lora_layer", "base_weight", "base_state"),
+    }
+)
+
+
+def is_name(text: str) -> bool:
+    """A Python identifier that is not a keyword: what may stand for a module, class or argument in generated code."""
+    return text.isidentifier() and not keyword.iskeyword(text)
+
+
+def target_alias(class_name: str) -> str:
+    """The name generated code imports the target class as: its own, unless that would shadow a generated name."""
+    return f"{class_name}Target" if class_name in GENERATED_NAMES else class_name
+
+
+def layer_names(class_name: str, name: str | None) -> tuple[str, str]:
+    """(layer class, module name) from the target's class name, or from --name."""
+    if name is None:
+        layer_class, module_name = f"Lora{class_name}", f"lora_{_snake_case(class_name)}"
+    elif not is_name(name):
+        raise AnalysisError(f"--name {name!r} must be a Python identifier (no path, not a keyword)")
+    else:
+        camel = "".join(part[:1].upper() + part[1:] for part in name.split("_") if part)
+        layer_class, module_name = f"Lora{camel}", f"lora_{name.lower()}"
+    if layer_class in GENERATED_NAMES or layer_class == target_alias(class_name):
+        raise AnalysisError(
+            f"the layer class would be called {layer_class}, which generated code uses; pick another --name"
+        )
+    return layer_class, module_name
+
+
+def _snake_case(class_name: str) -> str:
+    """MyConv -> my_conv, ConvTranspose2d -> conv_transpose2d, Conv1D -> conv1d, GRU -> gru."""
+    words = re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z0-9])(?=[A-Z][a-z])", "_", class_name)
+    return words.lower().strip("_")

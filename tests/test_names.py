@@ -1,0 +1,66 @@
+"""Names in generated code: every name it binds is known, and a target named like one of them still works."""
+
+import ast
+import subprocess
+import sys
+
+import pytest
+from test_end_to_end import pytest_env
+from test_render import plan_for
+
+from lora_scaffold.cli import main
+from lora_scaffold.errors import AnalysisError
+from lora_scaffold.names import GENERATED_NAMES, layer_names, target_alias
+from lora_scaffold.render import render
+from lora_scaffold.target import PATCH, PLUGIN, PeftTarget
+
+
+def bound_names(source: str) -> set[str]:
+    names = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names |= {target.id for target in node.targets if isinstance(target, ast.Name)}
+    return {name for name in names if not name.startswith("test_")}
+
+
+@pytest.mark.parametrize(
+    "target, args, options",
+    [
+        ("torch.nn.Linear", {}, {}),
+        ("scaffold_targets.CountingLinear", {}, {}),
+        ("torch.nn.Conv2d", {}, {}),
+        ("torch.nn.Embedding", {}, {}),
+        ("torch.nn.Bilinear", {}, {}),
+        ("torch.nn.GRU", {"input_size": 6, "hidden_size": 8}, {"weight": "weight_ih_l0"}),
+        ("torch.nn.Linear", {}, {"strategy": "stub", "name": "stubbed"}),
+    ],
+)
+def test_every_name_generated_code_binds_is_known(target, args, options):
+    plan = plan_for(target, args, options)
+    for peft in (PeftTarget(PLUGIN, (0, 21, 2)), PeftTarget(PATCH, (0, 17, 1)), PeftTarget(PLUGIN, (0, 13, 2))):
+        for generated in render(plan, peft):
+            ours = {plan.layer_class, plan.target_class, target_alias(plan.target_class)}
+            unknown = bound_names(generated.text) - GENERATED_NAMES - ours
+            assert not unknown, (generated.path, unknown)
+
+
+@pytest.mark.parametrize("name", ["config", "layer", "Config"])
+def test_a_layer_class_named_like_a_generated_name_is_refused(name):
+    with pytest.raises(AnalysisError, match="which generated code uses; pick another --name"):
+        layer_names("Anything", name)
+
+
+def test_targets_named_like_generated_names_get_working_suites(tmp_path):
+    for target in ("colliding_names.LoraConfig", "colliding_names.Linear", "colliding_names.Wrapper"):
+        assert main(["new", target, "-o", str(tmp_path)]) == 0
+    layer = (tmp_path / "lora_linear.py").read_text()
+    assert "from colliding_names import Linear as LinearTarget" in layer
+    assert "from peft.tuners.lora.layer import Linear\n" in layer
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=pytest_env(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert " 0 failed" not in result.stdout and "passed" in result.stdout
