@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lora_scaffold import strategies
-from lora_scaffold.errors import AnalysisError
+from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError
 from lora_scaffold.introspect import TargetSpec, TensorInfo, instantiate
 from lora_scaffold.names import layer_names
 from lora_scaffold.probe import NotDeterministic, Probe, build_probe
@@ -178,7 +178,7 @@ def run_probe(module: nn.Module, weight: TensorInfo, example_input: str) -> Prob
         raise AnalysisError(
             f"{type(module).__name__} cannot be checked: {exc}; lora-scaffold needs a forward it can repeat"
         ) from None
-    except Exception as exc:
+    except USER_CODE_ERRORS as exc:
         raise AnalysisError(
             f"running {type(module).__name__} with a changed {weight.name!r} failed: {type(exc).__name__}: {exc}"
         ) from exc

@@ -43,12 +43,19 @@ examples:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other error of lora-scaffold."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lora-scaffold", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"lora-scaffold {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     new = commands.add_parser(
         "new",
@@ -135,7 +142,10 @@ def _add_target_arguments(parser: argparse.ArgumentParser, constructor: bool = T
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help, --version, or a usage error already printed
+        return exit.code
     try:
         return COMMANDS[args.command](args)
     except BrokenPipeError:  # output piped into `head` and the like

@@ -2,6 +2,9 @@
 
 BAD_INPUT = 2
 FAILURE = 1
+# What code of the user's (the target's module, constructor and forward, an --example-input) may raise: a
+# sys.exit() in it must become an error message, not the end of lora-scaffold.
+USER_CODE_ERRORS = (Exception, SystemExit)
 
 
 class ScaffoldError(Exception):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lora_scaffold.errors import TargetError
+from lora_scaffold.errors import USER_CODE_ERRORS, TargetError
 from lora_scaffold.names import is_name
 from lora_scaffold.resolve import ResolvedTarget
 
@@ -200,7 +200,7 @@ def instantiate(target: ResolvedTarget, kwargs: dict[str, object], device: str =
     try:
         with torch.device(device):
             return target.cls(**kwargs)
-    except Exception as exc:
+    except USER_CODE_ERRORS as exc:
         if device != "cpu":
             return instantiate(target, kwargs, "cpu")
         call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())

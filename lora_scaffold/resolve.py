@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from lora_scaffold.errors import TargetError
+from lora_scaffold.errors import USER_CODE_ERRORS, TargetError
 from lora_scaffold.names import is_name
 
 
@@ -75,7 +75,7 @@ def _resolve_file_target(spec: str) -> ResolvedTarget:
     sys.modules[module_name] = module
     try:
         loader_spec.loader.exec_module(module)
-    except Exception as exc:
+    except USER_CODE_ERRORS as exc:
         del sys.modules[module_name]
         raise TargetError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
     return ResolvedTarget(spec, module_name, class_name, _get_class(module, class_name, str(path)), path.resolve())
@@ -88,7 +88,7 @@ def _import_module(module_name: str):
         if exc.name and (module_name + ".").startswith(exc.name + "."):
             raise TargetError(f"no module named {exc.name!r} (while importing {module_name!r})") from exc
         raise TargetError(f"importing {module_name} failed: {exc}") from exc
-    except Exception as exc:
+    except USER_CODE_ERRORS as exc:
         raise TargetError(f"importing {module_name} failed: {type(exc).__name__}: {exc}") from exc
 
 

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from lora_scaffold.errors import AnalysisError
+from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError
 
 
 SEED = 0
@@ -23,7 +23,7 @@ def evaluate_input(expression: str, seed: int = SEED) -> tuple:
     torch.manual_seed(seed)
     try:
         value = eval(expression, {"torch": torch, "math": math})  # noqa: S307 - the user's own expression
-    except Exception as exc:
+    except USER_CODE_ERRORS as exc:
         raise AnalysisError(f"--example-input {expression!r} failed: {type(exc).__name__}: {exc}") from None
     return value if isinstance(value, tuple) else (value,)
 
@@ -68,10 +68,11 @@ def find_sample_input(module: nn.Module, candidates: list[str]) -> str:
     errors = []
     module.eval()
     for expression in candidates:
+        inputs = evaluate_input(expression)
         try:
             with torch.no_grad():
-                output = module(*evaluate_input(expression))
-        except Exception as exc:
+                output = module(*inputs)
+        except USER_CODE_ERRORS as exc:
             errors.append(f"{expression}: {type(exc).__name__}")
             continue
         if any(isinstance(t, torch.Tensor) for t in flatten_output(output)):

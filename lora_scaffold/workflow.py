@@ -60,6 +60,8 @@ def new_plugin(
     request: Request, output: Path, force: bool = False, peft: PeftTarget | None = None, dry_run: bool = False
 ) -> Outcome:
     """`new -o DIR`: the layer, its tests and its record, for the installed peft (or the one given)."""
+    if output.exists() and not output.is_dir():
+        raise WriteError(f"-o {output}: exists and is not a folder")
     recovered = recover_interrupted(output, dry_run)
     peft = peft or installed_peft(PLUGIN)
     spec, plan = plan_layer(request)

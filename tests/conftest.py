@@ -1,10 +1,21 @@
+import filecmp
+import os
+import shutil
+import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
+from lora_scaffold.target import CONFIG_API, installed_peft
+
 
 REPO = Path(__file__).resolve().parent.parent
+# The peft sdist of the installed peft's API generation (0.21.2, or 0.17.1 where peft < 0.19 is installed, as in
+# CI's second environment), so that PEFT's own tests run with the packages they expect.
+PEFT_VERSION = "0.21.2" if installed_peft().api == CONFIG_API else "0.17.1"
+IGNORED = ["__pycache__", ".pytest_cache", ".benchmarks", ".ruff_cache"]
 
 
 @pytest.fixture
@@ -26,3 +37,54 @@ def _forget_generated_modules():
     for name in set(sys.modules) - before:
         if name.startswith(("lora_", "test_lora_")):
             del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def pristine(tmp_path_factory) -> Path:
+    """An unmodified peft sdist (from LORA_SCAFFOLD_PEFT_SDIST_0_21_2 and the like, else downloaded once) with
+    tests/__init__.py,
+    which PEFT's tests need to run."""
+    given = os.environ.get(f"LORA_SCAFFOLD_PEFT_SDIST_{PEFT_VERSION.replace('.', '_')}")
+    root = tmp_path_factory.mktemp("pristine")
+    if given:
+        shutil.copytree(given, root / "peft")
+    else:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora-scaffold"
+        archive = cache / f"peft-{PEFT_VERSION}.tar.gz"
+        if not archive.exists():
+            command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+            subprocess.run([*command, f"peft=={PEFT_VERSION}", "-d", str(cache)], check=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(root, filter="data")
+        (root / f"peft-{PEFT_VERSION}").rename(root / "peft")
+    (root / "peft" / "tests" / "__init__.py").touch()
+    return root / "peft"
+
+
+@pytest.fixture
+def checkout(pristine, tmp_path) -> Path:
+    shutil.copytree(pristine, tmp_path / "peft", ignore=shutil.ignore_patterns(*IGNORED))
+    return tmp_path / "peft"
+
+
+def same_tree(left: Path, right: Path) -> bool:
+    comparison = filecmp.dircmp(left, right, ignore=IGNORED)
+    stack = [comparison]
+    while stack:
+        current = stack.pop()
+        if current.left_only or current.right_only or current.diff_files or current.funny_files:
+            return False
+        _, mismatch, errors = filecmp.cmpfiles(current.left, current.right, current.common_files, shallow=False)
+        if mismatch or errors:
+            return False
+        stack.extend(current.subdirs.values())
+    return True
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file below `root` with its bytes and mode (caches left out)."""
+    return {
+        path.relative_to(root).as_posix(): (path.read_bytes(), path.stat().st_mode)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and not set(path.relative_to(root).parts) & set(IGNORED)
+    }

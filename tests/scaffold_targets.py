@@ -216,3 +216,21 @@ class NoisyLinear(nn.Linear):
 
     def forward(self, x):
         return super().forward(x) + torch.randn(x.shape[0], self.out_features)
+
+
+class ScalarWeight(nn.Module):
+    """A 0-d weight: no low-rank adapter fits it."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class ExitingForward(nn.Linear):
+    """User code that ends the process: it must become an error message."""
+
+    def forward(self, x):
+        raise SystemExit(0)

@@ -4,69 +4,21 @@ The tree is the peft sdist of the installed peft's API generation (0.21.2, or 0.
 installed, as in CI's second environment), so that PEFT's own tests run with the packages they expect.
 """
 
-import filecmp
 import os
-import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
-import pytest
+from conftest import same_tree
 
 from lora_scaffold import journal
 from lora_scaffold.cli import main
-from lora_scaffold.target import CONFIG_API, installed_peft
 
 
-PEFT_VERSION = "0.21.2" if installed_peft().api == CONFIG_API else "0.17.1"
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 LORA = Path("src/peft/tuners/lora")
-IGNORED = ["__pycache__", ".pytest_cache", ".benchmarks", ".ruff_cache"]
 PEFT_RUFF = TESTS / "peft_ruff.toml"
-
-
-@pytest.fixture(scope="session")
-def pristine(tmp_path_factory) -> Path:
-    """An unmodified peft sdist (from LORA_SCAFFOLD_PEFT_SDIST_0_21_2 and the like, else downloaded once) with
-    tests/__init__.py,
-    which PEFT's tests need to run."""
-    given = os.environ.get(f"LORA_SCAFFOLD_PEFT_SDIST_{PEFT_VERSION.replace('.', '_')}")
-    root = tmp_path_factory.mktemp("pristine")
-    if given:
-        shutil.copytree(given, root / "peft")
-    else:
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora-scaffold"
-        archive = cache / f"peft-{PEFT_VERSION}.tar.gz"
-        if not archive.exists():
-            command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
-            subprocess.run([*command, f"peft=={PEFT_VERSION}", "-d", str(cache)], check=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(root, filter="data")
-        (root / f"peft-{PEFT_VERSION}").rename(root / "peft")
-    (root / "peft" / "tests" / "__init__.py").touch()
-    return root / "peft"
-
-
-@pytest.fixture
-def checkout(pristine, tmp_path) -> Path:
-    shutil.copytree(pristine, tmp_path / "peft", ignore=shutil.ignore_patterns(*IGNORED))
-    return tmp_path / "peft"
-
-
-def same_tree(left: Path, right: Path) -> bool:
-    comparison = filecmp.dircmp(left, right, ignore=IGNORED)
-    stack = [comparison]
-    while stack:
-        current = stack.pop()
-        if current.left_only or current.right_only or current.diff_files or current.funny_files:
-            return False
-        _, mismatch, errors = filecmp.cmpfiles(current.left, current.right, current.common_files, shallow=False)
-        if mismatch or errors:
-            return False
-        stack.extend(current.subdirs.values())
-    return True
 
 
 def run_in(checkout: Path, *command: str, with_targets: bool = True) -> subprocess.CompletedProcess:
