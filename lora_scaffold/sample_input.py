@@ -75,8 +75,10 @@ def find_sample_input(module: nn.Module, candidates: list[str]) -> str:
         except USER_CODE_ERRORS as exc:
             errors.append(f"{expression}: {type(exc).__name__}")
             continue
-        if any(isinstance(t, torch.Tensor) for t in flatten_output(output)):
+        first = next((t for t in flatten_output(output) if isinstance(t, torch.Tensor)), None)
+        if first is not None and first.dim() > 0:
             return expression
+        errors.append(f"{expression}: {'no tensor output' if first is None else 'a 0-d output, no batch dimension'}")
     tried = "; ".join(itertools.islice(errors, 4))
     raise AnalysisError(
         f"could not infer an input {type(module).__name__} accepts (tried {tried}); pass --example-input EXPR, "

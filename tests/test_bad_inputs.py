@@ -77,6 +77,7 @@ PLUGIN_CASES = [
     (["torch.nn.Linear", "--example-input", "(torch.randn(2, 8), 'x')"], "could not infer an input"),
     (["torch.nn.Linear", "--example-input", "__import__('sys').exit(0)"], "SystemExit"),
     (["scaffold_targets.ExitingForward"], "could not infer an input"),
+    (["scaffold_targets.ScalarOutput"], "could not infer an input"),
     # the command line
     (["torch.nn.Linear", "--peft-checkout", "x"], "give one of them, not both"),
     (["torch.nn.Linear", "--bogus"], "unrecognized arguments: --bogus"),
@@ -187,6 +188,7 @@ PATCH_CASES = [
     (["new", "torch.nn.ConvTranspose2d", "--name", "config", "--force"], "LoraConfig, which generated code uses"),
     (["new", "scaffold_targets.TwoWeights"], "several weights"),
     (["new", "torch.nn.ConvTranspose2d", "--dry-run", "--arg", "x=1"], "takes no argument named x"),
+    (["remove", "torch.nn.ConvTranspose2d", "--name", "config"], "LoraConfig, which generated code uses"),
 ]
 
 
@@ -223,11 +225,16 @@ def minimal_checkout(root: Path, **replace: str) -> Path:
     return root
 
 
+NO_PLAIN_IMPORTS = (
+    "from torch import nn\n\n\ndef dispatch_default(target):\n    target_base_layer = target\n"
+    "    if isinstance(target_base_layer, nn.Linear):\n        return None\n"
+)
 CHECKOUT_CASES = [
     ({"layer": b"\xff\xfe"}, "is not UTF-8 text"),
     ({"layer": "def other():\n    pass\n"}, "no module-level function dispatch_default"),
     ({"layer": "def dispatch_default(target):\n    return None\n"}, "no if/elif chain on target_base_layer"),
     ({"layer": "def dispatch_default(\n"}, "does not parse"),
+    ({"layer": NO_PLAIN_IMPORTS}, "no plain `import x` lines"),
     ({"init": "from .config import LoraConfig\n"}, "no `__all__ = [...]` list"),
     ({"init": '__all__ = ["A", "B"]\n'}, "no `from .module import ...` lines"),
     ({"version": "VERSION = 1\n"}, "sets no __version__"),
@@ -247,6 +254,18 @@ def test_a_checkout_that_does_not_look_as_expected(replace, message, tmp_path, c
     before = snapshot(tmp_path)
     assert main(["new", "scaffold_targets.PlainLinear", "--peft-checkout", str(root)]) == 2
     assert_one_line_error(capsys, message)
+    assert snapshot(tmp_path) == before
+
+
+def test_remove_with_a_broken_record_names_it(tmp_path, capsys):
+    root = minimal_checkout(tmp_path / "peft")
+    (root / ".lora-scaffold").mkdir()
+    (root / ".lora-scaffold" / "lora_plain_linear.json").write_text("{broken")
+    before = snapshot(tmp_path)
+    assert main(["remove", "scaffold_targets.PlainLinear", "--peft-checkout", str(root)]) == 2
+    assert_one_line_error(capsys, "lora_plain_linear.json is not a lora-scaffold generation record")
+    assert main(["new", "torch.nn.Linear", "--peft-checkout", "  "]) == 2
+    assert_one_line_error(capsys, "--peft-checkout needs the path")
     assert snapshot(tmp_path) == before
 
 

@@ -64,3 +64,28 @@ def test_targets_named_like_generated_names_get_working_suites(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=pytest_env(tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-4000:]
     assert " 0 failed" not in result.stdout and "passed" in result.stdout
+
+
+def test_hostile_paths_and_parameter_names_never_become_code(tmp_path):
+    folder = tmp_path / 'we\'ird """dir\\x\nos.system("boom")'
+    folder.mkdir()
+    (folder / "layers.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Gate(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        '        self.register_parameter("w\'\\"x", nn.Parameter(torch.randn(4, 6)))\n\n'
+        '    def forward(self, x):\n        return torch.sigmoid(x @ getattr(self, "w\'\\"x").T)\n'
+    )
+    out = tmp_path / "out"
+    assert main(["new", f"{folder}/layers.py:Gate", "-o", str(out)]) == 0
+    for path in out.glob("*.py"):
+        text = path.read_text()
+        ast.parse(text)
+        assert "boom" not in text and "dir" not in text
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(out)],
+        capture_output=True,
+        text=True,
+        env=pytest_env(folder),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]

@@ -218,3 +218,22 @@ def test_a_target_peft_battery_cannot_take_gets_no_battery_entry(checkout, prist
     assert (checkout / "tests" / "test_lora_gru.py").is_file()
     assert main(["remove", "torch.nn.GRU", "--peft-checkout", str(checkout)]) == 0
     assert same_tree(checkout, pristine)
+
+
+def test_new_with_other_arguments_replaces_the_earlier_patch_and_remove_undoes_it(checkout, pristine, capsys):
+    assert main(["new", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 0
+    assert main(["new", "torch.nn.ConvTranspose2d", "--arg", "stride=2", "--peft-checkout", str(checkout)]) == 0
+    battery = (checkout / "tests" / "test_custom_models.py").read_text()
+    assert battery.count("class ModelLoraConvTranspose2d") == 1 and "stride=2" in battery
+    assert main(["remove", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 0
+    assert same_tree(checkout, pristine)
+
+
+def test_patched_files_keep_their_mode_and_new_ones_follow_the_umask(checkout):
+    layer = checkout / LORA / "layer.py"
+    layer.chmod(0o664)
+    assert main(["new", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 0
+    assert layer.stat().st_mode & 0o777 == 0o664
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (checkout / LORA / "lora_conv_transpose2d.py").stat().st_mode & 0o777 == 0o666 & ~umask
