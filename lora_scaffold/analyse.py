@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -135,7 +136,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         test_module=f"test_{module_name}",
         peft_builtin=strategies.peft_builtin(spec.target.cls),
         peft_builtin_exact=strategies.peft_builtin(spec.target.cls, exact=True) is not None,
-        battery_blocker=battery_blocker(module),
+        battery_blocker=battery_blocker(module, len(inputs) != len(evaluate_input(example_input))),
         flat_rnn_weights=isinstance(module.get_submodule(weight.name.rpartition(".")[0]), nn.RNNBase),
         dora_blocker=strategy.dora_blocker(evidence, verdict),
         eval_only=probe.train_mode_note if probe else "",
@@ -190,6 +191,18 @@ def run_probe(module: nn.Module, weight: TensorInfo, example_input: str) -> Prob
     return probe
 
 
+def low_rank_note(plan: LayerPlan) -> str:
+    """A warning when a rank-r adapter is no smaller than the weight itself ("" otherwise)."""
+    out_size = plan.weight_shape[0]
+    in_size = math.prod(plan.weight_shape[1:])
+    if len(plan.weight_shape) >= 2 and plan.test_rank * (in_size + out_size) < in_size * out_size:
+        return ""
+    return (
+        f"the weight {list(plan.weight_shape)} is too small for a low-rank adapter to save anything: at rank "
+        f"{plan.test_rank} it has {plan.test_rank * (in_size + out_size)} parameters, the weight {in_size * out_size}"
+    )
+
+
 def normalised_expression(text: str) -> str:
     """The user's --example-input as one canonical expression (no comments, no line breaks): it goes into the
     generated tests as code, so nothing but a single expression may get there."""
@@ -208,6 +221,7 @@ def describe_io(module: nn.Module, example_input: str) -> tuple[tuple[InputInfo,
     described = tuple(
         InputInfo(tuple(x.shape[1:]), x.is_floating_point(), 0 if x.is_floating_point() else int(x.max()) + 1)
         for x in inputs
+        if isinstance(x, torch.Tensor)
     )
     return described, int(first[0].numel()), not isinstance(output, torch.Tensor)
 
@@ -240,8 +254,10 @@ def choose_weight(spec: TargetSpec, requested: str | None) -> TensorInfo:
     raise AnalysisError(f"{spec.target.class_name} has several weights ({names}); pick one with --weight NAME")
 
 
-def battery_blocker(module: nn.Module) -> str:
+def battery_blocker(module: nn.Module, nested_inputs: bool) -> str:
     """Why PEFT's custom-model battery cannot run on this target ("" when it can)."""
+    if nested_inputs:
+        return f"PEFT's battery feeds every model one tensor, and {type(module).__name__} takes nested inputs"
     bias = getattr(module, "bias", None)
     if bias is not None and not isinstance(bias, torch.Tensor):
         return (

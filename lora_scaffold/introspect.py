@@ -136,6 +136,14 @@ def introspect(target: ResolvedTarget, overrides: dict[str, str]) -> TargetSpec:
     ctor_args, guessed = choose_ctor_args(target, params, overrides)
     kwargs = {name: ast.literal_eval(source) for name, source in ctor_args}
     module = instantiate(target, kwargs, device="meta")
+    lazy = [name for name, p in module.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        becomes = getattr(target.cls, "cls_to_become", None)
+        instead = f"; target {becomes.__module__}.{becomes.__name__}, what it becomes, instead" if becomes else ""
+        raise TargetError(
+            f"{target.class_name} has lazy parameters ({', '.join(lazy)}), whose shapes are unknown until its first "
+            f"forward{instead}"
+        )
     scaled = ()
     if _size(module) > ELEMENT_BUDGET:
         ctor_args, scaled, module = scale_down(target, params, ctor_args, overrides) or (ctor_args, (), module)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lora_scaffold.sample_input import flatten_output
+from lora_scaffold.sample_input import flatten_output, map_tensors
 
 
 RELATIVE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -64,7 +64,7 @@ class Probe:
         self.module = copy.deepcopy(module).to(dtype).eval()
 
         def cast(inputs: tuple) -> tuple:
-            return tuple(x.to(dtype) if _is_float(x) else x for x in inputs)
+            return map_tensors(lambda x: x.to(dtype) if x.is_floating_point() else x, inputs)
 
         self.weight_name = weight_name
         self.weight = self.module.get_parameter(weight_name).detach()

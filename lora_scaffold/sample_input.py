@@ -86,6 +86,15 @@ def find_sample_input(module: nn.Module, candidates: list[str]) -> str:
     )
 
 
+def map_tensors(function, value):
+    """`function` applied to every tensor of a nested input (tuples and lists of tensors, as LSTMCell takes)."""
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(function, item) for item in value)
+    return value
+
+
 def flatten_output(output) -> list:
     if isinstance(output, (tuple, list)):
         return [t for item in output for t in flatten_output(item)]

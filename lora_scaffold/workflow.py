@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_scaffold import journal
-from lora_scaffold.analyse import LayerPlan, analyse
+from lora_scaffold.analyse import LayerPlan, analyse, low_rank_note
 from lora_scaffold.errors import PatchError, ScaffoldError, WriteError
 from lora_scaffold.files import FileChange, apply_changes, plan_changes, plan_deletions, refuse_conflicts
 from lora_scaffold.introspect import TargetSpec, introspect, parse_arg_overrides
@@ -69,7 +69,7 @@ def new_plugin(
     previous = _read_record(output / record_path(plan.module_name))
     changes = plan_changes(files, output, force=force, updatable=_unedited(output, previous))
     refuse_conflicts(changes)
-    notes = recovered
+    notes = recovered + tuple(note for note in (low_rank_note(plan),) if note)
     if spec.target.from_file is not None:
         notes += (
             f"the generated code imports {plan.target_module}; put {spec.target.from_file.parent} on PYTHONPATH",

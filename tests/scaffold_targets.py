@@ -241,3 +241,20 @@ class ScalarOutput(nn.Linear):
 
     def forward(self, x):
         return super().forward(x).sum()
+
+
+class SpectralLinear(nn.Linear):
+    """A Linear under spectral_norm: its training-mode forward updates a buffer (the power iteration's u)."""
+
+    def __init__(self, in_features: int = 5, out_features: int = 7):
+        super().__init__(in_features, out_features)
+        torch.nn.utils.spectral_norm(self)
+
+
+class NoBfloat16(nn.Linear):
+    """A layer whose kernels lack bfloat16, as some custom CUDA or CPU kernels do."""
+
+    def forward(self, x):
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError("\"addmm\" not implemented for 'BFloat16'")
+        return super().forward(x)

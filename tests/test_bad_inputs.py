@@ -53,6 +53,7 @@ PLUGIN_CASES = [
     (["scaffold_targets.ScalarWeight", "--weight", "weight"], "has shape []: no low-rank adapter fits it"),
     (["scaffold_targets.ScalarWeight"], "no weight with 2 or more dimensions"),
     (["scaffold_targets.IgnoresWeight"], "does not change with 'weight'"),
+    (["torch.nn.LazyLinear"], "has lazy parameters (weight, bias)"),
     # the strategy
     (["torch.nn.Linear", "--strategy", "nope"], "invalid choice: 'nope'"),
     (["torch.nn.Linear", "--strategy", "conv"], "--strategy conv does not fit"),

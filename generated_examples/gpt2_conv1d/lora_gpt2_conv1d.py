@@ -80,7 +80,10 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
         return _get_attribute(self.get_base_layer(), BIAS_NAME) if BIAS_NAME else None
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
-        # PEFT moves adapters to the device and dtype of `base_layer.weight`; this layer adapts WEIGHT_NAME.
+        # PEFT moves adapters to the device and dtype of `base_layer.weight`; this layer adapts WEIGHT_NAME. PEFT
+        # asks about other modules too (MultiheadAttention's out_proj), which keep PEFT's answer.
+        if base_layer is not self.get_base_layer():
+            return super()._get_base_layer_device_and_dtype(base_layer)
         weight = _get_attribute(base_layer, WEIGHT_NAME)
         return weight.device, weight.dtype
 

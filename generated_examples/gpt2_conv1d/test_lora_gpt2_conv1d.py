@@ -58,10 +58,19 @@ def flatten(output) -> torch.Tensor:
     return torch.cat([flatten(item) for item in items if isinstance(item, (torch.Tensor, tuple, list, dict))])
 
 
+def cast(value, dtype: torch.dtype):
+    """Floating tensors of an input (a tensor, or tuples and lists of them as LSTMCell takes) to `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(cast(item, dtype) for item in value)
+    return value
+
+
 def run(model: nn.Module, dtype: torch.dtype | None = None, **kwargs) -> torch.Tensor:
     inputs = make_inputs()
     if dtype is not None:
-        inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+        inputs = cast(inputs, dtype)
     with torch.no_grad():
         return flatten(model(*inputs, **kwargs))
 
@@ -213,6 +222,10 @@ def test_rslora_scaling():
 
 
 def test_bf16_forward_is_finite():
+    try:
+        run(make_base(torch.bfloat16), dtype=torch.bfloat16)
+    except RuntimeError as exc:
+        pytest.skip(f"the plain Conv1D cannot run in bfloat16 here: {exc}")
     output = run(make_model(dtype=torch.bfloat16, init_lora_weights=False), dtype=torch.bfloat16)
     assert output.dtype == torch.bfloat16
     assert torch.isfinite(output).all()

@@ -1,0 +1,69 @@
+"""Layers from torch (and look-alikes of others') that real users target: `new`, then the generated suite."""
+
+import pytest
+from test_end_to_end import run_suites, strategy_of, suite_counts
+
+from lora_scaffold.cli import main
+
+
+CELL_INPUT = "(torch.randn(2, 6), (torch.randn(2, 8), torch.randn(2, 8)))"
+TARGETS = [
+    # (folder, arguments of `new`, strategy, tests skipped on purpose)
+    ("mha_in_proj", ["torch.nn.MultiheadAttention", "--weight", "in_proj_weight", "--name", "mha_in"], "delta", 0),
+    ("mha_out_proj", ["torch.nn.MultiheadAttention", "--weight", "out_proj.weight", "--name", "mha_out"], "delta", 0),
+    (
+        "lstm_cell_hh",
+        ["torch.nn.LSTMCell", "--arg", "input_size=6", "--arg", "hidden_size=8", "--weight", "weight_hh"]
+        + ["--example-input", CELL_INPUT, "--name", "cell_hh"],
+        "delta",
+        0,
+    ),
+    (
+        "lstm_cell_ih",
+        ["torch.nn.LSTMCell", "--arg", "input_size=6", "--arg", "hidden_size=8", "--weight", "weight_ih"]
+        + ["--example-input", CELL_INPUT, "--name", "cell_ih"],
+        "delta",
+        0,
+    ),
+    (
+        "rnn_cell",
+        ["torch.nn.RNNCell", "--arg", "input_size=6", "--arg", "hidden_size=8", "--weight", "weight_ih"],
+        "delta",
+        0,
+    ),
+    ("spectral", ["scaffold_targets.SpectralLinear"], "delta", 0),
+    ("no_bf16", ["scaffold_targets.NoBfloat16"], "reuse", 1),
+]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    for folder, arguments, _, _ in TARGETS:
+        assert main(["new", *arguments, "-o", str(root / folder)]) == 0, folder
+    return root
+
+
+def test_strategies(generated):
+    assert {folder: strategy_of(generated / folder) for folder, *_ in TARGETS} == {f: s for f, _, s, _ in TARGETS}
+
+
+def test_generated_suites_pass(generated, tmp_path):
+    result = run_suites([generated / folder for folder, *_ in TARGETS], tmp_path / "junit.xml")
+    counts = suite_counts(tmp_path / "junit.xml")
+    assert result.returncode == 0, result.stdout[-5000:]
+    expected_skips = {
+        f"test_lora_{arguments[-1]}": skips for _, arguments, _, skips in TARGETS if "--name" in arguments
+    }
+    for module, outcome in counts.items():
+        assert outcome["failed"] == 0 and outcome["passed"] >= 17, (module, outcome)
+        assert outcome["skipped"] == expected_skips.get(module, outcome["skipped"]), (module, outcome)
+    assert counts["test_lora_no_bfloat16"]["skipped"] == 1
+    assert counts["test_lora_spectral_linear"]["skipped"] == 0
+
+
+def test_spectral_norm_is_compared_in_eval_mode(generated):
+    assert (
+        "Outputs are compared in eval mode: its forward changes the module's state"
+        in (generated / "spectral" / "test_lora_spectral_linear.py").read_text()
+    )
