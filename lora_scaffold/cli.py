@@ -6,15 +6,11 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
-from lora_scaffold import __version__, strategies, workflow
+from lora_scaffold import __version__, strategies, views, workflow
 from lora_scaffold.errors import ScaffoldError, StaleOutputError
-from lora_scaffold.introspect import TargetSpec
-from lora_scaffold.render import dora_refusal
 from lora_scaffold.request import Request
-from lora_scaffold.workflow import Report
 
 
 DESCRIPTION = """\
@@ -73,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="patch mode: add the layer to this peft source checkout (dispatch_default, exports, tests) instead",
     )
     new.add_argument("--dry-run", action="store_true", help="show what would change (a diff), write nothing")
+    new.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     new.add_argument(
         "--force",
         action="store_true",
@@ -93,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--peft-checkout", metavar="PATH", required=True, help="the peft source checkout")
     remove.add_argument("--dry-run", action="store_true", help="show what would change (a diff), write nothing")
     remove.add_argument("--force", action="store_true", help="remove what lora-scaffold added even if it was edited")
+    remove.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
     check = commands.add_parser(
         "check",
@@ -105,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("directory", metavar="DIR", nargs="?", default="generated_examples")
     check.add_argument("--update", action="store_true", help="rewrite stale examples")
+    check.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     check.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
 
     inspect = commands.add_parser(
@@ -154,7 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ScaffoldError as error:
         if args.debug:
             raise
-        print(f"lora-scaffold: error: {error}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"command": args.command, "error": str(error)}))
+        else:
+            print(f"lora-scaffold: error: {error}", file=sys.stderr)
         return error.exit_code
 
 
@@ -164,122 +166,78 @@ def _request(args: argparse.Namespace) -> Request:
 
 def run_inspect(args: argparse.Namespace) -> int:
     spec = workflow.inspect_target(Request(args.target, tuple(args.arg)))
-    print(json.dumps(_spec_as_json(spec), indent=2) if args.json else format_spec(spec))
+    _show(args, lambda: views.spec_text(spec), lambda: views.spec_json(spec))
     return 0
 
 
 def run_new(args: argparse.Namespace) -> int:
+    _progress(args, f"building {args.target} and probing how LoRA applies to it ...")
     if args.peft_checkout is not None:
         if args.output is not None:
             raise ScaffoldError("-o writes plugin files and --peft-checkout patches peft: give one of them, not both")
         outcome = workflow.patch_checkout(_request(args), args.peft_checkout, args.force, args.dry_run)
     else:
         outcome = workflow.new_plugin(_request(args), Path(args.output or "."), args.force, dry_run=args.dry_run)
-    print(format_report(outcome.report))
-    _apply_or_show(outcome, args.dry_run)
+    _apply_unless_dry(outcome, args.dry_run)
+    style = views.Style.for_stream(sys.stdout)
+    text = f"{views.plan_text(outcome.report)}\n{views.changes_text(outcome, args.dry_run, style)}"
+    _show(args, lambda: text, lambda: views.outcome_json("new", outcome, args.dry_run))
     return 0
 
 
 def run_remove(args: argparse.Namespace) -> int:
     outcome = workflow.remove_from_checkout(args.target, args.name, args.peft_checkout, args.force, args.dry_run)
-    _apply_or_show(outcome, args.dry_run)
+    _apply_unless_dry(outcome, args.dry_run)
+    style = views.Style.for_stream(sys.stdout)
+    _show(
+        args,
+        lambda: views.changes_text(outcome, args.dry_run, style),
+        lambda: views.outcome_json("remove", outcome, args.dry_run),
+    )
     return 0
 
 
 def run_check(args: argparse.Namespace) -> int:
     root = Path(args.directory)
+    _progress(args, f"re-rendering the examples of {root / 'manifest.json'} ...")
     stale, outcomes = workflow.check_examples(root, dry_run=not args.update)
-    for outcome in outcomes:
-        for note in outcome.report.notes:
-            print(f"note: {note}")
-        for change in outcome.changes:
-            if change.writes:
-                print(change.diff(), end="")
     if args.update:
         for outcome in outcomes:
             outcome.apply()
-        print(f"updated {len(stale)} of the examples in {root}" + (f": {', '.join(stale)}" if stale else ""))
-    elif stale:
-        raise StaleOutputError(
+    error = None
+    if stale and not args.update:
+        error = StaleOutputError(
             f"generated examples {', '.join(stale)} differ from a fresh render; refresh: lora-scaffold check {root} --update"
         )
+    if args.json:
+        print(json.dumps({**views.check_json(stale, outcomes, args.update), "error": str(error) if error else None}))
+        return error.exit_code if error else 0
+    for note in (note for outcome in outcomes for note in outcome.report.notes):
+        print(f"note: {note}")
+    for change in (change for outcome in outcomes for change in outcome.changes if change.writes):
+        print(change.diff(), end="")
+    if error:
+        raise error
+    if args.update:
+        print(f"updated {len(stale)} of the examples in {root}" + (f": {', '.join(stale)}" if stale else ""))
     else:
         print(f"all examples in {root} are up to date")
     return 0
 
 
-def _apply_or_show(outcome: workflow.Outcome, dry_run: bool) -> None:
-    report = outcome.report
-    if report.nothing_to_do:
-        print(f"nothing to do: {report.nothing_to_do}")
-        return
-    if dry_run:
-        for change in outcome.changes:
-            print(f"would {change.status:<9} {change.path}")
-            if change.changes_disk:
-                print(change.diff(), end="")
-    else:
+def _apply_unless_dry(outcome: workflow.Outcome, dry_run: bool) -> None:
+    if not dry_run and not outcome.report.nothing_to_do:
         outcome.apply()
-        for change in outcome.changes:
-            print(f"{change.status:<9} {change.path}")
-    for note in report.notes:
-        print(f"note: {note}")
 
 
-def format_spec(spec: TargetSpec) -> str:
-    guessed = f"  (guessed: {', '.join(spec.guessed_args)})" if spec.guessed_args else ""
-    lines = [f"class       {spec.target.qualified_name}"]
-    lines.append("signature   (" + ", ".join(_format_param(p) for p in spec.ctor_params) + ")")
-    lines.append("built with  (" + ", ".join(f"{n}={v}" for n, v in spec.ctor_args) + ")" + guessed)
-    for name, old, new in spec.scaled_args:
-        lines.append(f"scaled      {name}: {old} -> {new} (the defaults build more than a million weights)")
-    lines.append(f"forward     {spec.forward_arity} positional input(s)")
-    lines += ["parameters"] + ([f"  {p.name:<24} {list(p.shape)} {p.dtype}" for p in spec.parameters] or ["  none"])
-    lines += ["buffers"] + ([f"  {b.name:<24} {list(b.shape)} {b.dtype}" for b in spec.buffers] or ["  none"])
-    lines += ["attributes"] + ([f"  {n:<24} {v}" for n, v in spec.attributes] or ["  none"])
-    return "\n".join(lines)
+def _show(args: argparse.Namespace, text, data) -> None:
+    print(json.dumps(data(), indent=2) if getattr(args, "json", False) else text())
 
 
-def _format_param(param) -> str:
-    return param.name if param.required else f"{param.name}={param.default}"
-
-
-def format_report(report: Report) -> str:
-    plan, spec = report.plan, report.spec
-    inferred = "inferred" if plan.input_inferred else "given"
-    scaled = "".join(
-        f"\nscaled    {name} {old} -> {new} to keep the probe and tests small" for name, old, new in spec.scaled_args
-    )
-    lines = [
-        f"target    {plan.target_spec}(" + ", ".join(f"{n}={v}" for n, v in plan.ctor_args) + ")" + scaled,
-        f"weight    {plan.weight_name} {list(plan.weight_shape)}",
-        f"input     {plan.example_input} ({inferred})",
-        f"strategy  {plan.strategy}: {plan.reason}",
-        f"dora      {_dora_line(report)}",
-        f"peft      written for {report.peft.versions} ({report.peft.mode} mode, peft {report.peft.version_text})",
-    ]
-    if plan.peft_builtin and not plan.peft_builtin_exact:
-        lines.append(
-            f"note      PEFT's own {plan.peft_builtin} layer would catch this subclass; this layer takes precedence"
-        )
-    elif plan.peft_builtin:
-        lines.append(
-            f"note      PEFT has its own {plan.peft_builtin} layer for this type; registering this one overrides it"
-        )
-    return "\n".join(lines)
-
-
-def _dora_line(report: Report) -> str:
-    refusal = dora_refusal(report.plan, report.peft)
-    if refusal:
-        return f"refused (use_dora=True raises): {refusal}"
-    return "PEFT's own" if report.plan.chosen.peft_own_layer else "through PEFT's DoRA variant"
-
-
-def _spec_as_json(spec: TargetSpec) -> dict:
-    data = asdict(spec)
-    data["target"] = {"spec": spec.target.spec, "class": spec.target.qualified_name}
-    return data
+def _progress(args: argparse.Namespace, message: str) -> None:
+    """Long steps say what they do, on a terminal only (pipes and --json get the result alone)."""
+    if sys.stderr.isatty() and not getattr(args, "json", False):
+        print(message, file=sys.stderr)
 
 
 COMMANDS = {"new": run_new, "remove": run_remove, "inspect": run_inspect, "check": run_check}

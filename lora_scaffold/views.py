@@ -1,0 +1,141 @@
+"""What the CLI shows of a command's outcome: text for people (coloured on a terminal), JSON for programs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import TextIO
+
+from lora_scaffold.files import FileChange
+from lora_scaffold.introspect import TargetSpec
+from lora_scaffold.render import dora_refusal
+from lora_scaffold.workflow import Outcome, Report
+
+
+COLOURS = {"create": "32", "update": "32", "overwrite": "33", "delete": "33", "conflict": "31", "identical": "2"}
+
+
+@dataclass(frozen=True)
+class Style:
+    colour: bool
+
+    @classmethod
+    def for_stream(cls, stream: TextIO) -> Style:
+        """Colour only on a terminal, and never with NO_COLOR set (https://no-color.org)."""
+        return cls(stream.isatty() and not os.environ.get("NO_COLOR"))
+
+    def status(self, word: str, width: int = 9) -> str:
+        padded = f"{word:<{width}}"
+        return f"\033[{COLOURS[word]}m{padded}\033[0m" if self.colour and word in COLOURS else padded
+
+
+def spec_text(spec: TargetSpec) -> str:
+    guessed = f"  (guessed: {', '.join(spec.guessed_args)})" if spec.guessed_args else ""
+    lines = [f"class       {spec.target.qualified_name}"]
+    lines.append(
+        "signature   (" + ", ".join(p.name if p.required else f"{p.name}={p.default}" for p in spec.ctor_params) + ")"
+    )
+    lines.append("built with  (" + ", ".join(f"{n}={v}" for n, v in spec.ctor_args) + ")" + guessed)
+    for name, old, new in spec.scaled_args:
+        lines.append(f"scaled      {name}: {old} -> {new} (the defaults build more than a million weights)")
+    lines.append(f"forward     {spec.forward_arity} positional input(s)")
+    lines += ["parameters"] + ([f"  {p.name:<24} {list(p.shape)} {p.dtype}" for p in spec.parameters] or ["  none"])
+    lines += ["buffers"] + ([f"  {b.name:<24} {list(b.shape)} {b.dtype}" for b in spec.buffers] or ["  none"])
+    lines += ["attributes"] + ([f"  {n:<24} {v}" for n, v in spec.attributes] or ["  none"])
+    return "\n".join(lines)
+
+
+def spec_json(spec: TargetSpec) -> dict:
+    data = asdict(spec)
+    data["target"] = {"spec": spec.target.spec, "class": spec.target.qualified_name}
+    return {"command": "inspect", **data}
+
+
+def plan_text(report: Report) -> str:
+    plan, spec = report.plan, report.spec
+    inferred = "inferred" if plan.input_inferred else "given"
+    scaled = "".join(
+        f"\nscaled    {name} {old} -> {new} to keep the probe and tests small" for name, old, new in spec.scaled_args
+    )
+    lines = [
+        f"target    {plan.target_spec}(" + ", ".join(f"{n}={v}" for n, v in plan.ctor_args) + ")" + scaled,
+        f"weight    {plan.weight_name} {list(plan.weight_shape)}",
+        f"input     {plan.example_input} ({inferred})",
+        f"strategy  {plan.strategy}: {plan.reason}",
+        f"dora      {dora_text(report)}",
+        f"peft      written for {report.peft.versions} ({report.peft.mode} mode, peft {report.peft.version_text})",
+    ]
+    if plan.peft_builtin and not plan.peft_builtin_exact:
+        lines.append(
+            f"note      PEFT's own {plan.peft_builtin} layer would catch this subclass; this layer takes precedence"
+        )
+    elif plan.peft_builtin:
+        lines.append(
+            f"note      PEFT has its own {plan.peft_builtin} layer for this type; registering this one overrides it"
+        )
+    return "\n".join(lines)
+
+
+def dora_text(report: Report) -> str:
+    refusal = dora_refusal(report.plan, report.peft)
+    if refusal:
+        return f"refused (use_dora=True raises): {refusal}"
+    return "PEFT's own" if report.plan.chosen.peft_own_layer else "through PEFT's DoRA variant"
+
+
+def changes_text(outcome: Outcome, dry_run: bool, style: Style) -> str:
+    """One line a file (with its diff in a dry run), then the notes."""
+    if outcome.report.nothing_to_do:
+        return f"nothing to do: {outcome.report.nothing_to_do}"
+    lines = []
+    for change in outcome.changes:
+        lines.append(f"{'would ' if dry_run else ''}{style.status(change.status)} {change.path}")
+        if dry_run and change.changes_disk:
+            lines.append(change.diff().rstrip("\n"))
+    return "\n".join(lines + [f"note: {note}" for note in outcome.report.notes])
+
+
+def outcome_json(command: str, outcome: Outcome, dry_run: bool) -> dict:
+    report = outcome.report
+    data = {
+        "command": command,
+        "dry_run": dry_run,
+        "root": str(outcome.root),
+        "files": [_change_json(change, dry_run) for change in outcome.changes],
+        "notes": list(report.notes),
+        "nothing_to_do": report.nothing_to_do or None,
+    }
+    if report.plan is not None:
+        plan = report.plan
+        data["layer"] = {
+            "target": f"{plan.target_module}.{plan.target_class}",
+            "constructor": dict(plan.ctor_args),
+            "weight": {"name": plan.weight_name, "shape": list(plan.weight_shape)},
+            "input": {"expression": plan.example_input, "inferred": plan.input_inferred},
+            "strategy": plan.strategy,
+            "reason": plan.reason,
+            "verdicts": [verdict.as_record() for verdict in plan.verdicts],
+            "dora": dora_text(report),
+            "layer_class": plan.layer_class,
+            "module": plan.module_name,
+        }
+        data["peft"] = {
+            "mode": report.peft.mode,
+            "version": report.peft.version_text,
+            "versions": report.peft.versions,
+            "api": report.peft.api,
+        }
+    return data
+
+
+def check_json(stale: list[str], outcomes: list[Outcome], updated: bool) -> dict:
+    files = [_change_json(change, not updated) for outcome in outcomes for change in outcome.changes if change.writes]
+    notes = [note for outcome in outcomes for note in outcome.report.notes]
+    return {"command": "check", "stale": stale, "updated": updated, "files": files, "notes": notes}
+
+
+def _change_json(change: FileChange, with_diff: bool) -> dict:
+    data = {"path": str(change.path), "status": change.status}
+    if with_diff and change.changes_disk:
+        data["diff"] = change.diff()
+    return data
