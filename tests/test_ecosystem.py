@@ -82,7 +82,7 @@ def test_ci_workflow_steps_run_in_a_fresh_environment(tmp_path):
     environment = tmp_path / "venv"
     venv.create(environment, with_pip=True)
     # The job's own variables, with lora-scaffold installed from this checkout instead of its git URL.
-    env = pinned_environment(tmp_path, **job["env"], LORA_SCAFFOLD=str(REPO), PIP_EXTRA_INDEX_URL="")
+    env = pinned_environment(tmp_path, **{**job["env"], "LORA_SCAFFOLD": str(REPO), "PIP_EXTRA_INDEX_URL": ""})
     env["PATH"] = f"{environment / 'bin'}{os.pathsep}{env['PATH']}"
     env.pop("PYTHONPATH", None)
     for step in steps:
