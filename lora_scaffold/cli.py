@@ -68,12 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="patch mode: add the layer to this peft source checkout (dispatch_default, exports, tests) instead",
     )
-    new.add_argument("--dry-run", action="store_true", help="show what would change (a diff), write nothing")
-    new.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    new.add_argument(
-        "--force",
-        action="store_true",
-        help="overwrite files that exist with other content; in patch mode, also adapt a type PEFT already supports",
+    _add_change_arguments(
+        new, "overwrite files that exist with other content; in patch mode, also adapt a type PEFT already supports"
     )
 
     remove = commands.add_parser(
@@ -88,9 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_arguments(remove, constructor=False)
     remove.add_argument("--name", help="the --name the layer was generated with, if any")
     remove.add_argument("--peft-checkout", metavar="PATH", required=True, help="the peft source checkout")
-    remove.add_argument("--dry-run", action="store_true", help="show what would change (a diff), write nothing")
-    remove.add_argument("--force", action="store_true", help="remove what lora-scaffold added even if it was edited")
-    remove.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _add_change_arguments(remove, "remove what lora-scaffold added even if it was edited")
 
     check = commands.add_parser(
         "check",
@@ -114,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_arguments(inspect)
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
+
+
+def _add_change_arguments(parser: argparse.ArgumentParser, force_help: str) -> None:
+    """The options of the commands that change files."""
+    parser.add_argument("--dry-run", action="store_true", help="show what would change (a diff), write nothing")
+    parser.add_argument("--force", action="store_true", help=force_help)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
