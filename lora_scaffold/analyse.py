@@ -12,7 +12,7 @@ from torch import nn
 
 from lora_scaffold import strategies
 from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError
-from lora_scaffold.introspect import TargetSpec, TensorInfo, instantiate
+from lora_scaffold.introspect import TargetSpec, TensorInfo
 from lora_scaffold.names import layer_names
 from lora_scaffold.probe import NotDeterministic, Probe, build_probe
 from lora_scaffold.sample_input import candidate_inputs, evaluate_input, find_sample_input, flatten_output
@@ -42,6 +42,8 @@ class LayerPlan:
     target_module: str
     target_class: str
     ctor_args: tuple[tuple[str, str], ...]
+    init: str | None  # the --init expression that builds the target (then ctor_args is empty)
+    init_names: tuple[str, ...]
     weight_name: str
     weight_shape: tuple[int, ...]
     bias_name: str | None
@@ -90,7 +92,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         raise AnalysisError(f"unknown strategy {options.strategy!r}; choose from {choices}")
     layer_class, module_name = layer_names(spec.target.class_name, options.name)
     weight = choose_weight(spec, options.weight)
-    module = instantiate(spec.target, spec.ctor_kwargs())
+    module = spec.build()
     attributes = spec.attribute_values()
     if options.example_input:
         example_input = normalised_expression(options.example_input)
@@ -115,6 +117,8 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         target_module=spec.target.import_module,
         target_class=spec.target.class_name,
         ctor_args=spec.ctor_args,
+        init=spec.init,
+        init_names=spec.init_names,
         weight_name=weight.name,
         weight_shape=weight.shape,
         bias_name=_bias_name(

@@ -138,6 +138,13 @@ def _add_target_arguments(parser: argparse.ArgumentParser, constructor: bool = T
             default=[],
             help="constructor argument as a Python literal; repeatable",
         )
+        parser.add_argument(
+            "--init",
+            metavar="EXPR",
+            help="build the target from this expression instead, e.g. for classes that take a config: "
+            "'LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=32))' (the target's module, torch and nn in "
+            "scope); the generated tests build it the same way",
+        )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
 
 
@@ -162,11 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _request(args: argparse.Namespace) -> Request:
-    return Request(args.target, tuple(args.arg), args.weight, args.strategy, args.example_input, args.name)
+    return Request(args.target, tuple(args.arg), args.weight, args.strategy, args.example_input, args.name, args.init)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    spec = workflow.inspect_target(Request(args.target, tuple(args.arg)))
+    spec = workflow.inspect_target(Request(args.target, tuple(args.arg), init=args.init))
     _show(args, lambda: views.spec_text(spec), lambda: views.spec_json(spec))
     return 0
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lora_scaffold import init_expression
 from lora_scaffold.errors import USER_CODE_ERRORS, TargetError
 from lora_scaffold.names import is_name
 from lora_scaffold.resolve import ResolvedTarget
@@ -98,9 +99,14 @@ class TargetSpec:
     buffers: tuple[TensorInfo, ...]
     attributes: tuple[tuple[str, str], ...]
     forward_arity: int
+    init: str | None = None  # the --init expression the target is built from, instead of ctor_args
+    init_names: tuple[str, ...] = ()  # the names it takes from the target's module
 
-    def ctor_kwargs(self) -> dict[str, object]:
-        return {name: ast.literal_eval(source) for name, source in self.ctor_args}
+    def build(self) -> nn.Module:
+        """The target, built as the generated tests build it."""
+        if self.init:
+            return init_expression.build(self.target, self.init)
+        return instantiate(self.target, {name: ast.literal_eval(source) for name, source in self.ctor_args})
 
     def attribute_values(self) -> dict[str, object]:
         return {name: ast.literal_eval(source) for name, source in self.attributes}
@@ -131,11 +137,42 @@ def parse_arg_overrides(pairs: list[str]) -> dict[str, str]:
     return overrides
 
 
-def introspect(target: ResolvedTarget, overrides: dict[str, str]) -> TargetSpec:
+def introspect(target: ResolvedTarget, overrides: dict[str, str], init: str | None = None) -> TargetSpec:
     params = ctor_params(target.cls)
+    if init is not None:
+        return _from_init(target, params, init_expression.normalised(init), overrides)
     ctor_args, guessed = choose_ctor_args(target, params, overrides)
     kwargs = {name: ast.literal_eval(source) for name, source in ctor_args}
     module = instantiate(target, kwargs, device="meta")
+    _refuse_lazy(target, module)
+    scaled = ()
+    if _size(module) > ELEMENT_BUDGET:
+        ctor_args, scaled, module = scale_down(target, params, ctor_args, overrides) or (ctor_args, (), module)
+    return _spec(target, params, module, ctor_args=ctor_args, guessed_args=guessed, scaled_args=scaled)
+
+
+def _from_init(target: ResolvedTarget, params, init: str, overrides: dict[str, str]) -> TargetSpec:
+    if overrides:
+        raise TargetError("--init builds the target itself: give constructor arguments there, not with --arg")
+    names = init_expression.imported_names(target, init)
+    module = init_expression.build(target, init, device="meta")
+    _refuse_lazy(target, module)
+    return _spec(target, params, module, init=init, init_names=names)
+
+
+def _spec(target: ResolvedTarget, params, module: nn.Module, **how) -> TargetSpec:
+    return TargetSpec(
+        target=target,
+        ctor_params=params,
+        parameters=tuple(_tensor_info(name, p) for name, p in module.named_parameters()),
+        buffers=tuple(_tensor_info(name, b) for name, b in module.named_buffers()),
+        attributes=_peft_attributes(module),
+        forward_arity=forward_arity(target.cls),
+        **{"ctor_args": (), "guessed_args": (), "scaled_args": ()} | how,
+    )
+
+
+def _refuse_lazy(target: ResolvedTarget, module: nn.Module) -> None:
     lazy = [name for name, p in module.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
     if lazy:
         becomes = getattr(target.cls, "cls_to_become", None)
@@ -144,22 +181,6 @@ def introspect(target: ResolvedTarget, overrides: dict[str, str]) -> TargetSpec:
             f"{target.class_name} has lazy parameters ({', '.join(lazy)}), whose shapes are unknown until its first "
             f"forward{instead}"
         )
-    scaled = ()
-    if _size(module) > ELEMENT_BUDGET:
-        ctor_args, scaled, module = scale_down(target, params, ctor_args, overrides) or (ctor_args, (), module)
-    parameters = tuple(_tensor_info(name, p) for name, p in module.named_parameters())
-    buffers = tuple(_tensor_info(name, b) for name, b in module.named_buffers())
-    return TargetSpec(
-        target=target,
-        ctor_params=params,
-        ctor_args=ctor_args,
-        guessed_args=guessed,
-        scaled_args=scaled,
-        parameters=parameters,
-        buffers=buffers,
-        attributes=_peft_attributes(module),
-        forward_arity=forward_arity(target.cls),
-    )
 
 
 def ctor_params(cls: type) -> tuple[CtorParam, ...]:

@@ -108,7 +108,7 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         "test_imports": format_imports(test_imports(plan, peft), first_party=("peft", plan.module_name)),
         "optional_target": "" if _importable_by_peft(plan, peft) else _importorskip(plan),
         "peft_builtin": plan.peft_builtin or "",
-        "ctor_call": f"{target_alias(plan.target_class)}({ctor_args})",
+        "ctor_call": plan.init or f"{target_alias(plan.target_class)}({ctor_args})",
         "inputs_expression": _as_tuple(plan.example_input),
         "test_rank": plan.test_rank,
         "eval_only": plan.eval_only,
@@ -162,6 +162,8 @@ def test_imports(plan: LayerPlan, peft: PeftTarget) -> list[tuple[str, tuple[str
         imports.append((f"peft.tuners.lora.{plan.module_name}", (plan.layer_class,)))
     if _importable_by_peft(plan, peft):
         imports.append(_target_import(plan))
+    if plan.init_names:
+        imports.append((plan.target_module, plan.init_names))
     return imports
 
 

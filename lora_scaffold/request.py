@@ -17,6 +17,7 @@ class Request:
     strategy: str = "auto"
     example_input: str | None = None
     name: str | None = None
+    init: str | None = None  # an expression that builds the target, instead of args
 
     @property
     def options(self) -> Options:
@@ -41,7 +42,7 @@ class Request:
         args = data.get("args", [])
         if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
             raise ScaffoldError(f"{where}: `args` must be a list of NAME=VALUE strings")
-        for key in ("weight", "example_input", "name", "strategy"):
+        for key in ("weight", "example_input", "name", "strategy", "init"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise ScaffoldError(f"{where}: `{key}` must be a string")
         return cls(**{**data, "args": tuple(args), "strategy": data.get("strategy") or "auto"})

@@ -35,7 +35,8 @@ def spec_text(spec: TargetSpec) -> str:
     lines.append(
         "signature   (" + ", ".join(p.name if p.required else f"{p.name}={p.default}" for p in spec.ctor_params) + ")"
     )
-    lines.append("built with  (" + ", ".join(f"{n}={v}" for n, v in spec.ctor_args) + ")" + guessed)
+    built = spec.init or "(" + ", ".join(f"{n}={v}" for n, v in spec.ctor_args) + ")"
+    lines.append(f"built with  {built}{guessed}")
     for name, old, new in spec.scaled_args:
         lines.append(f"scaled      {name}: {old} -> {new} (the defaults build more than a million weights)")
     lines.append(f"forward     {spec.forward_arity} positional input(s)")
@@ -58,7 +59,7 @@ def plan_text(report: Report) -> str:
         f"\nscaled    {name} {old} -> {new} to keep the probe and tests small" for name, old, new in spec.scaled_args
     )
     lines = [
-        f"target    {plan.target_spec}(" + ", ".join(f"{n}={v}" for n, v in plan.ctor_args) + ")" + scaled,
+        f"target    {plan.init or plan.target_spec + '(' + ', '.join(f'{n}={v}' for n, v in plan.ctor_args) + ')'}{scaled}",
         f"weight    {plan.weight_name} {list(plan.weight_shape)}",
         f"input     {plan.example_input} ({inferred})",
         f"strategy  {plan.strategy}: {plan.reason}",

@@ -47,7 +47,7 @@ class Outcome:
 
 
 def inspect_target(request: Request) -> TargetSpec:
-    return introspect(resolve_target(request.target), parse_arg_overrides(list(request.args)))
+    return introspect(resolve_target(request.target), parse_arg_overrides(list(request.args)), request.init)
 
 
 def plan_layer(request: Request) -> tuple[TargetSpec, LayerPlan]:
@@ -81,6 +81,8 @@ def patch_checkout(request: Request, checkout_path: str, force: bool = False, dr
     """`new --peft-checkout PATH`: the layer becomes part of PEFT (module, dispatch, export, tests)."""
     recovered = recover_interrupted(_checkout_root(checkout_path), dry_run)
     checkout = read_checkout(checkout_path)
+    if request.init:
+        raise PatchError("patch mode builds targets from --arg literals, not yet from --init: use plugin mode (-o)")
     spec, plan = plan_layer(request)
     if plan.peft_builtin_exact and not force:
         raise PatchError(

@@ -43,6 +43,11 @@ PLUGIN_CASES = [
     (["torch.nn.Linear", "--arg", "colour=1"], "takes no argument named colour"),
     (["torch.nn.Linear", "--arg", "in_features=-3"], "raised RuntimeError"),
     (["torch.nn.Linear", "--arg", "in_features='a'"], "raised TypeError"),
+    (["torch.nn.Linear", "--init", "Linear(4, 5"], "is not one Python expression"),
+    (["torch.nn.Linear", "--init", "Nonexistent(4, 5)"], "--init uses 'Nonexistent'"),
+    (["torch.nn.Linear", "--init", "nn.Conv1d(4, 5, 3)"], "gives a Conv1d, not a Linear"),
+    (["torch.nn.Linear", "--init", "Linear(4, -5)"], "raised RuntimeError"),
+    (["torch.nn.Linear", "--init", "Linear(4, 5)", "--arg", "bias=False"], "not with --arg"),
     # the weight
     (["scaffold_targets.NoParameters"], "no parameters: there is no trainable weight"),
     (["scaffold_targets.OnlyBuffers"], "only buffers: there is no trainable weight"),
@@ -188,6 +193,7 @@ PATCH_CASES = [
     (["new", "torch.nn.ConvTranspose2d", "--name", "model"], "PEFT already exports a LoraModel"),
     (["new", "torch.nn.ConvTranspose2d", "--name", "config", "--force"], "LoraConfig, which generated code uses"),
     (["new", "scaffold_targets.TwoWeights"], "several weights"),
+    (["new", "torch.nn.ConvTranspose2d", "--init", "ConvTranspose2d(4, 6, 3)"], "not yet from --init"),
     (["new", "torch.nn.ConvTranspose2d", "--dry-run", "--arg", "x=1"], "takes no argument named x"),
     (["remove", "torch.nn.ConvTranspose2d", "--name", "config"], "LoraConfig, which generated code uses"),
 ]

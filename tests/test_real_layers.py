@@ -6,6 +6,9 @@ from test_end_to_end import run_suites, strategy_of, suite_counts
 from lora_scaffold.cli import main
 
 
+# Classes built from a config object, as most of transformers' layers are (small sizes, never downloaded).
+LLAMA_MLP = "LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2))"
+GPT2_MLP = "GPT2MLP(32, GPT2Config(n_embd=16, n_head=2))"
 CELL_INPUT = "(torch.randn(2, 6), (torch.randn(2, 8), torch.randn(2, 8)))"
 TARGETS = [
     # (folder, arguments of `new`, strategy, tests skipped on purpose)
@@ -32,6 +35,18 @@ TARGETS = [
         0,
     ),
     ("spectral", ["scaffold_targets.SpectralLinear"], "delta", 0),
+    (
+        "llama_mlp",
+        ["transformers.models.llama.modeling_llama.LlamaMLP", "--init", LLAMA_MLP, "--weight", "down_proj.weight"],
+        "delta",
+        0,
+    ),
+    (
+        "gpt2_mlp",
+        ["transformers.models.gpt2.modeling_gpt2.GPT2MLP", "--init", GPT2_MLP, "--weight", "c_proj.weight"],
+        "delta",
+        0,
+    ),
     ("no_bf16", ["scaffold_targets.NoBfloat16"], "reuse", 1),
 ]
 
@@ -60,6 +75,12 @@ def test_generated_suites_pass(generated, tmp_path):
         assert outcome["skipped"] == expected_skips.get(module, outcome["skipped"]), (module, outcome)
     assert counts["test_lora_no_bfloat16"]["skipped"] == 1
     assert counts["test_lora_spectral_linear"]["skipped"] == 0
+
+
+def test_config_built_targets_are_built_the_same_way_in_the_tests(generated):
+    tests = (generated / "llama_mlp" / "test_lora_llama_mlp.py").read_text()
+    assert "from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP" in tests
+    assert f"    return {LLAMA_MLP}\n" in tests
 
 
 def test_spectral_norm_is_compared_in_eval_mode(generated):
