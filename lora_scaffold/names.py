@@ -38,16 +38,22 @@ def layer_names(class_name: str, name: str | None) -> tuple[str, str]:
     """(layer class, module name) from the target's class name, or from --name."""
     if name is None:
         layer_class, module_name = f"Lora{class_name}", f"lora_{_snake_case(class_name)}"
+        if _shadows(layer_class, class_name):  # a class called Config would give LoraConfig
+            layer_class, module_name = f"{layer_class}Layer", f"{module_name}_layer"
     elif not is_name(name):
         raise AnalysisError(f"--name {name!r} must be a Python identifier (no path, not a keyword)")
     else:
         camel = "".join(part[:1].upper() + part[1:] for part in name.split("_") if part)
         layer_class, module_name = f"Lora{camel}", f"lora_{name.lower()}"
-    if layer_class in GENERATED_NAMES or layer_class == target_alias(class_name):
+    if _shadows(layer_class, class_name):
         raise AnalysisError(
             f"the layer class would be called {layer_class}, which generated code uses; pick another --name"
         )
     return layer_class, module_name
+
+
+def _shadows(layer_class: str, class_name: str) -> bool:
+    return layer_class in GENERATED_NAMES or layer_class == target_alias(class_name)
 
 
 def _snake_case(class_name: str) -> str:

@@ -258,3 +258,10 @@ class NoBfloat16(nn.Linear):
         if x.dtype == torch.bfloat16:
             raise RuntimeError("\"addmm\" not implemented for 'BFloat16'")
         return super().forward(x)
+
+
+class Config(nn.Linear):
+    """A class named like a configuration object."""
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x))

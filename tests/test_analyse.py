@@ -154,6 +154,8 @@ def test_bad_choices_are_explained(target, options, message):
         ("Conv1D", None, ("LoraConv1D", "lora_conv1d")),
         ("GRU", None, ("LoraGRU", "lora_gru")),
         ("Conv1D", "gpt2_conv", ("LoraGpt2Conv", "lora_gpt2_conv")),
+        ("Config", None, ("LoraConfigLayer", "lora_config_layer")),
+        ("Layer", None, ("LoraLayerLayer", "lora_layer_layer")),
     ],
 )
 def test_layer_names(class_name, name, expected):

@@ -48,6 +48,14 @@ TARGETS = [
         0,
     ),
     ("no_bf16", ["scaffold_targets.NoBfloat16"], "reuse", 1),
+    ("dropout_inside", ["scaffold_targets.DropoutLinear"], "reuse", 0),
+    ("named_config", ["scaffold_targets.Config"], "delta", 0),
+    (
+        "messy_input",
+        ["torch.nn.Linear", "--example-input", "  torch.randn(3, 8)  # three samples", "--name", "messy"],
+        "linear",
+        0,
+    ),
 ]
 
 
