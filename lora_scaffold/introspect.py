@@ -11,34 +11,10 @@ import torch
 from torch import nn
 
 from lora_scaffold import init_expression
+from lora_scaffold.constructor import CtorParam, choose_ctor_args, ctor_params
 from lora_scaffold.errors import USER_CODE_ERRORS, TargetError
-from lora_scaffold.names import is_name
 from lora_scaffold.resolve import ResolvedTarget
 
-
-# Small, distinct sizes for the constructor arguments layers most often require: distinct so that input and output
-# dimensions cannot be confused when inferring inputs, small so that generated tests stay fast.
-GUESSES: dict[str, object] = {
-    "in_features": 8,
-    "out_features": 12,
-    "in_channels": 4,
-    "out_channels": 6,
-    "kernel_size": 3,
-    "num_embeddings": 20,
-    "embedding_dim": 8,
-    "in1_features": 5,
-    "in2_features": 7,
-    "input_size": 6,
-    "hidden_size": 8,
-    "embed_dim": 8,
-    "num_heads": 2,
-    "nx": 8,
-    "nf": 12,
-    "dim": 8,
-    "d_model": 8,
-    "hidden_dim": 8,
-    "channels": 4,
-}
 
 # Attributes PEFT and the generated layer read from a base layer, shown by `inspect` and used to infer inputs.
 PEFT_ATTRIBUTES = (
@@ -63,13 +39,6 @@ PEFT_ATTRIBUTES = (
     "nx",
     "nf",
 )
-
-
-@dataclass(frozen=True)
-class CtorParam:
-    name: str
-    required: bool
-    default: str | None
 
 
 @dataclass(frozen=True)
@@ -113,28 +82,6 @@ class TargetSpec:
 
     def parameter(self, name: str) -> TensorInfo | None:
         return next((p for p in self.parameters if p.name == name), None)
-
-
-def parse_arg_overrides(pairs: list[str]) -> dict[str, str]:
-    """`NAME=VALUE` strings, values as Python literals, to {name: canonical literal source}."""
-    overrides = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        name = name.strip()
-        if not sep or not is_name(name):
-            raise TargetError(f"bad --arg {pair!r}: expected NAME=VALUE, NAME a Python identifier")
-        try:
-            source = repr(ast.literal_eval(value.strip()))
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            raise TargetError(
-                f"bad --arg value for {name}: {value!r} is not a Python literal (strings need quotes: {name}='\"text\"')"
-            ) from None
-        if not _round_trips(source):
-            raise TargetError(
-                f"bad --arg value for {name}: {value!r} has no literal form generated code could write (as inf or nan)"
-            )
-        overrides[name] = source
-    return overrides
 
 
 def introspect(target: ResolvedTarget, overrides: dict[str, str], init: str | None = None) -> TargetSpec:
@@ -181,46 +128,6 @@ def _refuse_lazy(target: ResolvedTarget, module: nn.Module) -> None:
             f"{target.class_name} has lazy parameters ({', '.join(lazy)}), whose shapes are unknown until its first "
             f"forward{instead}"
         )
-
-
-def ctor_params(cls: type) -> tuple[CtorParam, ...]:
-    try:
-        signature = inspect.signature(cls)
-    except (TypeError, ValueError):
-        return ()
-    return tuple(
-        CtorParam(p.name, p.default is p.empty, None if p.default is p.empty else repr(p.default))
-        for p in signature.parameters.values()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    )
-
-
-def _accepts_any_keyword(cls: type) -> bool:
-    try:
-        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
-    except (TypeError, ValueError):
-        return True
-
-
-def choose_ctor_args(
-    target: ResolvedTarget, params: tuple[CtorParam, ...], overrides: dict[str, str]
-) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
-    known = {p.name for p in params}
-    unknown = [name for name in overrides if name not in known]
-    if unknown and not _accepts_any_keyword(target.cls):
-        raise TargetError(f"{target.class_name} takes no argument named {', '.join(unknown)}")
-    chosen = dict(overrides)
-    guessed = []
-    for param in params:
-        if param.required and param.name not in chosen and param.name in GUESSES:
-            chosen[param.name] = repr(GUESSES[param.name])
-            guessed.append(param.name)
-    missing = [p.name for p in params if p.required and p.name not in chosen]
-    if missing:
-        example = " ".join(f"--arg {name}=VALUE" for name in missing)
-        raise TargetError(f"{target.class_name} needs constructor arguments {', '.join(missing)}: pass {example}")
-    order = [p.name for p in params] + unknown
-    return tuple((name, chosen[name]) for name in order if name in chosen), tuple(guessed)
 
 
 def instantiate(target: ResolvedTarget, kwargs: dict[str, object], device: str = "cpu") -> nn.Module:
@@ -298,14 +205,6 @@ def _peft_attributes(module: nn.Module) -> tuple[tuple[str, str], ...]:
         if value is not None and _is_literal(value):
             found.append((name, repr(value)))
     return tuple(found)
-
-
-def _round_trips(source: str) -> bool:
-    """Whether generated code can spell the value: its repr reads back as itself."""
-    try:
-        return repr(ast.literal_eval(source)) == source
-    except (ValueError, SyntaxError):
-        return False
 
 
 def _is_literal(value: object) -> bool:

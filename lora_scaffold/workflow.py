@@ -9,9 +9,10 @@ from pathlib import Path
 
 from lora_scaffold import journal
 from lora_scaffold.analyse import LayerPlan, analyse, low_rank_note
+from lora_scaffold.constructor import parse_arg_overrides
 from lora_scaffold.errors import PatchError, ScaffoldError, WriteError
 from lora_scaffold.files import FileChange, apply_changes, plan_changes, plan_deletions, refuse_conflicts
-from lora_scaffold.introspect import TargetSpec, introspect, parse_arg_overrides
+from lora_scaffold.introspect import TargetSpec, introspect
 from lora_scaffold.names import layer_names
 from lora_scaffold.patch.checkout import LORA_PACKAGE, PeftCheckout, read_checkout, read_text
 from lora_scaffold.patch.exports import INIT_FILE, exported_names

@@ -1,7 +1,8 @@
 import pytest
 
+from lora_scaffold.constructor import parse_arg_overrides
 from lora_scaffold.errors import TargetError
-from lora_scaffold.introspect import introspect, parse_arg_overrides
+from lora_scaffold.introspect import introspect
 from lora_scaffold.resolve import resolve_target
 
 
