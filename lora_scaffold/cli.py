@@ -100,6 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     check.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
 
+    scan = commands.add_parser(
+        "scan",
+        help="list the module classes of a model that hold weights, and how each gets LoRA",
+        description=(
+            "Build MODEL on the meta device (no weights), list each module class that holds parameters, whether "
+            "PEFT's LoRA handles it, and for the others the `lora-scaffold new` command to run. MODEL is an "
+            "expression (modules import themselves: 'transformers.AutoModel.from_config(transformers.GPT2Config("
+            "n_layer=1))') or path/to/file.py:function (called with no arguments)."
+        ),
+    )
+    scan.add_argument("model", metavar="MODEL")
+    scan.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    scan.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
+
     inspect = commands.add_parser(
         "inspect",
         help="show what lora-scaffold sees in TARGET",
@@ -178,6 +192,13 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_scan(args: argparse.Namespace) -> int:
+    _progress(args, f"building {args.model} on the meta device ...")
+    found = workflow.scan_model(args.model)
+    _show(args, lambda: views.scan_text(found), lambda: views.scan_json(found))
+    return 0
+
+
 def run_new(args: argparse.Namespace) -> int:
     _progress(args, f"building {args.target} and probing how LoRA applies to it ...")
     if args.peft_checkout is not None:
@@ -248,4 +269,4 @@ def _progress(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-COMMANDS = {"new": run_new, "remove": run_remove, "inspect": run_inspect, "check": run_check}
+COMMANDS = {"scan": run_scan, "new": run_new, "remove": run_remove, "inspect": run_inspect, "check": run_check}

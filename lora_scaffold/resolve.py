@@ -57,10 +57,22 @@ def _resolve_dotted_target(spec: str) -> ResolvedTarget:
 
 
 def _resolve_file_target(spec: str) -> ResolvedTarget:
-    path_text, _, class_name = spec.rpartition(":")
+    path, module, class_name = _import_file_attribute(spec, "Class")
+    return ResolvedTarget(spec, path.stem, class_name, _get_class(module, class_name, str(path)), path.resolve())
+
+
+def resolve_callable(spec: str):
+    """`path/to/file.py:function`: the function (scan builds a model with it)."""
+    path, module, name = _import_file_attribute(spec, "function")
+    return _get_class(module, name, str(path))
+
+
+def _import_file_attribute(spec: str, kind: str):
+    """Import `path/to/file.py` of `path/to/file.py:NAME` under its stem: (path, module, NAME)."""
+    path_text, _, name = spec.rpartition(":")
     path = Path(path_text)
-    if path.suffix != ".py" or not is_name(class_name):
-        raise TargetError(f"target {spec!r} should look like 'path/to/file.py:Class'")
+    if path.suffix != ".py" or not is_name(name):
+        raise TargetError(f"{spec!r} should look like 'path/to/file.py:{kind}'")
     if not path.is_file():
         raise TargetError(f"no such file: {path}")
     module_name = path.stem
@@ -70,6 +82,10 @@ def _resolve_file_target(spec: str) -> ResolvedTarget:
         raise TargetError(
             f"{path.name!r} would shadow the module {module_name!r}, which generated code imports; rename the file"
         )
+    # As for a script: modules beside the file, and in the working folder, import.
+    for folder in (str(path.resolve().parent), os.getcwd()):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[module_name] = module
@@ -78,7 +94,7 @@ def _resolve_file_target(spec: str) -> ResolvedTarget:
     except USER_CODE_ERRORS as exc:
         del sys.modules[module_name]
         raise TargetError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
-    return ResolvedTarget(spec, module_name, class_name, _get_class(module, class_name, str(path)), path.resolve())
+    return path, module, name
 
 
 def _import_module(module_name: str):

@@ -9,6 +9,7 @@ from typing import TextIO
 from lora_scaffold.files import FileChange
 from lora_scaffold.introspect import TargetSpec
 from lora_scaffold.render import dora_refusal
+from lora_scaffold.scan import ScannedClass
 from lora_scaffold.workflow import Outcome, Report
 
 
@@ -82,6 +83,22 @@ def dora_text(report: Report) -> str:
     if refusal:
         return f"refused (use_dora=True raises): {refusal}"
     return "PEFT's own" if report.plan.chosen.peft_own_layer else "through PEFT's DoRA variant"
+
+
+def scan_text(found: tuple[ScannedClass, ...]) -> str:
+    lines = []
+    for scanned in found:
+        where = f"{scanned.qualified_name}  x{scanned.instances} ({scanned.example})"
+        lines.append(where)
+        if scanned.handled_by:
+            lines.append(f"    PEFT dispatches it to {scanned.handled_by}")
+        if scanned.command or scanned.why_not:
+            lines.append(f"    {scanned.command or 'not generated: ' + scanned.why_not}")
+    return "\n".join(lines) or "no module of the model holds parameters"
+
+
+def scan_json(found: tuple[ScannedClass, ...]) -> dict:
+    return {"command": "scan", "classes": [{**asdict(scanned), "weights": dict(scanned.weights)} for scanned in found]}
 
 
 def changes_text(outcome: Outcome, dry_run: bool, style: Style) -> str:

@@ -21,6 +21,7 @@ from lora_scaffold.record import IGNORE_FILE, IGNORE_TEXT, GenerationRecord, dig
 from lora_scaffold.render import GeneratedFile, render
 from lora_scaffold.request import Request
 from lora_scaffold.resolve import resolve_target
+from lora_scaffold.scan import ScannedClass, build_model, scan
 from lora_scaffold.target import PLUGIN, PeftTarget, installed_peft, peft_target
 
 
@@ -49,6 +50,11 @@ class Outcome:
 
 def inspect_target(request: Request) -> TargetSpec:
     return introspect(resolve_target(request.target), parse_arg_overrides(list(request.args)), request.init)
+
+
+def scan_model(model: str) -> tuple[ScannedClass, ...]:
+    """`scan`: the module classes of MODEL that hold weights, and how each gets LoRA."""
+    return scan(build_model(model))
 
 
 def plan_layer(request: Request) -> tuple[TargetSpec, LayerPlan]:
