@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from torch import nn
 from lora_scaffold import strategies
 from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError
 from lora_scaffold.introspect import TargetSpec, TensorInfo
-from lora_scaffold.names import layer_names
+from lora_scaffold.names import expression_source, layer_names
 from lora_scaffold.probe import NotDeterministic, Probe, build_probe
 from lora_scaffold.sample_input import candidate_inputs, evaluate_input, find_sample_input, flatten_output
 from lora_scaffold.strategies import Evidence, Strategy, Verdict
@@ -43,7 +42,7 @@ class LayerPlan:
     target_class: str
     ctor_args: tuple[tuple[str, str], ...]
     init: str | None  # the --init expression that builds the target (then ctor_args is empty)
-    init_names: tuple[str, ...]
+    init_imports: tuple[tuple[str, tuple[str, ...]], ...]
     weight_name: str
     weight_shape: tuple[int, ...]
     bias_name: str | None
@@ -95,7 +94,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
     module = spec.build()
     attributes = spec.attribute_values()
     if options.example_input:
-        example_input = normalised_expression(options.example_input)
+        example_input = expression_source(options.example_input, "--example-input")
         find_sample_input(module, [example_input])
     else:
         candidates = candidate_inputs(weight.shape, spec.forward_arity, attributes)
@@ -118,7 +117,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         target_class=spec.target.class_name,
         ctor_args=spec.ctor_args,
         init=spec.init,
-        init_names=spec.init_names,
+        init_imports=spec.init_imports,
         weight_name=weight.name,
         weight_shape=weight.shape,
         bias_name=_bias_name(
@@ -205,15 +204,6 @@ def low_rank_note(plan: LayerPlan) -> str:
         f"the weight {list(plan.weight_shape)} is too small for a low-rank adapter to save anything: at rank "
         f"{plan.test_rank} it has {plan.test_rank * (in_size + out_size)} parameters, the weight {in_size * out_size}"
     )
-
-
-def normalised_expression(text: str) -> str:
-    """The user's --example-input as one canonical expression (no comments, no line breaks): it goes into the
-    generated tests as code, so nothing but a single expression may get there."""
-    try:
-        return ast.unparse(ast.parse(text.strip(), mode="eval"))
-    except SyntaxError as exc:
-        raise AnalysisError(f"--example-input {text!r} is not one Python expression ({exc.msg})") from None
 
 
 def describe_io(module: nn.Module, example_input: str) -> tuple[tuple[InputInfo, ...], int, bool]:

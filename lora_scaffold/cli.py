@@ -60,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=NEW_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_target_arguments(new)
+    _add_target_arguments(new, optional_target=True)
     _add_generation_arguments(new)
+    new.add_argument("--from-model", metavar="MODEL", help="with --module: target the class of a submodule of MODEL")
+    new.add_argument(
+        "--module", metavar="NAME", help="the submodule (as `scan` lists it); the tests build it through MODEL"
+    )
     new.add_argument("-o", "--output", metavar="DIR", help="plugin mode: folder to write into (default: .)")
     new.add_argument(
         "--peft-checkout",
@@ -142,8 +146,13 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="base name of the output: lora_NAME.py, LoraName (default: from the class)")
 
 
-def _add_target_arguments(parser: argparse.ArgumentParser, constructor: bool = True) -> None:
-    parser.add_argument("target", metavar="TARGET", help="package.module.Class or path/to/file.py:Class")
+def _add_target_arguments(parser: argparse.ArgumentParser, constructor: bool = True, optional_target=False) -> None:
+    parser.add_argument(
+        "target",
+        metavar="TARGET",
+        nargs="?" if optional_target else None,
+        help="package.module.Class or path/to/file.py:Class",
+    )
     if constructor:
         parser.add_argument(
             "--arg",
@@ -183,7 +192,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _request(args: argparse.Namespace) -> Request:
-    return Request(args.target, tuple(args.arg), args.weight, args.strategy, args.example_input, args.name, args.init)
+    target, init = args.target, args.init
+    if getattr(args, "from_model", None) or getattr(args, "module", None):
+        if not (args.from_model and args.module) or target or init or args.arg:
+            raise ScaffoldError("--from-model MODEL --module NAME stands for TARGET, --arg and --init: give it alone")
+        target, init = workflow.target_in_model(args.from_model, args.module)
+    elif not target:
+        raise ScaffoldError("give TARGET, or --from-model MODEL --module NAME")
+    return Request(target, tuple(args.arg), args.weight, args.strategy, args.example_input, args.name, init)
 
 
 def run_inspect(args: argparse.Namespace) -> int:

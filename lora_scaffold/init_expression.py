@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import builtins
+import importlib
+import importlib.util
 import sys
 
 import torch
@@ -19,33 +21,38 @@ from lora_scaffold.resolve import ResolvedTarget
 IN_SCOPE = {"torch": torch, "nn": nn}
 
 
-def normalised(expression: str) -> str:
-    try:
-        return ast.unparse(ast.parse(expression.strip(), mode="eval"))
-    except SyntaxError as exc:
-        raise TargetError(f"--init {expression!r} is not one Python expression ({exc.msg})") from None
+class ModuleNamespace(dict):
+    """A namespace in which a top-level module's name imports it (`transformers.GPT2Config(...)`)."""
+
+    def __missing__(self, name: str):
+        if hasattr(builtins, name) or importlib.util.find_spec(name) is None:
+            raise KeyError(name)
+        self[name] = importlib.import_module(name)
+        return self[name]
 
 
-def imported_names(target: ResolvedTarget, expression: str) -> tuple[str, ...]:
-    """The names the expression takes from the target's module (the generated tests import them from there)."""
+def imports_for(target: ResolvedTarget, expression: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """What the generated tests import to evaluate the expression: names from the target's module, and modules
+    it names (`transformers`), in the (module, names) form of `imports.format_imports`."""
     module = sys.modules[target.import_module]
     names = sorted({node.id for node in ast.walk(ast.parse(expression, mode="eval")) if isinstance(node, ast.Name)})
-    from_module = []
+    from_module, modules = [], []
     for name in names:
         if name in IN_SCOPE or hasattr(builtins, name):
             continue
-        if not hasattr(module, name):
-            raise TargetError(f"--init uses {name!r}, which {target.import_module} does not define or import")
         if name in GENERATED_NAMES and name != target.class_name:
-            raise TargetError(
-                f"--init uses {name!r}, a name generated code uses too; alias it in {target.import_module}"
-            )
-        from_module.append(name)
-    return tuple(from_module)
+            raise TargetError(f"--init uses {name!r}, a name generated code uses too; alias it")
+        if hasattr(module, name):
+            from_module.append(name)
+        elif importlib.util.find_spec(name) is not None:
+            modules.append((name, ()))
+        else:
+            raise TargetError(f"--init uses {name!r}, which {target.import_module} does not define or import")
+    return ((target.import_module, tuple(from_module)),) * bool(from_module) + tuple(modules)
 
 
 def build(target: ResolvedTarget, expression: str, device: str = "cpu") -> nn.Module:
-    namespace = {**vars(sys.modules[target.import_module]), **IN_SCOPE}
+    namespace = ModuleNamespace({**vars(sys.modules[target.import_module]), **IN_SCOPE})
     torch.manual_seed(0)
     try:
         with torch.device(device):

@@ -13,6 +13,7 @@ from torch import nn
 from lora_scaffold import init_expression
 from lora_scaffold.constructor import CtorParam, choose_ctor_args, ctor_params
 from lora_scaffold.errors import USER_CODE_ERRORS, TargetError
+from lora_scaffold.names import expression_source
 from lora_scaffold.resolve import ResolvedTarget
 
 
@@ -69,7 +70,7 @@ class TargetSpec:
     attributes: tuple[tuple[str, str], ...]
     forward_arity: int
     init: str | None = None  # the --init expression the target is built from, instead of ctor_args
-    init_names: tuple[str, ...] = ()  # the names it takes from the target's module
+    init_imports: tuple[tuple[str, tuple[str, ...]], ...] = ()  # what evaluating it needs imported
 
     def build(self) -> nn.Module:
         """The target, built as the generated tests build it."""
@@ -87,7 +88,7 @@ class TargetSpec:
 def introspect(target: ResolvedTarget, overrides: dict[str, str], init: str | None = None) -> TargetSpec:
     params = ctor_params(target.cls)
     if init is not None:
-        return _from_init(target, params, init_expression.normalised(init), overrides)
+        return _from_init(target, params, expression_source(init, "--init"), overrides)
     ctor_args, guessed = choose_ctor_args(target, params, overrides)
     kwargs = {name: ast.literal_eval(source) for name, source in ctor_args}
     module = instantiate(target, kwargs, device="meta")
@@ -101,10 +102,10 @@ def introspect(target: ResolvedTarget, overrides: dict[str, str], init: str | No
 def _from_init(target: ResolvedTarget, params, init: str, overrides: dict[str, str]) -> TargetSpec:
     if overrides:
         raise TargetError("--init builds the target itself: give constructor arguments there, not with --arg")
-    names = init_expression.imported_names(target, init)
+    imports = init_expression.imports_for(target, init)
     module = init_expression.build(target, init, device="meta")
     _refuse_lazy(target, module)
-    return _spec(target, params, module, init=init, init_names=names)
+    return _spec(target, params, module, init=init, init_imports=imports)
 
 
 def _spec(target: ResolvedTarget, params, module: nn.Module, **how) -> TargetSpec:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import json
 import keyword
 import re
 
@@ -60,3 +62,19 @@ def _snake_case(class_name: str) -> str:
     """MyConv -> my_conv, ConvTranspose2d -> conv_transpose2d, Conv1D -> conv1d, GRU -> gru."""
     words = re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z0-9])(?=[A-Z][a-z])", "_", class_name)
     return words.lower().strip("_")
+
+
+def expression_source(text: str, option: str) -> str:
+    """A user's expression (--example-input, --init) as generated code holds it: parsed as one expression, written
+    back without comments or line breaks, strings double-quoted as ruff formats them."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise AnalysisError(f"{option} {text!r} is not one Python expression ({exc.msg})") from None
+    return ast.unparse(_DoubleQuoted().visit(tree))
+
+
+class _DoubleQuoted(ast.NodeTransformer):
+    def visit_Constant(self, node: ast.Constant) -> ast.AST:
+        # A name node is written back as it is: this one spells the string as JSON does, in double quotes.
+        return ast.Name(id=json.dumps(node.value)) if isinstance(node.value, str) else node

@@ -162,9 +162,7 @@ def test_imports(plan: LayerPlan, peft: PeftTarget) -> list[tuple[str, tuple[str
         imports.append((f"peft.tuners.lora.{plan.module_name}", (plan.layer_class,)))
     if _importable_by_peft(plan, peft):
         imports.append(_target_import(plan))
-    if plan.init_names:
-        imports.append((plan.target_module, plan.init_names))
-    return imports
+    return imports + list(plan.init_imports)
 
 
 def _target_import(plan: LayerPlan) -> tuple[str, tuple[str, ...]]:

@@ -4,16 +4,16 @@ for the others. The model is built on the meta device: no weights are allocated 
 from __future__ import annotations
 
 import ast
-import builtins
-import importlib
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from lora_scaffold.constructor import ctor_params
 from lora_scaffold.errors import USER_CODE_ERRORS, TargetError
+from lora_scaffold.init_expression import ModuleNamespace
 from lora_scaffold.resolve import resolve_callable
 from lora_scaffold.strategies import peft_builtin
 
@@ -29,20 +29,6 @@ class ScannedClass:
     why_not: str  # why there is no command ("" when there is one, or PEFT handles the class)
 
 
-class _Modules(dict):
-    """A namespace in which any top-level module name imports itself (`transformers.GPT2Config(...)`)."""
-
-    def __missing__(self, name: str):
-        if hasattr(builtins, name):
-            raise KeyError(name)
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            raise KeyError(name) from None
-        self[name] = module
-        return module
-
-
 def build_model(model: str) -> nn.Module:
     """MODEL is `package.module:function`, `path/file.py:function` (called with no arguments) or an expression."""
     try:
@@ -52,7 +38,11 @@ def build_model(model: str) -> nn.Module:
         is_expression = False
     try:
         with torch.device("meta"):
-            built = eval(model.strip(), _Modules(torch=torch, nn=nn)) if is_expression else resolve_callable(model)()  # noqa: S307
+            built = (
+                eval(model.strip(), ModuleNamespace(torch=torch, nn=nn))
+                if is_expression
+                else resolve_callable(model)()
+            )  # noqa: S307
     except TargetError:
         raise
     except USER_CODE_ERRORS as exc:
@@ -60,6 +50,23 @@ def build_model(model: str) -> nn.Module:
     if not isinstance(built, nn.Module):
         raise TargetError(f"{model!r} gives a {type(built).__name__}, not an nn.Module")
     return built
+
+
+def from_model(model: str, module_name: str) -> tuple[str, str]:
+    """(target, --init expression) for the class of one submodule of MODEL, built the way the model builds it."""
+    built = build_model(model)
+    try:
+        submodule = built.get_submodule(module_name)
+    except AttributeError:
+        raise TargetError(f"{model!r} has no submodule {module_name!r}; `lora-scaffold scan` lists them") from None
+    cls = type(submodule)
+    if "." in cls.__qualname__ or cls.__module__ == "__main__":
+        raise TargetError(
+            f"{cls.__qualname__} cannot be imported by generated code (defined in a function or __main__)"
+        )
+    path, _, function = model.rpartition(":")
+    expression = f"{Path(path).stem}.{function}()" if path.endswith(".py") and "(" not in model else model
+    return f"{cls.__module__}.{cls.__name__}", f"({expression}).get_submodule({module_name!r})"
 
 
 def scan(model: nn.Module) -> tuple[ScannedClass, ...]:

@@ -21,7 +21,7 @@ from lora_scaffold.record import IGNORE_FILE, IGNORE_TEXT, GenerationRecord, dig
 from lora_scaffold.render import GeneratedFile, render
 from lora_scaffold.request import Request
 from lora_scaffold.resolve import resolve_target
-from lora_scaffold.scan import ScannedClass, build_model, scan
+from lora_scaffold.scan import ScannedClass, build_model, from_model, scan
 from lora_scaffold.target import PLUGIN, PeftTarget, installed_peft, peft_target
 
 
@@ -50,6 +50,11 @@ class Outcome:
 
 def inspect_target(request: Request) -> TargetSpec:
     return introspect(resolve_target(request.target), parse_arg_overrides(list(request.args)), request.init)
+
+
+def target_in_model(model: str, module_name: str) -> tuple[str, str]:
+    """`new --from-model MODEL --module NAME`: the target class and the --init expression that builds it."""
+    return from_model(model, module_name)
 
 
 def scan_model(model: str) -> tuple[ScannedClass, ...]:

@@ -19,7 +19,7 @@ PLUGIN_CASES = [
     (["torch.nn.NoSuchLayer"], "has no attribute 'NoSuchLayer'"),
     (["scaffold_targets.NotAModule"], "not an nn.Module subclass"),
     (["scaffold_targets.NOT_A_MODULE"], "not an nn.Module subclass"),
-    ([""], "should look like 'package.module.Class'"),
+    ([""], "give TARGET, or --from-model MODEL --module NAME"),
     (["torch"], "should look like 'package.module.Class'"),
     (["torch..Linear"], "should look like 'package.module.Class'"),
     (["torch.nn.Linear."], "should look like 'package.module.Class'"),

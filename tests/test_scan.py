@@ -4,6 +4,8 @@ import json
 import shlex
 from pathlib import Path
 
+from test_end_to_end import run_suites
+
 from lora_scaffold.cli import main
 
 
@@ -47,3 +49,25 @@ def test_a_model_that_cannot_be_built_is_one_line(capsys):
     assert "gives a GPT2Config, not an nn.Module" in capsys.readouterr().err
     assert main(["scan", "nosuchpkg_xyz.build()"]) == 2
     assert "building the model" in capsys.readouterr().err
+
+
+def test_new_from_a_model_targets_the_class_of_a_submodule_and_its_suite_passes(tmp_path):
+    model = (
+        "transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, "
+        "vocab_size=64))"
+    )
+    arguments = ["--from-model", model, "--module", "transformer.h.0.attn", "--weight", "c_attn.weight"]
+    assert main(["new", *arguments, "-o", str(tmp_path / "out")]) == 0
+    tests = (tmp_path / "out" / "test_lora_gpt2_attention.py").read_text()
+    assert f'    return {model}.get_submodule("transformer.h.0.attn")\n' in tests and "import transformers\n" in tests
+    result = run_suites([tmp_path / "out"], tmp_path / "junit.xml")
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_from_model_needs_both_options_and_nothing_else(capsys, tmp_path):
+    assert main(["new", "--from-model", "x()", "-o", str(tmp_path)]) == 2
+    assert "give it alone" in capsys.readouterr().err
+    assert main(["new", "-o", str(tmp_path)]) == 2
+    assert "give TARGET, or --from-model" in capsys.readouterr().err
+    assert main(["new", "--from-model", f"{TESTS / 'scan_models.py'}:small_model", "--module", "9"]) == 2
+    assert "has no submodule '9'" in capsys.readouterr().err
