@@ -265,3 +265,12 @@ class Config(nn.Linear):
 
     def forward(self, x):
         return torch.tanh(super().forward(x))
+
+
+class WeightNormLinear(nn.Linear):
+    """An nn.Linear that applies weight_norm to itself: torch swaps its class for a parametrized subclass, and
+    its parameters become `parametrizations.weight.original0` (the magnitude) and `original1` (the direction)."""
+
+    def __init__(self, in_features: int = 5, out_features: int = 7):
+        super().__init__(in_features, out_features)
+        torch.nn.utils.parametrizations.weight_norm(self)

@@ -49,6 +49,7 @@ TARGETS = [
     ),
     ("no_bf16", ["scaffold_targets.NoBfloat16"], "reuse", 1),
     ("dropout_inside", ["scaffold_targets.DropoutLinear"], "reuse", 0),
+    ("weight_norm", ["scaffold_targets.WeightNormLinear"], "delta", 0),
     ("named_config", ["scaffold_targets.Config"], "delta", 0),
     (
         "messy_input",
