@@ -67,6 +67,30 @@ SCHEMAS = {
         "required": ["command", "target", "parameters", "ctor_args"],
         "properties": {"command": {"const": "inspect"}, "parameters": {"type": "array"}},
     },
+    "scan": {
+        "type": "object",
+        "required": ["command", "classes"],
+        "properties": {
+            "command": {"const": "scan"},
+            "classes": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": [
+                        "qualified_name",
+                        "instances",
+                        "example",
+                        "weights",
+                        "handled_by",
+                        "command",
+                        "why_not",
+                    ],
+                    "properties": {"instances": {"type": "integer", "minimum": 1}, "weights": {"type": "object"}},
+                },
+            },
+        },
+    },
     "error": {
         "type": "object",
         "required": ["command", "error"],
@@ -92,6 +116,9 @@ def test_new_and_inspect(tmp_path, capsys):
     assert code == 0 and {f["status"] for f in data["files"]} == {"create"}
     code, data = run_json(capsys, "inspect", "torch.nn.Conv1d")
     jsonschema.validate(data, SCHEMAS["inspect"])
+    code, data = run_json(capsys, "scan", "torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Bilinear(2, 3, 4))")
+    jsonschema.validate(data, SCHEMAS["scan"])
+    assert code == 0 and [c["handled_by"] for c in data["classes"]] == ["lora.Linear", ""]
 
 
 def test_check_fresh_and_stale(tmp_path, capsys):
@@ -125,6 +152,7 @@ def test_patch_new_and_remove(pristine, tmp_path, capsys):
         (["remove", "torch.nn.Linear", "--peft-checkout", "/nowhere"], 2),
         (["inspect", "torch.nn.Linear", "--arg", "x"], 2),
         (["check", "/nowhere"], 2),
+        (["scan", "nosuchpkg_xyz.build()"], 2),
     ],
 )
 def test_errors_are_json_with_the_same_exit_codes(arguments, code, capsys):
