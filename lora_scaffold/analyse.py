@@ -170,7 +170,7 @@ def _reason(evidence: Evidence, verdict: Verdict, tried: list[Verdict], auto: bo
     if not auto:
         return f"forced: {reason}"
     if verdict.strategy.fallback:
-        found = "; ".join(f"{v.label}: {v.describe()}" for v in tried if v.strategy is not strategies.REUSE)
+        found = "; ".join(f"{v.label}: {v.describe()}" for v in tried if not v.strategy.refines)
         return f"auto: no factored path is exact ({found or 'none fits the weight'}); {reason}"
     return f"auto: {reason}"
 

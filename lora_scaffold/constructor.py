@@ -112,3 +112,11 @@ def _round_trips(source: str) -> bool:
         return repr(ast.literal_eval(source)) == source
     except (ValueError, SyntaxError):
         return False
+
+
+def is_literal(value: object) -> bool:
+    """Whether generated code can write the value as a literal that reads back as itself."""
+    try:
+        return ast.literal_eval(repr(value)) == value
+    except (ValueError, SyntaxError):
+        return False

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lora_scaffold import init_expression
-from lora_scaffold.constructor import CtorParam, choose_ctor_args, ctor_params
+from lora_scaffold.constructor import CtorParam, choose_ctor_args, ctor_params, is_literal
 from lora_scaffold.errors import USER_CODE_ERRORS, TargetError
 from lora_scaffold.names import expression_source
 from lora_scaffold.resolve import ResolvedTarget
@@ -203,13 +203,6 @@ def _peft_attributes(module: nn.Module) -> tuple[tuple[str, str], ...]:
         value = getattr(module, name, None)
         if isinstance(value, list):
             value = tuple(value)
-        if value is not None and _is_literal(value):
+        if value is not None and is_literal(value):
             found.append((name, repr(value)))
     return tuple(found)
-
-
-def _is_literal(value: object) -> bool:
-    try:
-        return ast.literal_eval(repr(value)) == value
-    except (ValueError, SyntaxError):
-        return False

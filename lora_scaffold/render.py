@@ -102,6 +102,7 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         "tagged_variants": peft.has(target.TAGGED_VARIANTS),
         "set_adapter_inference_mode": peft.has(target.SET_ADAPTER_INFERENCE_MODE),
         "cast_input_dtype": peft.has(target.CAST_INPUT_DTYPE),
+        "device_hook": peft.has(target.DEVICE_HOOK),
         "missing_dicts": _missing_dicts(peft),
         "peft_warning": peft.has(target.PEFT_WARNING),
         "imports": format_imports(layer_imports(plan, peft, dora_variant)),

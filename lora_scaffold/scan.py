@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_scaffold.constructor import ctor_params
+from lora_scaffold.constructor import ctor_params, is_literal
 from lora_scaffold.errors import USER_CODE_ERRORS, TargetError
 from lora_scaffold.init_expression import ModuleNamespace
 from lora_scaffold.resolve import resolve_callable
@@ -99,7 +99,7 @@ def _new_command(qualified: str, cls: type, module: nn.Module) -> tuple[str, str
     words = ["lora-scaffold", "new", qualified]
     for param in ctor_params(cls):
         value = getattr(module, param.name, None)
-        if isinstance(value, (bool, int, float, str, tuple)) and _is_literal(value):
+        if isinstance(value, (bool, int, float, str, tuple)) and is_literal(value):
             if param.required or repr(value) != param.default:
                 words += ["--arg", f"{param.name}={value!r}"]
         elif param.required and value is None:
@@ -107,10 +107,3 @@ def _new_command(qualified: str, cls: type, module: nn.Module) -> tuple[str, str
         elif param.required:
             return "", f"its constructor takes {param.name!r}, which is no literal: build it with --init EXPR"
     return shlex.join([*words, "-o", "lora_layers"]), ""
-
-
-def _is_literal(value: object) -> bool:
-    try:
-        return ast.literal_eval(repr(value)) == value
-    except (ValueError, SyntaxError):
-        return False

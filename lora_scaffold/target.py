@@ -22,6 +22,7 @@ CAST_INPUT_DTYPE = (0, 15)  # LoraLayer._cast_input_dtype
 LORA_VARIANTS = (0, 16)  # LoraVariant, through which DoRA plugs into a layer
 PEFT_WARNING = USE_RSLORA_DICT = SET_ADAPTER_INFERENCE_MODE = (0, 18)  # and set_adapter takes inference_mode
 CONFIG_LAYER_API = (0, 19)  # layers receive the LoraConfig instead of one keyword argument per option
+DEVICE_HOOK = (0, 19)  # PEFT asks a layer `_get_base_layer_device_and_dtype` (for any module, not only its own)
 TAGGED_VARIANTS = (0, 20)  # LoraLayer.resolve_lora_variant matches the config against `lora_variants`
 DORA_UNMERGE_TRANSPOSES = (0, 21)  # DoraLinearVariant.unmerge honours fan_in_fan_out
 # LoraConfig options by the release that added them (older ones are in every supported peft).

@@ -93,6 +93,7 @@ class Strategy:
     no_dora = ""  # why the strategy never offers DoRA
     peft_own_layer = False  # the layer is PEFT's own (reuse), which supports every option PEFT has
     fallback = False
+    refines = False  # it only narrows another strategy down (reuse): the fallback's reason leaves its verdicts out
 
     def fits(self, evidence: Evidence) -> bool:
         """Whether `auto` tries it on this target."""

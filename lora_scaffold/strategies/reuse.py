@@ -34,6 +34,7 @@ class Reuse(Strategy):
     summary = "PEFT's own layer for the parent class."
     partial = "partials/reuse_layer.jinja"
     peft_own_layer = True
+    refines = True
 
     def fits(self, evidence: Evidence) -> bool:
         return self.parent_strategy(evidence) is not None
