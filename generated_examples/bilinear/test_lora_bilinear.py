@@ -206,6 +206,39 @@ def test_two_active_adapters_apply_together_and_merge_together():
     assert_close(run(model), both)
 
 
+def test_eval_weight_cache_follows_every_change():
+    # In eval without autograd the layer reuses W + dW; with autograd on, it computes it anew.
+    def fresh(model):
+        return flatten(model(*make_inputs())).detach()
+
+    model = make_model(init_lora_weights=False).eval()
+    model.add_adapter("other", make_config(init_lora_weights=False))
+    layer = lora_layer(model)
+    first = run(model)
+    assert layer._weight_cache is not None
+    assert torch.equal(run(model), first)
+    changes = [
+        lambda: layer.lora_B["default"].weight.mul_(2),  # an optimizer step writes in place
+        lambda: base_weight(layer).add_(0.01),
+        lambda: layer.set_scale("default", 0.5),
+        lambda: model.base_model.set_adapter("other"),
+        lambda: model.base_model.set_adapter(["default", "other"]),
+    ]
+    for change in changes:
+        before = run(model)
+        with torch.no_grad():
+            change()
+        after = run(model)
+        assert not torch.allclose(after, before)
+        assert_close(after, fresh(model))
+    model.merge_adapter(["default", "other"])
+    assert_close(run(model), after)
+    model.unmerge_adapter()
+    assert_close(run(model), fresh(model))
+    model.train()
+    assert layer._weight_cache is None
+
+
 def test_lora_dropout_acts_in_training_only():
     model = make_model(init_lora_weights=False, lora_dropout=0.5)
     model.train()

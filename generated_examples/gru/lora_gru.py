@@ -11,7 +11,6 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.nn import GRU
 
 from peft import LoraConfig
@@ -32,6 +31,11 @@ def _get_attribute(module: nn.Module, name: str) -> Any:
     for attribute in name.split("."):
         module = getattr(module, attribute)
     return module
+
+
+def _computes_in_fp32(tensor: torch.Tensor) -> bool:
+    """fp16/bf16 matmuls are slow or missing on CPU: LoRA computes in fp32 there, as PEFT does."""
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.float16, torch.bfloat16)
 
 
 class LoraGRU(nn.Module, LoraLayer):
@@ -116,6 +120,8 @@ class LoraGRU(nn.Module, LoraLayer):
                 f"lora.{type(self).__name__} does not support lora_bias=True: this layer's adapters change the weight only."
             )
 
+    _weight_cache: Optional[tuple] = None  # (what it was made of, W + dW) from the last eval forward without autograd
+
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         weight = _get_attribute(module, WEIGHT_NAME)
         return math.prod(weight.shape[1:]), weight.shape[0]
@@ -131,12 +137,6 @@ class LoraGRU(nn.Module, LoraLayer):
     def _compose(self, weight_A: torch.Tensor, weight_B: torch.Tensor) -> torch.Tensor:
         return (weight_B @ weight_A).reshape(self._base_weight().shape)
 
-    def _training_delta_weight(self, adapter: str) -> torch.Tensor:
-        # Dropout of the input cannot be written as a change of the weight: lora_dropout drops entries of A instead
-        # (DropConnect). Like input dropout, it is the identity in eval mode, so merging stays exact.
-        weight_A, weight_B = self._lora_factors(adapter)
-        return self._delta_weight(adapter, self.lora_dropout[adapter](weight_A), weight_B)
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         self._check_forward_args(x, *args, **kwargs)
         if kwargs.pop("adapter_names", None) is not None:
@@ -148,28 +148,66 @@ class LoraGRU(nn.Module, LoraLayer):
             self.unmerge()
         adapters = [adapter for adapter in self.active_adapters if adapter in self.r]
         if self.disable_adapters or self.merged or not adapters:
+            self._weight_cache = None
             return self.base_layer(x, *args, **kwargs)
-        weight = self._base_weight()
-        delta = sum(self._training_delta_weight(adapter) for adapter in adapters)
-        # The base module's own forward runs with W + dW, so the adapter is exact whatever that forward computes.
-        return self._forward_with_weight(weight + delta.to(weight.dtype), x, *args, **kwargs)
-
-    def _forward_with_weight(self, weight: torch.Tensor, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         owner_name, _, attribute = WEIGHT_NAME.rpartition(".")
         owner = _get_attribute(self.get_base_layer(), owner_name) if owner_name else self.get_base_layer()
-        if attribute not in vars(owner):
+        weight = getattr(owner, attribute)
+        if self.training or torch.is_grad_enabled():
+            effective = self._effective_weight(weight, adapters)
+        else:
+            effective = self._cached_effective_weight(weight, adapters)
+        # The base module's own forward runs with W + dW, so the adapter is exact whatever that forward computes.
+        return self._forward_with_weight(owner, attribute, effective, x, *args, **kwargs)
+
+    def _effective_weight(self, weight: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        """`W + (B @ A) * scaling` summed over `adapters`: one fused multiply-add per adapter, laid out like W."""
+        effective = weight.reshape(weight.shape[0], -1)
+        for adapter in adapters:
+            weight_A, weight_B = self._lora_factors(adapter)
+            # Dropout of the input cannot be written as a change of the weight: lora_dropout drops entries of A
+            # instead (DropConnect). Like input dropout, it is the identity in eval mode, so merging stays exact.
+            weight_A = self.lora_dropout[adapter](weight_A)
+            if weight_A.dtype == effective.dtype and not _computes_in_fp32(weight_A):
+                effective = torch.addmm(effective, weight_B, weight_A, alpha=self.scaling[adapter])
+            else:
+                delta = self._delta_weight(adapter, weight_A, weight_B)
+                effective = effective + delta.reshape(effective.shape).to(effective.dtype)
+        return effective.reshape(weight.shape)
+
+    def _cached_effective_weight(self, weight: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        # Without autograd, W + dW changes only when a tensor it is made of does: the tensors' identities, version
+        # counters (bumped by every in-place write but those through `.data`) and storages tell, and switching
+        # train/eval mode empties the cache as well.
+        tensors = [weight]
+        for adapter in adapters:
+            tensors.extend(self._lora_factors(adapter))
+        states = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        key = tuple(adapters), tuple(self.scaling[adapter] for adapter in adapters), states
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            self._weight_cache = (key, self._effective_weight(weight, adapters))
+        return self._weight_cache[1]
+
+    def train(self, mode: bool = True) -> LoraGRU:
+        self._weight_cache = None  # frees the eval-time W + dW
+        return super().train(mode)
+
+    def _forward_with_weight(
+        self, owner: nn.Module, attribute: str, weight: torch.Tensor, x: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
+        # W + dW stands in for the weight for this one call where the module keeps it: as a parameter, or as the
+        # plain attribute FSDP's use_orig_params puts in its place during forward. (functional_call swaps the same
+        # entry, with several times the per-call cost.)
+        slots = vars(owner) if attribute in vars(owner) else owner._parameters
+        saved = slots[attribute]
+        slots[attribute] = weight
+        try:
             with warnings.catch_warnings():
                 # W + dW cannot sit in cuDNN's flattened RNN weight buffer: cuDNN copies it each call and says so.
                 warnings.filterwarnings("ignore", message=FLAT_WEIGHTS_WARNING)
-                return functional_call(self.get_base_layer(), {WEIGHT_NAME: weight}, (x, *args), kwargs)
-        # A plain attribute shadows the parameter (FSDP's use_orig_params does this during forward), so
-        # functional_call would not reach it: swap the attribute itself.
-        saved = vars(owner)[attribute]
-        vars(owner)[attribute] = weight
-        try:
-            return self.base_layer(x, *args, **kwargs)
+                return self.base_layer(x, *args, **kwargs)
         finally:
-            vars(owner)[attribute] = saved
+            slots[attribute] = saved
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The change this adapter makes to the base weight, `(B @ A) * scaling` laid out like the weight."""
@@ -177,8 +215,7 @@ class LoraGRU(nn.Module, LoraLayer):
 
     def _delta_weight(self, adapter: str, weight_A: torch.Tensor, weight_B: torch.Tensor) -> torch.Tensor:
         dtype = weight_A.dtype
-        # fp16/bf16 matmuls are slow or missing on CPU: compute in fp32 there, as PEFT does.
-        cast_to_fp32 = weight_A.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        cast_to_fp32 = _computes_in_fp32(weight_A)
         if cast_to_fp32:
             weight_A, weight_B = weight_A.float(), weight_B.float()
         delta = self._compose(weight_A, weight_B) * self.scaling[adapter]

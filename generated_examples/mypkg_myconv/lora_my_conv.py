@@ -33,6 +33,11 @@ def _get_attribute(module: nn.Module, name: str) -> Any:
     return module
 
 
+def _computes_in_fp32(tensor: torch.Tensor) -> bool:
+    """fp16/bf16 matmuls are slow or missing on CPU: LoRA computes in fp32 there, as PEFT does."""
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.float16, torch.bfloat16)
+
+
 class LoraMyConv(nn.Module, LoraLayer):
     """LoRA layer for `MyConv`.
 
@@ -204,8 +209,7 @@ class LoraMyConv(nn.Module, LoraLayer):
 
     def _delta_weight(self, adapter: str, weight_A: torch.Tensor, weight_B: torch.Tensor) -> torch.Tensor:
         dtype = weight_A.dtype
-        # fp16/bf16 matmuls are slow or missing on CPU: compute in fp32 there, as PEFT does.
-        cast_to_fp32 = weight_A.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        cast_to_fp32 = _computes_in_fp32(weight_A)
         if cast_to_fp32:
             weight_A, weight_B = weight_A.float(), weight_B.float()
         delta = self._compose(weight_A, weight_B) * self.scaling[adapter]

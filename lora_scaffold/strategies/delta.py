@@ -21,8 +21,5 @@ class Delta(Strategy):
     def reason(self, evidence: Evidence, verdict: Verdict) -> str:
         return "the forward runs with W + dW, exact for any forward"
 
-    def imports(self):
-        return [("torch.func", ("functional_call",))]
-
 
 DELTA = Delta()
