@@ -27,17 +27,17 @@ import tarfile
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 from torch.utils.benchmark import Timer
+from torch.utils.weak import WeakIdKeyDictionary
 
 import lora_scaffold
 from lora_scaffold.request import Request
@@ -110,31 +110,80 @@ def cases(tiny: bool) -> list[Case]:
     linear = Request("torch.nn.Linear", args=("in_features=16", "out_features=12"))
     conv = Request("torch.nn.Conv2d", args=("in_channels=4", "out_channels=6", "kernel_size=3"))
     return [
-        Case("Linear 1024x1024, batch 256", linear, lambda: nn.Linear(big, big), lambda: (torch.randn(batch, big),),
-             ("builtin",)),
-        Case("Conv2d 64->64 3x3 on 8x64x32x32", conv, lambda: nn.Conv2d(channels, channels, 3, padding=1),
-             lambda: (torch.randn(8, channels, side, side),), ("builtin",)),
-        Case("Embedding 32000x512, 8x512 ids", Request("torch.nn.Embedding", args=("num_embeddings=20", "embedding_dim=6")),
-             lambda: nn.Embedding(vocab, dim), lambda: (torch.randint(0, vocab, (8, dim)),), ("builtin",)),
-        Case("Linear 64x64, batch 8", linear, lambda: nn.Linear(64, 64), lambda: (torch.randn(8, 64),),
-             ("builtin",), small=True),
-        Case("Conv2d 8->8 3x3 on 2x8x8x8", conv, lambda: nn.Conv2d(8, 8, 3, padding=1),
-             lambda: (torch.randn(2, 8, 8, 8),), ("builtin",), small=True),
-        Case("delta: Linear 1024x1024, batch 256", _delta(linear, "linear_delta"), lambda: nn.Linear(big, big),
-             lambda: (torch.randn(batch, big),), ("builtin", "param_wrapper")),
-        Case("delta: Linear 64x64, batch 8", _delta(linear, "linear_delta"), lambda: nn.Linear(64, 64),
-             lambda: (torch.randn(8, 64),), ("builtin", "param_wrapper"), small=True),
-        Case("delta: weight-standardised Conv2d 64->64 3x3 on 8x64x32x32",
-             Request("benchmarks.targets.WSConv2d", args=("in_channels=4", "out_channels=6", "kernel_size=3")),
-             lambda: WSConv2d(channels, channels, 3, padding=1), lambda: (torch.randn(8, channels, side, side),),
-             (), delta=True),
-        Case("delta: Bilinear 256x256->256, batch 64", Request("torch.nn.Bilinear"),
-             lambda: nn.Bilinear(size(256, 6), size(256, 6), size(256, 5)),
-             lambda: (torch.randn(size(64, 3), size(256, 6)), torch.randn(size(64, 3), size(256, 6))),
-             ("param_wrapper",)),
-        Case("delta: stacked experts [8, 256, 256], 64 tokens each", Request("benchmarks.targets.StackedExperts", example_input="torch.randn(4, 3, 6)"),
-             lambda: StackedExperts(experts, expert_dim, expert_dim),
-             lambda: (torch.randn(experts, tokens, expert_dim),), ("param_wrapper",)),
+        Case(
+            "Linear 1024x1024, batch 256",
+            linear,
+            lambda: nn.Linear(big, big),
+            lambda: (torch.randn(batch, big),),
+            ("builtin",),
+        ),
+        Case(
+            "Conv2d 64->64 3x3 on 8x64x32x32",
+            conv,
+            lambda: nn.Conv2d(channels, channels, 3, padding=1),
+            lambda: (torch.randn(8, channels, side, side),),
+            ("builtin",),
+        ),
+        Case(
+            "Embedding 32000x512, 8x512 ids",
+            Request("torch.nn.Embedding", args=("num_embeddings=20", "embedding_dim=6")),
+            lambda: nn.Embedding(vocab, dim),
+            lambda: (torch.randint(0, vocab, (8, dim)),),
+            ("builtin",),
+        ),
+        Case(
+            "Linear 64x64, batch 8",
+            linear,
+            lambda: nn.Linear(64, 64),
+            lambda: (torch.randn(8, 64),),
+            ("builtin",),
+            small=True,
+        ),
+        Case(
+            "Conv2d 8->8 3x3 on 2x8x8x8",
+            conv,
+            lambda: nn.Conv2d(8, 8, 3, padding=1),
+            lambda: (torch.randn(2, 8, 8, 8),),
+            ("builtin",),
+            small=True,
+        ),
+        Case(
+            "delta: Linear 1024x1024, batch 256",
+            _delta(linear, "linear_delta"),
+            lambda: nn.Linear(big, big),
+            lambda: (torch.randn(batch, big),),
+            ("builtin", "param_wrapper"),
+        ),
+        Case(
+            "delta: Linear 64x64, batch 8",
+            _delta(linear, "linear_delta"),
+            lambda: nn.Linear(64, 64),
+            lambda: (torch.randn(8, 64),),
+            ("builtin", "param_wrapper"),
+            small=True,
+        ),
+        Case(
+            "delta: weight-standardised Conv2d 64->64 3x3 on 8x64x32x32",
+            Request("benchmarks.targets.WSConv2d", args=("in_channels=4", "out_channels=6", "kernel_size=3")),
+            lambda: WSConv2d(channels, channels, 3, padding=1),
+            lambda: (torch.randn(8, channels, side, side),),
+            (),
+            delta=True,
+        ),
+        Case(
+            "delta: Bilinear 256x256->256, batch 64",
+            Request("torch.nn.Bilinear"),
+            lambda: nn.Bilinear(size(256, 6), size(256, 6), size(256, 5)),
+            lambda: (torch.randn(size(64, 3), size(256, 6)), torch.randn(size(64, 3), size(256, 6))),
+            ("param_wrapper",),
+        ),
+        Case(
+            "delta: stacked experts [8, 256, 256], 64 tokens each",
+            Request("benchmarks.targets.StackedExperts", example_input="torch.randn(4, 3, 6)"),
+            lambda: StackedExperts(experts, expert_dim, expert_dim),
+            lambda: (torch.randn(experts, tokens, expert_dim),),
+            ("param_wrapper",),
+        ),
     ]
 
 
@@ -172,7 +221,7 @@ class Holder(nn.Module):
 def adapted(base: nn.Module, kind: str, generated=None) -> nn.Module:
     """The LoRA layer PEFT puts in place of `base` for one contender (the layer itself, not the PeftModel around it,
     so that only the layer's own cost is measured)."""
-    options = dict(r=RANK, lora_alpha=2 * RANK, init_lora_weights=False)
+    options = {"r": RANK, "lora_alpha": 2 * RANK, "init_lora_weights": False}
     if kind == "param_wrapper":
         config = LoraConfig(target_modules=None, target_parameters=["layer.weight"], **options)
     else:
@@ -291,7 +340,7 @@ def measure_case(case: Case, generated, rounds: int, block: float, results: Resu
         results.notes.append(f"{case.name}: no PEFT peer (ParamWrapper takes 2-D and 3-D parameters only)")
     for kind, peer in peers.items():
         if _same_adapter_shapes(ours, peer):
-            set_peft_model_state_dict_like(ours, peer)
+            copy_adapter_weights(ours, peer)
             difference = output_difference(ours.eval(), peer.eval(), inputs)
             results.notes.append(f"{case.name}: max |output difference| to {PEER_NAMES[kind]}: {difference:.2e}")
 
@@ -303,15 +352,21 @@ def measure_case(case: Case, generated, rounds: int, block: float, results: Resu
         contenders["plain"] = train_step(copy.deepcopy(base).requires_grad_(False), train_inputs)
     times = interleaved(contenders, rounds, block)
     if not peers:
-        results.figures.append(Figure(case.name, "train fwd+bwd / plain module (frozen)", ratios(times, "ours", "plain")))
+        results.figures.append(
+            Figure(case.name, "train fwd+bwd / plain module (frozen)", ratios(times, "ours", "plain"))
+        )
     for kind in peers:
         goal = _train_goal(case, kind, delta)
-        results.figures.append(Figure(case.name, f"train fwd+bwd / {PEER_NAMES[kind]}", ratios(times, "ours", kind), goal))
+        results.figures.append(
+            Figure(case.name, f"train fwd+bwd / {PEER_NAMES[kind]}", ratios(times, "ours", kind), goal)
+        )
 
     for kind, peer in peers.items():
         mine, theirs = peak_train_memory(ours, train_inputs), peak_train_memory(peer, train_inputs)
         goal = 1.0 if delta and kind == "param_wrapper" else None
-        results.figures.append(Figure(case.name, f"peak train-step memory / {PEER_NAMES[kind]}", (mine / theirs,), goal))
+        results.figures.append(
+            Figure(case.name, f"peak train-step memory / {PEER_NAMES[kind]}", (mine / theirs,), goal)
+        )
 
     ours.eval()
     for peer in peers.values():
@@ -350,7 +405,7 @@ def _same_adapter_shapes(ours: nn.Module, peer: nn.Module) -> bool:
     return shapes(ours) == shapes(peer)
 
 
-def set_peft_model_state_dict_like(ours: nn.Module, peer: nn.Module) -> None:
+def copy_adapter_weights(ours: nn.Module, peer: nn.Module) -> None:
     """Give our layer the peer's adapter weights, so that their outputs can be compared."""
     adapter = {name: p for name, p in peer.state_dict().items() if "lora_" in name}
     missing = ours.load_state_dict(adapter, strict=False)
@@ -378,29 +433,52 @@ def measure_cli(folder: Path, sdist: Path, rounds: int, results: Results) -> Non
         output = folder / f"cli{round_}"
         new_times.append(cpu_seconds([*cli, "new", "mypkg.MyConv", "-o", str(output)], env=environment)[0])
     results.figures.append(
-        Figure("CLI", "`new mypkg.MyConv -o DIR` CPU time / `python -c 'import torch'`",
-               tuple(new / torch_ for new, torch_ in zip(new_times, torch_times)), 1.3)
+        Figure(
+            "CLI",
+            "`new mypkg.MyConv -o DIR` CPU time / `python -c 'import torch'`",
+            tuple(new / torch_ for new, torch_ in zip(new_times, torch_times)),
+            1.3,
+        )
     )
     start = time.perf_counter()
-    _, completed = cpu_seconds([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder / "cli0")],
-                               env=environment)
+    _, completed = cpu_seconds(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder / "cli0")], env=environment
+    )
     suite_seconds.append(time.perf_counter() - start)
     passed = re.search(r"(\d+) passed", completed.stdout)
     results.figures.append(
-        Figure("CLI", f"generated suite for mypkg.MyConv ({passed.group(1) if passed else '?'} tests), wall time",
-               tuple(suite_seconds), unit="s")
+        Figure(
+            "CLI",
+            f"generated suite for mypkg.MyConv ({passed.group(1) if passed else '?'} tests), wall time",
+            tuple(suite_seconds),
+            unit="s",
+        )
     )
     work = []
     for round_ in range(rounds):
         checkout = unpack_peft(sdist, folder / f"peft{round_}")
-        command = [sys.executable, "-X", "importtime", "-m", "lora_scaffold", "new", "mypkg.MyConv",
-                   "--peft-checkout", str(checkout)]
+        command = [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "lora_scaffold",
+            "new",
+            "mypkg.MyConv",
+            "--peft-checkout",
+            str(checkout),
+        ]
         start = time.perf_counter()
         _, completed = cpu_seconds(command, env=environment)
         work.append(time.perf_counter() - start - import_seconds(completed.stderr))
     results.figures.append(
-        Figure("CLI", f"patch mode on a peft {PEFT_SDIST_VERSION} checkout: wall time beyond imports",
-               tuple(work), 1.0, unit="s")
+        Figure(
+            "CLI",
+            f"patch mode on a peft {PEFT_SDIST_VERSION} checkout: wall time beyond imports",
+            tuple(work),
+            1.0,
+            unit="s",
+        )
     )
 
 

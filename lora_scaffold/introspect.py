@@ -12,6 +12,7 @@ from torch import nn
 
 from lora_scaffold import init_expression
 from lora_scaffold.constructor import CtorParam, choose_ctor_args, ctor_params, is_literal
+from lora_scaffold.element_budget import build_small_on_cpu
 from lora_scaffold.errors import USER_CODE_ERRORS, TargetError
 from lora_scaffold.names import expression_source
 from lora_scaffold.resolve import ResolvedTarget
@@ -91,7 +92,7 @@ def introspect(target: ResolvedTarget, overrides: dict[str, str], init: str | No
         return _from_init(target, params, expression_source(init, "--init"), overrides)
     ctor_args, guessed = choose_ctor_args(target, params, overrides)
     kwargs = {name: ast.literal_eval(source) for name, source in ctor_args}
-    module = instantiate(target, kwargs, device="meta")
+    module = build_small_on_cpu(lambda device: instantiate(target, kwargs, device), ELEMENT_BUDGET)
     _refuse_lazy(target, module)
     scaled = ()
     if _size(module) > ELEMENT_BUDGET:
@@ -103,7 +104,7 @@ def _from_init(target: ResolvedTarget, params, init: str, overrides: dict[str, s
     if overrides:
         raise TargetError("--init builds the target itself: give constructor arguments there, not with --arg")
     imports = init_expression.imports_for(target, init)
-    module = init_expression.build(target, init, device="meta")
+    module = build_small_on_cpu(lambda device: init_expression.build(target, init, device), ELEMENT_BUDGET)
     _refuse_lazy(target, module)
     return _spec(target, params, module, init=init, init_imports=imports)
 

@@ -156,6 +156,18 @@ class HugeEmbedding(nn.Embedding):
         super().__init__(num_embeddings, embedding_dim)
 
 
+class HugeLegacyLinear(nn.Module):
+    """The pre-1.0 idiom at a size that would take 1.6 GB: an uninitialised torch.Tensor, filled in place by init."""
+
+    def __init__(self, in_features: int = 50_000, out_features: int = 8_192):
+        super().__init__()
+        self.weight = nn.Parameter(torch.Tensor(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+
 class WideGroupedConv(nn.Module):
     """Large defaults with structure to keep: channels must stay divisible by groups."""
 

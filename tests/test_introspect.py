@@ -1,9 +1,13 @@
+import subprocess
+import sys
+
 import pytest
 
 from lora_scaffold.constructor import parse_arg_overrides
 from lora_scaffold.errors import TargetError
 from lora_scaffold.introspect import introspect
 from lora_scaffold.resolve import resolve_target
+from tests.conftest import REPO
 
 
 def spec_of(target, **overrides):
@@ -49,6 +53,21 @@ def test_huge_defaults_are_inspected_on_the_meta_device_and_scaled_down():
     assert spec.scaled_args == (("num_embeddings", "50000", "16"), ("embedding_dim", "8192", "16"))
     assert dict(spec.ctor_args) == {"num_embeddings": "16", "embedding_dim": "16"}
     assert spec.parameter("weight").shape == (16, 16)
+
+
+def test_huge_legacy_tensors_are_not_filled_on_the_cpu():
+    spec = spec_of("scaffold_targets.HugeLegacyLinear")  # the in-place init would touch 1.6 GB on the CPU
+    assert spec.parameter("weight").shape == (16, 16)
+
+
+def test_small_targets_are_built_on_the_cpu_without_importing_torch_dynamo():
+    # torch's meta-device factories import torch._dynamo: a second of start-up for every `new`.
+    script = (
+        "import sys; from tests.test_introspect import spec_of; spec_of('torch.nn.Conv2d', in_channels=4, "
+        "out_channels=6, kernel_size=3); assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_scaling_keeps_sizes_divisible_by_groups_and_leaves_given_arguments_alone():

@@ -143,11 +143,15 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
     def _lora_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         lora_A = self.lora_A[adapter]
         x = self._cast_input_dtype(x, lora_A.weight.dtype)
-        return self.lora_B[adapter](lora_A(self.lora_dropout[adapter](x))) * self.scaling[adapter]
+        dropout = self.lora_dropout[adapter]
+        if not isinstance(dropout, nn.Identity):  # an Identity's call costs more than this layer's own logic
+            x = dropout(x)
+        return self.lora_B[adapter](lora_A(x)) * self.scaling[adapter]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:  # PEFT's checks are all about `adapter_names`
+            self._check_forward_args(x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -140,8 +140,9 @@ class LoraMyConvStub(nn.Module, LoraLayer):
         return self.lora_A[adapter].weight, self.lora_B[adapter].weight
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:  # PEFT's checks are all about `adapter_names`
+            self._check_forward_args(x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
