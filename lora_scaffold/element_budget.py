@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+from torch.nn.parameter import UninitializedTensorMixin
 from torch.overrides import TorchFunctionMode
 
 
@@ -37,9 +38,16 @@ class ElementBudget(TorchFunctionMode):
             self.left -= math.prod(_size(args, kwargs))
             if self.left < 0:
                 raise OverBudget
-        elif any(isinstance(arg, torch.Tensor) and arg.numel() > self.budget for arg in (*args, *kwargs.values())):
+        elif any(_numel(arg) > self.budget for arg in (*args, *kwargs.values())):
             raise OverBudget
         return func(*args, **kwargs)
+
+
+def _numel(value: object) -> int:
+    # A lazy module's uninitialised parameters have no size yet (and raise when asked).
+    if not isinstance(value, torch.Tensor) or isinstance(value, UninitializedTensorMixin):
+        return 0
+    return value.numel()
 
 
 def _size(args: tuple, kwargs: dict) -> tuple[int, ...]:

@@ -134,6 +134,7 @@ def layer_imports(plan: LayerPlan, peft: PeftTarget, dora_variant: str) -> list[
         ("torch", ()),
         ("torch", ("nn",)),
         ("peft.tuners.tuners_utils", ("check_adapters_to_merge",)),
+        ("peft.utils.integrations", ("gather_params_ctx",)),
         (f"{package}layer", ("LoraLayer",)),
         *target_import,
         *(config if peft.api == CONFIG_API or plugin else []),

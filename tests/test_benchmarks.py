@@ -4,8 +4,9 @@ import re
 import subprocess
 import sys
 
+from conftest import REPO
+
 from benchmarks.run import cases
-from tests.conftest import REPO
 
 
 def test_benchmark_runs_every_case_on_tiny_sizes(tmp_path):

@@ -2,12 +2,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from lora_scaffold.constructor import parse_arg_overrides
 from lora_scaffold.errors import TargetError
 from lora_scaffold.introspect import introspect
 from lora_scaffold.resolve import resolve_target
-from tests.conftest import REPO
 
 
 def spec_of(target, **overrides):
@@ -63,10 +63,10 @@ def test_huge_legacy_tensors_are_not_filled_on_the_cpu():
 def test_small_targets_are_built_on_the_cpu_without_importing_torch_dynamo():
     # torch's meta-device factories import torch._dynamo: a second of start-up for every `new`.
     script = (
-        "import sys; from tests.test_introspect import spec_of; spec_of('torch.nn.Conv2d', in_channels=4, "
+        "import sys; from test_introspect import spec_of; spec_of('torch.nn.Conv2d', in_channels=4, "
         "out_channels=6, kernel_size=3); assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO / "tests", capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 

@@ -16,6 +16,7 @@ from torch.nn import ConvTranspose2d
 from peft import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.utils.integrations import gather_params_ctx
 from peft.utils.warning import PeftWarning
 
 
@@ -30,6 +31,12 @@ def _get_attribute(module: nn.Module, name: str) -> Any:
     for attribute in name.split("."):
         module = getattr(module, attribute)
     return module
+
+
+def _weight_shape(module: nn.Module) -> torch.Size:
+    """The base weight's shape, also where DeepSpeed ZeRO-3 has partitioned it (its local tensor is then empty)."""
+    weight = _get_attribute(module, WEIGHT_NAME)
+    return getattr(weight, "ds_shape", weight.shape)
 
 
 def _computes_in_fp32(tensor: torch.Tensor) -> bool:
@@ -116,9 +123,9 @@ class LoraConvTranspose2d(nn.Module, LoraLayer):
             )
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        weight = _get_attribute(module, WEIGHT_NAME)
+        shape = _weight_shape(module)
         # A transposed conv stores its weight [in, out/groups, *kernel].
-        return weight.shape[0], weight.shape[1] * module.groups
+        return shape[0], shape[1] * module.groups
 
     def _create_lora_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         base = self.get_base_layer()
@@ -131,7 +138,7 @@ class LoraConvTranspose2d(nn.Module, LoraLayer):
         self.lora_A[adapter_name] = nn.ConvTranspose2d(
             self.in_features,
             r,
-            tuple(self._base_weight().shape[2:]),
+            tuple(_weight_shape(self.get_base_layer())[2:]),
             stride=base.stride,
             padding=base.padding,
             output_padding=base.output_padding,
@@ -143,7 +150,7 @@ class LoraConvTranspose2d(nn.Module, LoraLayer):
 
     def _compose(self, weight_A: torch.Tensor, weight_B: torch.Tensor) -> torch.Tensor:
         groups = self.get_base_layer().groups
-        shape = self._base_weight().shape
+        shape = _weight_shape(self.get_base_layer())
         factors_A = weight_A.reshape(groups, shape[0] // groups, weight_A.shape[1], -1)
         factors_B = weight_B.reshape(groups, weight_B.shape[0] // groups, -1)
         return torch.einsum("giqk,gqo->giok", factors_A, factors_B).reshape(shape)
@@ -195,7 +202,9 @@ class LoraConvTranspose2d(nn.Module, LoraLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The change this adapter makes to the base weight, `(B @ A) * scaling` laid out like the weight."""
-        return self._delta_weight(adapter, *self._lora_factors(adapter))
+        # Outside forward, DeepSpeed ZeRO-3 keeps parameters partitioned: gather them (a no-op without ZeRO-3).
+        with gather_params_ctx(list(self.parameters()), modifier_rank=None):
+            return self._delta_weight(adapter, *self._lora_factors(adapter))
 
     def _delta_weight(self, adapter: str, weight_A: torch.Tensor, weight_B: torch.Tensor) -> torch.Tensor:
         dtype = weight_A.dtype
@@ -207,33 +216,36 @@ class LoraConvTranspose2d(nn.Module, LoraLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the active (or the named) adapters into the base weight; `safe_merge` checks for NaNs first."""
-        for adapter in check_adapters_to_merge(self, adapter_names):
-            if adapter not in self.r:
-                continue
-            weight = self._base_weight()
-            new_weight = self._merged_weight(adapter)
-            new_bias = self._shifted_bias(adapter, sign=1)
-            if safe_merge and not all(torch.isfinite(t).all() for t in (new_weight, new_bias) if t is not None):
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            weight.data = new_weight
-            if new_bias is not None:
-                self._base_bias().data = new_bias
-            self.merged_adapters.append(adapter)
+        # Under DeepSpeed ZeRO-3: gather the partitioned parameters, and rank 0's merged weight becomes everyone's.
+        with gather_params_ctx(list(self.parameters()), modifier_rank=0):
+            for adapter in check_adapters_to_merge(self, adapter_names):
+                if adapter not in self.r:
+                    continue
+                weight = self._base_weight()
+                new_weight = self._merged_weight(adapter)
+                new_bias = self._shifted_bias(adapter, sign=1)
+                if safe_merge and not all(torch.isfinite(t).all() for t in (new_weight, new_bias) if t is not None):
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                weight.data = new_weight
+                if new_bias is not None:
+                    self._base_bias().data = new_bias
+                self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
         """Take every merged adapter back out of the base weight."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", PeftWarning)
             return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter not in self.r:
-                continue
-            weight = self._base_weight()
-            weight.data = self._unmerged_weight(adapter)
-            new_bias = self._shifted_bias(adapter, sign=-1)
-            if new_bias is not None:
-                self._base_bias().data = new_bias
+        with gather_params_ctx(list(self.parameters()), modifier_rank=0):
+            while self.merged_adapters:
+                adapter = self.merged_adapters.pop()
+                if adapter not in self.r:
+                    continue
+                weight = self._base_weight()
+                weight.data = self._unmerged_weight(adapter)
+                new_bias = self._shifted_bias(adapter, sign=-1)
+                if new_bias is not None:
+                    self._base_bias().data = new_bias
 
     def _merged_weight(self, adapter: str) -> torch.Tensor:
         weight = self._base_weight()

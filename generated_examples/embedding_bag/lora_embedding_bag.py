@@ -16,6 +16,7 @@ from torch.nn import EmbeddingBag
 from peft import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.utils.integrations import gather_params_ctx
 from peft.utils.warning import PeftWarning
 
 
@@ -30,6 +31,12 @@ def _get_attribute(module: nn.Module, name: str) -> Any:
     for attribute in name.split("."):
         module = getattr(module, attribute)
     return module
+
+
+def _weight_shape(module: nn.Module) -> torch.Size:
+    """The base weight's shape, also where DeepSpeed ZeRO-3 has partitioned it (its local tensor is then empty)."""
+    weight = _get_attribute(module, WEIGHT_NAME)
+    return getattr(weight, "ds_shape", weight.shape)
 
 
 def _computes_in_fp32(tensor: torch.Tensor) -> bool:
@@ -122,19 +129,33 @@ class LoraEmbeddingBag(nn.Module, LoraLayer):
     _weight_cache: Optional[tuple] = None  # (what it was made of, W + dW) from the last eval forward without autograd
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        weight = _get_attribute(module, WEIGHT_NAME)
-        return math.prod(weight.shape[1:]), weight.shape[0]
+        shape = _weight_shape(module)
+        return math.prod(shape[1:]), shape[0]
 
     def _create_lora_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        self._require_whole_weight(self._base_weight())
         # B @ A is an [out, in] matrix reshaped to the weight's shape (20, 8).
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+
+    def _require_whole_weight(self, weight: torch.Tensor) -> None:
+        # W + dW is built before the base module runs, so W must be whole by then, not only inside its forward.
+        if getattr(weight, "ds_id", None) is not None:
+            raise ValueError(
+                f"lora.{type(self).__name__} does not support DeepSpeed ZeRO-3: its forward builds W + dW before the "
+                "base module runs, while ZeRO-3 still holds W partitioned. FSDP and DDP are supported."
+            )
+        if getattr(weight, "device_mesh", None) is not None:
+            raise ValueError(
+                f"lora.{type(self).__name__} found its base module's weight sharded (a DTensor) as its forward began: "
+                "apply fully_shard to this LoRA layer or a module containing it, not to its base module alone."
+            )
 
     def _lora_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[adapter].weight, self.lora_B[adapter].weight
 
     def _compose(self, weight_A: torch.Tensor, weight_B: torch.Tensor) -> torch.Tensor:
-        return (weight_B @ weight_A).reshape(self._base_weight().shape)
+        return (weight_B @ weight_A).reshape(_weight_shape(self.get_base_layer()))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         self._check_forward_args(x, *args, **kwargs)
@@ -161,6 +182,7 @@ class LoraEmbeddingBag(nn.Module, LoraLayer):
 
     def _effective_weight(self, weight: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         """`W + (B @ A) * scaling` summed over `adapters`: one fused multiply-add per adapter, laid out like W."""
+        self._require_whole_weight(weight)
         effective = weight.reshape(weight.shape[0], -1)
         for adapter in adapters:
             weight_A, weight_B = self._lora_factors(adapter)
@@ -207,7 +229,9 @@ class LoraEmbeddingBag(nn.Module, LoraLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The change this adapter makes to the base weight, `(B @ A) * scaling` laid out like the weight."""
-        return self._delta_weight(adapter, *self._lora_factors(adapter))
+        # Outside forward, DeepSpeed ZeRO-3 keeps parameters partitioned: gather them (a no-op without ZeRO-3).
+        with gather_params_ctx(list(self.parameters()), modifier_rank=None):
+            return self._delta_weight(adapter, *self._lora_factors(adapter))
 
     def _delta_weight(self, adapter: str, weight_A: torch.Tensor, weight_B: torch.Tensor) -> torch.Tensor:
         dtype = weight_A.dtype
@@ -219,33 +243,36 @@ class LoraEmbeddingBag(nn.Module, LoraLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the active (or the named) adapters into the base weight; `safe_merge` checks for NaNs first."""
-        for adapter in check_adapters_to_merge(self, adapter_names):
-            if adapter not in self.r:
-                continue
-            weight = self._base_weight()
-            new_weight = self._merged_weight(adapter)
-            new_bias = self._shifted_bias(adapter, sign=1)
-            if safe_merge and not all(torch.isfinite(t).all() for t in (new_weight, new_bias) if t is not None):
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            weight.data = new_weight
-            if new_bias is not None:
-                self._base_bias().data = new_bias
-            self.merged_adapters.append(adapter)
+        # Under DeepSpeed ZeRO-3: gather the partitioned parameters, and rank 0's merged weight becomes everyone's.
+        with gather_params_ctx(list(self.parameters()), modifier_rank=0):
+            for adapter in check_adapters_to_merge(self, adapter_names):
+                if adapter not in self.r:
+                    continue
+                weight = self._base_weight()
+                new_weight = self._merged_weight(adapter)
+                new_bias = self._shifted_bias(adapter, sign=1)
+                if safe_merge and not all(torch.isfinite(t).all() for t in (new_weight, new_bias) if t is not None):
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                weight.data = new_weight
+                if new_bias is not None:
+                    self._base_bias().data = new_bias
+                self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
         """Take every merged adapter back out of the base weight."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", PeftWarning)
             return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter not in self.r:
-                continue
-            weight = self._base_weight()
-            weight.data = self._unmerged_weight(adapter)
-            new_bias = self._shifted_bias(adapter, sign=-1)
-            if new_bias is not None:
-                self._base_bias().data = new_bias
+        with gather_params_ctx(list(self.parameters()), modifier_rank=0):
+            while self.merged_adapters:
+                adapter = self.merged_adapters.pop()
+                if adapter not in self.r:
+                    continue
+                weight = self._base_weight()
+                weight.data = self._unmerged_weight(adapter)
+                new_bias = self._shifted_bias(adapter, sign=-1)
+                if new_bias is not None:
+                    self._base_bias().data = new_bias
 
     def _merged_weight(self, adapter: str) -> torch.Tensor:
         weight = self._base_weight()

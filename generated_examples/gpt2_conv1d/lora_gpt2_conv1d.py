@@ -17,6 +17,7 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.utils.integrations import gather_params_ctx
 from peft.utils.warning import PeftWarning
 
 
@@ -31,6 +32,12 @@ def _get_attribute(module: nn.Module, name: str) -> Any:
     for attribute in name.split("."):
         module = getattr(module, attribute)
     return module
+
+
+def _weight_shape(module: nn.Module) -> torch.Size:
+    """The base weight's shape, also where DeepSpeed ZeRO-3 has partitioned it (its local tensor is then empty)."""
+    weight = _get_attribute(module, WEIGHT_NAME)
+    return getattr(weight, "ds_shape", weight.shape)
 
 
 def _computes_in_fp32(tensor: torch.Tensor) -> bool:
@@ -126,9 +133,9 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
             )
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        weight = _get_attribute(module, WEIGHT_NAME)
+        shape = _weight_shape(module)
         # The weight is stored [in, out] (PEFT's fan_in_fan_out), as in GPT-2's Conv1D.
-        return weight.shape[0], weight.shape[1]
+        return shape[0], shape[1]
 
     def _create_lora_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
@@ -187,7 +194,9 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The change this adapter makes to the base weight, `(B @ A) * scaling` laid out like the weight."""
-        return self._delta_weight(adapter, *self._lora_factors(adapter))
+        # Outside forward, DeepSpeed ZeRO-3 keeps parameters partitioned: gather them (a no-op without ZeRO-3).
+        with gather_params_ctx(list(self.parameters()), modifier_rank=None):
+            return self._delta_weight(adapter, *self._lora_factors(adapter))
 
     def _delta_weight(self, adapter: str, weight_A: torch.Tensor, weight_B: torch.Tensor) -> torch.Tensor:
         dtype = weight_A.dtype
@@ -199,33 +208,36 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the active (or the named) adapters into the base weight; `safe_merge` checks for NaNs first."""
-        for adapter in check_adapters_to_merge(self, adapter_names):
-            if adapter not in self.r:
-                continue
-            weight = self._base_weight()
-            new_weight = self._merged_weight(adapter)
-            new_bias = self._shifted_bias(adapter, sign=1)
-            if safe_merge and not all(torch.isfinite(t).all() for t in (new_weight, new_bias) if t is not None):
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            weight.data = new_weight
-            if new_bias is not None:
-                self._base_bias().data = new_bias
-            self.merged_adapters.append(adapter)
+        # Under DeepSpeed ZeRO-3: gather the partitioned parameters, and rank 0's merged weight becomes everyone's.
+        with gather_params_ctx(list(self.parameters()), modifier_rank=0):
+            for adapter in check_adapters_to_merge(self, adapter_names):
+                if adapter not in self.r:
+                    continue
+                weight = self._base_weight()
+                new_weight = self._merged_weight(adapter)
+                new_bias = self._shifted_bias(adapter, sign=1)
+                if safe_merge and not all(torch.isfinite(t).all() for t in (new_weight, new_bias) if t is not None):
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                weight.data = new_weight
+                if new_bias is not None:
+                    self._base_bias().data = new_bias
+                self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
         """Take every merged adapter back out of the base weight."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", PeftWarning)
             return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter not in self.r:
-                continue
-            weight = self._base_weight()
-            weight.data = self._unmerged_weight(adapter)
-            new_bias = self._shifted_bias(adapter, sign=-1)
-            if new_bias is not None:
-                self._base_bias().data = new_bias
+        with gather_params_ctx(list(self.parameters()), modifier_rank=0):
+            while self.merged_adapters:
+                adapter = self.merged_adapters.pop()
+                if adapter not in self.r:
+                    continue
+                weight = self._base_weight()
+                weight.data = self._unmerged_weight(adapter)
+                new_bias = self._shifted_bias(adapter, sign=-1)
+                if new_bias is not None:
+                    self._base_bias().data = new_bias
 
     def _merged_weight(self, adapter: str) -> torch.Tensor:
         weight = self._base_weight()
