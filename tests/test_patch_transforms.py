@@ -1,13 +1,30 @@
 """libcst transforms as before/after source strings, with no-change cases."""
 
+import ast
+import random
 from textwrap import dedent
 
 import pytest
 
 from lora_scaffold.errors import PatchError
-from lora_scaffold.patch.battery import BatteryEntry, add_battery_entry, battery_edit, remove_battery_entry
-from lora_scaffold.patch.cst_utils import Edit
-from lora_scaffold.patch.dispatch import DispatchBranch, call_form, dispatch_edit, insert_branch, remove_branch
+from lora_scaffold.patch import battery as battery_module
+from lora_scaffold.patch import cst_utils, dispatch, imports
+from lora_scaffold.patch.battery import (
+    BATTERY_FILE,
+    BatteryEntry,
+    add_battery_entry,
+    battery_edit,
+    remove_battery_entry,
+)
+from lora_scaffold.patch.cst_utils import Edit, excerpt
+from lora_scaffold.patch.dispatch import (
+    LAYER_FILE,
+    DispatchBranch,
+    call_form,
+    dispatch_edit,
+    insert_branch,
+    remove_branch,
+)
 from lora_scaffold.patch.exports import add_export, export_edit
 from lora_scaffold.patch.imports import add_import, import_edit, remove_import_if_unused
 
@@ -289,3 +306,33 @@ def test_edited_battery_model_is_not_removed_without_force():
     with pytest.raises(PatchError, match="ModelLoraConvT in tests/test_custom_models.py was edited"):
         remove_battery_entry(edited, ENTRY, force=False)
     assert remove_battery_entry(edited, ENTRY, force=True) == BATTERY
+
+
+PEFT_FILES = ("src/peft/tuners/lora/layer.py", "src/peft/tuners/lora/__init__.py", "tests/test_custom_models.py")
+
+
+@pytest.mark.parametrize("path", PEFT_FILES)
+def test_excerpts_of_peft_files_give_the_source_back_whatever_they_parse(pristine, path):
+    source = (pristine / path).read_text()
+    statements = ast.parse(source).body
+    chosen = random.Random(0).sample(range(len(statements)), len(statements) // 3)
+    picks = [lambda s: False, lambda s: True, lambda s: isinstance(s, ast.ClassDef), lambda s: s in picked]
+    picked = [statements[i] for i in chosen]
+    for wanted in picks:
+        view = excerpt(source, path, wanted)
+        assert view.code(view.module) == source
+
+
+def test_edits_on_an_excerpt_equal_edits_on_the_whole_parse(pristine, monkeypatch):
+    # The transforms on excerpts, then on the whole file parsed (every statement wanted): byte-identical results.
+    layer = (pristine / LAYER_FILE).read_text()
+    battery = (pristine / BATTERY_FILE).read_text()
+    branch = DispatchBranch("isinstance(target_base_layer, MyConv)", "new_module = LoraMyConv(target)", "LoraMyConv")
+    edits = [(dispatch_edit(branch), layer), (battery_edit(ENTRY), battery), (import_edit("sys", LAYER_FILE), layer)]
+    on_excerpts = [edit.apply(source) for edit, source in edits]
+    whole = cst_utils.excerpt
+    for module in (dispatch, battery_module, imports):
+        monkeypatch.setattr(module, "excerpt", lambda source, filename, wanted: whole(source, filename, bool))
+    assert [edit.apply(source) for edit, source in edits] == on_excerpts
+    for (edit, source), applied in zip(edits, on_excerpts):
+        assert applied != source and edit.revert(applied, False) == source

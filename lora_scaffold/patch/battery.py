@@ -13,13 +13,15 @@ import libcst as cst
 from lora_scaffold.errors import PatchError
 from lora_scaffold.patch.cst_utils import (
     Edit,
+    Excerpt,
     assigned_list,
     code,
+    defines,
+    excerpt,
     index_of,
     insert_element,
     is_class,
     is_function,
-    parse,
     remove_elements,
     with_assigned_list,
     with_statement,
@@ -56,7 +58,8 @@ def battery_edit(entry: BatteryEntry) -> Edit:
 
 
 def add_battery_entry(source: str, entry: BatteryEntry) -> str:
-    module = parse(source, BATTERY_FILE)
+    view = _excerpt(source, entry)
+    module = view.module
     if any(is_class(statement, entry.model_class) for statement in module.body):
         return source
     wrapper_index = _wrapper_index(module)
@@ -66,11 +69,12 @@ def add_battery_entry(source: str, entry: BatteryEntry) -> str:
     module = module.with_changes(body=body)
     dtype_name = _from_pretrained(module)[1].params.params[-1].name.value  # `dtype`, or `torch_dtype` before 0.18
     module = _edit_from_pretrained(module, lambda statements: _insert_branch(statements, entry, dtype_name))
-    return _edit_test_cases(module, lambda elements: _append_cases(elements, entry)).code
+    return view.code(_edit_test_cases(module, lambda elements: _append_cases(elements, entry)))
 
 
 def remove_battery_entry(source: str, entry: BatteryEntry, force: bool) -> str:
-    module = parse(source, BATTERY_FILE)
+    view = _excerpt(source, entry)
+    module = view.module
     index = index_of(module.body, lambda statement: is_class(statement, entry.model_class))
     if index is None:
         return source
@@ -78,7 +82,13 @@ def remove_battery_entry(source: str, entry: BatteryEntry, force: bool) -> str:
         raise PatchError(f"{entry.model_class} in {BATTERY_FILE} was edited; pass --force to remove it")
     module = with_statement(module, index, None)
     module = _edit_from_pretrained(module, lambda statements: _remove_branch(statements, entry))
-    return _edit_test_cases(module, lambda elements: _remove_cases(elements, entry)).code
+    return view.code(_edit_test_cases(module, lambda elements: _remove_cases(elements, entry)))
+
+
+def _excerpt(source: str, entry: BatteryEntry) -> Excerpt:
+    """The three statements the edits touch; the rest of the 8 000 lines stay text."""
+    wanted = [defines(entry.model_class), defines(WRAPPER), defines("TEST_CASES")]
+    return excerpt(source, BATTERY_FILE, lambda statement: any(test(statement) for test in wanted))
 
 
 def _wrapper_index(module: cst.Module) -> int:

@@ -11,7 +11,17 @@ from dataclasses import dataclass
 import libcst as cst
 
 from lora_scaffold.errors import PatchError
-from lora_scaffold.patch.cst_utils import Edit, code, index_of, is_function, normalized, parse, with_statement
+from lora_scaffold.patch.cst_utils import (
+    Edit,
+    Excerpt,
+    code,
+    defines,
+    excerpt,
+    index_of,
+    is_function,
+    normalized,
+    with_statement,
+)
 
 
 LAYER_FILE = "src/peft/tuners/lora/layer.py"
@@ -43,7 +53,7 @@ def dispatch_edit(branch: DispatchBranch) -> Edit:
 class DispatchChain:
     """The if/elif chain on `target_base_layer` in dispatch_default, flattened."""
 
-    module: cst.Module
+    source: Excerpt
     function_index: int
     statement_index: int
     branches: tuple[cst.If, ...]
@@ -70,15 +80,20 @@ class DispatchChain:
         folded: cst.BaseSuite | cst.If | cst.Else | None = self.tail
         for branch in reversed(branches):
             folded = branch.with_changes(orelse=folded)
-        function = self.module.body[self.function_index]
+        function = self.function
         body = list(function.body.body)
         body[self.statement_index] = folded
         function = function.with_changes(body=function.body.with_changes(body=body))
-        return with_statement(self.module, self.function_index, function).code
+        return self.source.code(with_statement(self.source.module, self.function_index, function))
+
+    @property
+    def function(self) -> cst.FunctionDef:
+        return self.source.module.body[self.function_index]
 
 
 def read_chain(source: str) -> DispatchChain:
-    module = parse(source, LAYER_FILE)
+    view = excerpt(source, LAYER_FILE, defines("dispatch_default"))
+    module = view.module
     function_index = index_of(module.body, lambda statement: is_function(statement, "dispatch_default"))
     if function_index is None:
         raise PatchError(f"{LAYER_FILE} has no module-level function dispatch_default")
@@ -89,14 +104,13 @@ def read_chain(source: str) -> DispatchChain:
             continue
         branches, tail = _flatten(statement)
         if any("target_base_layer" in code(branch.test) for branch in branches):
-            return DispatchChain(module, function_index, statement_index, tuple(branches), tail)
+            return DispatchChain(view, function_index, statement_index, tuple(branches), tail)
     raise PatchError(f"dispatch_default in {LAYER_FILE} has no if/elif chain on target_base_layer")
 
 
 def call_form(source: str) -> str:
     """How dispatch_default builds layers: `config=config` (peft >= 0.19) or plain `**kwargs` (older)."""
-    chain = read_chain(source)
-    function = chain.module.body[chain.function_index]
+    function = read_chain(source).function
     third = function.params.params[2].name.value if len(function.params.params) > 2 else ""
     return "config" if third == "config" else "kwargs"
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+
 import libcst as cst
 
 from lora_scaffold.errors import PatchError
-from lora_scaffold.patch.cst_utils import Edit, code, parse
+from lora_scaffold.patch.cst_utils import Edit, code, excerpt, parse
 
 
 def import_edit(name: str, path: str) -> Edit:
@@ -26,7 +28,8 @@ def _plain_import(statement: cst.CSTNode) -> str | None:
 
 def add_import(source: str, name: str, filename: str) -> str:
     """`import sys` lands among the first run of plain `import x` lines, in order (ruff's isort sees no change)."""
-    module = parse(source, filename)
+    view = excerpt(source, filename, lambda statement: isinstance(statement, ast.Import))
+    module = view.module
     names = [_plain_import(statement) for statement in module.body]
     if name in names:
         return source
@@ -43,7 +46,7 @@ def add_import(source: str, name: str, filename: str) -> str:
         statement = statement.with_changes(leading_lines=body[first].leading_lines)
         body[first] = body[first].with_changes(leading_lines=())
     body.insert(position, statement)
-    return module.with_changes(body=body).code
+    return view.code(module.with_changes(body=body))
 
 
 def remove_import_if_unused(source: str, name: str, filename: str) -> str:

@@ -10,7 +10,7 @@ from lora_scaffold.analyse import LayerPlan
 from lora_scaffold.patch.battery import BatteryEntry, battery_edit
 from lora_scaffold.patch.battery_model import battery_entry
 from lora_scaffold.patch.checkout import PeftCheckout
-from lora_scaffold.patch.cst_utils import Edit
+from lora_scaffold.patch.cst_utils import Edit, top_level_statements
 from lora_scaffold.patch.dispatch import LAYER_FILE, DispatchBranch, dispatch_edit, read_chain
 from lora_scaffold.patch.exports import export_edit
 from lora_scaffold.patch.imports import import_edit
@@ -97,21 +97,19 @@ def dispatch_branch(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -
         f"new_module = {plan.layer_class}(target, adapter_name, {arguments})"
     )
     source = checkout.source(LAYER_FILE)
+    bindings = _import_bindings(source)
     base_spellings = frozenset(
         spelling
         for spelling in read_chain(source).branch_types()
-        if spelling and _is_base_class(_resolve_spelling(spelling, source), target_cls)
+        if spelling and _is_base_class(_resolve_spelling(spelling, bindings), target_cls)
     )
     return DispatchBranch(test, body, plan.layer_class, base_spellings)
 
 
-def _resolve_spelling(spelling: str, layer_source: str):
-    """The class a branch's type spelling names in layer.py (`torch.nn.Conv2d`, `nn.Conv1d`, `Conv1D`), or None.
-
-    Only modules already imported are looked in: a class from a module nobody imported cannot be a base class of
-    the target (which is imported), and importing transformers just to find out would take seconds."""
+def _import_bindings(layer_source: str) -> dict[str, tuple[str, str | None]]:
+    """What each module-level import of layer.py binds: name -> (module, attribute or None)."""
     bindings: dict[str, tuple[str, str | None]] = {}
-    for node in ast.parse(layer_source).body:
+    for node in top_level_statements(layer_source, LAYER_FILE):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 bound = alias.asname or alias.name.split(".")[0]
@@ -119,6 +117,14 @@ def _resolve_spelling(spelling: str, layer_source: str):
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             for alias in node.names:
                 bindings[alias.asname or alias.name] = (node.module, alias.name)
+    return bindings
+
+
+def _resolve_spelling(spelling: str, bindings: dict[str, tuple[str, str | None]]):
+    """The class a branch's type spelling names in layer.py (`torch.nn.Conv2d`, `nn.Conv1d`, `Conv1D`), or None.
+
+    Only modules already imported are looked in: a class from a module nobody imported cannot be a base class of
+    the target (which is imported), and importing transformers just to find out would take seconds."""
     head, *rest = spelling.split(".")
     if head not in bindings:
         return None
