@@ -39,6 +39,17 @@ examples:
 """
 
 
+UPDATE_DESCRIPTION = """\
+Render a generated layer again, with the options of its generation record changed by the ones given here, and
+merge three ways: what lora-scaffold wrote last time (kept in the record), the files as they are now, and the new
+render. Unedited files are replaced; your edits merge in where they do not overlap a change of the render. On an
+overlap it stops and lists the hunks, changing nothing, unless --conflicts=markers.
+
+Plugin mode: LAYER is the lora_*.py `new -o` wrote. Patch mode (--peft-checkout): LAYER is the TARGET given to
+`new`, in the checkout `new` patched; the dispatch, export and test-battery entries follow the new render too.
+"""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line like every other error of lora-scaffold."""
 
@@ -90,6 +101,37 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--peft-checkout", metavar="PATH", required=True, help="the peft source checkout")
     _add_change_arguments(remove, "remove what lora-scaffold added even if it was edited")
 
+    update = commands.add_parser(
+        "update",
+        help="re-render a generated layer with new options or this lora-scaffold, keeping your edits",
+        description=UPDATE_DESCRIPTION,
+        epilog=(
+            "examples:\n  lora-scaffold update out/lora_my_conv.py --arg out_channels=8\n"
+            "  lora-scaffold update mypkg.MyConv --peft-checkout ../peft --dry-run"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    update.add_argument("layer", metavar="LAYER", help="the generated lora_*.py, or TARGET with --peft-checkout")
+    update.add_argument(
+        "--arg",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="constructor argument as a Python literal, replacing the recorded one of that NAME; repeatable",
+    )
+    update.add_argument("--init", metavar="EXPR", help="build the target from this expression instead (as for new)")
+    _add_generation_arguments(update, strategy_default=None)
+    update.add_argument("--peft-checkout", metavar="PATH", help="patch mode: the peft checkout `new` patched")
+    update.add_argument(
+        "--conflicts",
+        choices=("stop", "markers"),
+        default="stop",
+        help="on overlapping changes: stop and change nothing (default), or write conflict markers",
+    )
+    update.add_argument("--dry-run", action="store_true", help="show what would change (a diff), write nothing")
+    update.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    update.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
+
     check = commands.add_parser(
         "check",
         help="re-render committed generated examples and report any that differ",
@@ -135,10 +177,13 @@ def _add_change_arguments(parser: argparse.ArgumentParser, force_help: str) -> N
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
-def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_generation_arguments(parser: argparse.ArgumentParser, strategy_default: str | None = strategies.AUTO) -> None:
     parser.add_argument("--weight", metavar="NAME", help="parameter to adapt, e.g. weight or conv.weight")
     parser.add_argument(
-        "--strategy", choices=strategies.CHOICES, default=strategies.AUTO, help="how LoRA applies (default: auto)"
+        "--strategy",
+        choices=strategies.CHOICES,
+        default=strategy_default,
+        help=f"how LoRA applies (default: {strategy_default or 'the recorded one'})",
     )
     parser.add_argument(
         "--example-input", metavar="EXPR", help="input for the probe and the tests, a Python expression"
@@ -242,6 +287,28 @@ def run_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_update(args: argparse.Namespace) -> int:
+    _progress(args, f"rendering {args.layer} again and merging your edits ...")
+    change = {
+        "args": tuple(args.arg),
+        "weight": args.weight,
+        "strategy": args.strategy,
+        "example_input": args.example_input,
+        "init": args.init,
+    }
+    if args.peft_checkout is not None:
+        outcome = workflow.update_checkout(
+            args.layer, args.name, args.peft_checkout, change, args.conflicts, args.dry_run
+        )
+    else:
+        outcome = workflow.update_plugin(Path(args.layer), {**change, "name": args.name}, args.conflicts, args.dry_run)
+    _apply_unless_dry(outcome, args.dry_run)
+    style = views.Style.for_stream(sys.stdout)
+    text = f"{views.plan_text(outcome.report)}\n{views.changes_text(outcome, args.dry_run, style)}"
+    _show(args, lambda: text, lambda: views.outcome_json("update", outcome, args.dry_run))
+    return 0
+
+
 def run_check(args: argparse.Namespace) -> int:
     root = Path(args.directory)
     _progress(args, f"re-rendering the examples of {root / 'manifest.json'} ...")
@@ -285,4 +352,11 @@ def _progress(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-COMMANDS = {"scan": run_scan, "new": run_new, "remove": run_remove, "inspect": run_inspect, "check": run_check}
+COMMANDS = {
+    "scan": run_scan,
+    "new": run_new,
+    "update": run_update,
+    "remove": run_remove,
+    "inspect": run_inspect,
+    "check": run_check,
+}

@@ -43,3 +43,9 @@ class RenderError(ScaffoldError):
 
 class PatchError(ScaffoldError):
     """The checkout does not look as expected, or the user edited what lora-scaffold added."""
+
+
+class MergeConflictError(ScaffoldError):
+    """`update` found a hunk both the user and the new render changed; nothing was written."""
+
+    exit_code = FAILURE

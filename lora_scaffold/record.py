@@ -1,6 +1,7 @@
 """The generation record: one JSON file per generated layer, `.lora-scaffold/<module>.json` beside plugin output
 (commit it with the layer) or at the root of a patched peft checkout (where a `.gitignore` keeps it out of the
-pull request). `remove`, `check`, the tests and a later `update` read it; nothing is read back from comments.
+pull request). `remove`, `check`, the tests and `update` read it; nothing is read back from comments. It keeps the
+text of every file it lists, the base `update` merges your edits from.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class GenerationRecord:
     module_name: str
     files: dict[str, str]  # path (from the output root) -> sha256 of the text lora-scaffold wrote
     edits: dict | None = None  # patch mode: what was added to PEFT's own files
+    pristine: dict[str, str] = field(default_factory=dict)  # path -> the text written: `update`'s merge base
     tool_version: str = __version__
     format: int = field(default=RECORD_FORMAT)
 
@@ -68,6 +70,7 @@ class GenerationRecord:
             "module_name": self.module_name,
             "files": self.files,
             "edits": self.edits,
+            "pristine": self.pristine,
         }
         return json.dumps(data, indent=2) + "\n"
 

@@ -3,7 +3,7 @@ a manifest, so that a layer can be generated again exactly."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from lora_scaffold.analyse import Options
 from lora_scaffold.errors import ScaffoldError
@@ -27,6 +27,13 @@ class Request:
         data = asdict(self)
         data["args"] = list(self.args)
         return data
+
+    def updated(self, args: tuple[str, ...] = (), **options: str | None) -> Request:
+        """This request with `args` replacing recorded arguments of the same NAME, and the options given (not None)."""
+        given = {arg.partition("=")[0].strip(): arg for arg in args}
+        kept = tuple(arg for arg in self.args if arg.partition("=")[0].strip() not in given)
+        changed = {key: value for key, value in options.items() if value is not None}
+        return replace(self, args=kept + tuple(given.values()), **changed)
 
     @classmethod
     def from_dict(cls, data: object, where: str) -> Request:

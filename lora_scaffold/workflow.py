@@ -10,9 +10,10 @@ from pathlib import Path
 from lora_scaffold import journal
 from lora_scaffold.analyse import LayerPlan, analyse, low_rank_note
 from lora_scaffold.constructor import parse_arg_overrides
-from lora_scaffold.errors import PatchError, ScaffoldError, WriteError
+from lora_scaffold.errors import MergeConflictError, PatchError, ScaffoldError, WriteError
 from lora_scaffold.files import FileChange, apply_changes, plan_changes, plan_deletions, refuse_conflicts
 from lora_scaffold.introspect import TargetSpec, introspect
+from lora_scaffold.merge import merge_file
 from lora_scaffold.names import layer_names
 from lora_scaffold.patch.checkout import LORA_PACKAGE, PeftCheckout, read_checkout, read_text
 from lora_scaffold.patch.exports import INIT_FILE, exported_names
@@ -89,8 +90,11 @@ def new_plugin(
     return Outcome(output, changes, Report(spec, plan, peft, notes))
 
 
-def patch_checkout(request: Request, checkout_path: str, force: bool = False, dry_run: bool = False) -> Outcome:
-    """`new --peft-checkout PATH`: the layer becomes part of PEFT (module, dispatch, export, tests)."""
+def patch_checkout(
+    request: Request, checkout_path: str, force: bool = False, dry_run: bool = False, conflicts: str | None = None
+) -> Outcome:
+    """`new --peft-checkout PATH`: the layer becomes part of PEFT (module, dispatch, export, tests). With
+    `conflicts` (`update`), the generated files merge the edits made since the last run instead of refusing them."""
     recovered = recover_interrupted(_checkout_root(checkout_path), dry_run)
     checkout = read_checkout(checkout_path)
     if request.init:
@@ -113,10 +117,13 @@ def patch_checkout(request: Request, checkout_path: str, force: bool = False, dr
     if previous is not None and previous.edits != edits.as_dict():
         sources = reverted_sources(sources, PatchEdits.from_dict(previous.edits), force)
     files = with_record(rendered, request, plan, checkout.peft, edits.as_dict())
+    notes = recovered
+    if conflicts is not None and previous is not None:
+        merged, merge_notes = _merged(checkout.root, rendered, previous, conflicts)
+        files, notes = merged + files[len(rendered) :], notes + merge_notes
     files += as_files(edited_sources(sources, edits)) + (GeneratedFile(IGNORE_FILE, IGNORE_TEXT),)
     updatable = _unedited(checkout.root, previous) | set(checkout.edited_sources()) | {IGNORE_FILE}
     changes = _checkout_changes(checkout, files, force, updatable)
-    notes = recovered
     if plan.battery_blocker and edits.battery is None:
         notes += (f"not wired into PEFT's test battery: {plan.battery_blocker}; {rendered[1].path} covers the layer",)
     nothing = "" if any(c.changes_disk for c in changes) else f"{checkout.root} already has {plan.layer_class}"
@@ -148,6 +155,83 @@ def remove_from_checkout(
     if checkout.records() == [Path(record.path).name]:
         owned.append(IGNORE_FILE)
     return Outcome(checkout.root, changes + plan_deletions([checkout.path(p) for p in owned]), Report(notes=recovered))
+
+
+def update_plugin(layer_file: Path, change: dict, conflicts: str = "stop", dry_run: bool = False) -> Outcome:
+    """`update FILE`: the layer rendered again (with the changed options, by this lora-scaffold), your edits merged."""
+    root, module_name = layer_file.parent, layer_file.stem
+    recovered = recover_interrupted(root, dry_run)
+    record = _read_record(root / record_path(module_name))
+    if record is None or record.mode != PLUGIN:
+        raise ScaffoldError(
+            f"{layer_file}: no generation record of a plugin layer at {root / record_path(module_name)}; "
+            "update works on layers `new -o` wrote"
+        )
+    request = record.request.updated(**change)
+    peft = installed_peft(PLUGIN)
+    spec, plan = plan_layer(request)
+    _refuse_renaming(plan.module_name, module_name)
+    rendered = render(plan, peft)
+    merged, notes = _merged(root, rendered, record, conflicts)
+    files = merged + with_record(rendered, request, plan, peft)[len(rendered) :]
+    changes = plan_changes(files, root, force=True, updatable=frozenset())
+    return Outcome(root, changes, Report(spec, plan, peft, recovered + notes))
+
+
+def update_checkout(
+    target: str, name: str | None, checkout_path: str, change: dict, conflicts: str = "stop", dry_run: bool = False
+) -> Outcome:
+    """`update TARGET --peft-checkout PATH`: as update_plugin, for a layer patched into a checkout (and its wiring)."""
+    checkout = read_checkout(checkout_path)
+    class_name = target.rpartition(":" if ":" in target else ".")[2]
+    _, module_name = layer_names(class_name, name)
+    record = checkout.record(module_name)
+    if record is None:
+        raise PatchError(
+            f"{checkout.root} has no generation record for {module_name}: update works in the checkout `new "
+            "--peft-checkout` patched (the records stay out of git there, and so out of fresh clones)"
+        )
+    request = record.request.updated(**change)
+    return patch_checkout(request, checkout_path, force=True, dry_run=dry_run, conflicts=conflicts)
+
+
+def _refuse_renaming(new_module: str, module_name: str) -> None:
+    if new_module != module_name:
+        raise ScaffoldError(
+            f"these options would rename {module_name} to {new_module}: update keeps the name; use `new` for a new layer"
+        )
+
+
+def _merged(
+    root: Path, rendered: tuple[GeneratedFile, ...], record: GenerationRecord, conflicts: str
+) -> tuple[tuple[GeneratedFile, ...], tuple[str, ...]]:
+    """The new render of each file with the edits made since `record` merged in; refuses on a conflicting hunk
+    unless `conflicts` is "markers"."""
+    merged, notes, clashes = [], [], []
+    for generated in rendered:
+        path = root / generated.path
+        ours = read_text(path) if path.is_file() else None
+        base = record.pristine.get(generated.path)
+        if ours is None or digest(ours) == record.files.get(generated.path):
+            base = ours = ours if ours is not None else generated.text  # not edited (or gone): the new render
+        elif base is None:
+            raise MergeConflictError(
+                f"{generated.path} was edited, and its record (from an older lora-scaffold) keeps no copy of what "
+                "was generated to merge from: move your edits aside and run update again"
+            )
+        result = merge_file(generated.path, base, ours, generated.text)
+        clashes += result.conflicts
+        if ours != base:
+            notes.append(f"merged your edits into {generated.path}")
+        merged.append(GeneratedFile(generated.path, result.text))
+    if clashes and conflicts != "markers":
+        raise MergeConflictError(
+            "; ".join(clash.describe() for clash in clashes)
+            + ". Nothing was written: resolve the overlap, or pass --conflicts=markers to write conflict markers"
+        )
+    if clashes:
+        notes.append(f"conflict markers written: {'; '.join(clash.describe() for clash in clashes)}")
+    return tuple(merged), tuple(notes)
 
 
 def check_examples(root: Path, dry_run: bool = True) -> tuple[list[str], list[Outcome]]:
@@ -210,6 +294,7 @@ def with_record(
         module_name=plan.module_name,
         files={generated.path: digest(generated.text) for generated in files},
         edits=edits,
+        pristine={generated.path: generated.text for generated in files},
     )
     return files + (GeneratedFile(record.path, record.to_json()),)
 

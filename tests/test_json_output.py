@@ -52,6 +52,11 @@ SCHEMAS = {
             "peft": {"type": "object", "required": ["mode", "version", "versions", "api"]},
         },
     },
+    "update": {
+        "type": "object",
+        "required": ["command", "dry_run", "root", "files", "notes", "layer", "peft"],
+        "properties": {"command": {"const": "update"}, "files": FILES, "notes": STRINGS},
+    },
     "remove": {
         "type": "object",
         "required": ["command", "files", "notes"],
@@ -119,6 +124,17 @@ def test_new_and_inspect(tmp_path, capsys):
     code, data = run_json(capsys, "scan", "torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Bilinear(2, 3, 4))")
     jsonschema.validate(data, SCHEMAS["scan"])
     assert code == 0 and [c["handled_by"] for c in data["classes"]] == ["lora.Linear", ""]
+
+
+def test_update_and_its_conflict(tmp_path, capsys):
+    assert run_json(capsys, "new", "torch.nn.Conv1d", "-o", str(tmp_path))[0] == 0
+    layer = tmp_path / "lora_conv1d.py"
+    layer.write_text(layer.read_text().replace("import math\n", "import math  # mine\n"))
+    code, data = run_json(capsys, "update", str(layer), "--arg", "out_channels=5")
+    jsonschema.validate(data, SCHEMAS["update"])
+    assert code == 0 and data["notes"] == ["merged your edits into lora_conv1d.py"]
+    code, data = run_json(capsys, "update", str(tmp_path / "lora_nothing.py"))
+    assert code == 2 and "no generation record" in data["error"]
 
 
 def test_check_fresh_and_stale(tmp_path, capsys):
