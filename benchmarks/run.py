@@ -335,63 +335,65 @@ def measure_case(case: Case, generated, rounds: int, block: float, results: Resu
     inputs = case.inputs()
     ours, _ = adapted(base, "generated", generated)
     peers = {kind: adapted(base, kind)[0] for kind in case.peers}
-    delta = case.delta
     if not peers:
         results.notes.append(f"{case.name}: no PEFT peer (ParamWrapper takes 2-D and 3-D parameters only)")
+    _compare_outputs(case, ours, peers, inputs, results)
+    _measure_training(case, base, ours, peers, training_inputs(inputs), (rounds, block), results)
+    _measure_eval(case, base, ours, peers, inputs, (rounds, block), results)
+
+
+def _compare_outputs(case: Case, ours: nn.Module, peers: dict, inputs, results: Results) -> None:
     for kind, peer in peers.items():
         if _same_adapter_shapes(ours, peer):
             copy_adapter_weights(ours, peer)
             difference = output_difference(ours.eval(), peer.eval(), inputs)
             results.notes.append(f"{case.name}: max |output difference| to {PEER_NAMES[kind]}: {difference:.2e}")
 
-    train_inputs = training_inputs(inputs)
-    contenders = {"ours": train_step(ours, train_inputs)} | {
-        kind: train_step(peer, train_inputs) for kind, peer in peers.items()
-    }
+
+def _measure_training(case: Case, base, ours, peers: dict, inputs, timing: tuple[int, float], results: Results):
+    contenders = {"ours": train_step(ours, inputs)} | {kind: train_step(peer, inputs) for kind, peer in peers.items()}
     if not peers:
-        contenders["plain"] = train_step(copy.deepcopy(base).requires_grad_(False), train_inputs)
-    times = interleaved(contenders, rounds, block)
+        contenders["plain"] = train_step(copy.deepcopy(base).requires_grad_(False), inputs)
+    times = interleaved(contenders, *timing)
     if not peers:
         results.figures.append(
             Figure(case.name, "train fwd+bwd / plain module (frozen)", ratios(times, "ours", "plain"))
         )
-    for kind in peers:
-        goal = _train_goal(case, kind, delta)
+    for kind, peer in peers.items():
+        goal = _train_goal(case, kind)
         results.figures.append(
             Figure(case.name, f"train fwd+bwd / {PEER_NAMES[kind]}", ratios(times, "ours", kind), goal)
         )
+        memory = peak_train_memory(ours, inputs) / peak_train_memory(peer, inputs)
+        goal = 1.0 if kind == "param_wrapper" else None
+        results.figures.append(Figure(case.name, f"peak train-step memory / {PEER_NAMES[kind]}", (memory,), goal))
 
-    for kind, peer in peers.items():
-        mine, theirs = peak_train_memory(ours, train_inputs), peak_train_memory(peer, train_inputs)
-        goal = 1.0 if delta and kind == "param_wrapper" else None
-        results.figures.append(
-            Figure(case.name, f"peak train-step memory / {PEER_NAMES[kind]}", (mine / theirs,), goal)
-        )
 
-    ours.eval()
-    for peer in peers.values():
-        peer.eval()
+def _measure_eval(case: Case, base, ours, peers: dict, inputs, timing: tuple[int, float], results: Results):
+    for layer in (ours, *peers.values()):
+        layer.eval()
     plain = copy.deepcopy(base).eval()
     contenders = {"ours": eval_call(ours, inputs), "plain": eval_call(plain, inputs)} | {
         kind: eval_call(peer, inputs) for kind, peer in peers.items()
     }
-    times = interleaved(contenders, rounds, block)
+    times = interleaved(contenders, *timing)
     for kind in peers:
-        goal = None if delta else (0.9 if case.small else 1.0)
+        goal = None if case.delta else (0.9 if case.small else 1.0)
         results.figures.append(Figure(case.name, f"eval / {PEER_NAMES[kind]}", ratios(times, "ours", kind), goal))
     results.figures.append(
-        Figure(case.name, "eval (no grad) / plain module", ratios(times, "ours", "plain"), 1.05 if delta else None)
+        Figure(
+            case.name, "eval (no grad) / plain module", ratios(times, "ours", "plain"), 1.05 if case.delta else None
+        )
     )
-
     ours.merge()
-    times = interleaved({"merged": eval_call(ours, inputs), "plain": eval_call(plain, inputs)}, rounds, block)
+    times = interleaved({"merged": eval_call(ours, inputs), "plain": eval_call(plain, inputs)}, *timing)
     results.figures.append(
         Figure(case.name, "merged / plain module", ratios(times, "merged", "plain"), 1.10 if case.small else None)
     )
 
 
-def _train_goal(case: Case, kind: str, delta: bool) -> float | None:
-    if not delta:
+def _train_goal(case: Case, kind: str) -> float | None:
+    if not case.delta:
         return 0.9 if case.small else 1.0
     if kind == "param_wrapper":
         return 1.0
@@ -426,49 +428,31 @@ def cpu_seconds(command: list[str], **kwargs) -> tuple[float, subprocess.Complet
 
 def measure_cli(folder: Path, sdist: Path, rounds: int, results: Results) -> None:
     environment = {**os.environ, "PYTHONPATH": str(HERE.parent)}
-    cli = [sys.executable, "-m", "lora_scaffold"]
-    torch_times, new_times, suite_seconds = [], [], []
+    torch_times, new_times = [], []
     for round_ in range(rounds):
         torch_times.append(cpu_seconds([sys.executable, "-c", "import torch"], env=environment)[0])
-        output = folder / f"cli{round_}"
-        new_times.append(cpu_seconds([*cli, "new", "mypkg.MyConv", "-o", str(output)], env=environment)[0])
+        command = [sys.executable, "-m", "lora_scaffold", "new", "mypkg.MyConv", "-o", str(folder / f"cli{round_}")]
+        new_times.append(cpu_seconds(command, env=environment)[0])
+    ratio = tuple(new / torch_ for new, torch_ in zip(new_times, torch_times))
     results.figures.append(
-        Figure(
-            "CLI",
-            "`new mypkg.MyConv -o DIR` CPU time / `python -c 'import torch'`",
-            tuple(new / torch_ for new, torch_ in zip(new_times, torch_times)),
-            1.3,
-        )
+        Figure("CLI", "`new mypkg.MyConv -o DIR` CPU time / `python -c 'import torch'`", ratio, 1.3)
     )
+
     start = time.perf_counter()
-    _, completed = cpu_seconds(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder / "cli0")], env=environment
-    )
-    suite_seconds.append(time.perf_counter() - start)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder / "cli0")]
+    completed = cpu_seconds(command, env=environment)[1]
+    suite = (time.perf_counter() - start,)
     passed = re.search(r"(\d+) passed", completed.stdout)
-    results.figures.append(
-        Figure(
-            "CLI",
-            f"generated suite for mypkg.MyConv ({passed.group(1) if passed else '?'} tests), wall time",
-            tuple(suite_seconds),
-            unit="s",
-        )
-    )
+    measure = f"generated suite for mypkg.MyConv ({passed.group(1) if passed else '?'} tests), wall time"
+    results.figures.append(Figure("CLI", measure, suite, unit="s"))
+
     work = []
     for round_ in range(rounds):
         checkout = unpack_peft(sdist, folder / f"peft{round_}")
-        work.append(
-            command_seconds_beyond_imports(["new", "mypkg.MyConv", "--peft-checkout", str(checkout)], environment)
-        )
-    results.figures.append(
-        Figure(
-            "CLI",
-            f"patch mode on a peft {PEFT_SDIST_VERSION} checkout: wall time beyond imports",
-            tuple(work),
-            1.0,
-            unit="s",
-        )
-    )
+        patch = ["new", "mypkg.MyConv", "--peft-checkout", str(checkout)]
+        work.append(command_seconds_beyond_imports(patch, environment))
+    measure = f"patch mode on a peft {PEFT_SDIST_VERSION} checkout: wall time beyond imports"
+    results.figures.append(Figure("CLI", measure, tuple(work), 1.0, unit="s"))
 
 
 MAIN_TIMER = """
