@@ -43,6 +43,7 @@ class LayerPlan:
     ctor_args: tuple[tuple[str, str], ...]
     init: str | None  # the --init expression that builds the target (then ctor_args is empty)
     init_imports: tuple[tuple[str, tuple[str, ...]], ...]
+    uninitialised: tuple[str, ...]  # parameters the tests fill after building the target (left torch.empty)
     weight_name: str
     weight_shape: tuple[int, ...]
     bias_name: str | None
@@ -118,6 +119,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         ctor_args=spec.ctor_args,
         init=spec.init,
         init_imports=spec.init_imports,
+        uninitialised=spec.uninitialised,
         weight_name=weight.name,
         weight_shape=weight.shape,
         bias_name=_bias_name(

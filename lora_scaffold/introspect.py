@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from lora_scaffold.element_budget import build_small_on_cpu
 from lora_scaffold.errors import USER_CODE_ERRORS, TargetError
 from lora_scaffold.names import expression_source
 from lora_scaffold.resolve import ResolvedTarget
+from lora_scaffold.uninitialised import build_noting_empty, initialise
 
 
 # Attributes PEFT and the generated layer read from a base layer, shown by `inspect` and used to infer inputs.
@@ -72,12 +73,15 @@ class TargetSpec:
     forward_arity: int
     init: str | None = None  # the --init expression the target is built from, instead of ctor_args
     init_imports: tuple[tuple[str, tuple[str, ...]], ...] = ()  # what evaluating it needs imported
+    uninitialised: tuple[str, ...] = ()  # parameters its constructor leaves as torch.empty
 
     def build(self) -> nn.Module:
         """The target, built as the generated tests build it."""
         if self.init:
-            return init_expression.build(self.target, self.init)
-        return instantiate(self.target, {name: ast.literal_eval(source) for name, source in self.ctor_args})
+            module = init_expression.build(self.target, self.init)
+        else:
+            module = instantiate(self.target, {name: ast.literal_eval(source) for name, source in self.ctor_args})
+        return initialise(module, self.uninitialised)
 
     def attribute_values(self) -> dict[str, object]:
         return {name: ast.literal_eval(source) for name, source in self.attributes}
@@ -110,7 +114,7 @@ def _from_init(target: ResolvedTarget, params, init: str, overrides: dict[str, s
 
 
 def _spec(target: ResolvedTarget, params, module: nn.Module, **how) -> TargetSpec:
-    return TargetSpec(
+    spec = TargetSpec(
         target=target,
         ctor_params=params,
         parameters=tuple(_tensor_info(name, p) for name, p in module.named_parameters()),
@@ -119,6 +123,9 @@ def _spec(target: ResolvedTarget, params, module: nn.Module, **how) -> TargetSpe
         forward_arity=forward_arity(target.cls),
         **{"ctor_args": (), "guessed_args": (), "scaled_args": ()} | how,
     )
+    if _size(module) > ELEMENT_BUDGET:
+        return spec  # too big to build for real: nothing can be told of its values
+    return replace(spec, uninitialised=build_noting_empty(spec.build)[1])
 
 
 def _refuse_lazy(target: ResolvedTarget, module: nn.Module) -> None:

@@ -110,6 +110,7 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         "optional_target": "" if _importable_by_peft(plan, peft) else _importorskip(plan),
         "peft_builtin": plan.peft_builtin or "",
         "ctor_call": plan.init or f"{target_alias(plan.target_class)}({ctor_args})",
+        "uninitialised": list(plan.uninitialised),
         "inputs_expression": _as_tuple(plan.example_input),
         "test_rank": plan.test_rank,
         "eval_only": plan.eval_only,

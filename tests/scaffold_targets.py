@@ -286,3 +286,16 @@ class WeightNormLinear(nn.Linear):
     def __init__(self, in_features: int = 5, out_features: int = 7):
         super().__init__(in_features, out_features)
         torch.nn.utils.parametrizations.weight_norm(self)
+
+
+class EmptyInitExperts(nn.Module):
+    """Like transformers' MixtralExperts: expert weights left as torch.empty for the model's init to fill."""
+
+    def __init__(self, num_experts: int = 3, in_features: int = 6, out_features: int = 5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features))
+        self.scale = nn.Parameter(torch.empty(num_experts, 1, out_features))
+        nn.init.ones_(self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(x, self.weight) * self.scale

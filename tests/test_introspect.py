@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 
 from lora_scaffold.constructor import parse_arg_overrides
@@ -68,6 +69,14 @@ def test_small_targets_are_built_on_the_cpu_without_importing_torch_dynamo():
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO / "tests", capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_parameters_left_torch_empty_are_found_and_filled_when_built():
+    spec = spec_of("scaffold_targets.EmptyInitExperts")
+    assert spec.uninitialised == ("weight",)  # `scale` is empty too, but nn.init.ones_ fills it
+    assert spec_of("torch.nn.Linear", in_features=4, out_features=3).uninitialised == ()
+    first, second = spec.build().weight, spec.build().weight
+    assert torch.equal(first, second) and 0.01 < first.std() < 0.04
 
 
 def test_scaling_keeps_sizes_divisible_by_groups_and_leaves_given_arguments_alone():

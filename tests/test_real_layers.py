@@ -10,6 +10,8 @@ from lora_scaffold.cli import main
 LLAMA_MLP = "LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2))"
 GPT2_MLP = "GPT2MLP(32, GPT2Config(n_embd=16, n_head=2))"
 CELL_INPUT = "(torch.randn(2, 6), (torch.randn(2, 8), torch.randn(2, 8)))"
+MIXTRAL_EXPERTS = "MixtralExperts(MixtralConfig(hidden_size=8, intermediate_size=16, num_local_experts=3))"
+ROUTED_TOKENS = "(torch.randn(4, 8), torch.randint(0, 3, (4, 2)), torch.rand(4, 2))"
 TARGETS = [
     # (folder, arguments of `new`, strategy, tests skipped on purpose)
     ("mha_in_proj", ["torch.nn.MultiheadAttention", "--weight", "in_proj_weight", "--name", "mha_in"], "delta", 0),
@@ -47,6 +49,14 @@ TARGETS = [
         "delta",
         0,
     ),
+    (  # its experts' weights are torch.empty until the model's init: the tests fill them first
+        "mixtral_experts",
+        ["transformers.models.mixtral.modeling_mixtral.MixtralExperts", "--init", MIXTRAL_EXPERTS]
+        + ["--weight", "gate_up_proj", "--example-input", ROUTED_TOKENS],
+        "delta",
+        0,
+    ),
+    ("empty_init", ["scaffold_targets.EmptyInitExperts", "--example-input", "torch.randn(3, 2, 6)"], "delta", 0),
     ("no_bf16", ["scaffold_targets.NoBfloat16"], "reuse", 1),
     ("dropout_inside", ["scaffold_targets.DropoutLinear"], "reuse", 0),
     ("weight_norm", ["scaffold_targets.WeightNormLinear"], "delta", 0),
