@@ -4,7 +4,7 @@ writes; the CLI shows the report and applies the changes (`files.apply_changes`)
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lora_scaffold import journal
@@ -182,6 +182,7 @@ def update_checkout(
     target: str, name: str | None, checkout_path: str, change: dict, conflicts: str = "stop", dry_run: bool = False
 ) -> Outcome:
     """`update TARGET --peft-checkout PATH`: as update_plugin, for a layer patched into a checkout (and its wiring)."""
+    recovered = recover_interrupted(_checkout_root(checkout_path), dry_run)  # before the record is read
     checkout = read_checkout(checkout_path)
     class_name = target.rpartition(":" if ":" in target else ".")[2]
     _, module_name = layer_names(class_name, name)
@@ -192,7 +193,8 @@ def update_checkout(
             "--peft-checkout` patched (the records stay out of git there, and so out of fresh clones)"
         )
     request = record.request.updated(**change)
-    return patch_checkout(request, checkout_path, force=True, dry_run=dry_run, conflicts=conflicts)
+    outcome = patch_checkout(request, checkout_path, force=True, dry_run=dry_run, conflicts=conflicts)
+    return replace(outcome, report=replace(outcome.report, notes=recovered + outcome.report.notes))
 
 
 def _refuse_renaming(new_module: str, module_name: str) -> None:
