@@ -59,11 +59,7 @@ class Case:
     inputs: Callable[[], tuple[torch.Tensor, ...]]
     peers: tuple[str, ...]  # "builtin" (PEFT's own layer for this module) and/or "param_wrapper"
     small: bool = False  # the per-call overhead goals differ for small layers
-    delta: bool = False  # generated with the delta strategy
-
-    def __post_init__(self):
-        # The delta strategy's peer is ParamWrapper, which only takes 2-D and 3-D parameters.
-        object.__setattr__(self, "delta", self.delta or "param_wrapper" in self.peers)
+    delta: bool = False  # generated with the delta strategy (whose peer is ParamWrapper where it takes the weight)
 
 
 @dataclass(frozen=True)
@@ -153,6 +149,7 @@ def cases(tiny: bool) -> list[Case]:
             lambda: nn.Linear(big, big),
             lambda: (torch.randn(batch, big),),
             ("builtin", "param_wrapper"),
+            delta=True,
         ),
         Case(
             "delta: Linear 64x64, batch 8",
@@ -161,6 +158,7 @@ def cases(tiny: bool) -> list[Case]:
             lambda: (torch.randn(8, 64),),
             ("builtin", "param_wrapper"),
             small=True,
+            delta=True,
         ),
         Case(
             "delta: weight-standardised Conv2d 64->64 3x3 on 8x64x32x32",
@@ -176,6 +174,7 @@ def cases(tiny: bool) -> list[Case]:
             lambda: nn.Bilinear(size(256, 6), size(256, 6), size(256, 5)),
             lambda: (torch.randn(size(64, 3), size(256, 6)), torch.randn(size(64, 3), size(256, 6))),
             ("param_wrapper",),
+            delta=True,
         ),
         Case(
             "delta: stacked experts [8, 256, 256], 64 tokens each",
@@ -183,6 +182,7 @@ def cases(tiny: bool) -> list[Case]:
             lambda: StackedExperts(experts, expert_dim, expert_dim),
             lambda: (torch.randn(experts, tokens, expert_dim),),
             ("param_wrapper",),
+            delta=True,
         ),
     ]
 

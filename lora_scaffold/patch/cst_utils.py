@@ -56,12 +56,14 @@ class Excerpt:
 def excerpt(source: str, filename: str, wanted: Callable[[ast.stmt], bool]) -> Excerpt:
     """The statements `wanted` is true for, parsed (the whole source where the shortcut cannot be exact)."""
     statements = top_level_statements(source, filename)
+    if "\r" in source or HIDDEN.format("") in source:
+        return Excerpt(parse(source, filename), ())  # CRLF, or our own placeholder
     lines = source.splitlines(keepends=True)
     pieces, hidden, next_line = [], [], 0
     for statement in statements:
         first = min([statement.lineno, *(d.lineno for d in getattr(statement, "decorator_list", ()))]) - 1
-        if first < next_line or "\r" in source or HIDDEN.format("") in source:
-            return Excerpt(parse(source, filename), ())  # `a; b` on one line, CRLF, or our own placeholder
+        if first < next_line:
+            return Excerpt(parse(source, filename), ())  # `a; b` on one line
         pieces.append("".join(lines[next_line:first]))  # blank lines and comments before it, parsed as they are
         text = "".join(lines[first : statement.end_lineno])
         if wanted(statement):
