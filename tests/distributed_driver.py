@@ -8,6 +8,7 @@ the ranks, and has rank 0 save what the test compares with a single-process step
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import sys
@@ -207,6 +208,10 @@ def worker(rank: int, case_name: str, layer_file: str, port: int, out: str) -> N
             for engine, result in results.items():
                 torch.save(result, Path(out) / f"{engine}.pt")
     finally:
+        # A refused forward leaves FSDP state in reference cycles; freed after the group is gone (at exit), their
+        # gloo work aborts the process about one run in ten. Free them while the group lives, and leave together.
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
