@@ -50,6 +50,27 @@ Plugin mode: LAYER is the lora_*.py `new -o` wrote. Patch mode (--peft-checkout)
 """
 
 
+VERIFY_DESCRIPTION = """\
+Check a LoRA layer class, hand-written, PEFT's own or generated, against PEFT's LoRA contract: dispatch through a
+custom module mapping, output unchanged at default init, merge equals the unmerged forward, unmerge restores the
+weights, safe_merge catches NaN, disable_adapters, only LoRA parameters train and all get gradients, save/load,
+several adapters (switch, delete, two active), rsLoRA scaling, bf16 forward and fp16 merge on CPU, r <= 0 refused,
+and, where the layer accepts them, lora_dropout (training only), lora_bias, DoRA and mixed-batch adapter_names.
+
+The checks are the test suite `new` generates, run with pytest in a temporary folder against LAYER on TARGET.
+Options the layer rejects with a ValueError are checked to stay rejected (not silently ignored); their own checks
+are listed as skipped, with the layer's reason. Prints one line per check; exits 0 only when none fails.
+Nothing is written outside the temporary folder.
+"""
+
+VERIFY_EPILOG = """\
+examples:
+  lora-scaffold verify my_layers.py:LoraMyConv --target mypkg.MyConv --arg in_channels=4 --arg out_channels=8
+  lora-scaffold verify peft.tuners.lora.layer:Linear --target torch.nn.Linear --arg in_features=8 --arg out_features=6
+  lora-scaffold verify out/lora_my_conv.py:LoraMyConv      (a generated layer: the target comes from its record)
+"""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line like every other error of lora-scaffold."""
 
@@ -131,6 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--dry-run", action="store_true", help="show what would change (a diff), write nothing")
     update.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     update.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
+
+    verify = commands.add_parser(
+        "verify",
+        help="check any LoRA layer class (hand-written too) against PEFT's LoRA contract",
+        description=VERIFY_DESCRIPTION,
+        epilog=VERIFY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verify.add_argument(
+        "layer", metavar="LAYER", help="path/to/file.py:Class, package.module:Class or package.module.Class"
+    )
+    verify.add_argument(
+        "--target", metavar="TARGET", help="the module class LAYER adapts (default: from LAYER's generation record)"
+    )
+    verify.add_argument(
+        "--arg", metavar="NAME=VALUE", action="append", default=[], help="constructor argument of TARGET; repeatable"
+    )
+    verify.add_argument("--init", metavar="EXPR", help="build TARGET from this expression instead (as for new)")
+    verify.add_argument("--weight", metavar="NAME", help="the parameter LAYER adapts, when TARGET has several")
+    verify.add_argument("--example-input", metavar="EXPR", help="input the checks run, a Python expression")
+    verify.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    verify.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
 
     check = commands.add_parser(
         "check",
@@ -309,6 +352,19 @@ def run_update(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_verify(args: argparse.Namespace) -> int:
+    request = None
+    if args.target:
+        request = Request(args.target, tuple(args.arg), args.weight, example_input=args.example_input, init=args.init)
+    elif args.arg or args.init or args.weight or args.example_input:
+        raise ScaffoldError("--arg, --init, --weight and --example-input describe --target: give --target too")
+    _progress(args, f"running PEFT's LoRA contract checks on {args.layer} ...")
+    (verification,) = workflow.verify_layers([(args.layer, request)])
+    style = views.Style.for_stream(sys.stdout)
+    _show(args, lambda: views.verification_text(verification, style), lambda: views.verification_json(verification))
+    return 0 if verification.passed else 1
+
+
 def run_check(args: argparse.Namespace) -> int:
     root = Path(args.directory)
     _progress(args, f"re-rendering the examples of {root / 'manifest.json'} ...")
@@ -356,6 +412,7 @@ COMMANDS = {
     "scan": run_scan,
     "new": run_new,
     "update": run_update,
+    "verify": run_verify,
     "remove": run_remove,
     "inspect": run_inspect,
     "check": run_check,

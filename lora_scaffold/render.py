@@ -114,6 +114,7 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         "inputs_expression": _as_tuple(plan.example_input),
         "test_rank": plan.test_rank,
         "eval_only": plan.eval_only,
+        "verify": False,
         **strategy.template_answers(plan.weight_shape),
     }
 
@@ -150,7 +151,10 @@ def layer_imports(plan: LayerPlan, peft: PeftTarget, dora_variant: str) -> list[
     return imports
 
 
-def test_imports(plan: LayerPlan, peft: PeftTarget) -> list[tuple[str, tuple[str, ...]]]:
+def test_imports(
+    plan: LayerPlan, peft: PeftTarget, layer_import: tuple[str, tuple[str, ...]] | None = None
+) -> list[tuple[str, tuple[str, ...]]]:
+    """The test module's imports; `layer_import` (verify) brings in another layer class than the generated one."""
     imports = [
         ("copy", ()),
         ("math", ()),
@@ -159,7 +163,9 @@ def test_imports(plan: LayerPlan, peft: PeftTarget) -> list[tuple[str, tuple[str
         ("torch", ("nn",)),
         ("peft", ("LoraConfig", "PeftModel", "get_peft_model")),
     ]
-    if peft.mode == PLUGIN:
+    if layer_import is not None:
+        imports.append(layer_import)
+    elif peft.mode == PLUGIN:
         imports.append((plan.module_name, (plan.layer_class, "register")))
     else:
         imports.append((f"peft.tuners.lora.{plan.module_name}", (plan.layer_class,)))
@@ -176,6 +182,41 @@ def _target_import(plan: LayerPlan) -> tuple[str, tuple[str, ...]]:
 
 def render(plan: LayerPlan, peft: PeftTarget) -> tuple[GeneratedFile, ...]:
     return render_templates(template_context(plan, peft))
+
+
+def context_for_verify(
+    plan: LayerPlan,
+    peft: PeftTarget,
+    *,
+    layer_class: str,
+    test_imports: str,
+    refusals: list[tuple[str, str]],
+    uses_dropout: bool,
+    lora_bias: bool,
+    dora: bool,
+    mixed_batch: bool,
+) -> dict:
+    """The test template's answers for a layer `verify` checks: the target's as `new` sees it, the layer's claims
+    as `verify` found them, and no checks of a generated layer's own internals (its repr, the delta cache)."""
+    return {
+        **template_context(plan, peft),
+        "verify": True,
+        "plugin": True,
+        "layer_class": layer_class,
+        "test_imports": test_imports,
+        "strategy": "",
+        "uses_dropout": uses_dropout,
+        "lora_bias_option": lora_bias,
+        "dora_variant": "dora" if dora else "",
+        "mixed_batch": mixed_batch,
+        "refusal_cases": refusal_entries([(options, "", case_id) for options, case_id in refusals]),
+    }
+
+
+def render_test_module(context: dict) -> str:
+    """The test template alone, for a layer lora-scaffold did not write."""
+    name = "{{test_module}}.py" + TEMPLATE_SUFFIX
+    return _parsed(GeneratedFile(name, _environment(template_dir()).get_template(name).render(context))).text
 
 
 def render_templates(context: dict, root: Path | None = None) -> tuple[GeneratedFile, ...]:
@@ -222,10 +263,19 @@ def _refusal_cases(plan: LayerPlan, dora_refused: str, peft: PeftTarget) -> list
     (reuse) support them all. Only options the targeted peft's LoraConfig has."""
     if plan.chosen.peft_own_layer:
         return []
-    cases = [('"use_dora": True', "no DoRA")] if dora_refused else []
-    cases.append(('"init_lora_weights": "pissa"', "init_lora_weights"))
-    cases += [(f'"{option}": True', option) for option in plan.chosen.refused_options if peft.has_option(option)]
-    return [f'({{{options}}}, "{message}")' for options, message in cases]
+    cases = [('{"use_dora": True}', "no DoRA", "use_dora")] if dora_refused else []
+    cases.append(('{"init_lora_weights": "pissa"}', "init_lora_weights", "pissa"))
+    cases += [
+        (f'{{"{option}": True}}', option, option) for option in plan.chosen.refused_options if peft.has_option(option)
+    ]
+    return refusal_entries(cases)
+
+
+def refusal_entries(cases: list[tuple[str, str, str]]) -> list[str]:
+    """`pytest.param` entries of test_unsupported_options_raise from (options source, error text, id)."""
+    return [
+        f"pytest.param({options}, {_literal(message)}, id={_literal(case_id)})" for options, message, case_id in cases
+    ]
 
 
 def _missing_dicts(peft: PeftTarget) -> list[str]:

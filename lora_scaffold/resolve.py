@@ -45,6 +45,19 @@ def resolve_target(spec: str) -> ResolvedTarget:
     return target
 
 
+def resolve_class(spec: str, what: str = "target") -> ResolvedTarget:
+    """Any class: `pkg.module.Class`, `pkg.module:Class` or `path/to/file.py:Class`."""
+    location, colon, class_name = spec.rpartition(":")
+    if colon and not location.endswith(".py"):
+        if not is_name(class_name):
+            raise TargetError(f"{what} {spec!r} should look like 'package.module:Class' or 'path/to/file.py:Class'")
+        spec = f"{location}.{class_name}"
+    resolved = _resolve_file_target(spec) if ":" in spec else _resolve_dotted_target(spec)
+    if not isinstance(resolved.cls, type):
+        raise TargetError(f"{spec} is not a class (got {resolved.cls!r})")
+    return resolved
+
+
 def _resolve_dotted_target(spec: str) -> ResolvedTarget:
     module_name, _, class_name = spec.rpartition(".")
     if not module_name or not all(is_name(part) for part in spec.split(".")):

@@ -10,6 +10,7 @@ from lora_scaffold.files import FileChange
 from lora_scaffold.introspect import TargetSpec
 from lora_scaffold.render import dora_refusal
 from lora_scaffold.scan import ScannedClass
+from lora_scaffold.verify import Verification
 from lora_scaffold.workflow import Outcome, Report
 
 
@@ -157,3 +158,30 @@ def _change_json(change: FileChange, with_diff: bool) -> dict:
     if with_diff and change.changes_disk:
         data["diff"] = change.diff()
     return data
+
+
+VERDICT_WORDS = {"pass": "PASS", "fail": "FAIL", "skip": "skip"}
+VERDICT_COLOURS = {"pass": "32", "fail": "31", "skip": "2"}
+
+
+def verification_text(verification: Verification, style: Style) -> str:
+    lines = [f"{verification.layer} on {verification.target}: PEFT's LoRA contract"]
+    for check in verification.checks:
+        word = f"{VERDICT_WORDS[check.outcome]:<5}"
+        if style.colour:
+            word = f"\033[{VERDICT_COLOURS[check.outcome]}m{word}\033[0m"
+        lines.append(f"{word} {check.name}" + (f": {check.detail}" if check.detail else ""))
+    counts = {outcome: sum(c.outcome == outcome for c in verification.checks) for outcome in VERDICT_WORDS}
+    lines.append(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped")
+    return "\n".join(lines)
+
+
+def verification_json(verification: Verification) -> dict:
+    return {
+        "command": "verify",
+        "layer": verification.layer,
+        "target": verification.target,
+        "passed": verification.passed,
+        "checks": [asdict(check) for check in verification.checks],
+        "error": None,
+    }

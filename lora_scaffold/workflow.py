@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lora_scaffold import journal
+from lora_scaffold import journal, verify
 from lora_scaffold.analyse import LayerPlan, analyse, low_rank_note
 from lora_scaffold.constructor import parse_arg_overrides
 from lora_scaffold.errors import MergeConflictError, PatchError, ScaffoldError, WriteError
@@ -67,6 +67,30 @@ def plan_layer(request: Request) -> tuple[TargetSpec, LayerPlan]:
     """Resolve, introspect and analyse: everything up to rendering."""
     spec = inspect_target(request)
     return spec, analyse(spec, request.options)
+
+
+def verify_layers(layers: list[tuple[str, Request | None]]) -> tuple[verify.Verification, ...]:
+    """`verify LAYER`: the contract checks every generated suite makes, run against each LAYER on its request's
+    target (without one, on the target of the generation record beside a generated LAYER), all in one pytest
+    process. Changes nothing on disk."""
+    peft = installed_peft(PLUGIN)
+    subjects = []
+    for layer_spec, request in layers:
+        layer = verify.load_layer(layer_spec)
+        request = request or _recorded_request(layer)
+        spec, plan = plan_layer(request)
+        claims = verify.discover_claims(spec, plan, layer.cls, peft)
+        suite = verify.render_suite(plan, layer, claims, peft)
+        subjects.append(verify.Subject(layer_spec, layer, spec, suite, verify.skipped_checks(claims)))
+    return verify.run_suites(subjects)
+
+
+def _recorded_request(layer) -> Request:
+    where = layer.from_file and layer.from_file.parent / record_path(layer.from_file.stem)
+    record = _read_record(where) if where else None
+    if record is None:
+        raise ScaffoldError(f"{layer.spec}: give --target (no generation record beside it says what it adapts)")
+    return record.request
 
 
 def new_plugin(

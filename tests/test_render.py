@@ -192,14 +192,14 @@ def test_dora_is_refused_with_the_reason_elsewhere():
     layer, tests = render(plan_for("torch.nn.Bilinear", {}, {}), LATEST)
     assert "variants import" not in layer.text and "def lora_variants" not in layer.text
     assert "no DoRA: DoRA rescales a weight acting as a linear map or a convolution" in layer.text
-    assert '({"use_dora": True}, "no DoRA")' in tests.text
+    assert 'pytest.param({"use_dora": True}, "no DoRA", id="use_dora")' in tests.text
 
 
 def test_peft_without_lora_variants_gets_dora_refused():
     layer, tests = render(plan_for("torch.nn.Linear", {}, {}), NO_VARIANTS)
     assert "variants import" not in layer.text
     assert "which arrived in peft 0.16" in layer.text
-    assert '({"use_dora": True}, "no DoRA")' in tests.text
+    assert 'pytest.param({"use_dora": True}, "no DoRA", id="use_dora")' in tests.text
 
 
 def test_lora_bias_cases_only_where_lora_config_has_the_option():

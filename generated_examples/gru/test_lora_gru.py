@@ -99,7 +99,7 @@ def base_state(model: PeftModel) -> dict[str, torch.Tensor]:
     return copy.deepcopy(lora_layer(model).get_base_layer().state_dict())
 
 
-def test_dispatch_picks_generated_layer():
+def test_dispatch_picks_the_lora_layer():
     layer = lora_layer(make_model())
     assert isinstance(layer, LoraGRU)
     assert isinstance(layer.get_base_layer(), GRU)
@@ -180,8 +180,9 @@ def test_save_and_load_roundtrip(tmp_path):
 
 def test_two_adapters_switch_and_one_deletes():
     model = make_model(init_lora_weights=False)
-    model.add_adapter("other", make_config(init_lora_weights=False))
     first = run(model)
+    model.add_adapter("other", make_config(init_lora_weights=False))
+    assert_close(run(model), first)  # adding an adapter leaves the active one as it was
     model.set_adapter("other")
     second = run(model)
     assert not torch.allclose(first, second)
@@ -284,9 +285,9 @@ def test_rank_must_be_positive():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"use_dora": True}, "no DoRA"),
-        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
-        ({"lora_bias": True}, "lora_bias"),
+        pytest.param({"use_dora": True}, "no DoRA", id="use_dora"),
+        pytest.param({"init_lora_weights": "pissa"}, "init_lora_weights", id="pissa"),
+        pytest.param({"lora_bias": True}, "lora_bias", id="lora_bias"),
     ],
 )
 def test_unsupported_options_raise(options, message):

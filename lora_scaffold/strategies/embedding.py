@@ -32,6 +32,10 @@ class Embedding(Strategy):
             return (self.verdict(NOT_ONE_TENSOR, "input is not indices into the weight's rows", probe=probe),)
         return (self.verdict(error, probe=probe),)
 
+    def dora_norm_dims(self, weight_shape: tuple[int, ...], fan_in_fan_out: bool) -> str:
+        """PEFT's DoRA for embeddings keeps one magnitude per embedding dimension: the norm runs over the rows."""
+        return "(0,)"
+
     def imports(self):
         return [("torch.nn.functional as F", ())]
 
