@@ -18,6 +18,10 @@ from lora_scaffold.sample_input import candidate_inputs, evaluate_input, find_sa
 from lora_scaffold.strategies import Evidence, Strategy, Verdict
 
 
+# Modules whose parents (TransformerEncoderLayer) have an eval fast path that reads their weights directly.
+FUSED_PATH_MODULES = (nn.MultiheadAttention,)
+
+
 @dataclass(frozen=True)
 class Options:
     weight: str | None = None
@@ -66,6 +70,7 @@ class LayerPlan:
     battery_blocker: str
     dora_blocker: str
     flat_rnn_weights: bool
+    read_by_fused_parents: bool  # models around it may read its weights in fused kernels of their own
     eval_only: str  # why the generated tests compare outputs in eval mode only ("" when they need not)
 
     @property
@@ -143,6 +148,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         peft_builtin_exact=strategies.peft_builtin(spec.target.cls, exact=True) is not None,
         battery_blocker=battery_blocker(module, len(inputs) != len(evaluate_input(example_input))),
         flat_rnn_weights=isinstance(module.get_submodule(weight.name.rpartition(".")[0]), nn.RNNBase),
+        read_by_fused_parents=isinstance(module, FUSED_PATH_MODULES),
         dora_blocker=strategy.dora_blocker(evidence, verdict),
         eval_only=probe.train_mode_note if probe else "",
     )

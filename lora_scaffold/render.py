@@ -89,6 +89,7 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         "mixed_batch": strategy.mixed_batch,
         "uses_dropout": strategy.uses_dropout,
         "flat_rnn_weights": plan.flat_rnn_weights,
+        "read_by_fused_parents": plan.read_by_fused_parents,
         "refused_options": strategy.refused_options,
         "refusal_cases": _refusal_cases(plan, refusal, peft),
         "lora_bias_option": peft.has_option("lora_bias"),
