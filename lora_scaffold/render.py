@@ -116,6 +116,7 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         "test_rank": plan.test_rank,
         "eval_only": plan.eval_only,
         "verify": False,
+        "weight_cache": False,
         **strategy.template_answers(plan.weight_shape),
     }
 
@@ -205,7 +206,7 @@ def context_for_verify(
         "plugin": True,
         "layer_class": layer_class,
         "test_imports": test_imports,
-        "strategy": "",
+        "weight_cache": False,
         "uses_dropout": uses_dropout,
         "lora_bias_option": lora_bias,
         "dora_variant": "dora" if dora else "",

@@ -53,10 +53,10 @@ TARGETS = [
         "mixtral_experts",
         ["transformers.models.mixtral.modeling_mixtral.MixtralExperts", "--init", MIXTRAL_EXPERTS]
         + ["--weight", "gate_up_proj", "--example-input", ROUTED_TOKENS],
-        "delta",
+        "experts",
         0,
     ),
-    ("empty_init", ["scaffold_targets.EmptyInitExperts", "--example-input", "torch.randn(3, 2, 6)"], "delta", 0),
+    ("empty_init", ["scaffold_targets.EmptyInitExperts", "--example-input", "torch.randn(3, 2, 6)"], "experts", 0),
     ("no_bf16", ["scaffold_targets.NoBfloat16"], "reuse", 1),
     ("dropout_inside", ["scaffold_targets.DropoutLinear"], "reuse", 0),
     ("weight_norm", ["scaffold_targets.WeightNormLinear"], "delta", 0),

@@ -11,13 +11,14 @@ from lora_scaffold.strategies.conv import CONV
 from lora_scaffold.strategies.conv_transpose import CONV_TRANSPOSE
 from lora_scaffold.strategies.delta import DELTA
 from lora_scaffold.strategies.embedding import EMBEDDING
+from lora_scaffold.strategies.experts import EXPERTS
 from lora_scaffold.strategies.linear import LINEAR
 from lora_scaffold.strategies.reuse import REUSE, peft_builtin
 from lora_scaffold.strategies.stub import STUB
 
 
 # `auto` takes the first that fits the target and that the probe confirms; delta, last, is exact for any forward.
-REGISTRY: tuple[Strategy, ...] = (REUSE, LINEAR, EMBEDDING, CONV, CONV_TRANSPOSE, DELTA, STUB)
+REGISTRY: tuple[Strategy, ...] = (REUSE, LINEAR, EMBEDDING, CONV, CONV_TRANSPOSE, EXPERTS, DELTA, STUB)
 AUTO = "auto"
 CHOICES = (AUTO, *dict.fromkeys(strategy.family for strategy in REGISTRY))
 
