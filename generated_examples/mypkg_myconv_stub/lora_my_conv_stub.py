@@ -243,6 +243,17 @@ class LoraMyConvStub(nn.Module, LoraLayer):
             raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
         return bias.data + sign * (self.lora_B[adapter].bias * self.scaling[adapter]).to(bias.dtype)
 
+    def __getattr__(self, name: str) -> Any:
+        # What the model around reads off the module this layer replaced (TransformerEncoderLayer reads
+        # MultiheadAttention's batch_first and num_heads) comes from that module, as with PEFT's own layers.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if "base_layer" not in modules:  # still being built: nothing to forward to yet
+                raise
+            return getattr(modules["base_layer"], name)
+
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
 
