@@ -177,7 +177,7 @@ def cases(tiny: bool) -> list[Case]:
             delta=True,
         ),
         Case(
-            "delta: stacked experts [8, 256, 256], 64 tokens each",
+            "experts: stacked experts [8, 256, 256], 64 tokens each",
             Request("benchmarks.targets.StackedExperts", example_input="torch.randn(4, 3, 6)"),
             lambda: StackedExperts(experts, expert_dim, expert_dim),
             lambda: (torch.randn(experts, tokens, expert_dim),),

@@ -70,6 +70,7 @@ class LayerPlan:
     battery_blocker: str
     dora_blocker: str
     flat_rnn_weights: bool
+    weight_computed: bool  # a parametrization computes the weight (merging goes through its right_inverse)
     read_by_fused_parents: bool  # models around it may read its weights in fused kernels of their own
     eval_only: str  # why the generated tests compare outputs in eval mode only ("" when they need not)
 
@@ -98,6 +99,8 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
     layer_class, module_name = layer_names(spec.target.class_name, options.name)
     weight = choose_weight(spec, options.weight)
     module = spec.build()
+    if weight.computed:
+        require_invertible(spec, weight.name)
     attributes = spec.attribute_values()
     if options.example_input:
         example_input = expression_source(options.example_input, "--example-input")
@@ -149,6 +152,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         battery_blocker=battery_blocker(module, len(inputs) != len(evaluate_input(example_input))),
         flat_rnn_weights=isinstance(module.get_submodule(weight.name.rpartition(".")[0]), nn.RNNBase),
         read_by_fused_parents=isinstance(module, FUSED_PATH_MODULES),
+        weight_computed=weight.computed,
         dora_blocker=strategy.dora_blocker(evidence, verdict),
         eval_only=probe.train_mode_note if probe else "",
     )
@@ -161,6 +165,14 @@ def choose_strategy(evidence: Evidence, choice: str) -> Choice:
         candidates = [s for s in strategies.REGISTRY if s.tried_by_auto and s.fits(evidence)]
     else:
         candidates = list(strategies.asked_for(choice))
+    if evidence.weight.computed:
+        unfit = [s.name for s in candidates if not s.adapts_computed_weights]
+        candidates = [s for s in candidates if s.adapts_computed_weights]
+        if not candidates:
+            raise AnalysisError(
+                f"--strategy {choice} cannot merge into {evidence.weight.name}, which a parametrization computes "
+                f"({', '.join(unfit)} write the weight itself); use --strategy delta"
+            )
     tried: list[Verdict] = []
     for strategy in candidates:
         verdicts = strategy.judge(evidence)
@@ -177,6 +189,8 @@ def _reason(evidence: Evidence, verdict: Verdict, tried: list[Verdict], auto: bo
     reason = verdict.strategy.reason(evidence, verdict)
     if not auto:
         return f"forced: {reason}"
+    if verdict.strategy.fallback and evidence.weight.computed:
+        return f"auto: {evidence.weight.name} is computed by a parametrization, which only delta merges into; {reason}"
     if verdict.strategy.fallback:
         found = "; ".join(f"{v.label}: {v.describe()}" for v in tried if not v.strategy.refines)
         return f"auto: no factored path is exact ({found or 'none fits the weight'}); {reason}"
@@ -243,7 +257,8 @@ def choose_weight(spec: TargetSpec, requested: str | None) -> TensorInfo:
             )
         return found
     # A per-channel scale such as `gain [C, 1, 1]` is not a weight LoRA would adapt: two real dimensions needed.
-    candidates = [p for p in spec.parameters if sum(size > 1 for size in p.shape) >= 2]
+    # The pieces a parametrization computes a weight from (weight_norm's original0/1) stand behind that weight.
+    candidates = [p for p in spec.parameters if sum(size > 1 for size in p.shape) >= 2 and ".original" not in p.name]
     named_weight = [p for p in candidates if p.name == "weight"]
     if len(candidates) == 1 or len(named_weight) == 1:
         return (named_weight or candidates)[0]
@@ -254,6 +269,33 @@ def choose_weight(spec: TargetSpec, requested: str | None) -> TensorInfo:
         )
     names = ", ".join(f"{p.name} {list(p.shape)}" for p in candidates)
     raise AnalysisError(f"{spec.target.class_name} has several weights ({names}); pick one with --weight NAME")
+
+
+def require_invertible(spec: TargetSpec, name: str) -> None:
+    """Merging assigns W + dW to a computed weight: its parametrization must give that back (right_inverse)."""
+    module = spec.build()
+    owner_name, _, attribute = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    weight = getattr(owner, attribute).detach()
+    wanted = weight + 0.1 * weight.std() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            setattr(owner, attribute, wanted)
+        error = float((getattr(owner, attribute).detach() - wanted).abs().max() / wanted.abs().max())
+    except USER_CODE_ERRORS as exc:
+        error, note = math.inf, f" ({type(exc).__name__}: {exc})"
+    else:
+        note = f" (off by {error:.1e}, relative)"
+    if not error <= 1e-5:
+        pieces = [
+            p.name
+            for p in spec.parameters
+            if p.name.startswith(f"{owner_name}.parametrizations.{attribute}.".lstrip("."))
+        ]
+        raise AnalysisError(
+            f"{spec.target.class_name}.{name} is computed by a parametrization that cannot take a merged weight "
+            f"back{note}; adapt one of what it is computed from with --weight ({', '.join(pieces)})"
+        )
 
 
 def battery_blocker(module: nn.Module, nested_inputs: bool) -> str:

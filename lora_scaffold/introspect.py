@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lora_scaffold import init_expression
 from lora_scaffold.constructor import CtorParam, choose_ctor_args, ctor_params, is_literal
@@ -50,6 +51,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str
     requires_grad: bool
+    computed: bool = False  # computed by a parametrization (weight_norm, ...) from parametrizations.NAME.original*
 
 
 # Above this many parameter elements, size-like defaults are scaled down: the probe and the generated tests build
@@ -117,7 +119,7 @@ def _spec(target: ResolvedTarget, params, module: nn.Module, **how) -> TargetSpe
     spec = TargetSpec(
         target=target,
         ctor_params=params,
-        parameters=tuple(_tensor_info(name, p) for name, p in module.named_parameters()),
+        parameters=tuple(_tensor_info(name, p) for name, p in module.named_parameters()) + computed_weights(module),
         buffers=tuple(_tensor_info(name, b) for name, b in module.named_buffers()),
         attributes=_peft_attributes(module),
         forward_arity=forward_arity(target.cls),
@@ -199,6 +201,17 @@ def forward_arity(cls: type) -> int:
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
     ]
     return max(1, len(positional))
+
+
+def computed_weights(module: nn.Module) -> tuple[TensorInfo, ...]:
+    """The tensors parametrizations compute (`weight` under weight_norm): what a user means by that name."""
+    found = []
+    for prefix, owner in module.named_modules():
+        if parametrize.is_parametrized(owner):
+            for name in owner.parametrizations:
+                full = f"{prefix}.{name}" if prefix else name
+                found.append(replace(_tensor_info(full, getattr(owner, name)), requires_grad=True, computed=True))
+    return tuple(found)
 
 
 def _tensor_info(name: str, tensor: torch.Tensor) -> TensorInfo:

@@ -20,7 +20,7 @@ GENERATED_NAMES = frozenset(
         *("DoraLinearVariant", "DoraConv1dVariant", "DoraConv2dVariant", "DoraConv3dVariant"),
         *("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "MultiheadAttention"),
         *("WEIGHT_NAME", "BIAS_NAME", "SUPPORTED_INITS", "VARIANT_SUPPORT", "FLAT_WEIGHTS_WARNING", "_get_attribute"),
-        *("_computes_in_fp32", "_weight_shape", "gather_params_ctx", "_no_fused_path"),
+        *("_computes_in_fp32", "_weight_shape", "gather_params_ctx", "_no_fused_path", "parametrize"),
         *("RANK", "RTOL", "ATOL", "Wrapper", "make_target", "make_inputs", "make_base", "make_config", "make_model"),
         *("cast", "flatten", "run", "assert_close", "load_saved", "lora_layer", "base_weight", "base_state"),
         "LayerUnderTest",  # the layer `verify` checks

@@ -67,10 +67,16 @@ class Probe:
             return map_tensors(lambda x: x.to(dtype) if x.is_floating_point() else x, inputs)
 
         self.weight_name = weight_name
-        self.weight = self.module.get_parameter(weight_name).detach()
+        self.weight = _get_tensor(self.module, weight_name).detach()
         self.train_mode_note = _train_mode_note(self.module, cast(make_inputs(INPUT_SEEDS[0])))
         generator = torch.Generator().manual_seed(1)
-        own = {name: t.detach() for name, t in _state(self.module).items() if name != weight_name}
+        # A weight a parametrization computes is passed in its stead (which bypasses the parametrization).
+        pieces = f"{weight_name.rpartition('.')[0]}.parametrizations.{weight_name.rpartition('.')[2]}.".lstrip(".")
+        own = {
+            name: t.detach()
+            for name, t in _state(self.module).items()
+            if name != weight_name and not name.startswith(pieces)
+        }
         parameters = {name for name, _ in self.module.named_parameters()}
         self.trials = []
         for draw in range(PARAMETER_DRAWS):
@@ -138,6 +144,13 @@ class Probe:
 
     def exact(self, error: float) -> bool:
         return error <= RELATIVE_TOLERANCE[self.weight.dtype]
+
+
+def _get_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """A parameter, or a tensor a parametrization computes, by its dotted name."""
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def _relative_error(observed: list, predicted: torch.Tensor | None) -> float:

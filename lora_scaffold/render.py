@@ -90,6 +90,7 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         "uses_dropout": strategy.uses_dropout,
         "flat_rnn_weights": plan.flat_rnn_weights,
         "read_by_fused_parents": plan.read_by_fused_parents,
+        "computed_weight": plan.weight_computed,
         "refused_options": strategy.refused_options,
         "refusal_cases": _refusal_cases(plan, refusal, peft),
         "lora_bias_option": peft.has_option("lora_bias"),
@@ -116,8 +117,9 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         "test_rank": plan.test_rank,
         "eval_only": plan.eval_only,
         "verify": False,
-        "weight_cache": False,
         **strategy.template_answers(plan.weight_shape),
+        "weight_cache": strategy.template_answers(plan.weight_shape).get("weight_cache", False)
+        and not plan.weight_computed,
     }
 
 
@@ -146,6 +148,8 @@ def layer_imports(plan: LayerPlan, peft: PeftTarget, dora_variant: str) -> list[
     ]
     if peft.has(target.PEFT_WARNING):
         imports.append(("peft.utils.warning", ("PeftWarning",)))
+    if plan.weight_computed:
+        imports.append(("torch.nn.utils", ("parametrize",)))
     if peft.api == KWARGS_API:
         imports.append(("types", ("SimpleNamespace",)))
     if dora_variant:

@@ -42,7 +42,13 @@ def spec_text(spec: TargetSpec) -> str:
     for name, old, new in spec.scaled_args:
         lines.append(f"scaled      {name}: {old} -> {new} (the defaults build more than a million weights)")
     lines.append(f"forward     {spec.forward_arity} positional input(s)")
-    lines += ["parameters"] + ([f"  {p.name:<24} {list(p.shape)} {p.dtype}" for p in spec.parameters] or ["  none"])
+    lines += ["parameters"] + (
+        [
+            f"  {p.name:<24} {list(p.shape)} {p.dtype}" + ("  (computed by a parametrization)" if p.computed else "")
+            for p in spec.parameters
+        ]
+        or ["  none"]
+    )
     lines += ["buffers"] + ([f"  {b.name:<24} {list(b.shape)} {b.dtype}" for b in spec.buffers] or ["  none"])
     lines += ["attributes"] + ([f"  {n:<24} {v}" for n, v in spec.attributes] or ["  none"])
     return "\n".join(lines)

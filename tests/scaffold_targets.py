@@ -263,6 +263,15 @@ class SpectralLinear(nn.Linear):
         torch.nn.utils.spectral_norm(self)
 
 
+class OrthogonalLinear(nn.Linear):
+    """A Linear whose weight torch's orthogonal parametrization computes: its right_inverse takes back only
+    orthogonal matrices, so W + dW cannot be merged into it."""
+
+    def __init__(self, in_features: int = 6, out_features: int = 6):
+        super().__init__(in_features, out_features)
+        torch.nn.utils.parametrizations.orthogonal(self)
+
+
 class NoBfloat16(nn.Linear):
     """A layer whose kernels lack bfloat16, as some custom CUDA or CPU kernels do."""
 

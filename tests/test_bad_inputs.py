@@ -59,6 +59,8 @@ PLUGIN_CASES = [
     (["scaffold_targets.ScalarWeight"], "no weight with 2 or more dimensions"),
     (["scaffold_targets.IgnoresWeight"], "does not change with 'weight'"),
     (["torch.nn.LazyLinear"], "has lazy parameters (weight, bias)"),
+    (["scaffold_targets.OrthogonalLinear"], "cannot take a merged weight back (off by"),
+    (["scaffold_targets.WeightNormLinear", "--strategy", "linear"], "--strategy linear cannot merge into weight"),
     # the strategy
     (["torch.nn.Linear", "--strategy", "nope"], "invalid choice: 'nope'"),
     (["torch.nn.Linear", "--strategy", "conv"], "--strategy conv does not fit"),

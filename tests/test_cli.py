@@ -72,7 +72,13 @@ def test_inspect_prints_what_the_generator_sees(capsys):
 def test_inspect_json(capsys):
     assert main(["inspect", "torch.nn.Linear", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["parameters"][0] == {"name": "weight", "shape": [12, 8], "dtype": "float32", "requires_grad": True}
+    assert data["parameters"][0] == {
+        "name": "weight",
+        "shape": [12, 8],
+        "dtype": "float32",
+        "requires_grad": True,
+        "computed": False,
+    }
 
 
 def test_debug_shows_the_traceback():

@@ -107,3 +107,34 @@ def test_spectral_norm_is_compared_in_eval_mode(generated):
         "Outputs are compared in eval mode: its forward changes the module's state"
         in (generated / "spectral" / "test_lora_spectral_linear.py").read_text()
     )
+
+
+def test_weight_norm_adapts_the_weight_it_computes_and_merges_through_it(generated):
+    """`weight` under weight_norm is what the user means; merging sets g and v through the parametrization."""
+    import importlib
+    import sys
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from scaffold_targets import WeightNormLinear
+    from torch import nn
+
+    sys.path.insert(0, str(generated / "weight_norm"))
+    try:
+        module = importlib.import_module("lora_weight_norm_linear")
+    finally:
+        sys.path.pop(0)
+    assert module.WEIGHT_NAME == "weight"
+    holder = nn.ModuleDict({"projection": WeightNormLinear()})
+    holder.forward = lambda x: holder["projection"](x)
+    config = module.register(LoraConfig(target_modules=["projection"], r=4, init_lora_weights=False))
+    model = get_peft_model(holder, config)
+    layer = model.base_model.model["projection"]
+    base = layer.get_base_layer()
+    expected = base.weight.detach() + layer.get_delta_weight("default")
+    x = torch.randn(3, 5)
+    unmerged = model(x)
+    model.merge_adapter()
+    torch.testing.assert_close(base.weight, expected)  # g and v now compute W + dW
+    assert base.parametrizations.weight.original1.requires_grad is False
+    torch.testing.assert_close(model(x), unmerged)

@@ -218,7 +218,7 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
                 new_bias = self._shifted_bias(adapter, sign=1)
                 if safe_merge and not all(torch.isfinite(t).all() for t in (new_weight, new_bias) if t is not None):
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-                weight.data = new_weight
+                self._write_base_weight(weight, new_weight)
                 if new_bias is not None:
                     self._base_bias().data = new_bias
                 self.merged_adapters.append(adapter)
@@ -233,11 +233,13 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
                 adapter = self.merged_adapters.pop()
                 if adapter not in self.r:
                     continue
-                weight = self._base_weight()
-                weight.data = self._unmerged_weight(adapter)
+                self._write_base_weight(self._base_weight(), self._unmerged_weight(adapter))
                 new_bias = self._shifted_bias(adapter, sign=-1)
                 if new_bias is not None:
                     self._base_bias().data = new_bias
+
+    def _write_base_weight(self, weight: torch.Tensor, value: torch.Tensor) -> None:
+        weight.data = value
 
     def _merged_weight(self, adapter: str) -> torch.Tensor:
         weight = self._base_weight()

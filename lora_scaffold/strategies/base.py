@@ -94,6 +94,9 @@ class Strategy:
     peft_own_layer = False  # the layer is PEFT's own (reuse), which supports every option PEFT has
     fallback = False
     refines = False  # it only narrows another strategy down (reuse): the fallback's reason leaves its verdicts out
+    # Merges into a weight a parametrization computes (weight_norm's `weight`), through the parametrization's
+    # right_inverse; the others write the weight's `.data`, which such a weight does not keep.
+    adapts_computed_weights = False
 
     def fits(self, evidence: Evidence) -> bool:
         """Whether `auto` tries it on this target."""

@@ -13,6 +13,7 @@ class Delta(Strategy):
     mixed_batch = False  # its adapters change the weight itself, which is one for the whole batch
     refused_options = {"lora_bias": "this layer's adapters change the weight only"}
     fallback = True  # what auto takes when no factored path is exact
+    adapts_computed_weights = True
     no_dora = "DoRA rescales a weight acting as a linear map or a convolution, and the probe found neither"
 
     def judge(self, evidence: Evidence) -> tuple[Verdict, ...]:
