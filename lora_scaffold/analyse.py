@@ -16,6 +16,7 @@ from lora_scaffold.names import expression_source, layer_names
 from lora_scaffold.probe import NotDeterministic, Probe, build_probe
 from lora_scaffold.sample_input import candidate_inputs, evaluate_input, find_sample_input, flatten_output
 from lora_scaffold.strategies import Evidence, Strategy, Verdict
+from lora_scaffold.strategies.experts import flattened_expert_count
 
 
 # Modules whose parents (TransformerEncoderLayer) have an eval fast path that reads their weights directly.
@@ -70,6 +71,7 @@ class LayerPlan:
     battery_blocker: str
     dora_blocker: str
     flat_rnn_weights: bool
+    expert_count_attribute: str  # experts on a flattened [E * d1, d2] weight: where E is read (else "")
     weight_computed: bool  # a parametrization computes the weight (merging goes through its right_inverse)
     read_by_fused_parents: bool  # models around it may read its weights in fused kernels of their own
     eval_only: str  # why the generated tests compare outputs in eval mode only ("" when they need not)
@@ -153,6 +155,9 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         flat_rnn_weights=isinstance(module.get_submodule(weight.name.rpartition(".")[0]), nn.RNNBase),
         read_by_fused_parents=isinstance(module, FUSED_PATH_MODULES),
         weight_computed=weight.computed,
+        expert_count_attribute=flattened_expert_count(module, weight.name, weight.shape)
+        if strategy.name == "experts" and len(weight.shape) == 2
+        else "",
         dora_blocker=strategy.dora_blocker(evidence, verdict),
         eval_only=probe.train_mode_note if probe else "",
     )

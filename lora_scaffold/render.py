@@ -91,6 +91,7 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         "flat_rnn_weights": plan.flat_rnn_weights,
         "read_by_fused_parents": plan.read_by_fused_parents,
         "computed_weight": plan.weight_computed,
+        "expert_count_attribute": _literal(plan.expert_count_attribute) if plan.expert_count_attribute else "",
         "refused_options": strategy.refused_options,
         "refusal_cases": _refusal_cases(plan, refusal, peft),
         "lora_bias_option": peft.has_option("lora_bias"),

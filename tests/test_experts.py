@@ -66,7 +66,7 @@ def lora_pairs(theirs, ours):
 def test_auto_chooses_experts_because_of_num_experts(generated):
     plan, _ = generated
     assert plan.strategy == "experts"
-    assert "stacked over 3 experts (`num_experts` = 3)" in plan.reason
+    assert "stacking 3 experts (`num_experts` = 3)" in plan.reason
 
 
 def test_same_factor_layout_as_paramwrapper(generated):
@@ -113,3 +113,33 @@ def test_dropout_paramwrapper_refuses_works_in_training_only(generated):
     assert not torch.allclose(model(*inputs), model(*inputs))
     model.eval()
     torch.testing.assert_close(model(*inputs), model(*inputs))
+
+
+def test_flattened_expert_bank_gets_one_pair_per_expert_slice(tmp_path, monkeypatch):
+    """DBRX keeps w1 as [experts * ffn_hidden_size, hidden_size] and views it per expert, as the layer does."""
+    from test_real_layers import DBRX_EXPERTS, DBRX_TOKENS
+    from transformers import DbrxConfig
+    from transformers.models.dbrx.modeling_dbrx import DbrxExperts
+
+    request = Request(
+        "transformers.models.dbrx.modeling_dbrx.DbrxExperts",
+        init=DBRX_EXPERTS,
+        weight="mlp.w1",
+        example_input=DBRX_TOKENS,
+    )
+    outcome = new_plugin(request, tmp_path)
+    outcome.apply()
+    assert outcome.report.plan.expert_count_attribute == "num_experts"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("lora_dbrx_experts")
+    ffn = DbrxConfig(d_model=8, n_heads=2, ffn_config={"ffn_hidden_size": 12, "moe_num_experts": 3}).ffn_config
+    holder = nn.ModuleDict({"experts": DbrxExperts(ffn)})
+    config = module.register(LoraConfig(target_modules=["experts"], r=2, init_lora_weights=False))
+    layer = get_peft_model(holder, config).base_model.model["experts"]
+    delta = layer.get_delta_weight("default").view(3, 12, 8)
+    weight_A = layer.lora_A["default"].weight.view(3, 2, 8)
+    weight_B = layer.lora_B["default"].weight.view(12, 2, 3)
+    for expert in range(3):
+        expected = weight_B[:, :, expert] @ weight_A[expert] * layer.scaling["default"]
+        torch.testing.assert_close(delta[expert], expected)
+        assert torch.linalg.matrix_rank(delta[expert]) == 2

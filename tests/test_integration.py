@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from test_real_layers import GPT2_MLP, LLAMA_MLP, MIXTRAL_EXPERTS, ROUTED_TOKENS
+from test_real_layers import DBRX_EXPERTS, DBRX_FFN, DBRX_TOKENS, GPT2_MLP, LLAMA_MLP, MIXTRAL_EXPERTS, ROUTED_TOKENS
 from torch import nn
 
 from lora_scaffold.cli import main
@@ -49,6 +49,14 @@ CASES = {
         "transformers.MixtralForCausalLM(config('MixtralConfig', hidden_size=8, intermediate_size=16, "
         "num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, num_local_experts=3, "
         "num_experts_per_tok=2))",
+        "torch.randint(2, 32, (2, 5))",
+    ),
+    "dbrx_experts": Case(
+        ("transformers.models.dbrx.modeling_dbrx.DbrxExperts", "--init", DBRX_EXPERTS)
+        + ("--weight", "mlp.w1", "--example-input", DBRX_TOKENS),
+        "experts",
+        f"transformers.DbrxForCausalLM(config('DbrxConfig', d_model=16, n_heads=2, n_layers=2, max_seq_len=32, "
+        f"ffn_config={DBRX_FFN}, attn_config={{'kv_n_heads': 2, 'rope_theta': 10000.0, 'clip_qkv': 8.0}}))",
         "torch.randint(2, 32, (2, 5))",
     ),
     "mha_in_proj": Case(

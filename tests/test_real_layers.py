@@ -12,6 +12,10 @@ GPT2_MLP = "GPT2MLP(32, GPT2Config(n_embd=16, n_head=2))"
 CELL_INPUT = "(torch.randn(2, 6), (torch.randn(2, 8), torch.randn(2, 8)))"
 MIXTRAL_EXPERTS = "MixtralExperts(MixtralConfig(hidden_size=8, intermediate_size=16, num_local_experts=3))"
 ROUTED_TOKENS = "(torch.randn(4, 8), torch.randint(0, 3, (4, 2)), torch.rand(4, 2))"
+# DBRX keeps its experts flattened along the rows, w1 [experts * ffn_hidden_size, hidden_size].
+DBRX_FFN = "{'ffn_hidden_size': 12, 'moe_num_experts': 3, 'moe_top_k': 2}"
+DBRX_EXPERTS = f"DbrxExperts(DbrxConfig(d_model=8, n_heads=2, ffn_config={DBRX_FFN}).ffn_config)"
+DBRX_TOKENS = "(torch.randn(2, 3, 8), torch.randint(0, 3, (6, 2)), torch.rand(6, 2))"
 TARGETS = [
     # (folder, arguments of `new`, strategy, tests skipped on purpose)
     ("mha_in_proj", ["torch.nn.MultiheadAttention", "--weight", "in_proj_weight", "--name", "mha_in"], "delta", 0),
@@ -53,6 +57,13 @@ TARGETS = [
         "mixtral_experts",
         ["transformers.models.mixtral.modeling_mixtral.MixtralExperts", "--init", MIXTRAL_EXPERTS]
         + ["--weight", "gate_up_proj", "--example-input", ROUTED_TOKENS],
+        "experts",
+        0,
+    ),
+    (
+        "dbrx_experts",
+        ["transformers.models.dbrx.modeling_dbrx.DbrxExperts", "--init", DBRX_EXPERTS]
+        + ["--weight", "mlp.w1", "--example-input", DBRX_TOKENS],
         "experts",
         0,
     ),
