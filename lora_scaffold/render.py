@@ -59,6 +59,7 @@ def dora_refusal(plan: LayerPlan, peft: PeftTarget) -> str:
 
 def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
     strategy = plan.chosen
+    answers = strategy.template_answers(plan.weight_shape)
     refusal = dora_refusal(plan, peft)
     dora_variant = "" if refusal or strategy.peft_own_layer else strategy.dora_variant(plan.weight_shape)
     support = f"plain LoRA only (no DoRA: {refusal})" if refusal else "plain LoRA and DoRA"
@@ -118,9 +119,9 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         "test_rank": plan.test_rank,
         "eval_only": plan.eval_only,
         "verify": False,
-        **strategy.template_answers(plan.weight_shape),
-        "weight_cache": strategy.template_answers(plan.weight_shape).get("weight_cache", False)
-        and not plan.weight_computed,
+        **answers,
+        # A weight a parametrization computes anew at each read leaves nothing stable to cache W + dW against.
+        "weight_cache": answers.get("weight_cache", False) and not plan.weight_computed,
     }
 
 

@@ -116,7 +116,12 @@ def discover_claims(spec: TargetSpec, plan: LayerPlan, layer: type, peft: PeftTa
     if plan.bias_name and peft.has_option("lora_bias"):
         trials.append(LORA_BIAS)
     else:
-        not_applicable.append((LORA_BIAS.label, "the target has no bias (or this peft has no lora_bias)"))
+        not_applicable.append(
+            (
+                LORA_BIAS.label,
+                "no bias of the target that an adapter's bias would merge into (or no lora_bias in peft)",
+            )
+        )
     trials.append(DORA)
     supported, refused = set(), []
     with warnings.catch_warnings():  # the suite shows the layer's warnings where they matter
