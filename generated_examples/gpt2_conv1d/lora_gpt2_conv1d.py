@@ -265,8 +265,9 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
     def __getattr__(self, name: str) -> Any:
         # What the model around reads off the module this layer replaced (TransformerEncoderLayer reads
         # MultiheadAttention's batch_first and num_heads) comes from that module, as with PEFT's own layers.
+        # Every lookup of a submodule (self.lora_A, ...) passes here: nn.Module's is called directly, not via super().
         try:
-            return super().__getattr__(name)
+            return nn.Module.__getattr__(self, name)
         except AttributeError:
             modules = self.__dict__.get("_modules", {})
             if "base_layer" not in modules:  # still being built: nothing to forward to yet
