@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import warnings
-import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,6 +190,9 @@ def run_suites(subjects: list[Subject], timeout: float = TIMEOUT) -> tuple[Verif
 
 def read_report(xml: str) -> dict[str, tuple[Check, ...]]:
     """The checks of each test module (by name) of a pytest JUnit XML report."""
+    # Imported here: loading its expat extension costs every other command about 0.1 s at start.
+    from xml.etree import ElementTree
+
     checks: dict[str, list[Check]] = {}
     for case in ElementTree.fromstring(xml).iter("testcase"):
         name = check_name(case.get("name", ""))
