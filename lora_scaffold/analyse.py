@@ -263,7 +263,11 @@ def choose_weight(spec: TargetSpec, requested: str | None) -> TensorInfo:
         return found
     # A per-channel scale such as `gain [C, 1, 1]` is not a weight LoRA would adapt: two real dimensions needed.
     # The pieces a parametrization computes a weight from (weight_norm's original0/1) stand behind that weight.
-    candidates = [p for p in spec.parameters if sum(size > 1 for size in p.shape) >= 2 and ".original" not in p.name]
+    candidates = [
+        p
+        for p in spec.parameters
+        if sum(size > 1 for size in p.shape) >= 2 and "parametrizations" not in p.name.split(".")
+    ]
     named_weight = [p for p in candidates if p.name == "weight"]
     if len(candidates) == 1 or len(named_weight) == 1:
         return (named_weight or candidates)[0]

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from lora_scaffold import strategies
@@ -187,3 +189,15 @@ def test_a_forward_random_in_training_is_compared_in_eval_mode():
 def test_a_forward_random_in_eval_mode_is_refused():
     with pytest.raises(AnalysisError, match="NoisyLinear cannot be checked: its forward gives different outputs"):
         plan_for("scaffold_targets.NoisyLinear")
+
+
+def test_parametrization_pieces_stand_behind_the_weight_they_compute_and_only_they():
+    from lora_scaffold.analyse import choose_weight
+    from lora_scaffold.introspect import TensorInfo
+
+    spec = introspect(resolve_target("scaffold_targets.WeightNormLinear"), {})
+    assert choose_weight(spec, None) == TensorInfo("weight", (7, 5), "float32", True, computed=True)
+    named_original = dataclasses.replace(
+        spec, parameters=(TensorInfo("original_proj.weight", (4, 3), "float32", True),)
+    )
+    assert choose_weight(named_original, None).name == "original_proj.weight"
