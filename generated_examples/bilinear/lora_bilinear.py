@@ -295,7 +295,7 @@ class LoraBilinear(nn.Module, LoraLayer):
     def __getattr__(self, name: str) -> Any:
         # What the model around reads off the module this layer replaced (TransformerEncoderLayer reads
         # MultiheadAttention's batch_first and num_heads) comes from that module, as with PEFT's own layers.
-        # Every lookup of a submodule (self.lora_A, ...) passes here: nn.Module's is called directly, not via super().
+        # Every lookup of a submodule (self.lora_A, ...) passes here: nn.Module's own is called, not through super().
         try:
             return nn.Module.__getattr__(self, name)
         except AttributeError:
