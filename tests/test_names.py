@@ -67,7 +67,7 @@ def test_targets_named_like_generated_names_get_working_suites(tmp_path):
 
 
 def test_hostile_paths_and_parameter_names_never_become_code(tmp_path):
-    folder = tmp_path / 'we\'ird """dir\\x\nos.system("boom")'
+    folder = tmp_path / 'we\'ird """qzdir\\x\nos.system("boom")'
     folder.mkdir()
     (folder / "layers.py").write_text(
         "import torch\nfrom torch import nn\n\n\nclass Gate(nn.Module):\n"
@@ -80,7 +80,7 @@ def test_hostile_paths_and_parameter_names_never_become_code(tmp_path):
     for path in out.glob("*.py"):
         text = path.read_text()
         ast.parse(text)
-        assert "boom" not in text and "dir" not in text
+        assert "boom" not in text and "qzdir" not in text  # markers no generated word contains
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(out)],
         capture_output=True,
