@@ -67,7 +67,7 @@ class Probe:
             return map_tensors(lambda x: x.to(dtype) if x.is_floating_point() else x, inputs)
 
         self.weight_name = weight_name
-        self.weight = _get_tensor(self.module, weight_name).detach()
+        self.weight = dotted_attribute(self.module, weight_name).detach()
         self.train_mode_note = _train_mode_note(self.module, cast(make_inputs(INPUT_SEEDS[0])))
         generator = torch.Generator().manual_seed(1)
         # A weight a parametrization computes is passed in its stead (which bypasses the parametrization).
@@ -146,8 +146,8 @@ class Probe:
         return error <= RELATIVE_TOLERANCE[self.weight.dtype]
 
 
-def _get_tensor(module: nn.Module, name: str) -> torch.Tensor:
-    """A parameter, or a tensor a parametrization computes, by its dotted name."""
+def dotted_attribute(module: nn.Module, name: str):
+    """getattr along a dotted name: a parameter, a tensor a parametrization computes, an attribute of a submodule."""
     for part in name.split("."):
         module = getattr(module, part)
     return module

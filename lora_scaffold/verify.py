@@ -240,22 +240,25 @@ class _Holder(nn.Module):
         return self.target(*inputs, **kwargs)
 
 
-def _model(spec: TargetSpec, layer: type, **options) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+def _config(spec: TargetSpec, layer: type, **options):
+    """A LoraConfig that dispatches the target to `layer`, as the rendered suite's make_config does."""
+    from peft import LoraConfig
 
-    torch.manual_seed(0)
     config = LoraConfig(target_modules=["target"], r=4, init_lora_weights=False, **options)
     config._register_custom_module({spec.target.cls: layer})
-    return get_peft_model(_Holder(spec.build()), config)
+    return config
+
+
+def _model(spec: TargetSpec, layer: type, **options) -> nn.Module:
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(_Holder(spec.build()), _config(spec, layer, **options))
 
 
 def _mixed_batch_forward(spec: TargetSpec, plan: LayerPlan, layer: type) -> None:
-    from peft import LoraConfig
-
     model = _model(spec, layer).eval()
-    other = LoraConfig(target_modules=["target"], r=4, init_lora_weights=False)
-    other._register_custom_module({spec.target.cls: layer})
-    model.add_adapter("other", other)
+    model.add_adapter("other", _config(spec, layer))
     inputs = evaluate_input(plan.example_input)
     batch = len(inputs[0])
     with torch.no_grad():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lora_scaffold.probe import dotted_attribute
 from lora_scaffold.strategies.base import Evidence, Verdict
 from lora_scaffold.strategies.delta import Delta
 
@@ -52,7 +53,7 @@ class Experts(Delta):
         shape = evidence.weight.shape
         if len(shape) == 2:
             attribute = flattened_expert_count(evidence.module, evidence.weight.name, shape)
-            count = _get(evidence.module, attribute)
+            count = dotted_attribute(evidence.module, attribute)
             found = f"{count} experts' [{shape[0] // count}, {shape[1]}] slices along its rows (`{attribute}`)"
         else:
             found = f"{shape[0]} experts ({expert_evidence(evidence.module, shape[0]) or 'asked for'})"
@@ -87,12 +88,6 @@ def flattened_expert_count(module: nn.Module, weight_name: str, shape: tuple[int
             if isinstance(count, int) and count > 1 and shape[0] % count == 0 and shape[0] // count > 1:
                 return f"{prefix}.{name}" if prefix else name
     return ""
-
-
-def _get(module: nn.Module, dotted: str):
-    for part in dotted.split("."):
-        module = getattr(module, part)
-    return module
 
 
 EXPERTS = Experts()
