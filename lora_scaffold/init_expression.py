@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lora_scaffold.errors import USER_CODE_ERRORS, TargetError
-from lora_scaffold.names import GENERATED_NAMES
+from lora_scaffold.names import GENERATED_NAMES, canonical_tree, target_alias
 from lora_scaffold.resolve import ResolvedTarget
 
 
@@ -38,9 +38,10 @@ def imports_for(target: ResolvedTarget, expression: str) -> tuple[tuple[str, tup
     names = sorted({node.id for node in ast.walk(ast.parse(expression, mode="eval")) if isinstance(node, ast.Name)})
     from_module, modules = [], []
     for name in names:
-        if name in IN_SCOPE or hasattr(builtins, name):
+        # The target class generated code imports anyway, aliased where its name is one generated code uses.
+        if name in IN_SCOPE or hasattr(builtins, name) or name == target.class_name:
             continue
-        if name in GENERATED_NAMES and name != target.class_name:
+        if name in GENERATED_NAMES:
             raise TargetError(f"--init uses {name!r}, a name generated code uses too; alias it")
         if hasattr(module, name):
             from_module.append(name)
@@ -64,3 +65,15 @@ def build(target: ResolvedTarget, expression: str, device: str = "cpu") -> nn.Mo
     if not isinstance(module, target.cls):
         raise TargetError(f"--init {expression} gives a {type(module).__name__}, not a {target.class_name}")
     return module
+
+
+def aliased(expression: str, class_name: str) -> str:
+    """The expression naming the target class as generated code imports it (`Wrapper` is `WrapperTarget` there)."""
+    alias = target_alias(class_name)
+    if alias == class_name:
+        return expression
+    tree = canonical_tree(expression)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id == class_name:
+            node.id = alias
+    return ast.unparse(tree)

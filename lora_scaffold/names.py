@@ -76,6 +76,11 @@ def expression_source(text: str, option: str) -> str:
     return ast.unparse(_DoubleQuoted().visit(tree))
 
 
+def canonical_tree(source: str) -> ast.Expression:
+    """An expression's tree whose pieces `ast.unparse` writes back as `expression_source` writes the whole."""
+    return _DoubleQuoted().visit(ast.parse(source, mode="eval"))
+
+
 class _DoubleQuoted(ast.NodeTransformer):
     def visit_Constant(self, node: ast.Constant) -> ast.AST:
         # A name node is written back as it is: this one spells the string as JSON does, in double quotes.

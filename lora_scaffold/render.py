@@ -9,10 +9,11 @@ from pathlib import Path
 
 import jinja2
 
-from lora_scaffold import __version__, target
+from lora_scaffold import __version__, init_expression, target
 from lora_scaffold.analyse import LayerPlan
 from lora_scaffold.errors import RenderError
 from lora_scaffold.imports import format_imports
+from lora_scaffold.layout import layout
 from lora_scaffold.names import target_alias
 from lora_scaffold.record import record_path
 from lora_scaffold.target import CONFIG_API, KWARGS_API, PLUGIN, PeftTarget
@@ -63,7 +64,7 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
     refusal = dora_refusal(plan, peft)
     dora_variant = "" if refusal or strategy.peft_own_layer else strategy.dora_variant(plan.weight_shape)
     support = f"plain LoRA only (no DoRA: {refusal})" if refusal else "plain LoRA and DoRA"
-    ctor_args = ", ".join(f"{name}={source}" for name, source in plan.ctor_args)
+    make_target_head = "target = " if plan.uninitialised else "return "
     return {
         "version": __version__,
         "target_spec": f"{plan.target_module}.{plan.target_class}",
@@ -111,11 +112,12 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         "peft_warning": peft.has(target.PEFT_WARNING),
         "imports": format_imports(layer_imports(plan, peft, dora_variant)),
         "test_imports": format_imports(test_imports(plan, peft), first_party=("peft", plan.module_name)),
-        "optional_target": "" if _importable_by_peft(plan, peft) else _importorskip(plan),
+        "optional_target": "".join(f"{statement}\n" for statement in optional_imports(plan, peft)),
         "peft_builtin": plan.peft_builtin or "",
-        "ctor_call": plan.init or f"{target_alias(plan.target_class)}({ctor_args})",
+        # Laid out for the line the template puts them on: `    target = ` to fill parameters first, else `    return `.
+        "ctor_call": layout(target_expression(plan), 4, make_target_head),
         "uninitialised": list(plan.uninitialised),
-        "inputs_expression": _as_tuple(plan.example_input),
+        "inputs_expression": layout(_as_tuple(plan.example_input), 4, "return "),
         "test_rank": plan.test_rank,
         "eval_only": plan.eval_only,
         "verify": False,
@@ -177,9 +179,17 @@ def test_imports(
         imports.append((plan.module_name, (plan.layer_class, "register")))
     else:
         imports.append((f"peft.tuners.lora.{plan.module_name}", (plan.layer_class,)))
-    if _importable_by_peft(plan, peft):
-        imports.append(_target_import(plan))
-    return imports + list(plan.init_imports)
+    sure, _ = split_imports(plan, peft)
+    return imports + sure
+
+
+def target_expression(plan: LayerPlan) -> str:
+    """What builds the target in generated code: the --init expression or a call with the constructor arguments,
+    naming the target class as generated code imports it."""
+    if plan.init:
+        return init_expression.aliased(plan.init, plan.target_class)
+    arguments = ", ".join(f"{name}={source}" for name, source in plan.ctor_args)
+    return f"{target_alias(plan.target_class)}({arguments})"
 
 
 def _target_import(plan: LayerPlan) -> tuple[str, tuple[str, ...]]:
@@ -292,13 +302,29 @@ def _missing_dicts(peft: PeftTarget) -> list[str]:
     return [name for name, release in releases.items() if not peft.has(release)]
 
 
-def _importable_by_peft(plan: LayerPlan, peft: PeftTarget) -> bool:
-    """Plugin output imports its target; inside peft, only torch's classes are sure to be installed."""
-    return peft.mode == PLUGIN or plan.target_in_torch
+def optional_imports(plan: LayerPlan, peft: PeftTarget) -> list[str]:
+    """Statements binding, through `pytest.importorskip`, what the tests import from packages peft may lack."""
+    _, optional = split_imports(plan, peft)
+    statements = []
+    for module, names in optional:
+        if not names:
+            statements.append(f'{module} = pytest.importorskip("{module}")')
+        for name in names:
+            bound, _, imported = name.partition(" as ")
+            statements.append(f'{imported or bound} = pytest.importorskip("{module}").{bound}')
+    return list(dict.fromkeys(statements))
 
 
-def _importorskip(plan: LayerPlan) -> str:
-    return f'{target_alias(plan.target_class)} = pytest.importorskip("{plan.target_module}").{plan.target_class}\n\n\n'
+def split_imports(
+    plan: LayerPlan, peft: PeftTarget
+) -> tuple[list[tuple[str, tuple[str, ...]]], list[tuple[str, tuple[str, ...]]]]:
+    """The target's and --init's imports, as (sure to import, maybe missing): plugin output imports its target;
+    inside peft only torch is sure to be installed, and a test of a class from elsewhere skips without it."""
+    wanted = [_target_import(plan), *plan.init_imports]
+    if peft.mode == PLUGIN:
+        return wanted, []
+    in_torch = [entry for entry in wanted if entry[0].split(".")[0] == "torch"]
+    return in_torch, [entry for entry in wanted if entry not in in_torch]
 
 
 def _literal(text: str) -> str:

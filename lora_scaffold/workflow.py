@@ -121,8 +121,6 @@ def patch_checkout(
     `conflicts` (`update`), the generated files merge the edits made since the last run instead of refusing them."""
     recovered = recover_interrupted(_checkout_root(checkout_path), dry_run)
     checkout = read_checkout(checkout_path)
-    if request.init:
-        raise PatchError("patch mode builds targets from --arg literals, not yet from --init: use plugin mode (-o)")
     spec, plan = plan_layer(request)
     if plan.peft_builtin_exact and not force:
         raise PatchError(

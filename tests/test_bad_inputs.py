@@ -195,7 +195,7 @@ PATCH_CASES = [
     (["new", "torch.nn.ConvTranspose2d", "--name", "model"], "PEFT already exports a LoraModel"),
     (["new", "torch.nn.ConvTranspose2d", "--name", "config", "--force"], "LoraConfig, which generated code uses"),
     (["new", "scaffold_targets.TwoWeights"], "several weights"),
-    (["new", "torch.nn.ConvTranspose2d", "--init", "ConvTranspose2d(4, 6, 3)"], "not yet from --init"),
+    (["new", "torch.nn.ConvTranspose2d", "--init", "ConvTranspose2d(4, 6, 3)", "--arg", "stride=2"], "not with --arg"),
     (["new", "torch.nn.ConvTranspose2d", "--dry-run", "--arg", "x=1"], "takes no argument named x"),
     (["remove", "torch.nn.ConvTranspose2d", "--name", "config"], "LoraConfig, which generated code uses"),
 ]

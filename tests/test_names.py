@@ -57,9 +57,17 @@ def test_a_layer_class_named_like_a_generated_name_is_refused(name):
 def test_targets_named_like_generated_names_get_working_suites(tmp_path):
     for target in ("colliding_names.LoraConfig", "colliding_names.Linear", "colliding_names.Wrapper"):
         assert main(["new", target, "-o", str(tmp_path)]) == 0
+    # Built with --init, the expression names the class as the tests import it (their own Wrapper is another).
+    assert (
+        main(["new", "colliding_names.Wrapper", "--init", "Wrapper(4, 6, 3)", "--name", "built", "-o", str(tmp_path)])
+        == 0
+    )
     layer = (tmp_path / "lora_linear.py").read_text()
     assert "from colliding_names import Linear as LinearTarget" in layer
     assert "from peft.tuners.lora.layer import Linear\n" in layer
+    built_tests = (tmp_path / "test_lora_built.py").read_text()
+    assert "from colliding_names import Wrapper as WrapperTarget\n" in built_tests
+    assert "return WrapperTarget(4, 6, 3)\n" in built_tests
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, env=pytest_env(tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-4000:]

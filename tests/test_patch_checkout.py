@@ -4,6 +4,7 @@ The tree is the peft sdist of the installed peft's API generation (0.21.2, or 0.
 installed, as in CI's second environment), so that PEFT's own tests run with the packages they expect.
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -81,6 +82,61 @@ def test_patched_checkout_passes_generated_tests_peft_battery_and_dispatch(check
     assert main(["remove", "scaffold_targets.PlainLinear", "--peft-checkout", str(checkout)]) == 0
     assert main(["remove", "scaffold_targets.SquaredConv", "--peft-checkout", str(checkout)]) == 0
     assert main(["remove", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 0
+    assert same_tree(checkout, pristine)
+
+
+# Config-built targets from transformers (built with --init, as in the README), each through the whole of PEFT:
+# (layer class, its test module, arguments of `new`). MixtralExperts arrived in transformers 5.
+LLAMA_MLP = "LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2))"
+MIXTRAL_EXPERTS = "MixtralExperts(MixtralConfig(hidden_size=8, intermediate_size=16, num_local_experts=3))"
+ROUTED_TOKENS = "(torch.randn(4, 8), torch.randint(0, 3, (4, 2)), torch.rand(4, 2))"
+CONFIG_BUILT = [
+    (
+        "LoraLlamaMLP",
+        "test_lora_llama_mlp.py",
+        ["transformers.models.llama.modeling_llama.LlamaMLP", "--init", LLAMA_MLP, "--weight", "down_proj.weight"],
+    ),
+    (
+        "LoraGPT2MLP",
+        "test_lora_gpt2mlp.py",
+        ["transformers.models.gpt2.modeling_gpt2.GPT2MLP", "--init", "GPT2MLP(32, GPT2Config(n_embd=16))"]
+        + ["--weight", "c_proj.weight"],
+    ),
+    (
+        "LoraMixtralExperts",
+        "test_lora_mixtral_experts.py",
+        ["transformers.models.mixtral.modeling_mixtral.MixtralExperts", "--init", MIXTRAL_EXPERTS]
+        + ["--weight", "gate_up_proj", "--example-input", ROUTED_TOKENS],
+    ),
+]
+
+
+def installed(target: str) -> bool:
+    module, _, name = target.rpartition(".")
+    return hasattr(importlib.import_module(module), name)
+
+
+def test_targets_built_with_init_pass_generated_tests_and_peft_battery_formatted_as_peft_wants(checkout, pristine):
+    targets = [(layer, tests, arguments) for layer, tests, arguments in CONFIG_BUILT if installed(arguments[0])]
+    for _, _, arguments in targets:
+        assert main(["new", *arguments, "--peft-checkout", str(checkout)]) == 0
+    generated = run_pytest(checkout, *(f"tests/{tests}" for _, tests, _ in targets))
+    assert generated.returncode == 0 and " passed" in generated.stdout, generated.stdout[-3000:]
+    battery = run_pytest(checkout, "tests/test_custom_models.py", "-k", " or ".join(layer for layer, _, _ in targets))
+    summary = battery.stdout.strip().splitlines()[-1]
+    print("PEFT battery on config-built targets:", summary)
+    assert battery.returncode == 0, battery.stdout[-5000:]
+    # 4 TEST_CASES each (plain, with lin0, rsLoRA, dropout), dozens of PEFT's tests each: none skipped for a missing
+    # import (PEFT skips a few on its own, e.g. bias warnings).
+    assert int(summary.split(" passed")[0].split()[-1]) >= len(targets) * 4 * 30, summary
+
+    edited = [LORA / "layer.py", Path("tests/test_custom_models.py"), *(Path("tests", t) for _, t, _ in targets)]
+    ruff = [sys.executable, "-m", "ruff", "format", "--check", "--config", str(PEFT_RUFF), "--no-cache"]
+    formatted = subprocess.run([*ruff, *edited], cwd=checkout, capture_output=True, text=True)
+    assert formatted.returncode == 0, formatted.stdout
+
+    for _, _, arguments in targets:
+        assert main(["remove", arguments[0], "--peft-checkout", str(checkout)]) == 0
     assert same_tree(checkout, pristine)
 
 

@@ -5,8 +5,16 @@ from __future__ import annotations
 import math
 
 from lora_scaffold.analyse import LayerPlan
+from lora_scaffold.layout import layout
 from lora_scaffold.patch.battery import BatteryEntry
-from lora_scaffold.render import dora_refusal, render_snippet, template_context
+from lora_scaffold.render import (
+    dora_refusal,
+    optional_imports,
+    render_snippet,
+    split_imports,
+    target_expression,
+    template_context,
+)
 from lora_scaffold.target import PeftTarget
 
 
@@ -16,9 +24,10 @@ def battery_entry(plan: LayerPlan, peft: PeftTarget) -> BatteryEntry:
     context = template_context(plan, peft)
     context.update(
         battery_class=model_class,
-        battery_ctor=f"{_battery_target(plan)}({', '.join(f'{n}={v}' for n, v in plan.ctor_args)})",
+        battery_imports=_imports(plan, peft),
+        battery_ctor=layout(target_expression(plan), 8, "self.target = "),
         battery_input_layers=[f"self.lin_in{i} = nn.Linear(10, {math.prod(x.shape)})" for i, x in _floats(plan)],
-        battery_inputs=_tuple_code(_input_expressions(plan), indent=8, prefix="inputs = "),
+        battery_inputs=layout(_tuple(_input_expressions(plan)), 8, "inputs = "),
         output_features=plan.output_features,
         output_is_tuple=plan.output_is_tuple,
     )
@@ -49,17 +58,18 @@ def _case_code(name: str, model_id: str, kwargs: str) -> str:
     return f'(\n        "{name}",\n        "{model_id}",\n        LoraConfig,\n        {kwargs},\n    )'
 
 
-def _tuple_code(items: list[str], indent: int, prefix: str) -> str:
-    """A tuple laid out as ruff formats it: on one line when it fits, else one item a line."""
-    one_line = f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
-    if indent + len(prefix) + len(one_line) <= 119:
-        return one_line
-    inner = " " * (indent + 4)
-    return "(\n" + "".join(f"{inner}{item},\n" for item in items) + " " * indent + ")"
+def _tuple(items: list[str]) -> str:
+    return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
 
 
-def _battery_target(plan: LayerPlan) -> str:
-    return f"{plan.target_module}.{plan.target_class}" if plan.target_in_torch else plan.target_class
+def _imports(plan: LayerPlan, peft: PeftTarget) -> list[str]:
+    """What the model's constructor imports (test_custom_models.py has torch and nn, not the target or --init's
+    names): from torch as usual, from other packages through importorskip, so that the battery skips without them."""
+    sure, _ = split_imports(plan, peft)
+    statements = [
+        f"from {module} import {', '.join(names)}" if names else f"import {module}" for module, names in sure
+    ]
+    return list(dict.fromkeys(statements)) + optional_imports(plan, peft)
 
 
 def _floats(plan: LayerPlan):

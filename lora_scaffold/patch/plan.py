@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ast
 import sys
+import textwrap
 from dataclasses import dataclass
 
 from lora_scaffold.analyse import LayerPlan
+from lora_scaffold.layout import LINE_LENGTH, layout
 from lora_scaffold.patch.battery import BatteryEntry, battery_edit
 from lora_scaffold.patch.battery_model import battery_entry
 from lora_scaffold.patch.checkout import PeftCheckout
@@ -81,6 +83,9 @@ def as_files(sources: dict[str, str]) -> tuple[GeneratedFile, ...]:
     return tuple(GeneratedFile(path, text) for path, text in sources.items())
 
 
+DISPATCH_BODY_WIDTH = LINE_LENGTH - 8  # the branch's body is indented twice
+
+
 def dispatch_branch(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -> DispatchBranch:
     if plan.target_in_torch:
         test = f"isinstance(target_base_layer, {plan.target_module}.{plan.target_class})"
@@ -90,7 +95,8 @@ def dispatch_branch(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -
             f'isinstance(target_base_layer, getattr(sys.modules.get("{plan.target_module}"), '
             f'"{plan.target_class}", ()))'
         )
-        comment = f"# Looked up in sys.modules: peft never imports {plan.target_module}, which may not be installed.\n"
+        why = f"Looked up in sys.modules: peft never imports {plan.target_module}, which may not be installed."
+        comment = "".join(f"# {line}\n" for line in textwrap.wrap(why, DISPATCH_BODY_WIDTH - 2))
     arguments = "config=config, **kwargs" if checkout.call_form == "config" else "**kwargs"
     body = (
         f"{comment}from .{plan.module_name} import {plan.layer_class}\n\n"
@@ -103,6 +109,10 @@ def dispatch_branch(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -
         for spelling in read_chain(source).branch_types()
         if spelling and _is_base_class(_resolve_spelling(spelling, bindings), target_cls)
     )
+    # Laid out as ruff would in dispatch_default's body (`    elif <test>:`), without that indentation, which
+    # libcst gives the lines inside the parentheses again when it puts the branch there.
+    first, *continued = layout(test, 4, "elif ", ":").split("\n")
+    test = "\n".join([first, *(line.removeprefix("    ") for line in continued)])
     return DispatchBranch(test, body, plan.layer_class, base_spellings)
 
 
