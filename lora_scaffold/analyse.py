@@ -16,7 +16,7 @@ from lora_scaffold.names import expression_source, layer_names
 from lora_scaffold.probe import NotDeterministic, Probe, build_probe
 from lora_scaffold.sample_input import candidate_inputs, evaluate_input, find_sample_input, flatten_output
 from lora_scaffold.strategies import Evidence, Strategy, Verdict
-from lora_scaffold.strategies.experts import flattened_expert_count
+from lora_scaffold.strategies.experts import BankView, bank_view, flattened_expert_count
 
 
 # Modules whose parents (TransformerEncoderLayer) have an eval fast path that reads their weights directly.
@@ -72,6 +72,7 @@ class LayerPlan:
     dora_blocker: str
     flat_rnn_weights: bool
     expert_count_attribute: str  # experts on a flattened [E * d1, d2] weight: where E is read (else "")
+    expert_bank: BankView | None  # experts one a row, [E, d1 * d2]: the row's view and where d1 or d2 is read
     weight_computed: bool  # a parametrization computes the weight (merging goes through its right_inverse)
     read_by_fused_parents: bool  # models around it may read its weights in fused kernels of their own
     eval_only: str  # why the generated tests compare outputs in eval mode only ("" when they need not)
@@ -158,6 +159,11 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         expert_count_attribute=flattened_expert_count(module, weight.name, weight.shape)
         if strategy.name == "experts" and len(weight.shape) == 2
         else "",
+        expert_bank=bank_view(evidence)
+        if strategy.name == "experts"
+        and len(weight.shape) == 2
+        and not flattened_expert_count(module, weight.name, weight.shape)
+        else None,
         dora_blocker=strategy.dora_blocker(evidence, verdict),
         eval_only=probe.train_mode_note if probe else "",
     )

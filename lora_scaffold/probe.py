@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 from lora_scaffold.sample_input import flatten_output, map_tensors
 
@@ -144,6 +145,12 @@ class Probe:
 
     def exact(self, error: float) -> bool:
         return error <= RELATIVE_TOLERANCE[self.weight.dtype]
+
+    def watch(self, mode: TorchFunctionMode) -> None:
+        """Runs the first trial's forward with the module's own weight under `mode`, which sees every torch call."""
+        trial = self.trials[0]
+        with torch.no_grad(), mode:
+            functional_call(self.module, {**trial.tensors, self.weight_name: self.weight}, trial.inputs)
 
 
 def dotted_attribute(module: nn.Module, name: str):

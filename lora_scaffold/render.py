@@ -94,6 +94,8 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         "read_by_fused_parents": plan.read_by_fused_parents,
         "computed_weight": plan.weight_computed,
         "expert_count_attribute": _literal(plan.expert_count_attribute) if plan.expert_count_attribute else "",
+        "expert_bank_attribute": _literal(plan.expert_bank.attribute) if plan.expert_bank else "",
+        "expert_bank_gives_rows": bool(plan.expert_bank and plan.expert_bank.gives_rows),
         "refused_options": strategy.refused_options,
         "refusal_cases": _refusal_cases(plan, refusal, peft),
         "lora_bias_option": peft.has_option("lora_bias"),

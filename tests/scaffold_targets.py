@@ -308,3 +308,42 @@ class EmptyInitExperts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.bmm(x, self.weight) * self.scale
+
+
+class RowBankExperts(nn.Module):
+    """Experts kept one a row, [experts, intermediate * hidden], each viewed as [intermediate, hidden] in the forward:
+    which matrix a row is only the forward shows; `hidden_size` gives its columns."""
+
+    def __init__(self, num_experts: int = 3, hidden_size: int = 6, intermediate_size: int = 5):
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.weight = nn.Parameter(torch.randn(num_experts, intermediate_size * hidden_size) / hidden_size**0.5)
+
+    def forward(self, x: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(x.shape[0], self.intermediate_size)
+        for expert in range(self.num_experts):
+            chosen = expert_index == expert
+            out[chosen] = x[chosen] @ self.weight[expert].view(self.intermediate_size, self.hidden_size).T
+        return out
+
+
+class TransposedRowBankExperts(RowBankExperts):
+    """The same bank with each row viewed as [hidden, intermediate] (an attribute then gives the rows), through one
+    view of the whole weight."""
+
+    def forward(self, x: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+        matrices = self.weight.view(self.num_experts, self.hidden_size, -1)
+        return torch.einsum("th,thi->ti", x, matrices[expert_index])
+
+
+class UnsizedRowBankExperts(RowBankExperts):
+    """A bank whose row shape no attribute gives (its sizes are not kept): stays delta."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows_and_columns = (self.intermediate_size, self.hidden_size)
+        del self.hidden_size, self.intermediate_size
+
+    def forward(self, x: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+        rows, columns = self.rows_and_columns
+        return torch.einsum("th,tih->ti", x, self.weight.view(self.num_experts, rows, columns)[expert_index])

@@ -143,3 +143,45 @@ def test_flattened_expert_bank_gets_one_pair_per_expert_slice(tmp_path, monkeypa
         expected = weight_B[:, :, expert] @ weight_A[expert] * layer.scaling["default"]
         torch.testing.assert_close(delta[expert], expected)
         assert torch.linalg.matrix_rank(delta[expert]) == 2
+
+
+ROUTED_ROWS = "(torch.randn(8, 6), torch.randint(0, 3, (8,)))"
+
+
+@pytest.mark.parametrize(
+    "target, attribute, view",
+    [("RowBankExperts", "hidden_size", (5, 6)), ("TransposedRowBankExperts", "intermediate_size", (6, 5))],
+)
+def test_one_expert_a_row_gets_a_pair_in_the_view_its_forward_takes(target, attribute, view, tmp_path, monkeypatch):
+    """A row [d1 * d2] is expert e's matrix only as the forward views it: the probe watches the forward for that
+    view, and the layer reads d1 or d2 from an attribute, so that it also fits the class built at other sizes."""
+    import scaffold_targets
+
+    outcome = new_plugin(Request(f"scaffold_targets.{target}", example_input=ROUTED_ROWS), tmp_path)
+    outcome.apply()
+    plan = outcome.report.plan
+    assert (plan.strategy, plan.expert_bank.attribute, (plan.expert_bank.rows, plan.expert_bank.columns)) == (
+        "experts",
+        attribute,
+        view,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(plan.module_name)
+    holder = nn.ModuleDict({"experts": getattr(scaffold_targets, target)(num_experts=4, hidden_size=10)})
+    config = module.register(LoraConfig(target_modules=["experts"], r=2, init_lora_weights=False))
+    model = get_peft_model(holder, config)
+    layer = model.base_model.model["experts"]
+    rows, columns = (5, 10) if target == "RowBankExperts" else (10, 5)
+    delta = layer.get_delta_weight("default").view(4, rows, columns)
+    for expert in range(4):
+        assert torch.linalg.matrix_rank(delta[expert]) == 2
+    x, index = torch.randn(8, 10), torch.arange(8) % 4
+    with torch.no_grad():
+        adapted = layer(x, index)
+        merged = model.merge_and_unload()["experts"](x, index)
+    torch.testing.assert_close(merged, adapted)
+
+
+def test_a_row_view_no_attribute_gives_stays_delta(tmp_path):
+    outcome = new_plugin(Request("scaffold_targets.UnsizedRowBankExperts", example_input=ROUTED_ROWS), tmp_path)
+    assert outcome.report.plan.strategy == "delta" and outcome.report.plan.expert_bank is None

@@ -68,6 +68,12 @@ TARGETS = [
         0,
     ),
     ("empty_init", ["scaffold_targets.EmptyInitExperts", "--example-input", "torch.randn(3, 2, 6)"], "experts", 0),
+    (  # one expert a row, [experts, 5 * 6], viewed as [5, 6] by the forward
+        "row_bank",
+        ["scaffold_targets.RowBankExperts", "--example-input", "(torch.randn(8, 6), torch.randint(0, 3, (8,)))"],
+        "experts",
+        0,
+    ),
     ("no_bf16", ["scaffold_targets.NoBfloat16"], "reuse", 1),
     ("dropout_inside", ["scaffold_targets.DropoutLinear"], "reuse", 0),
     ("weight_norm", ["scaffold_targets.WeightNormLinear"], "delta", 0),
