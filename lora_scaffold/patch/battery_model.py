@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import math
 
 from lora_scaffold.analyse import LayerPlan
@@ -63,13 +64,23 @@ def _tuple(items: list[str]) -> str:
 
 
 def _imports(plan: LayerPlan, peft: PeftTarget) -> list[str]:
-    """What the model's constructor imports (test_custom_models.py has torch and nn, not the target or --init's
-    names): from torch as usual, from other packages through importorskip, so that the battery skips without them."""
+    """What the model's constructor imports of what building the target names (test_custom_models.py has torch
+    and nn): from torch as usual, from other packages through importorskip, so that the battery skips without
+    them."""
+    used = {
+        node.id for node in ast.walk(ast.parse(target_expression(plan), mode="eval")) if isinstance(node, ast.Name)
+    }
     sure, _ = split_imports(plan, peft)
-    statements = [
-        f"from {module} import {', '.join(names)}" if names else f"import {module}" for module, names in sure
-    ]
-    return list(dict.fromkeys(statements)) + optional_imports(plan, peft)
+    statements = []
+    for module, names in sure:
+        wanted = [name for name in names if name.rpartition(" as ")[2] in used]
+        if wanted:
+            statements.append(f"from {module} import {', '.join(wanted)}")
+        elif not names and module in used:
+            statements.append(f"import {module}")
+    optional = [statement for statement in optional_imports(plan, peft) if statement.partition(" = ")[0] in used]
+    # ruff format separates imports from the statements after them by a blank line, in a function too.
+    return list(dict.fromkeys(statements)) + [""] * bool(statements) + list(dict.fromkeys(optional))
 
 
 def _floats(plan: LayerPlan):
