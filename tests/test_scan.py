@@ -59,7 +59,12 @@ def test_new_from_a_model_targets_the_class_of_a_submodule_and_its_suite_passes(
     arguments = ["--from-model", model, "--module", "transformer.h.0.attn", "--weight", "c_attn.weight"]
     assert main(["new", *arguments, "-o", str(tmp_path / "out")]) == 0
     tests = (tmp_path / "out" / "test_lora_gpt2_attention.py").read_text()
-    assert f'    return {model}.get_submodule("transformer.h.0.attn")\n' in tests and "import transformers\n" in tests
+    # Laid out over lines as ruff would (the expression is longer than a line).
+    assert (
+        "    return transformers.AutoModelForCausalLM.from_config(\n"
+        "        transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)\n"
+        '    ).get_submodule("transformer.h.0.attn")\n'
+    ) in tests and "import transformers\n" in tests
     result = run_suites([tmp_path / "out"], tmp_path / "junit.xml")
     assert result.returncode == 0, result.stdout[-3000:]
 
