@@ -85,12 +85,13 @@ def test_patched_checkout_passes_generated_tests_peft_battery_and_dispatch(check
     assert same_tree(checkout, pristine)
 
 
-# Config-built targets from transformers (built with --init, as in the README), each through the whole of PEFT:
-# (layer class, its test module, arguments of `new`). MixtralExperts arrived in transformers 5.
+# Targets built with --init (config-built ones from transformers, as in the README, and a torch class with a single
+# output feature), each through the whole of PEFT: (layer class, its test module, arguments of `new`).
+# MixtralExperts arrived in transformers 5.
 LLAMA_MLP = "LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2))"
 MIXTRAL_EXPERTS = "MixtralExperts(MixtralConfig(hidden_size=8, intermediate_size=16, num_local_experts=3))"
 ROUTED_TOKENS = "(torch.randn(4, 8), torch.randint(0, 3, (4, 2)), torch.rand(4, 2))"
-CONFIG_BUILT = [
+BUILT_WITH_INIT = [
     (
         "LoraLlamaMLP",
         "test_lora_llama_mlp.py",
@@ -108,6 +109,7 @@ CONFIG_BUILT = [
         ["transformers.models.mixtral.modeling_mixtral.MixtralExperts", "--init", MIXTRAL_EXPERTS]
         + ["--weight", "gate_up_proj", "--example-input", ROUTED_TOKENS],
     ),
+    ("LoraBilinear", "test_lora_bilinear.py", ["torch.nn.Bilinear", "--init", "Bilinear(5, 7, 1)"]),
 ]
 
 
@@ -117,17 +119,17 @@ def installed(target: str) -> bool:
 
 
 def test_targets_built_with_init_pass_generated_tests_and_peft_battery_formatted_as_peft_wants(checkout, pristine):
-    targets = [(layer, tests, arguments) for layer, tests, arguments in CONFIG_BUILT if installed(arguments[0])]
+    targets = [(layer, tests, arguments) for layer, tests, arguments in BUILT_WITH_INIT if installed(arguments[0])]
     for _, _, arguments in targets:
         assert main(["new", *arguments, "--peft-checkout", str(checkout)]) == 0
     generated = run_pytest(checkout, *(f"tests/{tests}" for _, tests, _ in targets))
     assert generated.returncode == 0 and " passed" in generated.stdout, generated.stdout[-3000:]
     battery = run_pytest(checkout, "tests/test_custom_models.py", "-k", " or ".join(layer for layer, _, _ in targets))
     summary = battery.stdout.strip().splitlines()[-1]
-    print("PEFT battery on config-built targets:", summary)
+    print("PEFT battery on targets built with --init:", summary)
     assert battery.returncode == 0, battery.stdout[-5000:]
-    # 4 TEST_CASES each (plain, with lin0, rsLoRA, dropout), dozens of PEFT's tests each: none skipped for a missing
-    # import (PEFT skips a few on its own, e.g. bias warnings).
+    # 4 TEST_CASES or more each (plain, with lin0, rsLoRA, dropout, ...), dozens of PEFT's tests each: none skipped
+    # for a missing import (PEFT skips a few on its own, e.g. bias warnings).
     assert int(summary.split(" passed")[0].split()[-1]) >= len(targets) * 4 * 30, summary
 
     edited = [LORA / "layer.py", Path("tests/test_custom_models.py"), *(Path("tests", t) for _, t, _ in targets)]
