@@ -16,7 +16,7 @@ from lora_scaffold.names import expression_source, layer_names
 from lora_scaffold.probe import NotDeterministic, Probe, build_probe
 from lora_scaffold.sample_input import candidate_inputs, evaluate_input, find_sample_input, flatten_output
 from lora_scaffold.strategies import Evidence, Strategy, Verdict
-from lora_scaffold.strategies.experts import BankView, bank_view, flattened_expert_count
+from lora_scaffold.strategies.experts import BankView, flat_layout
 
 
 # Modules whose parents (TransformerEncoderLayer) have an eval fast path that reads their weights directly.
@@ -123,6 +123,8 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
     strategy, verdict = choice.strategy, choice.verdict
     groups = strategy.groups(attributes)
     inputs, output_features, output_is_tuple = describe_io(module, example_input)
+    flat_experts = strategy.name == "experts" and len(weight.shape) == 2
+    expert_count_attribute, expert_bank = flat_layout(evidence) if flat_experts else ("", None)
     return LayerPlan(
         target_spec=spec.target.spec,
         target_module=spec.target.import_module,
@@ -156,14 +158,8 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         flat_rnn_weights=isinstance(module.get_submodule(weight.name.rpartition(".")[0]), nn.RNNBase),
         read_by_fused_parents=isinstance(module, FUSED_PATH_MODULES),
         weight_computed=weight.computed,
-        expert_count_attribute=flattened_expert_count(module, weight.name, weight.shape)
-        if strategy.name == "experts" and len(weight.shape) == 2
-        else "",
-        expert_bank=bank_view(evidence)
-        if strategy.name == "experts"
-        and len(weight.shape) == 2
-        and not flattened_expert_count(module, weight.name, weight.shape)
-        else None,
+        expert_count_attribute=expert_count_attribute,
+        expert_bank=expert_bank,
         dora_blocker=strategy.dora_blocker(evidence, verdict),
         eval_only=probe.train_mode_note if probe else "",
     )

@@ -94,8 +94,7 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         "read_by_fused_parents": plan.read_by_fused_parents,
         "computed_weight": plan.weight_computed,
         "expert_count_attribute": _literal(plan.expert_count_attribute) if plan.expert_count_attribute else "",
-        "expert_bank_attribute": _literal(plan.expert_bank.attribute) if plan.expert_bank else "",
-        "expert_bank_gives_rows": bool(plan.expert_bank and plan.expert_bank.gives_rows),
+        "expert_columns": _expert_columns(plan),
         "refused_options": strategy.refused_options,
         "refusal_cases": _refusal_cases(plan, refusal, peft),
         "lora_bias_option": peft.has_option("lora_bias"),
@@ -296,6 +295,14 @@ def refusal_entries(cases: list[tuple[str, str, str]]) -> list[str]:
     return [
         f"pytest.param({options}, {_literal(message)}, id={_literal(case_id)})" for options, message, case_id in cases
     ]
+
+
+def _expert_columns(plan: LayerPlan) -> str:
+    """Experts one a row: the code giving d2 of a row's [d1, d2] view at run time ("" for other layouts)."""
+    if plan.expert_bank is None:
+        return ""
+    read = f"_get_attribute(module, {_literal(plan.expert_bank.attribute)})"
+    return f"shape[1] // {read}" if plan.expert_bank.gives_rows else read
 
 
 def _missing_dicts(peft: PeftTarget) -> list[str]:

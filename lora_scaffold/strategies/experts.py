@@ -5,6 +5,7 @@ attribute gives d1 or d2. One rank-r factor pair per expert, laid out as PEFT's 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -37,16 +38,11 @@ class Experts(Delta):
         shape = evidence.weight.shape
         if len(shape) == 3:
             return bool(expert_evidence(evidence.module, shape[0]))
-        return len(shape) == 2 and bool(
-            flattened_expert_count(evidence.module, evidence.weight.name, shape) or bank_view(evidence)
-        )
+        return len(shape) == 2 and any(flat_layout(evidence))
 
     def judge(self, evidence: Evidence) -> tuple[Verdict, ...]:
         shape = evidence.weight.shape
-        if len(shape) == 3 or (
-            len(shape) == 2
-            and (flattened_expert_count(evidence.module, evidence.weight.name, shape) or bank_view(evidence))
-        ):
+        if len(shape) == 3 or (len(shape) == 2 and any(flat_layout(evidence))):
             return (Verdict(self, True, 0.0, "exact for any forward, one factor pair per expert"),)
         return (
             Verdict(
@@ -60,8 +56,7 @@ class Experts(Delta):
 
     def reason(self, evidence: Evidence, verdict: Verdict) -> str:
         shape = evidence.weight.shape
-        attribute = flattened_expert_count(evidence.module, evidence.weight.name, shape) if len(shape) == 2 else ""
-        view = bank_view(evidence) if len(shape) == 2 and not attribute else None
+        attribute, view = flat_layout(evidence) if len(shape) == 2 else ("", None)
         if attribute:
             count = dotted_attribute(evidence.module, attribute)
             found = f"{count} experts' [{shape[0] // count}, {shape[1]}] slices along its rows (`{attribute}`)"
@@ -158,6 +153,13 @@ class RowViews(TorchFunctionMode):
         return result
 
 
+def flat_layout(evidence: Evidence) -> tuple[str, BankView | None]:
+    """How a 2-D weight holds its experts: the attribute counting them along its rows ([E * d1, d2]), else the
+    view of one a row ([E, d1 * d2]); ("", None) when neither is found."""
+    attribute = flattened_expert_count(evidence.module, evidence.weight.name, evidence.weight.shape)
+    return attribute, None if attribute else bank_view(evidence)
+
+
 def bank_view(evidence: Evidence) -> BankView | None:
     """The view of an [experts, d1 * d2] weight's rows its forward takes (None unless the leading dimension is
     the expert count, the forward views every row it uses one way, and an attribute gives d1 or d2)."""
@@ -177,12 +179,18 @@ def bank_view(evidence: Evidence) -> BankView | None:
 
 
 def observed_row_views(probe: Probe) -> set[tuple[int, int]]:
-    watcher = RowViews(probe.weight)
-    try:
-        probe.watch(watcher)
-    except Exception:  # noqa: BLE001 - the probe ran this forward already; whatever fails here tells nothing
-        return set()
-    return watcher.views
+    """Watched once per probe: fits, judge, reason and the plan all ask."""
+    if probe not in _ROW_VIEWS:
+        watcher = RowViews(probe.weight)
+        try:
+            probe.watch(watcher)
+        except Exception:  # noqa: BLE001 - the probe ran this forward already; whatever fails here tells nothing
+            watcher.views.clear()
+        _ROW_VIEWS[probe] = frozenset(watcher.views)
+    return set(_ROW_VIEWS[probe])
+
+
+_ROW_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def size_attribute(module: nn.Module, weight_name: str, size: int) -> str:
