@@ -10,11 +10,19 @@ import torch
 from torch import nn
 
 from lora_scaffold import strategies
+from lora_scaffold.capture import ModelCall
 from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError
 from lora_scaffold.introspect import TargetSpec, TensorInfo
 from lora_scaffold.names import expression_source, layer_names
 from lora_scaffold.probe import NotDeterministic, Probe, build_probe
-from lora_scaffold.sample_input import candidate_inputs, evaluate_input, find_sample_input, flatten_output
+from lora_scaffold.sample_input import (
+    SEED,
+    candidate_inputs,
+    evaluate_input,
+    find_sample_input,
+    flatten_output,
+    run_call,
+)
 from lora_scaffold.strategies import Evidence, Strategy, Verdict
 from lora_scaffold.strategies.experts import BankView, flat_layout
 
@@ -29,6 +37,7 @@ class Options:
     strategy: str = strategies.AUTO
     example_input: str | None = None
     name: str | None = None
+    model_call: ModelCall | None = None  # --from-model: the input is what the model passes to the target
 
 
 @dataclass(frozen=True)
@@ -57,8 +66,10 @@ class LayerPlan:
     groups: int
     reason: str
     verdicts: tuple[Verdict, ...]
-    example_input: str
+    example_input: str  # an expression of the positional inputs, or (model_call) a description of the call
     input_inferred: bool
+    model_call: ModelCall | None  # the input is the call the model makes to the target (recorded again by the tests)
+    call_keywords: tuple[str, ...]  # keyword arguments of that call (positional ones are in `inputs`)
     inputs: tuple[InputInfo, ...]
     output_features: int
     output_is_tuple: bool
@@ -86,6 +97,16 @@ class LayerPlan:
     def chosen(self) -> Strategy:
         return strategies.named(self.strategy)
 
+    def example_call(self, seed: int = SEED) -> tuple[tuple, dict]:
+        return example_call(self.example_input, self.model_call)(seed)
+
+
+def example_call(example_input: str, model_call: ModelCall | None):
+    """seed -> (args, kwargs) the target is called with: the expression's inputs, or the model's call."""
+    if model_call is not None:
+        return model_call
+    return lambda seed: (evaluate_input(example_input, seed), {})
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -105,15 +126,21 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
     if weight.computed:
         require_invertible(spec, weight.name)
     attributes = spec.attribute_values()
-    if options.example_input:
+    if options.model_call is not None:
+        example_input = (
+            f"what {options.model_call.module} receives from the model's forward on {options.model_call.model_input}"
+        )
+        run_call(module, *options.model_call(SEED), "the call the model makes")
+    elif options.example_input:
         example_input = expression_source(options.example_input, "--example-input")
-        find_sample_input(module, [example_input])
+        find_sample_input(module, [example_input], given=True)
     else:
         candidates = candidate_inputs(weight.shape, spec.forward_arity, attributes)
         example_input = find_sample_input(module, candidates)
+    make_call = example_call(example_input, options.model_call)
     asked = strategies.asked_for(options.strategy) if options.strategy != strategies.AUTO else ()
     needs_probe = not asked or any(strategy.needs_probe for strategy in asked)
-    probe = run_probe(module, weight, example_input) if needs_probe else None
+    probe = run_probe(module, weight, make_call, example_input) if needs_probe else None
     evidence = Evidence(module, weight, attributes, probe)
     choice = choose_strategy(evidence, options.strategy)
     if probe is not None and probe.train_mode_note:
@@ -122,7 +149,8 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         )
     strategy, verdict = choice.strategy, choice.verdict
     groups = strategy.groups(attributes)
-    inputs, output_features, output_is_tuple = describe_io(module, example_input)
+    args, kwargs = make_call(SEED)
+    inputs, output_features, output_is_tuple = describe_io(module, args, kwargs)
     flat_experts = strategy.name == "experts" and len(weight.shape) == 2
     expert_count_attribute, expert_bank = flat_layout(evidence) if flat_experts else ("", None)
     return LayerPlan(
@@ -144,7 +172,9 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         reason=choice.reason,
         verdicts=choice.verdicts,
         example_input=example_input,
-        input_inferred=options.example_input is None,
+        input_inferred=options.example_input is None and options.model_call is None,
+        model_call=options.model_call,
+        call_keywords=tuple(kwargs),
         inputs=inputs,
         output_features=output_features,
         output_is_tuple=output_is_tuple,
@@ -154,7 +184,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         test_module=f"test_{module_name}",
         peft_builtin=strategies.peft_builtin(spec.target.cls),
         peft_builtin_exact=strategies.peft_builtin(spec.target.cls, exact=True) is not None,
-        battery_blocker=battery_blocker(module, len(inputs) != len(evaluate_input(example_input))),
+        battery_blocker=battery_blocker(module, len(inputs) != len(args), tuple(kwargs)),
         flat_rnn_weights=isinstance(module.get_submodule(weight.name.rpartition(".")[0]), nn.RNNBase),
         read_by_fused_parents=isinstance(module, FUSED_PATH_MODULES),
         weight_computed=weight.computed,
@@ -204,9 +234,9 @@ def _reason(evidence: Evidence, verdict: Verdict, tried: list[Verdict], auto: bo
     return f"auto: {reason}"
 
 
-def run_probe(module: nn.Module, weight: TensorInfo, example_input: str) -> Probe:
+def run_probe(module: nn.Module, weight: TensorInfo, make_call, example_input: str) -> Probe:
     try:
-        probe = build_probe(module, weight.name, lambda seed: evaluate_input(example_input, seed))
+        probe = build_probe(module, weight.name, make_call)
     except NotDeterministic as exc:
         raise AnalysisError(
             f"{type(module).__name__} cannot be checked: {exc}; lora-scaffold needs a forward it can repeat"
@@ -235,11 +265,10 @@ def low_rank_note(plan: LayerPlan) -> str:
     )
 
 
-def describe_io(module: nn.Module, example_input: str) -> tuple[tuple[InputInfo, ...], int, bool]:
+def describe_io(module: nn.Module, inputs: tuple, kwargs: dict) -> tuple[tuple[InputInfo, ...], int, bool]:
     """Per-sample input shapes and output size, for test models that feed the target from other layers."""
-    inputs = evaluate_input(example_input)
     with torch.no_grad():
-        output = module(*inputs)
+        output = module(*inputs, **kwargs)
     first = next(t for t in flatten_output(output) if isinstance(t, torch.Tensor))
     described = tuple(
         InputInfo(tuple(x.shape[1:]), x.is_floating_point(), 0 if x.is_floating_point() else int(x.max()) + 1)
@@ -309,8 +338,10 @@ def require_invertible(spec: TargetSpec, name: str) -> None:
         )
 
 
-def battery_blocker(module: nn.Module, nested_inputs: bool) -> str:
+def battery_blocker(module: nn.Module, nested_inputs: bool, keywords: tuple[str, ...] = ()) -> str:
     """Why PEFT's custom-model battery cannot run on this target ("" when it can)."""
+    if keywords:
+        return f"PEFT's battery feeds every model one tensor, and {type(module).__name__} takes {', '.join(keywords)}"
     if nested_inputs:
         return f"PEFT's battery feeds every model one tensor, and {type(module).__name__} takes nested inputs"
     bias = getattr(module, "bias", None)

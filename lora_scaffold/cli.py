@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_scaffold import __version__, strategies, views, workflow
+from lora_scaffold import __version__, generate, strategies, views, workflow
 from lora_scaffold.errors import ScaffoldError, StaleOutputError
 from lora_scaffold.request import Request
 
@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--from-model", metavar="MODEL", help="with --module: target the class of a submodule of MODEL")
     new.add_argument(
         "--module", metavar="NAME", help="the submodule (as `scan` lists it); the tests build it through MODEL"
+    )
+    new.add_argument(
+        "--model-input",
+        metavar="EXPR",
+        help="with --from-model: what the model is fed, a dict of keyword inputs or a tuple (default: made from the "
+        "model's config, e.g. token ids); the target is probed and tested on what the model passes it",
     )
     new.add_argument("-o", "--output", metavar="DIR", help="plugin mode: folder to write into (default: .)")
     new.add_argument(
@@ -193,13 +199,28 @@ def build_parser() -> argparse.ArgumentParser:
         "scan",
         help="list the module classes of a model that hold weights, and how each gets LoRA",
         description=(
-            "Build MODEL on the meta device (no weights), list each module class that holds parameters, whether "
-            "PEFT's LoRA handles it, and for the others the `lora-scaffold new` command to run. MODEL is an "
+            "Build MODEL on the meta device (no weights; for real when it cannot be), list each module class that "
+            "holds parameters, what PEFT's LoRA does with it (asked of PEFT), and for the others the `lora-scaffold "
+            "new --from-model` command to run; --generate runs them all. MODEL is an "
             "expression (modules import themselves: 'transformers.AutoModel.from_config(transformers.GPT2Config("
             "n_layer=1))') or path/to/file.py:function (called with no arguments)."
         ),
     )
     scan.add_argument("model", metavar="MODEL")
+    scan.add_argument(
+        "--generate",
+        action="store_true",
+        help="run every `new` command scan lists, into -o DIR, and write DIR/__init__.py with one register(config) "
+        "for all the layers (classes that fail are listed with the reason, the others are written)",
+    )
+    scan.add_argument("-o", "--output", metavar="DIR", help="with --generate: the folder (default: lora_layers)")
+    scan.add_argument(
+        "--model-input",
+        metavar="EXPR",
+        help="what the model is fed, for the commands (as for new); needed where the model has no transformers config",
+    )
+    scan.add_argument("--dry-run", action="store_true", help="with --generate: show the files, write nothing")
+    scan.add_argument("--force", action="store_true", help="with --generate: overwrite files edited since")
     scan.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     scan.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
 
@@ -280,14 +301,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _request(args: argparse.Namespace) -> Request:
-    target, init = args.target, args.init
-    if getattr(args, "from_model", None) or getattr(args, "module", None):
-        if not (args.from_model and args.module) or target or init or args.arg:
+    options = {
+        "weight": args.weight,
+        "strategy": args.strategy,
+        "example_input": args.example_input,
+        "name": args.name,
+    }
+    if args.from_model or args.module:
+        if not (args.from_model and args.module) or args.target or args.init or args.arg:
             raise ScaffoldError("--from-model MODEL --module NAME stands for TARGET, --arg and --init: give it alone")
-        target, init = workflow.target_in_model(args.from_model, args.module)
-    elif not target:
+        return workflow.request_from_model(args.from_model, args.module, args.model_input, **options)
+    if args.model_input:
+        raise ScaffoldError("--model-input is what --from-model's model is fed: give --from-model MODEL --module NAME")
+    if not args.target:
         raise ScaffoldError("give TARGET, or --from-model MODEL --module NAME")
-    return Request(target, tuple(args.arg), args.weight, args.strategy, args.example_input, args.name, init)
+    return Request(args.target, tuple(args.arg), init=args.init, **options)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -297,9 +325,21 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_scan(args: argparse.Namespace) -> int:
-    _progress(args, f"building {args.model} on the meta device ...")
-    found = workflow.scan_model(args.model)
-    _show(args, lambda: views.scan_text(found), lambda: views.scan_json(found))
+    if not args.generate:
+        if args.output or args.dry_run or args.force:
+            raise ScaffoldError("-o, --dry-run and --force go with --generate")
+        _progress(args, f"building {args.model} on the meta device ...")
+        found = workflow.scan_model(args.model, args.model_input)
+        _show(args, lambda: views.scan_text(found), lambda: views.scan_json(found))
+        return 0
+    _progress(args, f"generating a layer for every class of {args.model} PEFT cannot adapt ...")
+    outcome, results = generate.generate(
+        args.model, Path(args.output or "lora_layers"), args.model_input, args.force, args.dry_run
+    )
+    _apply_unless_dry(outcome, args.dry_run)
+    style = views.Style.for_stream(sys.stdout)
+    text = f"{views.generated_text(results)}\n{views.changes_text(outcome, args.dry_run, style)}"
+    _show(args, lambda: text, lambda: views.generated_json(results, outcome, args.dry_run))
     return 0
 
 

@@ -68,7 +68,7 @@ def parse_arg_overrides(pairs: list[str]) -> dict[str, str]:
 
 def ctor_params(cls: type) -> tuple[CtorParam, ...]:
     try:
-        signature = inspect.signature(cls)
+        signature = _unwrapped_signature(cls) or inspect.signature(cls)
     except (TypeError, ValueError):
         return ()
     return tuple(
@@ -78,9 +78,38 @@ def ctor_params(cls: type) -> tuple[CtorParam, ...]:
     )
 
 
+def _unwrapped_signature(cls: type) -> inspect.Signature | None:
+    """The signature of an `__init__` a decorator hides behind `(*args, **kwargs)` (transformers wraps MambaMixer's):
+    the function it wraps, through `__wrapped__` or the decorator's closure. None when nothing hides it."""
+    init = cls.__dict__.get("__init__")
+    if init is None or not _takes_anything(inspect.signature(init)):
+        return None
+    wrapped = getattr(init, "__wrapped__", None)
+    cells = [cell.cell_contents for cell in getattr(init, "__closure__", None) or () if _filled(cell)]
+    original = wrapped or next((f for f in cells if inspect.isfunction(f) and f.__name__ == "__init__"), None)
+    if original is None:
+        return None
+    parameters = list(inspect.signature(original).parameters.values())[1:]  # without self
+    return inspect.Signature(parameters)
+
+
+def _takes_anything(signature: inspect.Signature) -> bool:
+    kinds = [p.kind for p in signature.parameters.values()]
+    return inspect.Parameter.VAR_POSITIONAL in kinds and inspect.Parameter.VAR_KEYWORD in kinds and len(kinds) <= 3
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
 def _accepts_any_keyword(cls: type) -> bool:
     try:
-        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
+        signature = _unwrapped_signature(cls) or inspect.signature(cls)
+        return any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     except (TypeError, ValueError):
         return True
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ class Trial:
     """One draw: inputs, the other parameters and buffers, D, and what W + t*D does to the output for each t."""
 
     inputs: tuple
+    keywords: dict
     tensors: dict[str, torch.Tensor]  # every parameter and buffer but the weight
     weight: torch.Tensor
     delta: torch.Tensor
@@ -41,35 +42,38 @@ class Trial:
 
     @property
     def x(self):
-        return self.inputs[0]
+        """The first positional input (None for a forward that takes none, as a bias table's)."""
+        return self.inputs[0] if self.inputs else None
 
 
 class NotDeterministic(Exception):
     """The module's eval-mode forward gives different outputs for the same input: nothing can be checked."""
 
 
-def build_probe(module: nn.Module, weight_name: str, make_inputs: Callable[[int], tuple]) -> Probe:
+def build_probe(module: nn.Module, weight_name: str, make_call: Callable[[int], tuple[tuple, dict]]) -> Probe:
     """In float64 where the module runs in it (a match is then unambiguous), else in float32."""
     try:
-        return Probe(module, weight_name, make_inputs, torch.float64)
+        return Probe(module, weight_name, make_call, torch.float64)
     except NotDeterministic:
         raise
     except Exception:
-        return Probe(module, weight_name, make_inputs, torch.float32)
+        return Probe(module, weight_name, make_call, torch.float32)
 
 
 class Probe:
     """A copy of the module in high precision, and the trials every strategy's formula is checked against."""
 
-    def __init__(self, module: nn.Module, weight_name: str, make_inputs: Callable[[int], tuple], dtype: torch.dtype):
+    def __init__(
+        self, module: nn.Module, weight_name: str, make_call: Callable[[int], tuple[tuple, dict]], dtype: torch.dtype
+    ):
         self.module = copy.deepcopy(module).to(dtype).eval()
 
-        def cast(inputs: tuple) -> tuple:
-            return map_tensors(lambda x: x.to(dtype) if x.is_floating_point() else x, inputs)
+        def cast(call: tuple[tuple, dict]) -> tuple[tuple, dict]:
+            return map_tensors(lambda x: x.to(dtype) if x.is_floating_point() else x, call)
 
         self.weight_name = weight_name
         self.weight = dotted_attribute(self.module, weight_name).detach()
-        self.train_mode_note = _train_mode_note(self.module, cast(make_inputs(INPUT_SEEDS[0])))
+        self.train_mode_note = _train_mode_note(self.module, *cast(make_call(INPUT_SEEDS[0])))
         generator = torch.Generator().manual_seed(1)
         # A weight a parametrization computes is passed in its stead (which bypasses the parametrization).
         pieces = f"{weight_name.rpartition('.')[0]}.parametrizations.{weight_name.rpartition('.')[2]}.".lstrip(".")
@@ -83,26 +87,27 @@ class Probe:
         for draw in range(PARAMETER_DRAWS):
             tensors = own if draw == 0 else {n: _redraw(t, n in parameters, generator) for n, t in own.items()}
             for seed in INPUT_SEEDS:
-                self.trials.append(self._trial(tensors, cast(make_inputs(seed)), generator))
+                self.trials.append(self._trial(tensors, cast(make_call(seed)), generator))
         first = self.trials[0]
         if any(_is_float(a) and not torch.equal(a, b) for a, b in zip(first.output, self._run(first, self.weight))):
             raise NotDeterministic("its forward gives different outputs for the same input, even in eval mode")
 
-    def _trial(self, tensors: dict, inputs: tuple, generator: torch.Generator) -> Trial:
+    def _trial(self, tensors: dict, call: tuple[tuple, dict], generator: torch.Generator) -> Trial:
         scale = float(self.weight.std()) if self.weight.numel() > 1 and float(self.weight.std()) > 0 else 1.0
         delta = torch.randn(self.weight.shape, generator=generator, dtype=self.weight.dtype) * scale
-        trial = Trial(inputs, tensors, self.weight, delta, [], {})
+        inputs, keywords = call
+        trial = Trial(inputs, keywords, tensors, self.weight, delta, [], {})
         output = self._run(trial, self.weight)
         effects = {}
         for t in SCALES:
             after = self._run(trial, self.weight + t * delta)
             effects[t] = [a - b for a, b in zip(after, output) if _is_float(a)]
-        return Trial(inputs, tensors, self.weight, delta, output, effects)
+        return Trial(inputs, keywords, tensors, self.weight, delta, output, effects)
 
     def _run(self, trial: Trial, weight: torch.Tensor) -> list:
         with torch.no_grad():
             return flatten_output(
-                functional_call(self.module, {**trial.tensors, self.weight_name: weight}, trial.inputs)
+                functional_call(self.module, {**trial.tensors, self.weight_name: weight}, trial.inputs, trial.keywords)
             )
 
     @property
@@ -136,7 +141,7 @@ class Probe:
         trial = self.trials[0]
         bias = trial.tensors[name]
         change = torch.randn(bias.shape, generator=torch.Generator().manual_seed(2), dtype=bias.dtype)
-        moved = Trial(trial.inputs, {**trial.tensors, name: bias + change}, trial.weight, trial.delta, [], {})
+        moved = replace(trial, tensors={**trial.tensors, name: bias + change}, output=[], effects={})
         effect = [a - b for a, b in zip(self._run(moved, trial.weight), trial.output) if _is_float(a)]
         try:
             return _relative_error(effect, predict(change, trial.output[0]))
@@ -150,7 +155,9 @@ class Probe:
         """Runs the first trial's forward with the module's own weight under `mode`, which sees every torch call."""
         trial = self.trials[0]
         with torch.no_grad(), mode:
-            functional_call(self.module, {**trial.tensors, self.weight_name: self.weight}, trial.inputs)
+            functional_call(
+                self.module, {**trial.tensors, self.weight_name: self.weight}, trial.inputs, trial.keywords
+            )
 
 
 def dotted_attribute(module: nn.Module, name: str):
@@ -183,12 +190,12 @@ def _redraw(tensor: torch.Tensor, is_parameter: bool, generator: torch.Generator
     return tensor * (1 + 0.5 * torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) * noise.sign())
 
 
-def _train_mode_note(module: nn.Module, inputs: tuple) -> str:
+def _train_mode_note(module: nn.Module, inputs: tuple, keywords: dict) -> str:
     """Why outputs of the module in training mode cannot be compared ("" when they can)."""
     copied = copy.deepcopy(module).train()
     before = {name: t.clone() for name, t in copied.state_dict().items()}
     with torch.no_grad():
-        first, second = flatten_output(copied(*inputs)), flatten_output(copied(*inputs))
+        first, second = flatten_output(copied(*inputs, **keywords)), flatten_output(copied(*inputs, **keywords))
     if any(not torch.equal(before[name], t) for name, t in copied.state_dict().items()):
         return "its forward changes the module's state in training mode"
     if any(_is_float(a) and not torch.equal(a, b) for a, b in zip(first, second)):

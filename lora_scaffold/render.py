@@ -118,13 +118,35 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         # Laid out for the line the template puts them on: `    target = ` to fill parameters first, else `    return `.
         "ctor_call": layout(target_expression(plan), 4, make_target_head),
         "uninitialised": list(plan.uninitialised),
-        "inputs_expression": layout(_as_tuple(plan.example_input), 4, "return "),
+        **_captured_call(plan),
         "test_rank": plan.test_rank,
         "eval_only": plan.eval_only,
         "verify": False,
         **answers,
         # A weight a parametrization computes anew at each read leaves nothing stable to cache W + dW against.
         "weight_cache": answers.get("weight_cache", False) and not plan.weight_computed,
+    }
+
+
+def _captured_call(plan: LayerPlan) -> dict:
+    """How the tests make the target's input: an expression, or the call the model makes to it (recorded again)."""
+    call = plan.model_call
+    if call is None:
+        return {
+            "model_call": False,
+            "call_keywords": False,
+            "inputs_expression": layout(_as_tuple(plan.example_input), 4, "return "),
+            "captured_model": "",
+            "captured_module": "",
+            "model_input": "",
+        }
+    return {
+        "model_call": True,
+        "call_keywords": bool(plan.call_keywords),
+        "inputs_expression": "",
+        "captured_model": layout(init_expression.aliased(call.model, plan.target_class), 4, "model = "),
+        "captured_module": _literal(call.module),
+        "model_input": layout(call.model_input, 4, "fed = "),
     }
 
 
@@ -180,6 +202,8 @@ def test_imports(
         imports.append((plan.module_name, (plan.layer_class, "register")))
     else:
         imports.append((f"peft.tuners.lora.{plan.module_name}", (plan.layer_class,)))
+    if plan.model_call is not None:
+        imports += [("contextlib", ()), ("functools", ()), ("inspect", ())]
     sure, _ = split_imports(plan, peft)
     return imports + sure
 
@@ -235,7 +259,7 @@ def context_for_verify(
 def render_test_module(context: dict) -> str:
     """The test template alone, for a layer lora-scaffold did not write."""
     name = "{{test_module}}.py" + TEMPLATE_SUFFIX
-    return _parsed(GeneratedFile(name, _environment(template_dir()).get_template(name).render(context))).text
+    return parsed(GeneratedFile(name, _environment(template_dir()).get_template(name).render(context))).text
 
 
 def render_templates(context: dict, root: Path | None = None) -> tuple[GeneratedFile, ...]:
@@ -247,7 +271,7 @@ def render_templates(context: dict, root: Path | None = None) -> tuple[Generated
         if relative.parts[0] in NOT_RENDERED:
             continue
         path = environment.from_string(relative.as_posix().removesuffix(TEMPLATE_SUFFIX)).render(context)
-        files.append(_parsed(GeneratedFile(path, environment.get_template(relative.as_posix()).render(context))))
+        files.append(parsed(GeneratedFile(path, environment.get_template(relative.as_posix()).render(context))))
     return tuple(files)
 
 
@@ -256,7 +280,7 @@ def render_snippet(name: str, context: dict) -> str:
     return _environment(template_dir()).get_template(name).render(context)
 
 
-def _parsed(generated: GeneratedFile) -> GeneratedFile:
+def parsed(generated: GeneratedFile) -> GeneratedFile:
     """Every rendered file must parse: one that does not is a bug, and is never written."""
     try:
         ast.parse(generated.text)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 from lora_scaffold.analyse import Options
+from lora_scaffold.capture import ModelCall
 from lora_scaffold.errors import ScaffoldError
 
 
@@ -18,14 +19,33 @@ class Request:
     example_input: str | None = None
     name: str | None = None
     init: str | None = None  # an expression that builds the target, instead of args
+    # --from-model: the model (as generated code builds it), the submodule, and the model's input; the target is then
+    # that submodule's class, built by `init` from the model, and called as the model calls it.
+    model: str | None = None
+    module: str | None = None
+    model_input: str | None = None
+
+    @property
+    def model_call(self) -> ModelCall | None:
+        if self.model is None or self.module is None or self.model_input is None:
+            return None
+        return ModelCall(self.model, self.module, self.model_input)
 
     @property
     def options(self) -> Options:
-        return Options(weight=self.weight, strategy=self.strategy, example_input=self.example_input, name=self.name)
+        return Options(
+            weight=self.weight,
+            strategy=self.strategy,
+            example_input=self.example_input,
+            name=self.name,
+            model_call=None if self.example_input else self.model_call,
+        )
 
     def as_dict(self) -> dict:
         data = asdict(self)
         data["args"] = list(self.args)
+        if self.model is None:  # records of targets not taken from a model keep their shape
+            del data["model"], data["module"], data["model_input"]
         return data
 
     def updated(self, args: tuple[str, ...] = (), **options: str | None) -> Request:
@@ -49,7 +69,7 @@ class Request:
         args = data.get("args", [])
         if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
             raise ScaffoldError(f"{where}: `args` must be a list of NAME=VALUE strings")
-        for key in ("weight", "example_input", "name", "strategy", "init"):
+        for key in ("weight", "example_input", "name", "strategy", "init", "model", "module", "model_input"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise ScaffoldError(f"{where}: `{key}` must be a string")
         return cls(**{**data, "args": tuple(args), "strategy": data.get("strategy") or "auto"})

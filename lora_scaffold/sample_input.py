@@ -63,27 +63,50 @@ def _spatial_inputs(shape: tuple[int, ...], attributes: dict) -> list[str]:
     return [f"torch.randn(2, {c}, {', '.join([str(side)] * spatial)})" for c in channels]
 
 
-def find_sample_input(module: nn.Module, candidates: list[str]) -> str:
-    """The first candidate the module runs on without error."""
+def find_sample_input(module: nn.Module, candidates: list[str], given: bool = False) -> str:
+    """The first candidate the module runs on without error; `given`: the one the user gave, which must."""
     errors = []
     module.eval()
     for expression in candidates:
         inputs = evaluate_input(expression)
+        if given:
+            run_call(module, inputs, {}, f"--example-input {expression}")
+            return expression
         try:
             with torch.no_grad():
                 output = module(*inputs)
         except USER_CODE_ERRORS as exc:
             errors.append(f"{expression}: {type(exc).__name__}")
             continue
-        first = next((t for t in flatten_output(output) if isinstance(t, torch.Tensor)), None)
-        if first is not None and first.dim() > 0:
+        problem = _output_problem(output)
+        if not problem:
             return expression
-        errors.append(f"{expression}: {'no tensor output' if first is None else 'a 0-d output, no batch dimension'}")
+        errors.append(f"{expression}: {problem}")
     tried = "; ".join(itertools.islice(errors, 4))
     raise AnalysisError(
         f"could not infer an input {type(module).__name__} accepts (tried {tried}); pass --example-input EXPR, "
         "e.g. --example-input 'torch.randn(2, 4, 9, 9)'"
     )
+
+
+def run_call(module: nn.Module, args: tuple, kwargs: dict, what: str) -> None:
+    """Runs the module on an input that is not a guess; its failure is the input's, said as such."""
+    module.eval()
+    try:
+        with torch.no_grad():
+            output = module(*args, **kwargs)
+    except USER_CODE_ERRORS as exc:
+        raise AnalysisError(f"{type(module).__name__} fails on {what}: {type(exc).__name__}: {exc}") from None
+    problem = _output_problem(output)
+    if problem:
+        raise AnalysisError(f"{type(module).__name__} gives {problem} on {what}; LoRA needs a batched tensor output")
+
+
+def _output_problem(output) -> str:
+    first = next((t for t in flatten_output(output) if isinstance(t, torch.Tensor)), None)
+    if first is None:
+        return "no tensor output"
+    return "" if first.dim() > 0 else "a 0-d output, no batch dimension"
 
 
 def map_tensors(function, value):
@@ -92,6 +115,8 @@ def map_tensors(function, value):
         return function(value)
     if isinstance(value, (tuple, list)):
         return type(value)(map_tensors(function, item) for item in value)
+    if isinstance(value, dict):
+        return {key: map_tensors(function, item) for key, item in value.items()}
     return value
 
 

@@ -1,109 +1,202 @@
-"""`scan`: which module classes of a model hold weights, which of them PEFT's LoRA handles, and the `new` command
-for the others. The model is built on the meta device: no weights are allocated or downloaded."""
+"""`scan`: which module classes of a model hold weights, what PEFT's LoRA does with each (asked of PEFT), and the
+`new --from-model` command for the others. The model is built on the meta device where it can be (no weights are
+allocated), for real on the CPU where it cannot (a quantized layer copies data in its constructor)."""
 
 from __future__ import annotations
 
 import ast
+import math
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from lora_scaffold.constructor import ctor_params, is_literal
-from lora_scaffold.errors import USER_CODE_ERRORS, TargetError
+from lora_scaffold.capture import ModelCall, built_model, default_model_input
+from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError, TargetError
 from lora_scaffold.init_expression import ModuleNamespace
+from lora_scaffold.peft_answer import peft_layer
 from lora_scaffold.resolve import resolve_callable
 from lora_scaffold.strategies import peft_builtin
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Instances of a class that hold weights of the same shapes."""
+
+    instances: tuple[str, ...]
+    weights: tuple[tuple[str, tuple[int, ...]], ...]  # what the module uses: a parametrized weight, not its pieces
 
 
 @dataclass(frozen=True)
 class ScannedClass:
     qualified_name: str
     instances: int
-    example: str  # the name of one instance in the model
-    weights: tuple[tuple[str, tuple[int, ...]], ...]
-    handled_by: str  # PEFT's own layer, or "" when PEFT has none
+    example: str  # the name of the instance the command targets
+    weights: tuple[tuple[str, tuple[int, ...]], ...]  # of that instance
+    variants: tuple[Variant, ...]  # one per set of weight shapes
+    handled_by: str  # what PEFT does with the class, asked of PEFT ("" when it refuses it)
     command: str  # the `new` command for a class PEFT does not handle ("" otherwise)
     why_not: str  # why there is no command ("" when there is one, or PEFT handles the class)
+    module: str = ""  # the submodule the command targets (a parametrized module's parent)
+    weight: str = ""  # the weight the command adapts
+
+
+def is_expression(model: str) -> bool:
+    try:
+        ast.parse(model.strip(), mode="eval")
+    except SyntaxError:
+        return False
+    return ":" not in model or "(" in model
+
+
+def model_expression(model: str) -> str:
+    """MODEL as generated code builds it: the expression, or `stem.function()` for path/file.py:function (whose
+    folder goes on sys.path, as for a file target)."""
+    if is_expression(model):
+        return model.strip()
+    resolve_callable(model)
+    path, _, function = model.rpartition(":")
+    return f"{Path(path).stem}.{function}()"
 
 
 def build_model(model: str) -> nn.Module:
-    """MODEL is `package.module:function`, `path/file.py:function` (called with no arguments) or an expression."""
-    try:
-        ast.parse(model.strip(), mode="eval")
-        is_expression = ":" not in model or "(" in model
-    except SyntaxError:
-        is_expression = False
+    """MODEL on the meta device where it builds there, else for real (on the CPU, small)."""
+    expression = model_expression(model)
     try:
         with torch.device("meta"):
-            built = (
-                eval(model.strip(), ModuleNamespace(torch=torch, nn=nn))
-                if is_expression
-                else resolve_callable(model)()
-            )  # noqa: S307
-    except TargetError:
-        raise
-    except USER_CODE_ERRORS as exc:
-        raise TargetError(f"building the model {model!r} failed: {type(exc).__name__}: {exc}") from None
+            built = eval(expression, ModuleNamespace(torch=torch, nn=nn))  # noqa: S307 - the user's own expression
+    except USER_CODE_ERRORS:
+        built = built_model(expression)
     if not isinstance(built, nn.Module):
         raise TargetError(f"{model!r} gives a {type(built).__name__}, not an nn.Module")
     return built
 
 
-def from_model(model: str, module_name: str) -> tuple[str, str]:
-    """(target, --init expression) for the class of one submodule of MODEL, built the way the model builds it."""
-    built = build_model(model)
+def from_model(model: str, module_name: str, model_input: str | None = None) -> tuple[str, str, ModelCall]:
+    """(target, --init expression, the model's call to the submodule) for one submodule of MODEL."""
+    expression = model_expression(model)
+    built = built_model(expression)
     try:
         submodule = built.get_submodule(module_name)
     except AttributeError:
         raise TargetError(f"{model!r} has no submodule {module_name!r}; `lora-scaffold scan` lists them") from None
     cls = type(submodule)
+    if parametrize.is_parametrized(submodule) and cls.__module__ == parametrize.__name__:
+        parent, _, leaf = module_name.rpartition(".")
+        weights = ", ".join(f"{leaf}.{name}" for name in submodule.parametrizations)
+        raise TargetError(
+            f"{module_name} is a {cls.__bases__[0].__name__} whose {weights.replace(leaf + '.', '')} a parametrization "
+            f"computes, and torch generates its class: target its parent, --module {parent or '(the model)'} "
+            f"--weight {weights.split(', ')[0]}"
+        )
     if "." in cls.__qualname__ or cls.__module__ == "__main__":
         raise TargetError(
             f"{cls.__qualname__} cannot be imported by generated code (defined in a function or __main__)"
         )
-    path, _, function = model.rpartition(":")
-    expression = f"{Path(path).stem}.{function}()" if path.endswith(".py") and "(" not in model else model
-    return f"{cls.__module__}.{cls.__name__}", f"({expression}).get_submodule({module_name!r})"
+    call = ModelCall(expression, module_name, model_input or default_model_input(built))
+    return f"{cls.__module__}.{cls.__name__}", f"({expression}).get_submodule({module_name!r})", call
 
 
-def scan(model: nn.Module) -> tuple[ScannedClass, ...]:
-    found: dict[type, list[tuple[str, nn.Module]]] = {}
+def other_instances(model: str, module_name: str) -> list[str]:
+    """One instance of each other set of weight shapes of the class of MODEL's submodule MODULE_NAME."""
+    built = built_model(model)
+    target = built.get_submodule(module_name)
+    seen, others = {used_weights(target)}, []
+    for name, module in built.named_modules():
+        if type(module) is type(target) and used_weights(module) not in seen:
+            seen.add(used_weights(module))
+            others.append(name)
+    return others
+
+
+def scan(model: nn.Module, model_spec: str, model_input: str | None = None) -> tuple[ScannedClass, ...]:
+    """Every class of the model that holds weights; commands carry `model_input` where given, and need it where the
+    model says nothing of its input (no transformers config)."""
+    if model_input is None:
+        try:
+            default_model_input(model)
+        except AnalysisError as error:
+            model_input = error  # no command without an input: each class says so
+    found: dict[tuple[type, bool], list[tuple[str, nn.Module, tuple]]] = {}
     for name, module in model.named_modules():
-        if any(True for _ in module.parameters(recurse=False)):
-            found.setdefault(type(module), []).append((name or "(the model)", module))
-    return tuple(_describe(cls, instances) for cls, instances in found.items())
+        if isinstance(module, parametrize.ParametrizationList) or ".parametrizations." in f".{name}.":
+            continue  # a parametrization's pieces: listed as the weight they compute, under its owner
+        weights = used_weights(module)
+        if weights:
+            key = (_scanned_class(module), parametrize.is_parametrized(module))
+            found.setdefault(key, []).append((name or "(the model)", module, weights))
+    return tuple(_describe(cls, instances, model, model_spec, model_input) for (cls, _), instances in found.items())
 
 
-def _describe(cls: type, instances: list[tuple[str, nn.Module]]) -> ScannedClass:
-    name, module = instances[0]
-    weights = tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False))
+def used_weights(module: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The module's own parameters, a parametrized weight as the tensor it computes."""
+    own = [(name, tuple(p.shape)) for name, p in module.named_parameters(recurse=False)]
+    if parametrize.is_parametrized(module):
+        own += [(name, tuple(getattr(module, name).shape)) for name in module.parametrizations]
+    return tuple(own)
+
+
+def _scanned_class(module: nn.Module) -> type:
+    """The class a user knows: torch generates one for each parametrized module (ParametrizedConv1d)."""
+    cls = type(module)
+    return cls.__bases__[0] if cls.__module__ == parametrize.__name__ else cls
+
+
+def _describe(cls: type, instances: list, model: nn.Module, model_spec: str, model_input) -> ScannedClass:
+    variants: dict[tuple, list[str]] = {}
+    for name, _, weights in instances:
+        variants.setdefault(weights, []).append(name)
+    # The instance the command targets: the first with a weight LoRA can adapt (Swin's bias tables differ per stage).
+    name, module, weights = next((i for i in instances if _adaptable(i[2])), instances[0])
     qualified = f"{cls.__module__}.{cls.__qualname__}"
-    exact, by_base = peft_builtin(cls, exact=True), peft_builtin(cls)
-    # PEFT dispatches a subclass to its parent's layer, right only where the subclass computes what its parent
-    # does: `new` finds out (the reuse strategy), so a subclass still gets a command.
-    handled = f"lora.{exact}" if exact else f"lora.{by_base}, as its base class" if by_base else ""
-    command, why_not = "", ""
-    if not exact:
-        if not any(sum(size > 1 for size in shape) >= 2 for _, shape in weights):
-            why_not = "no weight with 2 or more dimensions: nothing for LoRA to adapt"
-        else:
-            command, why_not = _new_command(qualified, cls, module)
-    return ScannedClass(qualified, len(instances), name, weights, handled, command, why_not)
+    handled = peft_layer(module, name, model)
+    parametrized = type(module) is not cls
+    if handled.startswith("lora.") and not peft_builtin(cls, exact=True) and peft_builtin(cls):
+        handled += ", as for its base class"
+    if parametrized and handled:
+        handled += ", whose merge is lost: it writes into a weight the parametrization computes anew"
+    command, why_not, target_module, weight = "", "", "", ""
+    adaptable = _adaptable(weights)
+    if peft_builtin(cls, exact=True) and not parametrized:
+        pass  # PEFT's own layer type: nothing to generate
+    elif not adaptable:
+        why_not = "no weight with 2 or more dimensions: nothing for LoRA to adapt"
+    elif "." in cls.__qualname__ or cls.__module__ == "__main__":
+        why_not = f"{cls.__qualname__} is defined in a function or __main__, where generated code cannot import it"
+    elif isinstance(model_input, AnalysisError):
+        why_not = f"{model_input}".replace("pass --model-input", "scan with --model-input")
+    else:
+        target_module, weight = _target(name, adaptable, parametrized)
+        words = ["lora-scaffold", "new", "--from-model", model_spec, "--module", target_module, "--weight", weight]
+        words += ["--model-input", model_input] if model_input else []
+        command = shlex.join([*words, "-o", "lora_layers"])
+    return ScannedClass(
+        qualified_name=qualified + (" (parametrized)" if parametrized else ""),
+        instances=len(instances),
+        example=name,
+        weights=weights,
+        variants=tuple(Variant(tuple(names), shapes) for shapes, names in variants.items()),
+        handled_by=handled,
+        command=command,
+        why_not=why_not,
+        module=target_module,
+        weight=weight,
+    )
 
 
-def _new_command(qualified: str, cls: type, module: nn.Module) -> tuple[str, str]:
-    """`lora-scaffold new` with the constructor arguments read from the instance's attributes of the same names."""
-    words = ["lora-scaffold", "new", qualified]
-    for param in ctor_params(cls):
-        value = getattr(module, param.name, None)
-        if isinstance(value, (bool, int, float, str, tuple)) and is_literal(value):
-            if param.required or repr(value) != param.default:
-                words += ["--arg", f"{param.name}={value!r}"]
-        elif param.required and value is None:
-            return "", f"its constructor takes {param.name!r}, which the instance does not keep: pass --arg or --init"
-        elif param.required:
-            return "", f"its constructor takes {param.name!r}, which is no literal: build it with --init EXPR"
-    return shlex.join([*words, "-o", "lora_layers"]), ""
+def _adaptable(weights: tuple[tuple[str, tuple[int, ...]], ...]) -> list[tuple[str, tuple[int, ...]]]:
+    return [(name, shape) for name, shape in weights if sum(size > 1 for size in shape) >= 2]
+
+
+def _target(name: str, adaptable: list, parametrized: bool) -> tuple[str, str]:
+    """(submodule, weight) of the command: the one named `weight`, else the largest; a parametrized module's through
+    its parent, which torch did not generate."""
+    named = [n for n, _ in adaptable if n == "weight"]
+    weight = named[0] if named else max(adaptable, key=lambda item: math.prod(item[1]))[0]
+    if not parametrized:
+        return name, weight
+    parent, _, leaf = name.rpartition(".")
+    return parent, f"{leaf}.{weight}"

@@ -27,7 +27,6 @@ from lora_scaffold.imports import format_imports
 from lora_scaffold.introspect import TargetSpec
 from lora_scaffold.render import context_for_verify, render_test_module, test_imports
 from lora_scaffold.resolve import ResolvedTarget, resolve_class
-from lora_scaffold.sample_input import evaluate_input
 from lora_scaffold.target import PeftTarget
 
 
@@ -259,10 +258,10 @@ def _model(spec: TargetSpec, layer: type, **options) -> nn.Module:
 def _mixed_batch_forward(spec: TargetSpec, plan: LayerPlan, layer: type) -> None:
     model = _model(spec, layer).eval()
     model.add_adapter("other", _config(spec, layer))
-    inputs = evaluate_input(plan.example_input)
+    inputs, keywords = plan.example_call()
     batch = len(inputs[0])
     with torch.no_grad():
-        model(*inputs, adapter_names=(["default", "other"] * batch)[:batch])
+        model(*inputs, **keywords, adapter_names=(["default", "other"] * batch)[:batch])
 
 
 def _refusal(attempt) -> str | None:

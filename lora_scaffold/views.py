@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import TextIO
 
 from lora_scaffold.files import FileChange
+from lora_scaffold.generate import Generated
 from lora_scaffold.introspect import TargetSpec
 from lora_scaffold.render import dora_refusal
 from lora_scaffold.scan import ScannedClass
@@ -62,7 +63,7 @@ def spec_json(spec: TargetSpec) -> dict:
 
 def plan_text(report: Report) -> str:
     plan, spec = report.plan, report.spec
-    inferred = "inferred" if plan.input_inferred else "given"
+    inferred = "recorded" if plan.model_call else "inferred" if plan.input_inferred else "given"
     scaled = "".join(
         f"\nscaled    {name} {old} -> {new} to keep the probe and tests small" for name, old, new in spec.scaled_args
     )
@@ -97,15 +98,58 @@ def scan_text(found: tuple[ScannedClass, ...]) -> str:
     for scanned in found:
         where = f"{scanned.qualified_name}  x{scanned.instances} ({scanned.example})"
         lines.append(where)
+        if len(scanned.variants) > 1:
+            for variant in scanned.variants:
+                shapes = ", ".join(f"{name} {list(shape)}" for name, shape in variant.weights)
+                lines.append(f"    x{len(variant.instances)} ({variant.instances[0]}): {shapes}")
         if scanned.handled_by:
-            lines.append(f"    PEFT dispatches it to {scanned.handled_by}")
+            lines.append(f"    PEFT: {scanned.handled_by}")
+        else:
+            lines.append("    PEFT: not supported")
         if scanned.command or scanned.why_not:
             lines.append(f"    {scanned.command or 'not generated: ' + scanned.why_not}")
     return "\n".join(lines) or "no module of the model holds parameters"
 
 
 def scan_json(found: tuple[ScannedClass, ...]) -> dict:
-    return {"command": "scan", "classes": [{**asdict(scanned), "weights": dict(scanned.weights)} for scanned in found]}
+    classes = [
+        {
+            **asdict(scanned),
+            "weights": dict(scanned.weights),
+            "variants": [{"instances": list(v.instances), "weights": dict(v.weights)} for v in scanned.variants],
+        }
+        for scanned in found
+    ]
+    return {"command": "scan", "classes": classes}
+
+
+def generated_text(results: tuple[Generated, ...]) -> str:
+    """One line a class of the model: its layer and strategy, or why there is none."""
+    lines = []
+    for result in results:
+        where = f"{result.scanned.qualified_name} ({result.scanned.module}, {result.scanned.weight})"
+        if result.module_name:
+            lines.append(f"layer     {result.module_name}.{result.layer_class}: {result.strategy}  <- {where}")
+        else:
+            lines.append(f"no layer  {where}: {result.error}")
+    return "\n".join(lines) or "every class of the model that holds an adaptable weight is PEFT's own"
+
+
+def generated_json(results: tuple[Generated, ...], outcome: Outcome, dry_run: bool) -> dict:
+    layers = [
+        {
+            "class": r.scanned.qualified_name,
+            "module": r.scanned.module,
+            "weight": r.scanned.weight,
+            "layer": r.module_name or None,
+            "layer_class": r.layer_class or None,
+            "strategy": r.strategy or None,
+            "reason": r.reason or None,
+            "error": r.error or None,
+        }
+        for r in results
+    ]
+    return {**outcome_json("scan", outcome, dry_run), "layers": layers}
 
 
 def changes_text(outcome: Outcome, dry_run: bool, style: Style) -> str:

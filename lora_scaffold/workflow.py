@@ -10,7 +10,7 @@ from pathlib import Path
 from lora_scaffold import journal, verify
 from lora_scaffold.analyse import LayerPlan, analyse, low_rank_note
 from lora_scaffold.constructor import parse_arg_overrides
-from lora_scaffold.errors import MergeConflictError, PatchError, ScaffoldError, WriteError
+from lora_scaffold.errors import AnalysisError, MergeConflictError, PatchError, ScaffoldError, WriteError
 from lora_scaffold.files import FileChange, apply_changes, plan_changes, plan_deletions, refuse_conflicts
 from lora_scaffold.introspect import TargetSpec, introspect
 from lora_scaffold.merge import merge_file
@@ -22,7 +22,7 @@ from lora_scaffold.record import IGNORE_FILE, IGNORE_TEXT, GenerationRecord, dig
 from lora_scaffold.render import GeneratedFile, render
 from lora_scaffold.request import Request
 from lora_scaffold.resolve import resolve_target
-from lora_scaffold.scan import ScannedClass, build_model, from_model, scan
+from lora_scaffold.scan import ScannedClass, build_model, from_model, other_instances, scan
 from lora_scaffold.target import PLUGIN, PeftTarget, installed_peft, peft_target
 
 
@@ -53,20 +53,36 @@ def inspect_target(request: Request) -> TargetSpec:
     return introspect(resolve_target(request.target), parse_arg_overrides(list(request.args)), request.init)
 
 
-def target_in_model(model: str, module_name: str) -> tuple[str, str]:
-    """`new --from-model MODEL --module NAME`: the target class and the --init expression that builds it."""
-    return from_model(model, module_name)
+def request_from_model(model: str, module_name: str, model_input: str | None, **options) -> Request:
+    """`new --from-model MODEL --module NAME`: the submodule's class, built from the model and called as the model
+    calls it (on --model-input, or an input made from the model's config)."""
+    target, init, call = from_model(model, module_name, model_input)
+    return Request(target, init=init, model=call.model, module=call.module, model_input=call.model_input, **options)
 
 
-def scan_model(model: str) -> tuple[ScannedClass, ...]:
+def scan_model(model: str, model_input: str | None = None) -> tuple[ScannedClass, ...]:
     """`scan`: the module classes of MODEL that hold weights, and how each gets LoRA."""
-    return scan(build_model(model))
+    return scan(build_model(model), model, model_input)
 
 
 def plan_layer(request: Request) -> tuple[TargetSpec, LayerPlan]:
-    """Resolve, introspect and analyse: everything up to rendering."""
+    """Resolve, introspect and analyse: everything up to rendering. A target taken from a model is checked on every
+    instance of its class there (one of each set of weight shapes): the layer applies to all of them."""
     spec = inspect_target(request)
-    return spec, analyse(spec, request.options)
+    plan = analyse(spec, request.options)
+    if request.model_call is not None:
+        for other in other_instances(request.model, request.module):
+            _check_instance(request, plan, other)
+    return spec, plan
+
+
+def _check_instance(request: Request, plan: LayerPlan, module: str) -> None:
+    _, init, _ = from_model(request.model, module, request.model_input)
+    other = replace(request, module=module, init=init)
+    try:
+        analyse(inspect_target(other), replace(other.options, strategy=plan.chosen.family))
+    except ScaffoldError as error:
+        raise AnalysisError(f"{module}, another {plan.target_class} of the model: {error}") from None
 
 
 def verify_layers(layers: list[tuple[str, Request | None]]) -> tuple[verify.Verification, ...]:

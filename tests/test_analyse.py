@@ -110,8 +110,8 @@ def test_example_input_is_used_as_given():
     assert plan.example_input == "torch.randn(1, 4, 11, 11)" and not plan.input_inferred
 
 
-def test_bad_example_input_is_explained():
-    with pytest.raises(AnalysisError, match="could not infer an input.*--example-input"):
+def test_a_given_example_input_that_fails_is_reported_as_such():
+    with pytest.raises(AnalysisError, match=r"Conv2d fails on --example-input torch.randn\(2, 3\): RuntimeError: Exp"):
         plan_for("torch.nn.Conv2d", example_input="torch.randn(2, 3)")
 
 

@@ -78,11 +78,17 @@ PLUGIN_CASES = [
     (["torch.nn.Linear", "--name", "layer"], "LoraLayer, which generated code uses"),
     # the input
     (["torch.nn.Conv2d", "--example-input", "torch.randn("], "is not one Python expression"),
-    (["torch.nn.Conv2d", "--example-input", "torch.randn(2, 3)"], "could not infer an input"),
+    (
+        ["torch.nn.Conv2d", "--example-input", "torch.randn(2, 3)"],
+        "Conv2d fails on --example-input torch.randn(2, 3): RuntimeError",
+    ),
     (["torch.nn.Linear", "--example-input", "1/0"], "ZeroDivisionError"),
     (["torch.nn.Linear", "--example-input", "torch.randn(2, 8)\nimport os"], "is not one Python expression"),
-    (["torch.nn.Linear", "--example-input", "'text'"], "could not infer an input"),
-    (["torch.nn.Linear", "--example-input", "(torch.randn(2, 8), 'x')"], "could not infer an input"),
+    (["torch.nn.Linear", "--example-input", "'text'"], "Linear fails on --example-input"),
+    (
+        ["torch.nn.Linear", "--example-input", "(torch.randn(2, 8), 'x')"],
+        'Linear fails on --example-input (torch.randn(2, 8), "x"): TypeError',
+    ),
     (["torch.nn.Linear", "--example-input", "__import__('sys').exit(0)"], "SystemExit"),
     (["scaffold_targets.ExitingForward"], "could not infer an input"),
     (["scaffold_targets.ScalarOutput"], "could not infer an input"),

@@ -1,47 +1,192 @@
-"""`scan` a model: which classes hold weights, which PEFT handles, and a `new` command that works for the rest."""
+"""`scan` a model, then run the commands it prints: from a model to working layers (issue 19's reproductions)."""
 
 import json
 import shlex
 from pathlib import Path
 
+import pytest
 from test_end_to_end import run_suites
 
+from lora_scaffold.capture import ModelCall
 from lora_scaffold.cli import main
+from lora_scaffold.constructor import ctor_params
+from lora_scaffold.workflow import plan_layer, request_from_model
 
 
 TESTS = Path(__file__).resolve().parent
+LAYERS = "hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2"
 MIXTRAL = (
-    "transformers.AutoModelForCausalLM.from_config(transformers.MixtralConfig(hidden_size=16, intermediate_size=32, "
-    "num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, vocab_size=64))"
+    f"transformers.AutoModelForCausalLM.from_config(transformers.MixtralConfig({LAYERS}, num_local_experts=4, "
+    "vocab_size=64))"
+)
+QWEN2_MOE = (
+    f"transformers.AutoModelForCausalLM.from_config(transformers.Qwen2MoeConfig({LAYERS}, moe_intermediate_size=8, "
+    "shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2, vocab_size=64))"
+)
+MAMBA = (
+    "transformers.AutoModelForCausalLM.from_config(transformers.MambaConfig(hidden_size=16, state_size=4, "
+    "num_hidden_layers=1, vocab_size=64, expand=2, conv_kernel=3, time_step_rank=4))"
+)
+OPT = (
+    "transformers.AutoModelForCausalLM.from_config(transformers.OPTConfig(hidden_size=16, ffn_dim=32, "
+    "num_hidden_layers=1, num_attention_heads=2, vocab_size=64, max_position_embeddings=32, word_embed_proj_dim=16))"
+)
+WAV2VEC2 = (
+    "transformers.AutoModel.from_config(transformers.Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, "
+    "num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), "
+    "num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, vocab_size=32))"
+)
+SWIN = (
+    "transformers.AutoModelForImageClassification.from_config(transformers.SwinConfig(image_size=32, patch_size=4, "
+    "embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=2, num_labels=3))"
 )
 
 
-def scanned(capsys, model: str) -> dict[str, dict]:
-    assert main(["scan", model, "--json"]) == 0
+def scanned(capsys, model: str, *options: str) -> dict[str, dict]:
+    assert main(["scan", model, "--json", *options]) == 0
     return {c["qualified_name"]: c for c in json.loads(capsys.readouterr().out)["classes"]}
 
 
-def test_scan_a_factory_in_a_file_and_run_the_commands_it_gives(capsys, tmp_path, monkeypatch):
-    classes = scanned(capsys, f"{TESTS / 'scan_models.py'}:small_model")
+def run_command(command: str, folder: Path) -> None:
+    """A command as scan prints it, writing into `folder`, and the generated suite run in a fresh pytest."""
+    words = shlex.split(command)[1:]
+    words[words.index("-o") + 1] = str(folder)
+    assert main(words) == 0
+    result = run_suites([folder], folder.parent / f"{folder.name}.xml", extra_paths=(TESTS,))
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_a_model_without_a_config_needs_its_input_and_then_every_command_works(capsys, tmp_path):
+    model = f"{TESTS / 'scan_models.py'}:small_model"
+    classes = scanned(capsys, model)
+    assert (
+        "has no transformers config to make its input from: scan with --model-input"
+        in (classes["scaffold_targets.PlainLinear"]["why_not"])
+    )
+    classes = scanned(capsys, model, "--model-input", "torch.randn(2, 3, 6, 6)")
     assert classes["torch.nn.modules.linear.Linear"]["handled_by"] == "lora.Linear"
     assert "nothing for LoRA" in classes["torch.nn.modules.normalization.LayerNorm"]["why_not"]
-    squared = classes["scaffold_targets.SquaredConv"]
-    plain = classes["scaffold_targets.PlainLinear"]
-    assert squared["handled_by"] == "lora.Conv2d, as its base class" and "--arg in_channels=3" in squared["command"]
-    assert plain["command"] == "" and "takes 'in_features', which the instance does not keep" in plain["why_not"]
-    monkeypatch.chdir(tmp_path)
-    assert main(shlex.split(squared["command"])[1:]) == 0
-    assert [p.name for p in (tmp_path / "lora_layers").glob("lora_*.py")] == ["lora_squared_conv.py"]
+    squared, plain = classes["scaffold_targets.SquaredConv"], classes["scaffold_targets.PlainLinear"]
+    assert squared["handled_by"] == "lora.Conv2d, as for its base class"
+    assert "--from-model" in plain["command"] and "--module 2 --weight weight" in plain["command"]
+    run_command(plain["command"], tmp_path / "plain")
+    run_command(squared["command"], tmp_path / "squared")
 
 
-def test_scan_a_transformers_moe_model_built_from_a_config(capsys):
-    classes = scanned(capsys, MIXTRAL)
-    experts = classes["transformers.models.mixtral.modeling_mixtral.MixtralExperts"]
-    assert experts["handled_by"] == "" and experts["weights"]["down_proj"] == [4, 16, 32]
-    assert "takes 'config', which is no literal: build it with --init EXPR" in experts["why_not"]
-    assert classes["torch.nn.modules.linear.Linear"]["handled_by"] == "lora.Linear"
-    assert main(["scan", MIXTRAL]) == 0
-    assert "MixtralExperts  x1 (model.layers.0.mlp.experts)" in capsys.readouterr().out
+def test_moe_experts_get_a_command_with_the_input_the_model_feeds(capsys, tmp_path):
+    """Reproduction 1: scan said "build it with --init EXPR"; the guessed input passed floats as top_k_index."""
+    classes = scanned(capsys, QWEN2_MOE)
+    experts = classes["transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeExperts"]
+    assert experts["handled_by"] == "" and experts["weights"]["gate_up_proj"] == [4, 16, 16]
+    assert "--module model.layers.0.mlp.experts --weight gate_up_proj" in experts["command"]
+    request = request_from_model(QWEN2_MOE, "model.layers.0.mlp.experts", None, weight="gate_up_proj")
+    _, plan = plan_layer(request)
+    hidden, top_k_index, top_k_weights = plan.example_call()[0]
+    assert hidden.shape == (16, 16) and top_k_index.dtype.is_floating_point is False and top_k_index.max() < 4
+    assert top_k_weights.shape == (16, 2) and plan.strategy == "experts"
+    run_command(experts["command"], tmp_path / "experts")
+
+
+def test_routers_peft_converts_are_reported_as_peft_handles_them(capsys):
+    """Reproduction 6: PEFT 0.21 turns a config naming Mixtral's `gate` into a ParamWrapper on `gate.weight`."""
+    router = scanned(capsys, MIXTRAL)["transformers.models.mixtral.modeling_mixtral.MixtralTopKRouter"]
+    assert router["handled_by"].startswith("lora.ParamWrapper on gate.weight (PEFT's transformers-v5 MoE conversion")
+    qwen2 = scanned(capsys, QWEN2_MOE)["transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeTopKRouter"]
+    assert qwen2["handled_by"] == ""  # qwen2_moe is not among the model types PEFT converts
+
+
+def test_a_wrapped_init_is_read_through_its_decorator(capsys, tmp_path):
+    """Reproduction 2: transformers wraps MambaMixer.__init__ in a decorator taking (*args, **kwargs)."""
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+
+    assert [p.name for p in ctor_params(MambaMixer)][:2] == ["config", "layer_idx"]
+    mixer = scanned(capsys, MAMBA)["transformers.models.mamba.modeling_mamba.MambaMixer"]
+    assert "--module backbone.layers.0.mixer --weight A_log" in mixer["command"]
+    run_command(mixer["command"], tmp_path / "mixer")
+
+
+def test_a_position_embedding_is_taken_from_the_model_not_rebuilt_from_its_attributes(capsys, tmp_path):
+    """Reproduction 3: OPT's table has num_embeddings + 2 rows, and its input is the attention mask."""
+    embedding = scanned(capsys, OPT)["transformers.models.opt.modeling_opt.OPTLearnedPositionalEmbedding"]
+    assert embedding["weights"]["weight"] == [34, 16] and "--from-model" in embedding["command"]
+    request = request_from_model(OPT, "model.decoder.embed_positions", None, weight="weight")
+    _, plan = plan_layer(request)
+    mask = plan.example_call()[0][0]
+    assert mask.shape == (2, 8) and set(mask.unique().tolist()) == {1}  # the mask the model makes for its ids
+    run_command(embedding["command"], tmp_path / "positions")
+
+
+def test_a_weight_normed_conv_is_listed_as_its_weight_and_targeted_through_its_parent(capsys, tmp_path):
+    """Reproduction 4: wav2vec2's pos_conv_embed.conv, whose class torch generates (ParametrizedConv1d)."""
+    classes = scanned(capsys, WAV2VEC2)
+    conv = classes["torch.nn.modules.conv.Conv1d (parametrized)"]
+    assert conv["weights"] == {"bias": [16], "weight": [16, 8, 4]} and conv["example"] == "encoder.pos_conv_embed.conv"
+    assert "whose merge is lost" in conv["handled_by"]
+    assert "--module encoder.pos_conv_embed --weight conv.weight" in conv["command"]
+    assert not any("Parametrization" in name for name in classes)
+    assert main(["new", "--from-model", WAV2VEC2, "--module", "encoder.pos_conv_embed.conv"]) == 2
+    assert "target its parent, --module encoder.pos_conv_embed --weight conv.weight" in capsys.readouterr().err
+    run_command(conv["command"], tmp_path / "pos_conv")
+
+
+def test_instances_of_other_shapes_are_listed_and_checked(capsys, tmp_path):
+    """Reproduction 5: Swin's relative position bias has one table column per head, per stage."""
+    bias = scanned(capsys, SWIN)["transformers.models.swin.modeling_swin.SwinRelativePositionBias"]
+    tables = [variant["weights"]["relative_position_bias_table"] for variant in bias["variants"]]
+    assert tables == [[9, 1], [9, 2]] and bias["instances"] == 2
+    # The command targets the stage whose table LoRA can adapt; `new` checks the layer on the other stage too.
+    assert "--module swin.encoder.layers.1.blocks.0.attention.relative_position_bias" in bias["command"]
+    run_command(bias["command"], tmp_path / "bias")
+
+
+def test_outputs_of_mixed_dtypes_keep_each_its_dtype_in_bf16(tmp_path):
+    """Reproduction 7: a router's bf16 logits, float32 scores and int64 indices (the old check compared their
+    concatenation, promoted to float32, with bfloat16)."""
+    model = f"{TESTS / 'scan_models.py'}:routed_model"
+    run_command(f"x new --from-model {model} --module 1 --model-input 'torch.randn(3, 6)' -o out", tmp_path / "router")
+
+
+def test_a_model_that_does_not_build_on_the_meta_device_is_built_for_real(capsys, tmp_path):
+    """Reproduction 8: a layer that quantizes in its constructor (`.item()` of its scale) cannot be built on meta."""
+    model = f"{TESTS / 'scan_models.py'}:quantized_model"
+    quantized = scanned(capsys, model, "--model-input", "torch.randn(3, 6)")["scan_models.Int8Linear"]
+    assert quantized["weights"] == {"up": [5, 5]}
+    run_command(quantized["command"], tmp_path / "int8")
+
+
+def test_scan_generate_writes_every_layer_and_one_register(capsys, tmp_path):
+    out = tmp_path / "layers"
+    assert main(["scan", QWEN2_MOE, "--generate", "-o", str(out), "--json"]) == 0
+    layers = {layer["class"].rpartition(".")[2]: layer for layer in json.loads(capsys.readouterr().out)["layers"]}
+    assert layers["Qwen2MoeExperts"]["strategy"] == "experts" and layers["Qwen2MoeTopKRouter"]["strategy"] == "delta"
+    assert sorted(p.name for p in out.glob("*.py")) == [
+        "__init__.py",
+        "conftest.py",
+        "lora_qwen2_moe_experts.py",
+        "lora_qwen2_moe_top_k_router.py",
+        "test_lora_qwen2_moe_experts.py",
+        "test_lora_qwen2_moe_top_k_router.py",
+    ]
+    result = run_suites([out], tmp_path / "junit.xml", extra_paths=(tmp_path,))
+    assert result.returncode == 0 and "44 passed" in result.stdout, result.stdout[-3000:]
+    # Again: nothing changes; an edited __init__.py is not overwritten.
+    assert main(["scan", QWEN2_MOE, "--generate", "-o", str(out)]) == 0
+    assert "identical" in capsys.readouterr().out
+    (out / "__init__.py").write_text("# mine\n")
+    assert main(["scan", QWEN2_MOE, "--generate", "-o", str(out)]) == 2
+    assert "__init__.py already exists with other content" in capsys.readouterr().err
+    assert (out / "__init__.py").read_text() == "# mine\n"
+
+
+def test_the_package_registers_every_layer(tmp_path, import_path):
+    out = tmp_path / "moe_layers"
+    assert main(["scan", QWEN2_MOE, "--generate", "-o", str(out)]) == 0
+    import_path(tmp_path)
+    import moe_layers
+    from peft import LoraConfig
+
+    config = moe_layers.register(LoraConfig(target_modules=["gate", "experts"]))
+    assert sorted(cls.__name__ for cls in config._custom_modules) == ["Qwen2MoeExperts", "Qwen2MoeTopKRouter"]
 
 
 def test_a_model_that_cannot_be_built_is_one_line(capsys):
@@ -65,6 +210,8 @@ def test_new_from_a_model_targets_the_class_of_a_submodule_and_its_suite_passes(
         "        transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)\n"
         '    ).get_submodule("transformer.h.0.attn")\n'
     ) in tests and "import transformers\n" in tests
+    # The attention gets what the model passes it, keywords included (position embeddings, the mask).
+    assert "def recorded_call()" in tests and "captured_call()[1].items()" in tests
     result = run_suites([tmp_path / "out"], tmp_path / "junit.xml")
     assert result.returncode == 0, result.stdout[-3000:]
 
@@ -76,3 +223,26 @@ def test_from_model_needs_both_options_and_nothing_else(capsys, tmp_path):
     assert "give TARGET, or --from-model" in capsys.readouterr().err
     assert main(["new", "--from-model", f"{TESTS / 'scan_models.py'}:small_model", "--module", "9"]) == 2
     assert "has no submodule '9'" in capsys.readouterr().err
+    assert main(["new", "torch.nn.Linear", "--model-input", "{}"]) == 2
+    assert "--model-input is what --from-model's model is fed" in capsys.readouterr().err
+
+
+def test_a_model_input_that_fails_is_said_to_be_the_input(capsys, tmp_path):
+    bad = ["new", "--from-model", MIXTRAL, "--module", "model.layers.0.mlp.experts", "--weight", "gate_up_proj"]
+    assert main([*bad, "--model-input", "{'input_ids': torch.randn(2, 3)}", "-o", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "the model's forward on --model-input {'input_ids': torch.randn(2, 3)} failed" in error
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_model_call_is_plain_data():
+    call = ModelCall("m()", "a.b", "{'x': 1}")
+    assert call == ModelCall("m()", "a.b", "{'x': 1}") and hash(call)
+
+
+@pytest.mark.parametrize("module", ["model.layers.0.mlp.experts"])
+def test_every_seed_gives_the_model_a_new_input_and_the_same_weights(module):
+    request = request_from_model(MIXTRAL, module, None, weight="gate_up_proj")
+    first, second = request.model_call(0)[0][0], request.model_call(1)[0][0]
+    assert first.shape == second.shape and not first.equal(second)
+    assert request.model_call(0)[0][0].equal(first)

@@ -157,8 +157,8 @@ class LoraBilinear(nn.Module, LoraLayer):
     def _compose(self, weight_A: torch.Tensor, weight_B: torch.Tensor) -> torch.Tensor:
         return (weight_B @ weight_A).reshape(_weight_shape(self.get_base_layer()))
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        self._check_forward_args(x, *args, **kwargs)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Inputs pass through as the module's callers give them (by keyword too: `hidden_states=...`), or none.
         if kwargs.pop("adapter_names", None) is not None:
             raise ValueError(
                 f"lora.{type(self).__name__} cannot mix adapters in one batch (`adapter_names`): "
@@ -169,7 +169,7 @@ class LoraBilinear(nn.Module, LoraLayer):
         adapters = [adapter for adapter in self.active_adapters if adapter in self.r]
         if self.disable_adapters or self.merged or not adapters:
             self._weight_cache = None
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_layer(*args, **kwargs)
         owner_name, _, attribute = WEIGHT_NAME.rpartition(".")
         owner = _get_attribute(self.get_base_layer(), owner_name) if owner_name else self.get_base_layer()
         weight = getattr(owner, attribute)
@@ -178,7 +178,7 @@ class LoraBilinear(nn.Module, LoraLayer):
         else:
             effective = self._cached_effective_weight(weight, adapters)
         # The base module's own forward runs with W + dW, so the adapter is exact whatever that forward computes.
-        return self._forward_with_weight(owner, attribute, effective, x, *args, **kwargs)
+        return self._forward_with_weight(owner, attribute, effective, *args, **kwargs)
 
     def _effective_weight(self, weight: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         """`W + (B @ A) * scaling` summed over `adapters`: one fused multiply-add per adapter, laid out like W."""
@@ -214,7 +214,7 @@ class LoraBilinear(nn.Module, LoraLayer):
         return super().train(mode)
 
     def _forward_with_weight(
-        self, owner: nn.Module, attribute: str, weight: torch.Tensor, x: torch.Tensor, *args: Any, **kwargs: Any
+        self, owner: nn.Module, attribute: str, weight: torch.Tensor, *args: Any, **kwargs: Any
     ) -> Any:
         # W + dW stands in for the weight for this one call where the module keeps it: as a parameter, or as the
         # plain attribute FSDP's use_orig_params puts in its place during forward. (functional_call swaps the same
@@ -223,7 +223,7 @@ class LoraBilinear(nn.Module, LoraLayer):
         saved = slots[attribute]
         slots[attribute] = weight
         try:
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_layer(*args, **kwargs)
         finally:
             slots[attribute] = saved
 

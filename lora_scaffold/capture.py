@@ -1,0 +1,176 @@
+"""`--from-model`: the model is the truth. It is built for real (small, seeded), fed its input once, and a forward
+pre-hook records what one submodule receives (positional and keyword arguments): that call is the probe's input and
+the generated tests', which rebuild the model and record the call the same way (`partials/captured_call.jinja`)."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError, TargetError
+from lora_scaffold.init_expression import ModuleNamespace
+
+
+MODEL_SEED = 0
+# A forward of the model is made for real: a model past this many elements was not built from a small config.
+MODEL_ELEMENT_BUDGET = 50_000_000
+BATCH, TOKENS = 2, 8
+
+
+class Captured(BaseException):
+    """Ends the model's forward once the submodule's call is recorded (a BaseException passes `except Exception`)."""
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """The call MODEL makes to its submodule MODULE when fed MODEL_INPUT (a dict of keyword inputs, or positional
+    inputs: a tuple or one tensor), as expressions the generated tests evaluate again."""
+
+    model: str
+    module: str
+    model_input: str
+
+    def __call__(self, seed: int) -> tuple[tuple, dict]:
+        """(args, kwargs) the submodule receives when the model's input is drawn with `seed`."""
+        calls = record_calls(self, [self.module], seed, stop_early=True)
+        if not calls[self.module]:
+            raise AnalysisError(
+                f"the model's forward on {self.model_input} never calls {self.module}; pass --model-input EXPR "
+                "with an input that reaches it"
+            )
+        return calls[self.module][0]
+
+
+def evaluate_model(model: str):
+    """The model an expression builds, on the CPU, seeded (the generated tests build it the same way)."""
+    torch.manual_seed(MODEL_SEED)
+    try:
+        with torch.device("cpu"):
+            return eval(model, ModuleNamespace(torch=torch, nn=nn))  # noqa: S307 - the user's own expression
+    except USER_CODE_ERRORS as exc:
+        raise TargetError(f"building the model {model!r} failed: {type(exc).__name__}: {exc}") from None
+
+
+@lru_cache(maxsize=4)
+def built_model(model: str) -> nn.Module:
+    """One build of the model per process (several captures and the probe's seeds share it), in eval mode and
+    without a key-value cache, whose state would make a repeated call differ."""
+    built = evaluate_model(model)
+    if not isinstance(built, nn.Module):
+        raise TargetError(f"{model!r} gives a {type(built).__name__}, not an nn.Module")
+    size = sum(t.numel() for t in (*built.parameters(), *built.buffers()))
+    if size > MODEL_ELEMENT_BUDGET:
+        raise TargetError(
+            f"{model!r} has {size:,} weight elements; --from-model runs it for real: build it from a small config"
+        )
+    if any(t.is_meta for t in built.parameters()):
+        raise TargetError(f"{model!r} gives a model on the meta device; --from-model runs it: build it on the CPU")
+    config = getattr(built, "config", None)
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    return built.eval()
+
+
+def model_arguments(model_input: str, seed: int) -> tuple[tuple, dict]:
+    torch.manual_seed(seed)
+    try:
+        value = eval(model_input, {"torch": torch, "math": math})  # noqa: S307 - the user's own expression
+    except USER_CODE_ERRORS as exc:
+        raise AnalysisError(f"--model-input {model_input!r} failed: {type(exc).__name__}: {exc}") from None
+    if isinstance(value, dict):
+        return (), value
+    return (value if isinstance(value, tuple) else (value,)), {}
+
+
+def record_calls(call: ModelCall, modules: list[str], seed: int, stop_early: bool = False) -> dict[str, list]:
+    """{module name: [(args, kwargs), ...]} of one forward of the model; with `stop_early`, the forward ends at the
+    first call of the first module."""
+    model = built_model(call.model)
+    calls: dict[str, list] = {name: [] for name in modules}
+
+    def recorder(name: str):
+        def record(module: nn.Module, args: tuple, kwargs: dict):
+            calls[name].append(copy.deepcopy(bound_call(module, args, kwargs)))
+            if stop_early:
+                raise Captured
+
+        return record
+
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(recorder(name), with_kwargs=True) for name in modules
+    ]
+    args, kwargs = model_arguments(call.model_input, seed)
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Captured:
+        pass
+    except USER_CODE_ERRORS as exc:
+        raise AnalysisError(
+            f"the model's forward on --model-input {call.model_input} failed: {type(exc).__name__}: {exc}; pass "
+            "--model-input EXPR with the input the model takes"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def bound_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call with every argument that can be positional made positional (the tests take the batch from the first),
+    the rest kept as keywords."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return args, kwargs
+    return bound.args, bound.kwargs
+
+
+def default_model_input(model: nn.Module) -> str:
+    """An input for a transformers model from its config: token ids, pixel values, audio values or features, decoder
+    ids for an encoder-decoder. Raises for a model that gives no clue; the user then passes --model-input."""
+    config = getattr(model, "config", None)
+    main = getattr(model, "main_input_name", None)
+    if config is None or main is None:
+        raise AnalysisError(
+            f"{type(model).__name__} has no transformers config to make its input from: pass --model-input EXPR, what "
+            "the model is fed ('torch.randn(2, 16)', or a dict of keyword inputs)"
+        )
+    entries = {main: _main_input(config, main, type(model).__name__)}
+    if getattr(config, "is_encoder_decoder", False):
+        entries["decoder_input_ids"] = f"torch.randint(0, {_vocab_size(config)}, ({BATCH}, 4))"
+    return "{" + ", ".join(f"{key!r}: {value}" for key, value in entries.items()) + "}"
+
+
+def _main_input(config, main: str, model_name: str) -> str:
+    if main == "input_ids":
+        return f"torch.randint(0, {_vocab_size(config)}, ({BATCH}, {TOKENS}))"
+    if main == "pixel_values":
+        vision = getattr(config, "vision_config", None) or config
+        channels = getattr(vision, "num_channels", 3)
+        size = getattr(vision, "image_size", 32)
+        height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        return f"torch.randn({BATCH}, {channels}, {height}, {width})"
+    if main == "input_values":
+        strides = getattr(config, "conv_stride", None) or (1,)
+        kernels = getattr(config, "conv_kernel", None) or (1,)
+        return f"torch.randn({BATCH}, {math.prod(strides) * TOKENS + sum(kernels)})"
+    if main == "input_features":
+        bins = getattr(config, "num_mel_bins", None) or getattr(config, "feature_size", None) or 80
+        frames = 2 * getattr(config, "max_source_positions", TOKENS * 4)
+        return f"torch.randn({BATCH}, {bins}, {frames})"
+    raise AnalysisError(
+        f"{model_name} takes {main!r}, for which lora-scaffold has no default: pass --model-input EXPR"
+    )
+
+
+def _vocab_size(config) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
+    return min(int(vocab), 1000) if isinstance(vocab, int) and vocab > 0 else 16
