@@ -8,13 +8,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from lora_scaffold import strategies
 from lora_scaffold.capture import ModelCall
 from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError
 from lora_scaffold.introspect import TargetSpec, TensorInfo
 from lora_scaffold.names import expression_source, layer_names
-from lora_scaffold.probe import NotDeterministic, Probe, build_probe
+from lora_scaffold.probe import NotDeterministic, Probe, build_probe, dotted_attribute
 from lora_scaffold.sample_input import (
     SEED,
     candidate_inputs,
@@ -26,6 +27,9 @@ from lora_scaffold.sample_input import (
 from lora_scaffold.strategies import Evidence, Strategy, Verdict
 from lora_scaffold.strategies.experts import BankView, flat_layout
 
+
+# Below this relative effect of a weight change of the weight's own spread, float32 outputs cannot show an adapter.
+VISIBLE_EFFECT = 1e-4
 
 # Modules whose parents (TransformerEncoderLayer) have an eval fast path that reads their weights directly.
 FUSED_PATH_MODULES = (nn.MultiheadAttention,)
@@ -136,7 +140,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         find_sample_input(module, [example_input], given=True)
     else:
         candidates = candidate_inputs(weight.shape, spec.forward_arity, attributes)
-        example_input = find_sample_input(module, candidates)
+        example_input = find_sample_input(module, candidates, responds=lambda inputs: responds(module, weight, inputs))
     make_call = example_call(example_input, options.model_call)
     asked = strategies.asked_for(options.strategy) if options.strategy != strategies.AUTO else ()
     needs_probe = not asked or any(strategy.needs_probe for strategy in asked)
@@ -245,12 +249,34 @@ def run_probe(module: nn.Module, weight: TensorInfo, make_call, example_input: s
         raise AnalysisError(
             f"running {type(module).__name__} with a changed {weight.name!r} failed: {type(exc).__name__}: {exc}"
         ) from exc
+    if probe.weight_matters() and probe.weight_effect() < VISIBLE_EFFECT:
+        raise AnalysisError(
+            f"the output of {type(module).__name__} barely depends on {weight.name!r} on input {example_input} (a change "
+            f"of the weight's own size moves it by {probe.weight_effect():.0e} of its scale): no float32 test could see "
+            "an adapter; pick another --weight or pass --example-input"
+        )
     if not probe.weight_matters():
         raise AnalysisError(
             f"the output of {type(module).__name__} does not change with {weight.name!r} on input {example_input}; "
             "pick another --weight or pass --example-input"
         )
     return probe
+
+
+def responds(module: nn.Module, weight: TensorInfo, inputs: tuple) -> bool:
+    """Does the output move when the weight moves a little (a thousandth of its spread, in a random direction) on
+    these inputs? Where a relu zeroes every output, no small change does, and the tests could not see an adapter."""
+    current = dotted_attribute(module, weight.name).detach()
+    spread = float(current.std()) if current.numel() > 1 and float(current.std()) > 0 else 1.0
+    generator = torch.Generator().manual_seed(3)
+    change = torch.randn(current.shape, generator=generator, dtype=current.dtype) * spread * 1e-3
+    try:
+        with torch.no_grad():
+            before = flatten_output(module(*inputs))
+            after = flatten_output(functional_call(module, {weight.name: current + change}, inputs))
+    except USER_CODE_ERRORS:
+        return True  # the probe reports what goes wrong
+    return any(isinstance(a, torch.Tensor) and not torch.equal(a, b) for a, b in zip(after, before))
 
 
 def low_rank_note(plan: LayerPlan) -> str:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_scaffold import __version__, generate, strategies, views, workflow
+from lora_scaffold import __version__, audit, generate, strategies, views, workflow
 from lora_scaffold.errors import ScaffoldError, StaleOutputError
 from lora_scaffold.request import Request
 
@@ -224,6 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     scan.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
 
+    audit = commands.add_parser(
+        "audit",
+        help="apply LoRA to every module of MODEL PEFT's or the generated layers adapt, and check each in the model",
+        description=(
+            "Build MODEL for real, put LoRA on every module PEFT's own layers adapt and, with --layers, every module "
+            "the layers generated into DIR adapt (`scan --generate`), give every adapter random non-zero factors, "
+            "and report per module: the layer it was dispatched to; live: a change of its adapter moves the model's "
+            "output (a fused path that reads the base weight directly makes an adapter dead); its LoRA parameters "
+            "get gradients; merging it leaves the model's output as it was. Then the share of weight elements "
+            "(parameters of 2 or more dimensions) PEFT adapts alone, and with the generated layers. Exits 1 when a "
+            "module fails any of the three."
+        ),
+    )
+    audit.add_argument("model", metavar="MODEL")
+    audit.add_argument("--layers", metavar="DIR", help="folder of generated layers (`scan --generate -o DIR`)")
+    audit.add_argument("--model-input", metavar="EXPR", help="what the model is fed (as for new)")
+    audit.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    audit.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
+
     inspect = commands.add_parser(
         "inspect",
         help="show what lora-scaffold sees in TARGET",
@@ -333,14 +352,22 @@ def run_scan(args: argparse.Namespace) -> int:
         _show(args, lambda: views.scan_text(found), lambda: views.scan_json(found))
         return 0
     _progress(args, f"generating a layer for every class of {args.model} PEFT cannot adapt ...")
-    outcome, results = generate.generate(
+    outcome, results, classes = generate.generate(
         args.model, Path(args.output or "lora_layers"), args.model_input, args.force, args.dry_run
     )
     _apply_unless_dry(outcome, args.dry_run)
     style = views.Style.for_stream(sys.stdout)
     text = f"{views.generated_text(results)}\n{views.changes_text(outcome, args.dry_run, style)}"
-    _show(args, lambda: text, lambda: views.generated_json(results, outcome, args.dry_run))
+    _show(args, lambda: text, lambda: views.generated_json(results, classes, outcome, args.dry_run))
     return 0
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    _progress(args, f"building {args.model} and checking every adapter in it ...")
+    layers = audit.load_layers(Path(args.layers)) if args.layers else ()
+    result = audit.audit(args.model, layers, args.model_input)
+    _show(args, lambda: views.audit_text(result), lambda: views.audit_json(result))
+    return 0 if result.passed else 1
 
 
 def run_new(args: argparse.Namespace) -> int:
@@ -450,6 +477,7 @@ def _progress(args: argparse.Namespace, message: str) -> None:
 
 COMMANDS = {
     "scan": run_scan,
+    "audit": run_audit,
     "new": run_new,
     "update": run_update,
     "verify": run_verify,

@@ -94,12 +94,14 @@ def _digest_on_disk(path: Path) -> str | None:
 
 def generate(
     model: str, output: Path, model_input: str | None = None, force: bool = False, dry_run: bool = False
-) -> tuple[Outcome, tuple[Generated, ...]]:
-    """Every class `scan` gives a command for, generated into `output`, with the package files; one Outcome."""
+) -> tuple[Outcome, tuple[Generated, ...], int]:
+    """Every class `scan` gives a command for, generated into `output`, with the package files; one Outcome; and how
+    many classes of the model hold weights."""
     if output.exists() and not output.is_dir():
         raise WriteError(f"-o {output}: exists and is not a folder")
     recovered = workflow.recover_interrupted(output, dry_run)
-    scanned = [s for s in workflow.scan_model(model, model_input) if s.command]
+    every = workflow.scan_model(model, model_input)
+    scanned = [s for s in every if s.command]
     taken: set[str] = set()
     results, changes = [], []
     for each in scanned:
@@ -116,4 +118,4 @@ def generate(
     layers = [r.module_name for r in results if r.module_name]
     if layers:
         changes += package_changes(model, layers, output, force)
-    return Outcome(output, tuple(changes), Report(notes=recovered)), tuple(results)
+    return Outcome(output, tuple(changes), Report(notes=recovered)), tuple(results), len(every)

@@ -23,7 +23,7 @@ GENERATED_NAMES = frozenset(
         *("_computes_in_fp32", "_weight_shape", "gather_params_ctx", "_no_fused_path", "parametrize"),
         *("RANK", "RTOL", "ATOL", "Wrapper", "make_target", "make_inputs", "make_base", "make_config", "make_model"),
         *("cast", "tensors", "flatten", "run", "assert_close", "load_saved", "lora_layer", "base_weight"),
-        *("base_state", "nudge"),
+        *("base_state", "nudge", "moved"),
         *("contextlib", "functools", "inspect", "Captured", "recorded_call", "captured_call"),
         "LayerUnderTest",  # the layer `verify` checks
     }

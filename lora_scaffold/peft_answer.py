@@ -23,6 +23,7 @@ def peft_layer(module: nn.Module, name: str, model: nn.Module) -> str:
         return f"lora.ParamWrapper on {', '.join(converted)} (PEFT's transformers-v5 MoE conversion of {leaf!r})"
     config = LoraConfig(target_modules=[leaf], r=2)
     try:
+        _check_in_model(config, model, leaf)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             layer = LoraModel._create_new_module(config, "default", module, r=2, lora_alpha=2, target_name=name)
@@ -47,3 +48,12 @@ def _converted_parameters(leaf: str, model: nn.Module) -> list[str]:
     if leaf in (config.target_modules or ()):
         return []
     return sorted(p for p in (config.target_parameters or ()) if p.startswith(f"{leaf}."))
+
+
+def _check_in_model(config, model: nn.Module, leaf: str) -> None:
+    """PEFT's own refusals that depend on the model, not on the module (Mamba's out_proj and conv1d)."""
+    try:
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
+    except ImportError:  # a peft without the check
+        return
+    _check_lora_target_modules_mamba(config, model, leaf)

@@ -10,6 +10,7 @@ changes the module's state in training mode is noted, so that the generated test
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -121,6 +122,15 @@ class Probe:
 
     def weight_matters(self) -> bool:
         return any(bool((e != 0).any()) for e in self.trials[0].effects[1.0])
+
+    def weight_effect(self) -> float:
+        """How far the output moves, relative to its largest entry, when the weight moves by its own spread (on the
+        module's own parameters and the first input): what a test in float32 can see of an adapter."""
+        trial = self.trials[0]
+        outputs = [o for o in trial.output if _is_float(o)]
+        scale = max((float(o.abs().max()) for o in outputs if o.numel()), default=0.0)
+        moved = max((float(e.abs().max()) for e in trial.effects[1.0] if e.numel()), default=0.0)
+        return moved / scale if scale > 0 else math.inf * (moved > 0)
 
     def error(self, predict: Callable[[Trial], torch.Tensor]) -> float:
         """The largest relative error of `predict(trial)` (the change for D) against the observed changes, over

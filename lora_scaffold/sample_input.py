@@ -63,9 +63,11 @@ def _spatial_inputs(shape: tuple[int, ...], attributes: dict) -> list[str]:
     return [f"torch.randn(2, {c}, {', '.join([str(side)] * spatial)})" for c in channels]
 
 
-def find_sample_input(module: nn.Module, candidates: list[str], given: bool = False) -> str:
-    """The first candidate the module runs on without error; `given`: the one the user gave, which must."""
-    errors = []
+def find_sample_input(module: nn.Module, candidates: list[str], given: bool = False, responds=None) -> str:
+    """The first candidate the module runs on without error, preferring one on which `responds(inputs)` (the
+    output depends on the weight: a relu may zero it on one input and not on a larger one); `given`: the one the
+    user gave, which must run."""
+    errors, runs = [], []
     module.eval()
     for expression in candidates:
         inputs = evaluate_input(expression)
@@ -79,9 +81,14 @@ def find_sample_input(module: nn.Module, candidates: list[str], given: bool = Fa
             errors.append(f"{expression}: {type(exc).__name__}")
             continue
         problem = _output_problem(output)
-        if not problem:
+        if not problem and (responds is None or responds(inputs)):
             return expression
-        errors.append(f"{expression}: {problem}")
+        if not problem:
+            runs.append(expression)
+        else:
+            errors.append(f"{expression}: {problem}")
+    if runs:
+        return runs[0]
     tried = "; ".join(itertools.islice(errors, 4))
     raise AnalysisError(
         f"could not infer an input {type(module).__name__} accepts (tried {tried}); pass --example-input EXPR, "

@@ -6,6 +6,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import TextIO
 
+from lora_scaffold.audit import Audit
 from lora_scaffold.files import FileChange
 from lora_scaffold.generate import Generated
 from lora_scaffold.introspect import TargetSpec
@@ -123,6 +124,42 @@ def scan_json(found: tuple[ScannedClass, ...]) -> dict:
     return {"command": "scan", "classes": classes}
 
 
+def audit_text(result: Audit) -> str:
+    rows = [("module", "class", "layer", "live", "grads", "merge")]
+    for m in result.modules:
+        merge = "exact" if m.merge_error == 0 else f"{m.merge_error:.0e}" if m.merges else f"OFF {m.merge_error:.1e}"
+        merge += f" (tied to {m.tied_to}: untied to check)" if m.tied_to else ""
+        layer = f"{m.layer} (generated)" if m.generated else m.layer
+        rows.append((m.name, m.cls, layer, "yes" if m.live else "DEAD", "yes" if m.gradients else "NONE", merge))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    total = max(result.weight_elements, 1)
+    lines.append(
+        f"coverage  of {result.weight_elements:,} weight elements (parameters of 2+ dimensions): PEFT alone "
+        f"{result.peft_elements / total:.1%}, with the generated layers "
+        f"{(result.peft_elements + result.generated_elements) / total:.1%}"
+    )
+    failed = [m.name for m in result.modules if not (m.live and m.gradients and m.merges)]
+    lines.append(
+        f"failed    {', '.join(failed)}" if failed else f"all {len(result.modules)} adapters live, trained, merged"
+    )
+    return "\n".join(lines)
+
+
+def audit_json(result: Audit) -> dict:
+    return {
+        "command": "audit",
+        "model": result.model,
+        "passed": result.passed,
+        "modules": [{**asdict(m), "merges": m.merges} for m in result.modules],
+        "coverage": {
+            "weight_elements": result.weight_elements,
+            "peft": result.peft_elements,
+            "generated": result.generated_elements,
+        },
+    }
+
+
 def generated_text(results: tuple[Generated, ...]) -> str:
     """One line a class of the model: its layer and strategy, or why there is none."""
     lines = []
@@ -135,7 +172,7 @@ def generated_text(results: tuple[Generated, ...]) -> str:
     return "\n".join(lines) or "every class of the model that holds an adaptable weight is PEFT's own"
 
 
-def generated_json(results: tuple[Generated, ...], outcome: Outcome, dry_run: bool) -> dict:
+def generated_json(results: tuple[Generated, ...], classes: int, outcome: Outcome, dry_run: bool) -> dict:
     layers = [
         {
             "class": r.scanned.qualified_name,
@@ -149,7 +186,7 @@ def generated_json(results: tuple[Generated, ...], outcome: Outcome, dry_run: bo
         }
         for r in results
     ]
-    return {**outcome_json("scan", outcome, dry_run), "layers": layers}
+    return {**outcome_json("scan", outcome, dry_run), "classes": classes, "layers": layers}
 
 
 def changes_text(outcome: Outcome, dry_run: bool, style: Style) -> str:

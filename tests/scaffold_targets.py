@@ -347,3 +347,16 @@ class UnsizedRowBankExperts(RowBankExperts):
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
         rows, columns = self.rows_and_columns
         return torch.einsum("th,tih->ti", x, self.weight.view(self.num_experts, rows, columns)[expert_index])
+
+
+class ReluPair(nn.Module):
+    """A linear map, a relu and two outputs: on torch.randn(2, 8) the relu zeroes every output (seeded), so no
+    adapter could show in it; the input is inferred where the output depends on the weight."""
+
+    def __init__(self, in_features: int = 8, out_features: int = 2):
+        super().__init__()
+        self.lin = nn.Linear(in_features, out_features)
+
+    def forward(self, x):
+        hidden = F.relu(self.lin(x))
+        return hidden, hidden.sum(-1)

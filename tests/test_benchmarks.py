@@ -4,9 +4,13 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 from benchmarks.run import cases
+
+
+pytestmark = pytest.mark.slow  # a quick local run: python -m pytest -m 'not slow'
 
 
 def test_benchmark_runs_every_case_on_tiny_sizes(tmp_path):

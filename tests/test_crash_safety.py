@@ -8,10 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import snapshot
 
 from lora_scaffold.cli import main
 from lora_scaffold.workflow import recover_interrupted
+
+
+pytestmark = pytest.mark.slow  # a quick local run: python -m pytest -m 'not slow'
 
 
 TESTS = Path(__file__).resolve().parent

@@ -25,6 +25,9 @@ from lora_scaffold.request import Request
 from lora_scaffold.workflow import new_plugin
 
 
+pytestmark = pytest.mark.slow  # a quick local run: python -m pytest -m 'not slow'
+
+
 ENGINES = ("ddp", "fsdp", "fsdp_bf16", "fsdp_base_unit")
 TIMEOUT = 300  # seconds for one case's three runs; each takes about ten here
 # Two processes reduce in another order than one: float32 sums of a few hundred terms agree to about 1e-7.

@@ -16,6 +16,9 @@ from lora_scaffold.cli import main
 from lora_scaffold.target import installed_peft
 
 
+pytestmark = pytest.mark.slow  # a quick local run: python -m pytest -m 'not slow'
+
+
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / "examples" / "ci" / "lora-layers.yml"
 

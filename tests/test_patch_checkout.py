@@ -10,10 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import same_tree
 
 from lora_scaffold import journal
 from lora_scaffold.cli import main
+
+
+pytestmark = pytest.mark.slow  # a quick local run: python -m pytest -m 'not slow'
 
 
 TESTS = Path(__file__).resolve().parent

@@ -210,8 +210,8 @@ def test_lora_bias_cases_only_where_lora_config_has_the_option():
 
 def test_a_render_that_does_not_parse_is_a_bug_and_nothing_is_written(tmp_path):
     from lora_scaffold.errors import RenderError
-    from lora_scaffold.render import GeneratedFile, _parsed
+    from lora_scaffold.render import GeneratedFile, parsed
 
     with pytest.raises(RenderError, match="does not parse .* This is a bug: please report it") as error:
-        _parsed(GeneratedFile("lora_x.py", "def broken(:\n"))
+        parsed(GeneratedFile("lora_x.py", "def broken(:\n"))
     assert error.value.exit_code == 1

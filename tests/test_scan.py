@@ -10,6 +10,7 @@ from test_end_to_end import run_suites
 from lora_scaffold.capture import ModelCall
 from lora_scaffold.cli import main
 from lora_scaffold.constructor import ctor_params
+from lora_scaffold.request import Request
 from lora_scaffold.workflow import plan_layer, request_from_model
 
 
@@ -144,6 +145,14 @@ def test_outputs_of_mixed_dtypes_keep_each_its_dtype_in_bf16(tmp_path):
     concatenation, promoted to float32, with bfloat16)."""
     model = f"{TESTS / 'scan_models.py'}:routed_model"
     run_command(f"x new --from-model {model} --module 1 --model-input 'torch.randn(3, 6)' -o out", tmp_path / "router")
+
+
+def test_an_inferred_input_is_one_the_output_depends_on(tmp_path):
+    """Reproduction 7, second half: a relu that zeroes every output on the first guess would hide every adapter."""
+    command = "x new scaffold_targets.ReluPair --weight lin.weight -o out"
+    run_command(command, tmp_path / "relu")
+    plan = plan_layer(Request("scaffold_targets.ReluPair", weight="lin.weight"))[1]
+    assert plan.example_input == "torch.randn(2, 3, 8)"
 
 
 def test_a_model_that_does_not_build_on_the_meta_device_is_built_for_real(capsys, tmp_path):

@@ -84,6 +84,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
 
 
+def moved(actual: torch.Tensor, baseline: torch.Tensor) -> bool:
+    """Whether an output moved beyond float32 rounding, at its own scale (a module whose outputs are tiny)."""
+    return bool((actual - baseline).abs().max() > 1e-5 * baseline.abs().max())
+
+
 def load_saved(path) -> PeftModel:
     config = register(LoraConfig.from_pretrained(path))
     return PeftModel.from_pretrained(make_base(), path, config=config)
@@ -116,7 +121,7 @@ def test_default_init_keeps_output():
 
 
 def test_random_init_changes_output():
-    assert not torch.allclose(run(make_model(init_lora_weights=False)), run(make_base()))
+    assert moved(run(make_model(init_lora_weights=False)), run(make_base()))
 
 
 def test_merged_output_equals_unmerged():
@@ -190,7 +195,7 @@ def test_two_adapters_switch_and_one_deletes():
     assert_close(run(model), first)  # adding an adapter leaves the active one as it was
     model.set_adapter("other")
     second = run(model)
-    assert not torch.allclose(first, second)
+    assert moved(first, second)
     model.set_adapter("default")
     assert_close(run(model), first)
     model.delete_adapter("other")
@@ -207,7 +212,7 @@ def test_two_active_adapters_apply_together_and_merge_together():
     singles.append(run(model))
     model.base_model.set_adapter(["default", "other"])
     both = run(model)
-    assert all(not torch.allclose(both, single) for single in singles)
+    assert all(moved(both, single) for single in singles)
     model.merge_adapter(["default", "other"])
     assert_close(run(model), both)
 
@@ -216,7 +221,7 @@ def test_lora_dropout_acts_in_training_only():
     model = make_model(init_lora_weights=False, lora_dropout=0.5)
     model.train()
     inputs = make_inputs()
-    assert not torch.allclose(flatten(model(*inputs)), flatten(model(*inputs)))
+    assert moved(flatten(model(*inputs)), flatten(model(*inputs)))
     model.eval()
     unmerged = run(model)
     model.merge_adapter()

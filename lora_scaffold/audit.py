@@ -1,0 +1,307 @@
+"""`audit MODEL [--layers DIR]`: LoRA on every module of the model PEFT's own layers or the generated ones adapt,
+every adapter given random non-zero factors, then per module: which layer it was dispatched to, whether a change of
+its adapter moves the model's output (an adapter a fused path skips is dead), whether its LoRA parameters get
+gradients, and whether merging it leaves the model's output as it was. Plus the share of weight elements (tensors of
+two or more dimensions) PEFT alone adapts, and PEFT with the generated layers."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lora_scaffold.capture import default_model_input, evaluate_model, model_arguments
+from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError, ScaffoldError
+from lora_scaffold.peft_answer import peft_layer
+from lora_scaffold.record import RECORD_DIR, GenerationRecord
+from lora_scaffold.sample_input import flatten_output
+from lora_scaffold.scan import model_expression
+
+
+FACTOR_STD = 0.05
+MERGE_TOLERANCE = 1e-4  # relative to the output's largest entry, in float32
+
+
+@dataclass(frozen=True)
+class ModuleAudit:
+    name: str
+    cls: str
+    layer: str  # the LoRA layer it was dispatched to
+    generated: bool  # one of the generated layers (else PEFT's own)
+    live: bool  # a change of its adapter moves the model's output
+    gradients: bool  # every LoRA parameter of it gets a non-zero gradient
+    merge_error: float  # relative change of the model's output when it alone is merged
+    tied_to: str = ""  # modules sharing its weight in the model (untied for the audit: merging writes into both)
+
+    @property
+    def merges(self) -> bool:
+        return self.merge_error <= MERGE_TOLERANCE
+
+
+@dataclass(frozen=True)
+class Audit:
+    model: str
+    modules: tuple[ModuleAudit, ...]
+    weight_elements: int  # elements of every parameter of two or more dimensions
+    peft_elements: int  # of those, adapted by PEFT's own layers
+    generated_elements: int  # adapted by the generated layers
+
+    @property
+    def dead(self) -> tuple[ModuleAudit, ...]:
+        return tuple(m for m in self.modules if not m.live)
+
+    @property
+    def passed(self) -> bool:
+        return all(m.live and m.gradients and m.merges for m in self.modules)
+
+
+@dataclass(frozen=True)
+class GeneratedLayer:
+    target: type
+    weight: str  # the weight it adapts, relative to the target
+    register: object
+
+
+def load_layers(folder: Path) -> tuple[GeneratedLayer, ...]:
+    """The layers `new -o` or `scan --generate` wrote into `folder`, through their generation records."""
+    records = sorted((folder / RECORD_DIR).glob("lora_*.json"))
+    if not records:
+        raise ScaffoldError(f"--layers {folder}: no generated layer there (no {RECORD_DIR}/lora_*.json)")
+    if str(folder.resolve()) not in sys.path:
+        sys.path.insert(0, str(folder.resolve()))
+    layers = []
+    for path in records:
+        record = GenerationRecord.from_json(path.read_text(encoding="utf-8"), str(path))
+        module = _import(folder / f"{record.module_name}.py", record.module_name)
+        cls = getattr(module, record.layer_class)
+        target = next(key for key, value in _registered(module.register).items() if value is cls)
+        weight = getattr(module, "WEIGHT_NAME", None) or record.request.weight or "weight"  # reuse: PEFT's "weight"
+        layers.append(GeneratedLayer(target, weight, module.register))
+    return tuple(layers)
+
+
+def _import(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except USER_CODE_ERRORS as exc:
+        raise ScaffoldError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
+    return module
+
+
+def _registered(register) -> dict:
+    from peft import LoraConfig
+
+    return dict(register(LoraConfig(target_modules=["none"]))._custom_modules)
+
+
+def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str | None = None) -> Audit:
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    expression = model_expression(model)
+    built = evaluate_model(expression).eval()
+    if hasattr(getattr(built, "config", None), "use_cache"):
+        built.config.use_cache = False  # one forward after another, as in training
+    model_input = model_input or default_model_input(built)
+    ours = tuple(layer.target for layer in layers)
+    ties = _ties(built)
+    _untie(built)  # each module's merge is checked on its own, not through the weight a tied head shares
+    peft_targets, our_targets = _targets(built, ours)
+    # PEFT's own first, then ours: a generated layer may wrap a module whose children PEFT's adapt (a Mamba mixer
+    # and its projections), and wrapping the parent first would leave the children's adapters outside the model.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if peft_targets:
+            inject_adapter_in_model(LoraConfig(target_modules=peft_targets, r=2, lora_alpha=2), built)
+        if our_targets:
+            config = LoraConfig(target_modules=our_targets, r=2, lora_alpha=2)
+            for layer in layers:
+                config = layer.register(config)
+            inject_adapter_in_model(config, built)
+    adapted = {name: module for name, module in built.named_modules() if isinstance(module, LoraLayer)}
+    _randomise(adapted.values())
+    run = _runner(built, model_input)
+    gradients = _gradients(built, adapted, model_input)
+    modules = []
+    for name, module in adapted.items():
+        reference = run()  # anew each time: a forward may leave state behind (PEFT's MultiheadAttention does)
+        live = _live(module, run, reference)
+        merge_error = _merge_error(module, run, run())
+        base = module.get_base_layer()
+        modules.append(
+            ModuleAudit(
+                name,
+                type(base).__name__,
+                type(module).__name__,
+                isinstance(base, ours),
+                live,
+                gradients[name],
+                merge_error,
+                ", ".join(sorted(ties.get(name, ()))),
+            )
+        )
+    total, by_peft, by_ours = _coverage(evaluate_model(expression), peft_targets, our_targets, layers)
+    return Audit(expression, tuple(modules), total, by_peft, by_ours)
+
+
+def _ties(model: nn.Module) -> dict[str, set[str]]:
+    """For each module holding a weight another module holds too (a head tied to the embedding), those others."""
+    owners: dict[int, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for parameter in module._parameters.values():
+            if parameter is not None and parameter.dim() >= 2:
+                owners.setdefault(id(parameter), set()).add(name)
+    return {name: names - {name} for names in owners.values() if len(names) > 1 for name in names}
+
+
+def _untie(model: nn.Module) -> None:
+    seen: set[int] = set()
+    for module in model.modules():
+        for key, parameter in module._parameters.items():
+            if parameter is not None and id(parameter) in seen:
+                module._parameters[key] = nn.Parameter(parameter.detach().clone(), parameter.requires_grad)
+            elif parameter is not None:
+                seen.add(id(parameter))
+
+
+def _targets(model: nn.Module, ours: tuple[type, ...]) -> tuple[list[str], list[str]]:
+    """(full names of modules PEFT's own layers adapt, full names of modules the generated layers adapt)."""
+    peft, generated = [], []
+    for name, module in model.named_modules():
+        if not name or ".parametrizations." in f".{name}.":
+            continue
+        if isinstance(module, ours):
+            generated.append(name)
+        elif isinstance(module, nn.MultiheadAttention) or _inside_attention(model, name):
+            peft += [name] if isinstance(module, nn.MultiheadAttention) else []  # PEFT's wraps its out_proj too
+        elif peft_layer(module, name, model).startswith("lora.") and "ParamWrapper" not in peft_layer(
+            module, name, model
+        ):
+            peft.append(name)
+    return peft, generated
+
+
+def _inside_attention(model: nn.Module, name: str) -> bool:
+    parent = name.rpartition(".")[0]
+    return isinstance(model.get_submodule(parent), nn.MultiheadAttention)
+
+
+def _randomise(layers) -> None:
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in layers:
+            for name, parameter in layer.named_parameters():
+                if "lora_" in name:
+                    values = torch.randn(parameter.shape, generator=generator) * FACTOR_STD
+                    parameter.copy_(values.to(parameter.dtype))
+
+
+def _runner(model: nn.Module, model_input: str):
+    def run() -> torch.Tensor:
+        args, kwargs = model_arguments(model_input, 0)
+        try:
+            with torch.no_grad():
+                output = model(*args, **kwargs)
+        except USER_CODE_ERRORS as exc:
+            raise AnalysisError(f"the adapted model's forward failed: {type(exc).__name__}: {exc}") from None
+        return _floating(output)
+
+    return run
+
+
+def _floating(output) -> torch.Tensor:
+    floats = [t for t in flatten_output(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not floats:
+        raise AnalysisError("the model's output holds no floating tensor to compare")
+    return torch.cat([t.detach().flatten().float() for t in floats])
+
+
+def _live(layer, run, reference: torch.Tensor) -> bool:
+    factors = [p for n, p in layer.named_parameters() if "lora_B" in n or "lora_embedding_B" in n]
+    with torch.no_grad():
+        for parameter in factors:
+            parameter.mul_(3.0)
+        moved = not torch.equal(run(), reference)
+        for parameter in factors:
+            parameter.div_(3.0)
+    return moved
+
+
+def _gradients(model: nn.Module, adapted: dict, model_input: str) -> dict[str, bool]:
+    model.zero_grad(set_to_none=True)
+    args, kwargs = model_arguments(model_input, 0)
+    model.train()  # as in training (eval-only fused paths off); dropout does not keep a gradient from reaching
+    try:
+        output = _floating_with_grad(model(*args, **kwargs))
+        if not output.requires_grad:  # a fused path that never reads an adapter: none of them gets a gradient
+            return dict.fromkeys(adapted, False)
+        output.pow(2).sum().backward()
+    except USER_CODE_ERRORS as exc:
+        raise AnalysisError(f"the adapted model's backward failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        model.eval()
+    found = {
+        name: all(
+            p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in layer.named_parameters() if "lora_" in n
+        )
+        for name, layer in adapted.items()
+    }
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return found
+
+
+def _floating_with_grad(output) -> torch.Tensor:
+    floats = [t for t in flatten_output(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return torch.cat([t.flatten().float() for t in floats])
+
+
+def _merge_error(layer, run, reference: torch.Tensor) -> float:
+    try:
+        layer.merge()
+        merged = run()
+    except USER_CODE_ERRORS:
+        return math.inf
+    finally:
+        if layer.merged:
+            layer.unmerge()
+    scale = max(float(reference.abs().max()), 1e-12)
+    return float((merged - reference).abs().max()) / scale
+
+
+def _coverage(model: nn.Module, peft_targets, our_targets, layers) -> tuple[int, int, int]:
+    """Elements of the parameters of two or more dimensions: all, PEFT's own layers' weights, the generated layers'.
+    Each tensor once (a tied embedding and head are one)."""
+    weights = {id(p): p.numel() for p in model.parameters() if p.dim() >= 2}
+    by_peft = {id(p) for name in peft_targets for p in model.get_submodule(name).parameters() if p.dim() >= 2}
+    weight_of = {layer.target: layer.weight for layer in layers}
+    by_ours = {
+        id(p)
+        for name in our_targets
+        if type(model.get_submodule(name)) in weight_of
+        for p in _weights(model.get_submodule(name), weight_of[type(model.get_submodule(name))])
+    } - by_peft
+    return (
+        sum(weights.values()),
+        sum(weights.get(key, 0) for key in by_peft),
+        sum(weights.get(key, 0) for key in by_ours),
+    )
+
+
+def _weights(module: nn.Module, name: str) -> list:
+    """The parameter a weight name stands for; for a parametrized weight, the originals it is computed from."""
+    owner_name, _, attribute = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attribute in owner._parameters:
+        return [owner._parameters[attribute]]
+    originals = getattr(getattr(owner, "parametrizations", None), attribute, None)
+    return list(originals.parameters()) if originals is not None else []

@@ -1,0 +1,243 @@
+"""The model zoo: transformers architectures from tiny configs (nothing is downloaded), each taken through
+`scan --generate`, its generated suites and `audit`. `python tests/model_zoo.py [NAME ...]` prints the README's
+table; tests/test_model_zoo.py asserts it, one architecture a test."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from xml.etree import ElementTree
+
+from lora_scaffold.cli import main
+
+
+HERE = Path(__file__).resolve().parent
+# Sizes every decoder below shares: hidden 16, one layer, two heads, a vocabulary of 64.
+DECODER = "hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2"
+TEXT = f"{DECODER}, vocab_size=64"
+MOE = "num_experts_per_tok=2"
+
+
+# What `tiny` sets, where a config class has the attribute: hidden 16, one layer, 4 experts, top-2, a vocabulary of 64.
+SMALL = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "moe_intermediate_size": 8,
+    "shared_expert_intermediate_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "vocab_size": 64,
+    "max_position_embeddings": 64,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 0,
+    "kv_lora_rank": 8,
+    "q_lora_rank": 8,
+    "qk_rope_head_dim": 4,
+    "qk_nope_head_dim": 4,
+    "v_head_dim": 8,
+}
+
+
+def tiny(model_type: str, auto_class: str = "AutoModelForCausalLM", **extra) -> str:
+    """The expression of a model of that type from its config class's defaults, SMALL where it has the attribute,
+    one layer of its first layer type, and `extra`."""
+    from transformers import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[model_type]
+    defaults = config_class()
+    arguments = {name: value for name, value in SMALL.items() if hasattr(defaults, name)}
+    if getattr(defaults, "layer_types", None):
+        arguments["layer_types"] = [defaults.layer_types[0]]
+    arguments.update(extra)
+    listed = ", ".join(f"{name}={value!r}" for name, value in arguments.items())
+    return f"transformers.{auto_class}.from_config(transformers.{config_class.__name__}({listed}))"
+
+
+def causal(config: str) -> str:
+    return f"transformers.AutoModelForCausalLM.from_config(transformers.{config})"
+
+
+def auto(config: str, auto_class: str = "AutoModel") -> str:
+    return f"transformers.{auto_class}.from_config(transformers.{config})"
+
+
+ZOO: dict[str, str] = {
+    # Every MoE family of transformers 5 the issue names, and more.
+    "mixtral": causal(f"MixtralConfig({TEXT}, num_local_experts=4)"),
+    "qwen2_moe": causal(
+        f"Qwen2MoeConfig({TEXT}, moe_intermediate_size=8, shared_expert_intermediate_size=16, num_experts=4, {MOE})"
+    ),
+    "qwen3_moe": causal(f"Qwen3MoeConfig({TEXT}, moe_intermediate_size=8, num_experts=4, {MOE}, head_dim=8)"),
+    "qwen3_next": causal(
+        f"Qwen3NextConfig({TEXT}, moe_intermediate_size=8, shared_expert_intermediate_size=16, num_experts=4, {MOE}, "
+        "head_dim=8, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, "
+        "layer_types=['linear_attention'])"
+    ),
+    "olmoe": causal(f"OlmoeConfig({TEXT}, num_experts=4, {MOE})"),
+    "deepseek_v2": causal(
+        f"DeepseekV2Config({TEXT}, moe_intermediate_size=8, n_routed_experts=4, {MOE}, n_shared_experts=1, "
+        "first_k_dense_replace=0, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, "
+        "v_head_dim=8, n_group=1, topk_group=1)"
+    ),
+    "deepseek_v3": causal(
+        f"DeepseekV3Config({TEXT}, moe_intermediate_size=8, n_routed_experts=4, {MOE}, n_shared_experts=1, "
+        "first_k_dense_replace=0, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, "
+        "v_head_dim=8, n_group=1, topk_group=1)"
+    ),
+    "granitemoe": causal(f"GraniteMoeConfig({TEXT}, num_local_experts=4, {MOE})"),
+    "phimoe": causal(f"PhimoeConfig({TEXT}, num_local_experts=4, {MOE})"),
+    "jamba": causal(
+        f"JambaConfig({TEXT}, num_experts=4, {MOE}, expert_layer_period=1, expert_layer_offset=0, "
+        "attn_layer_period=1, attn_layer_offset=0, mamba_d_state=4, mamba_dt_rank=4, mamba_d_conv=2, mamba_expand=2, "
+        "use_mamba_kernels=False)"
+    ),
+    "gpt_oss": causal(f"GptOssConfig({TEXT}, num_local_experts=4, {MOE}, head_dim=8, layer_types=['full_attention'])"),
+    **{name: tiny(name) for name in ("aria_text", "cohere2_moe", "jetmoe", "llama4_text", "minimax")},
+    # State-space and recurrent models, an embedding with an offset.
+    "mamba": causal(
+        "MambaConfig(hidden_size=16, state_size=4, num_hidden_layers=1, vocab_size=64, expand=2, conv_kernel=3, "
+        "time_step_rank=4)"
+    ),
+    "opt": causal(
+        "OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64, "
+        "max_position_embeddings=32, word_embed_proj_dim=16)"
+    ),
+    "mamba2": causal(
+        "Mamba2Config(hidden_size=16, state_size=4, num_hidden_layers=1, vocab_size=64, expand=2, conv_kernel=3, "
+        "num_heads=4, head_dim=8, n_groups=1, chunk_size=4)"
+    ),
+    "recurrent_gemma": causal(
+        "RecurrentGemmaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, "
+        "num_key_value_heads=1, vocab_size=64, lru_width=16, attention_window_size=4, conv1d_width=2, "
+        "block_types=['recurrent'])"
+    ),
+    # Dense decoders: what PEFT covers alone (the scaled embeddings of the Gemmas get a layer of their own).
+    **{
+        name: tiny(name)
+        for name in (
+            *("apertus", "arcee", "bitnet", "bloom", "cohere", "cohere2", "diffllama", "ernie4_5", "exaone4"),
+            *("gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "granite", "helium", "hunyuan_v1_dense", "lfm2"),
+            *("llama", "mistral", "mpt", "nemotron", "olmo", "olmo2", "phi", "qwen2", "qwen3", "seed_oss"),
+            *("stablelm", "starcoder2"),
+        )
+    },
+    # Encoders: text, audio, vision.
+    "bert": auto(
+        "BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64, "
+        "max_position_embeddings=32)"
+    ),
+    "clip_text": auto(
+        "CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, "
+        "vocab_size=64, max_position_embeddings=16)"
+    ),
+    "vit": auto(
+        "ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, "
+        "intermediate_size=32, num_labels=3)",
+        "AutoModelForImageClassification",
+    ),
+    "dinov2": auto(
+        "Dinov2Config(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, "
+        "mlp_ratio=2)"
+    ),
+    "wav2vec2": auto(
+        "Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, "
+        "conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4, "
+        "num_conv_pos_embedding_groups=2, vocab_size=32)"
+    ),
+    "swin": auto(
+        "SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=2, "
+        "num_labels=3)",
+        "AutoModelForImageClassification",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ZooResult:
+    name: str
+    classes: int  # classes of the model that hold weights
+    generated: tuple[str, ...]  # `class: strategy` of each generated layer
+    not_generated: tuple[str, ...]  # `class: why` for each class with a command that did not become a layer
+    passed: int
+    failed: int
+    audit_passed: bool
+    dead: tuple[str, ...]
+    peft_share: float
+    with_generated_share: float
+
+
+def run(name: str, root: Path) -> ZooResult:
+    model, out = ZOO[name], root / name
+    generate = _json(["scan", model, "--generate", "-o", str(out)])
+    layers = generate["layers"]
+    passed, failed = _suites(out, root / f"{name}.xml") if any(layer["layer"] for layer in layers) else (0, 0)
+    audit = _json(["audit", model] + (["--layers", str(out)] if any(layer["layer"] for layer in layers) else []))
+    coverage, total = audit["coverage"], max(audit["coverage"]["weight_elements"], 1)
+    return ZooResult(
+        name=name,
+        classes=generate["classes"],
+        generated=tuple(f"{_short(layer['class'])}: {layer['strategy']}" for layer in layers if layer["layer"]),
+        not_generated=tuple(f"{_short(layer['class'])}: {layer['error']}" for layer in layers if not layer["layer"]),
+        passed=passed,
+        failed=failed,
+        audit_passed=audit["passed"],
+        dead=tuple(m["name"] for m in audit["modules"] if not m["live"]),
+        peft_share=coverage["peft"] / total,
+        with_generated_share=(coverage["peft"] + coverage["generated"]) / total,
+    )
+
+
+def _json(arguments: list[str]) -> dict:
+    """The command's --json output, run in this process (each model costs seconds, a fresh interpreter more)."""
+    output, errors = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(errors):
+        code = main([*arguments, "--json"])
+    if not output.getvalue().strip():
+        raise AssertionError(f"{' '.join(arguments[:2])}: exit {code}: {errors.getvalue()[-2000:]}")
+    data = json.loads(output.getvalue())
+    if data.get("error"):
+        raise AssertionError(f"{' '.join(arguments[:2])}: {data['error']}")
+    return data
+
+
+def _suites(folder: Path, junit: Path) -> tuple[int, int]:
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", str(folder)]
+    subprocess.run(command, capture_output=True, text=True, cwd=folder.parent)
+    cases = list(ElementTree.parse(junit).iter("testcase"))
+    failed = sum(1 for case in cases if case.find("failure") is not None or case.find("error") is not None)
+    return len(cases) - failed, failed
+
+
+def _short(qualified: str) -> str:
+    return qualified.split(" ")[0].rpartition(".")[2] + (" (parametrized)" if "parametrized" in qualified else "")
+
+
+def table_row(result: ZooResult) -> str:
+    generated = "<br>".join(result.generated) or "-"
+    missing = "<br>".join(result.not_generated)
+    return (
+        f"| {result.name} | {result.classes} | {generated}{'<br>not: ' + missing if missing else ''} | "
+        f"{result.passed}/{result.passed + result.failed} | {'no dead adapter' if not result.dead else 'DEAD: ' + ', '.join(result.dead)} | "
+        f"{result.peft_share:.1%} | {result.with_generated_share:.1%} |"
+    )
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as folder:
+        print("| model | classes | layers generated: strategy | suites | audit | PEFT alone | with generated |")
+        print("|---|---|---|---|---|---|---|")
+        for name in sys.argv[1:] or ZOO:
+            print(table_row(run(name, Path(folder))), flush=True)
