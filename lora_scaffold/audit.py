@@ -6,7 +6,7 @@ two or more dimensions) PEFT alone adapts, and PEFT with the generated layers.""
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
 import math
 import sys
 import warnings
@@ -20,6 +20,7 @@ from lora_scaffold.capture import default_model_input, evaluate_model, model_arg
 from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError, ScaffoldError
 from lora_scaffold.peft_answer import peft_layer
 from lora_scaffold.record import RECORD_DIR, GenerationRecord
+from lora_scaffold.resolve import resolve_class
 from lora_scaffold.sample_input import flatten_output
 from lora_scaffold.scan import model_expression
 
@@ -73,28 +74,15 @@ def load_layers(folder: Path) -> tuple[GeneratedLayer, ...]:
     records = sorted((folder / RECORD_DIR).glob("lora_*.json"))
     if not records:
         raise ScaffoldError(f"--layers {folder}: no generated layer there (no {RECORD_DIR}/lora_*.json)")
-    if str(folder.resolve()) not in sys.path:
-        sys.path.insert(0, str(folder.resolve()))
     layers = []
     for path in records:
         record = GenerationRecord.from_json(path.read_text(encoding="utf-8"), str(path))
-        module = _import(folder / f"{record.module_name}.py", record.module_name)
-        cls = getattr(module, record.layer_class)
+        cls = resolve_class(f"{folder / record.module_name}.py:{record.layer_class}", "layer").cls
+        module = sys.modules[record.module_name]
         target = next(key for key, value in _registered(module.register).items() if value is cls)
         weight = getattr(module, "WEIGHT_NAME", None) or record.request.weight or "weight"  # reuse: PEFT's "weight"
         layers.append(GeneratedLayer(target, weight, module.register))
     return tuple(layers)
-
-
-def _import(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except USER_CODE_ERRORS as exc:
-        raise ScaffoldError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
-    return module
 
 
 def _registered(register) -> dict:
@@ -116,9 +104,18 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
     ties = _ties(built)
     _untie(built)  # each module's merge is checked on its own, not through the weight a tied head shares
     peft_targets, our_targets = _targets(built, ours)
+    # A module whose weight a generated layer adapts through its parent (wav2vec2's weight-normed conv) is that
+    # layer's: PEFT's own layer on it too would stack two adapters on one weight.
+    weight_of = {layer.target: layer.weight for layer in layers}
+    owned = {
+        f"{name}.{weight_of[type(built.get_submodule(name))].rpartition('.')[0]}"
+        for name in our_targets
+        if "." in weight_of.get(type(built.get_submodule(name)), "")
+    }
+    dispatched_by_peft, peft_targets = peft_targets, [name for name in peft_targets if name not in owned]
     # PEFT's own first, then ours: a generated layer may wrap a module whose children PEFT's adapt (a Mamba mixer
     # and its projections), and wrapping the parent first would leave the children's adapters outside the model.
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _without_moe_conversion(built):
         warnings.simplefilter("ignore")
         if peft_targets:
             inject_adapter_in_model(LoraConfig(target_modules=peft_targets, r=2, lora_alpha=2), built)
@@ -149,8 +146,23 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
                 ", ".join(sorted(ties.get(name, ()))),
             )
         )
-    total, by_peft, by_ours = _coverage(evaluate_model(expression), peft_targets, our_targets, layers)
+    total, by_peft, by_ours = _coverage(evaluate_model(expression), dispatched_by_peft, our_targets, layers)
     return Audit(expression, tuple(modules), total, by_peft, by_ours)
+
+
+@contextlib.contextmanager
+def _without_moe_conversion(model: nn.Module):
+    """PEFT rewrites a config for transformers-v5 MoE models: names of shared-expert projections (`gate_proj`) also
+    target the routed experts' stacked parameters (ParamWrapper), which then clash with a generated experts layer.
+    The audit asks for PEFT's own layer on each module it names, so PEFT does not see the model's type meanwhile."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        model.config = None
+    try:
+        yield
+    finally:
+        if config is not None:
+            model.config = config
 
 
 def _ties(model: nn.Module) -> dict[str, set[str]]:
@@ -225,8 +237,13 @@ def _floating(output) -> torch.Tensor:
     return torch.cat([t.detach().flatten().float() for t in floats])
 
 
+def _own_factors(layer) -> list:
+    """The layer's own LoRA parameters, not those of LoRA layers nested in its base module (a mixer's projections)."""
+    return [(n, p) for n, p in layer.named_parameters() if "lora_" in n and not n.startswith("base_layer.")]
+
+
 def _live(layer, run, reference: torch.Tensor) -> bool:
-    factors = [p for n, p in layer.named_parameters() if "lora_B" in n or "lora_embedding_B" in n]
+    factors = [p for n, p in _own_factors(layer) if "lora_B" in n or "lora_embedding_B" in n]
     with torch.no_grad():
         for parameter in factors:
             parameter.mul_(3.0)
@@ -237,9 +254,23 @@ def _live(layer, run, reference: torch.Tensor) -> bool:
 
 
 def _gradients(model: nn.Module, adapted: dict, model_input: str) -> dict[str, bool]:
+    """Which adapters get a non-zero gradient of every LoRA parameter from the model's output: in eval mode (no
+    dropout, no training-only masking), or else in training mode (an eval-only fused path keeps autograd out;
+    Mamba's mixer takes its inference path)."""
+    found = _gradients_in(model, adapted, model_input, training=False)
+    if not all(found.values()):
+        try:
+            training = _gradients_in(model, adapted, model_input, training=True)
+        except AnalysisError:  # a training-only step that fails on this input (wav2vec2's masking of short audio)
+            training = {}
+        found = {name: got or training.get(name, False) for name, got in found.items()}
+    return found
+
+
+def _gradients_in(model: nn.Module, adapted: dict, model_input: str, training: bool) -> dict[str, bool]:
     model.zero_grad(set_to_none=True)
     args, kwargs = model_arguments(model_input, 0)
-    model.train()  # as in training (eval-only fused paths off); dropout does not keep a gradient from reaching
+    model.train(training)
     try:
         output = _floating_with_grad(model(*args, **kwargs))
         if not output.requires_grad:  # a fused path that never reads an adapter: none of them gets a gradient
@@ -250,13 +281,10 @@ def _gradients(model: nn.Module, adapted: dict, model_input: str) -> dict[str, b
     finally:
         model.eval()
     found = {
-        name: all(
-            p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in layer.named_parameters() if "lora_" in n
-        )
+        name: all(p.grad is not None and bool(p.grad.abs().sum() > 0) for _, p in _own_factors(layer))
         for name, layer in adapted.items()
     }
     model.zero_grad(set_to_none=True)
-    model.eval()
     return found
 
 

@@ -98,12 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument(
         "--module", metavar="NAME", help="the submodule (as `scan` lists it); the tests build it through MODEL"
     )
-    new.add_argument(
-        "--model-input",
-        metavar="EXPR",
-        help="with --from-model: what the model is fed, a dict of keyword inputs or a tuple (default: made from the "
-        "model's config, e.g. token ids); the target is probed and tested on what the model passes it",
-    )
+    _add_model_input(new, "with --from-model: ")
     new.add_argument("-o", "--output", metavar="DIR", help="plugin mode: folder to write into (default: .)")
     new.add_argument(
         "--peft-checkout",
@@ -214,11 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "for all the layers (classes that fail are listed with the reason, the others are written)",
     )
     scan.add_argument("-o", "--output", metavar="DIR", help="with --generate: the folder (default: lora_layers)")
-    scan.add_argument(
-        "--model-input",
-        metavar="EXPR",
-        help="what the model is fed, for the commands (as for new); needed where the model has no transformers config",
-    )
+    _add_model_input(scan, "for the commands and --generate: ")
     scan.add_argument("--dry-run", action="store_true", help="with --generate: show the files, write nothing")
     scan.add_argument("--force", action="store_true", help="with --generate: overwrite files edited since")
     scan.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -239,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("model", metavar="MODEL")
     audit.add_argument("--layers", metavar="DIR", help="folder of generated layers (`scan --generate -o DIR`)")
-    audit.add_argument("--model-input", metavar="EXPR", help="what the model is fed (as for new)")
+    _add_model_input(audit)
     audit.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     audit.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
 
@@ -251,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_arguments(inspect)
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
+
+
+def _add_model_input(parser: argparse.ArgumentParser, use: str = "") -> None:
+    parser.add_argument(
+        "--model-input",
+        metavar="EXPR",
+        help=f"{use}what MODEL is fed: a dict of keyword inputs, a tuple or a tensor (default: made from its "
+        "transformers config, e.g. token ids; a model without one needs it)",
+    )
 
 
 def _add_change_arguments(parser: argparse.ArgumentParser, force_help: str) -> None:

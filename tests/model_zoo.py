@@ -165,6 +165,19 @@ ZOO: dict[str, str] = {
 }
 
 
+# What `audit` finds wrong that is not a generated layer's doing: module -> why. The zoo test requires exactly these.
+KNOWN_FAILURES = {
+    "mamba": {
+        "backbone.layers.0.mixer.base_layer.dt_proj": "PEFT's lora.Linear there is dead: transformers' CPU reference "
+        "mamba_inner_fn reads dt_proj.weight directly (PEFT already refuses out_proj and conv1d of Mamba for that)",
+    },
+    "phimoe": {
+        "model.layers.0.mlp.router": "no gradient from the model's output: PhiMoE's sparsemixer passes none to the "
+        "router logits (the router trains through the auxiliary loss)",
+    },
+}
+
+
 @dataclass(frozen=True)
 class ZooResult:
     name: str
@@ -175,6 +188,7 @@ class ZooResult:
     failed: int
     audit_passed: bool
     dead: tuple[str, ...]
+    failing: tuple[str, ...]  # modules failing any audit check (live, gradients, merge)
     peft_share: float
     with_generated_share: float
 
@@ -195,6 +209,7 @@ def run(name: str, root: Path) -> ZooResult:
         failed=failed,
         audit_passed=audit["passed"],
         dead=tuple(m["name"] for m in audit["modules"] if not m["live"]),
+        failing=tuple(m["name"] for m in audit["modules"] if not (m["live"] and m["gradients"] and m["merges"])),
         peft_share=coverage["peft"] / total,
         with_generated_share=(coverage["peft"] + coverage["generated"]) / total,
     )
@@ -230,9 +245,15 @@ def table_row(result: ZooResult) -> str:
     missing = "<br>".join(result.not_generated)
     return (
         f"| {result.name} | {result.classes} | {generated}{'<br>not: ' + missing if missing else ''} | "
-        f"{result.passed}/{result.passed + result.failed} | {'no dead adapter' if not result.dead else 'DEAD: ' + ', '.join(result.dead)} | "
+        f"{result.passed}/{result.passed + result.failed} | {_audit_cell(result)} | "
         f"{result.peft_share:.1%} | {result.with_generated_share:.1%} |"
     )
+
+
+def _audit_cell(result: ZooResult) -> str:
+    if not result.failing:
+        return "all live, trained, merged"
+    return "<br>".join(f"{name}: {KNOWN_FAILURES.get(result.name, {}).get(name, 'FAILS')}" for name in result.failing)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from lora_scaffold.introspect import introspect
 from lora_scaffold.render import render, render_templates, template_context, template_dir
 from lora_scaffold.resolve import resolve_target
 from lora_scaffold.target import PATCH, PLUGIN, PeftTarget
+from lora_scaffold.workflow import plan_layer, request_from_model
 
 
 LATEST = PeftTarget(PLUGIN, (0, 21, 2))
@@ -47,6 +48,10 @@ def plan_for(target, args, options):
 def rendered_variety():
     """Every case as plugin output for peft >= 0.19, plus both modes of the older API for a few."""
     plans = [plan_for(*case) for case in VARIETY]
+    # Targets taken from a model: their tests record the call the model makes (GPT-2's attention takes keywords).
+    gpt2 = "transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2))"
+    request = request_from_model(gpt2, "transformer.h.0.attn", None, weight="c_attn.weight")
+    plans.append(plan_layer(request)[1])
     versions = [(0, 13, 2), (0, 15, 2), (0, 17, 1), (0, 19, 0), (0, 20, 0)]
     older = [render(plan, PeftTarget(mode, v)) for plan in plans[2:5] for mode in (PLUGIN, PATCH) for v in versions]
     patch = [render(plan, PeftTarget(PATCH, LATEST.version)) for plan in plans]
