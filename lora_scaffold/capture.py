@@ -37,14 +37,35 @@ class ModelCall:
     model_input: str
 
     def __call__(self, seed: int) -> tuple[tuple, dict]:
-        """(args, kwargs) the submodule receives when the model's input is drawn with `seed`."""
-        calls = record_calls(self, [self.module], seed, stop_early=True)
-        if not calls[self.module]:
+        """(args, kwargs) the submodule receives when the model's input is drawn with `seed`: one forward of the
+        model, ended by a forward pre-hook on the submodule once it has recorded the call."""
+        model = built_model(self.model)
+        calls = []
+
+        def record(module: nn.Module, args: tuple, kwargs: dict):
+            calls.append(copy.deepcopy(bound_call(module, args, kwargs)))
+            raise Captured
+
+        handle = model.get_submodule(self.module).register_forward_pre_hook(record, with_kwargs=True)
+        args, kwargs = model_arguments(self.model_input, seed)
+        try:
+            with torch.no_grad():
+                model(*args, **kwargs)
+        except Captured:
+            pass
+        except USER_CODE_ERRORS as exc:
+            raise AnalysisError(
+                f"the model's forward on --model-input {self.model_input} failed: {type(exc).__name__}: {exc}; pass "
+                "--model-input EXPR with the input the model takes"
+            ) from None
+        finally:
+            handle.remove()
+        if not calls:
             raise AnalysisError(
                 f"the model's forward on {self.model_input} never calls {self.module}; pass --model-input EXPR "
                 "with an input that reaches it"
             )
-        return calls[self.module][0]
+        return calls[0]
 
 
 def evaluate_model(model: str):
@@ -86,40 +107,6 @@ def model_arguments(model_input: str, seed: int) -> tuple[tuple, dict]:
     if isinstance(value, dict):
         return (), value
     return (value if isinstance(value, tuple) else (value,)), {}
-
-
-def record_calls(call: ModelCall, modules: list[str], seed: int, stop_early: bool = False) -> dict[str, list]:
-    """{module name: [(args, kwargs), ...]} of one forward of the model; with `stop_early`, the forward ends at the
-    first call of the first module."""
-    model = built_model(call.model)
-    calls: dict[str, list] = {name: [] for name in modules}
-
-    def recorder(name: str):
-        def record(module: nn.Module, args: tuple, kwargs: dict):
-            calls[name].append(copy.deepcopy(bound_call(module, args, kwargs)))
-            if stop_early:
-                raise Captured
-
-        return record
-
-    handles = [
-        model.get_submodule(name).register_forward_pre_hook(recorder(name), with_kwargs=True) for name in modules
-    ]
-    args, kwargs = model_arguments(call.model_input, seed)
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    except Captured:
-        pass
-    except USER_CODE_ERRORS as exc:
-        raise AnalysisError(
-            f"the model's forward on --model-input {call.model_input} failed: {type(exc).__name__}: {exc}; pass "
-            "--model-input EXPR with the input the model takes"
-        ) from None
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
 
 
 def bound_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -105,7 +105,13 @@ ZOO: dict[str, str] = {
         "use_mamba_kernels=False)"
     ),
     "gpt_oss": causal(f"GptOssConfig({TEXT}, num_local_experts=4, {MOE}, head_dim=8, layer_types=['full_attention'])"),
-    **{name: tiny(name) for name in ("aria_text", "cohere2_moe", "jetmoe", "llama4_text", "minimax")},
+    **{
+        name: tiny(name)
+        for name in ("aria_text", "cohere2_moe", "exaone_moe", "glm4_moe", "granitemoeshared", "hunyuan_v1_moe")
+    },
+    **{name: tiny(name) for name in ("jetmoe", "llama4_text", "minimax")},
+    "flex_olmo": tiny("flex_olmo", pad_token_id=0, eos_token_id=1),
+    "lfm2_moe": tiny("lfm2_moe", layer_types=["full_attention"], num_dense_layers=0),
     # State-space and recurrent models, an embedding with an offset.
     "mamba": causal(
         "MambaConfig(hidden_size=16, state_size=4, num_hidden_layers=1, vocab_size=64, expand=2, conv_kernel=3, "
