@@ -92,7 +92,8 @@ def find_sample_input(module: nn.Module, candidates: list[str], given: bool = Fa
     tried = "; ".join(itertools.islice(errors, 4))
     raise AnalysisError(
         f"could not infer an input {type(module).__name__} accepts (tried {tried}); pass --example-input EXPR, "
-        "e.g. --example-input 'torch.randn(2, 4, 9, 9)'"
+        "e.g. --example-input 'torch.randn(2, 4, 9, 9)', or take the class from a model that feeds it: --from-model "
+        "MODEL --module NAME"
     )
 
 
