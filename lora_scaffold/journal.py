@@ -13,6 +13,7 @@ middle (a full disk, a permission) is rolled back at once from the old texts hel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -42,9 +43,15 @@ def apply(root: Path, writes: list[tuple[Path, str, str | None, int | None]], de
         "writes": [[str(path), str(temporary_for(path))] for path, *_ in writes],
         "deletes": [str(path) for path, _ in deletes],
     }
-    for folder in created:
-        folder.mkdir(exist_ok=True)
-    _write_journal(journal, {**entries, "state": PREPARE})
+    try:
+        for folder in created:
+            folder.mkdir(exist_ok=True)
+        _write_journal(journal, {**entries, "state": PREPARE})
+    except OSError as exc:  # a parent that is a file, a folder that cannot be written, a read-only file system
+        with contextlib.suppress(OSError):
+            _remove(journal.with_suffix(".tmp"))
+            _remove_empty(reversed(created))
+        raise WriteError(f"cannot write into {exc.filename or root} ({exc.strerror}); nothing was changed") from exc
     checkpoint("prepared")
     done: list[tuple[Path, str | None]] = []
     try:

@@ -2,7 +2,9 @@
 output folder or the checkout byte for byte (modes included) as it was."""
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -105,6 +107,8 @@ PREPARED_CASES = [
     ("bad_record", ["torch.nn.Linear"], "is not a lora-scaffold generation record"),
     ("record_format", ["torch.nn.Linear"], "record format 99"),
     ("output_is_a_file", ["torch.nn.Linear"], "exists and is not a folder"),
+    ("output_below_a_file", ["torch.nn.Linear"], "(Not a directory); nothing was changed"),
+    ("read_only_output", ["torch.nn.Linear"], "; nothing was changed"),
 ]
 
 
@@ -125,7 +129,19 @@ def prepare(case: str, folder: Path) -> Path:
         (folder / ".lora-scaffold" / "lora_linear.json").write_text(text)
     elif case == "output_is_a_file":
         return folder / "notes.txt"
+    elif case == "output_below_a_file":
+        return folder / "notes.txt" / "sub"
+    elif case == "read_only_output":
+        read_only(folder)
     return folder
+
+
+def read_only(folder: Path) -> None:
+    """A folder nothing can be created in, even by root (who ignores modes): immutable where chattr works, else
+    mode 0o555 (enough for other users)."""
+    folder.chmod(0o555)
+    if os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root where chattr +i is not available: no folder is read-only to root")
 
 
 def assert_one_line_error(capsys, message: str) -> None:
@@ -146,10 +162,15 @@ def test_bad_plugin_input(arguments, message, tmp_path, capsys):
 @pytest.mark.parametrize("case, arguments, message", PREPARED_CASES, ids=[c for c, _, _ in PREPARED_CASES])
 def test_bad_output_folder(case, arguments, message, tmp_path, capsys):
     out = prepare(case, tmp_path / "out")
-    before = snapshot(tmp_path)
-    assert main(["new", *arguments, "-o", str(out)]) == 2
-    assert_one_line_error(capsys, message)
-    assert snapshot(tmp_path) == before
+    try:
+        before = snapshot(tmp_path)
+        assert main(["new", *arguments, "-o", str(out)]) == 2
+        assert_one_line_error(capsys, message)
+        assert snapshot(tmp_path) == before
+    finally:
+        if case == "read_only_output":  # writable again, so that pytest can remove it
+            subprocess.run(["chattr", "-i", str(out)], capture_output=True)
+            out.chmod(0o755)
 
 
 MANIFEST_CASES = [
