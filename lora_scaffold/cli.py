@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_change_arguments(
         new, "overwrite files that exist with other content; in patch mode, also adapt a type PEFT already supports"
     )
+    _add_run_tests(new)
 
     remove = commands.add_parser(
         "remove",
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="on overlapping changes: stop and change nothing (default), or write conflict markers",
     )
     update.add_argument("--dry-run", action="store_true", help="show what would change (a diff), write nothing")
+    _add_run_tests(update)
     update.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     update.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
 
@@ -242,6 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_arguments(inspect)
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
+
+
+def _add_run_tests(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--run-tests",
+        action="store_true",
+        help="patch mode: then run the generated suite and PEFT's battery on the new cases in the checkout, and put "
+        "the results in the pull-request description (.lora-scaffold/<module>.pr.md)",
+    )
 
 
 def _add_model_input(parser: argparse.ArgumentParser, use: str = "") -> None:
@@ -379,10 +390,22 @@ def run_new(args: argparse.Namespace) -> int:
     else:
         outcome = workflow.new_plugin(_request(args), Path(args.output or "."), args.force, dry_run=args.dry_run)
     _apply_unless_dry(outcome, args.dry_run)
+    results = _run_checkout_tests(args, outcome)
     style = views.Style.for_stream(sys.stdout)
     text = f"{views.plan_text(outcome.report)}\n{views.changes_text(outcome, args.dry_run, style)}"
-    _show(args, lambda: text, lambda: views.outcome_json("new", outcome, args.dry_run))
+    text += "".join(f"\n{views.suite_result_text(result)}" for result in results)
+    _show(args, lambda: text, lambda: views.outcome_json("new", outcome, args.dry_run, results))
     return 0
+
+
+def _run_checkout_tests(args: argparse.Namespace, outcome: workflow.Outcome) -> tuple:
+    """--run-tests: the new tests run in the checkout, and the description gets their results."""
+    if not args.run_tests:
+        return ()
+    if args.peft_checkout is None or args.dry_run:
+        raise ScaffoldError("--run-tests runs the tests in the patched checkout: give --peft-checkout, not --dry-run")
+    _progress(args, "running the generated suite and PEFT's battery on the new cases ...")
+    return workflow.test_checkout(outcome)
 
 
 def run_remove(args: argparse.Namespace) -> int:
@@ -413,9 +436,11 @@ def run_update(args: argparse.Namespace) -> int:
     else:
         outcome = workflow.update_plugin(Path(args.layer), {**change, "name": args.name}, args.conflicts, args.dry_run)
     _apply_unless_dry(outcome, args.dry_run)
+    results = _run_checkout_tests(args, outcome)
     style = views.Style.for_stream(sys.stdout)
     text = f"{views.plan_text(outcome.report)}\n{views.changes_text(outcome, args.dry_run, style)}"
-    _show(args, lambda: text, lambda: views.outcome_json("update", outcome, args.dry_run))
+    text += "".join(f"\n{views.suite_result_text(result)}" for result in results)
+    _show(args, lambda: text, lambda: views.outcome_json("update", outcome, args.dry_run, results))
     return 0
 
 

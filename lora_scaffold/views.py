@@ -10,6 +10,7 @@ from lora_scaffold.audit import Audit
 from lora_scaffold.files import FileChange
 from lora_scaffold.generate import Generated
 from lora_scaffold.introspect import TargetSpec
+from lora_scaffold.patch.description import description_path
 from lora_scaffold.render import dora_refusal
 from lora_scaffold.scan import ScannedClass
 from lora_scaffold.verify import Verification
@@ -201,7 +202,12 @@ def changes_text(outcome: Outcome, dry_run: bool, style: Style) -> str:
     return "\n".join(lines + [f"note: {note}" for note in outcome.report.notes])
 
 
-def outcome_json(command: str, outcome: Outcome, dry_run: bool) -> dict:
+def suite_result_text(result) -> str:
+    counts = f"{result.passed} passed, {result.failed} failed, {result.skipped} skipped"
+    return f"tests     {result.name}: {counts} in {result.seconds:.1f} s"
+
+
+def outcome_json(command: str, outcome: Outcome, dry_run: bool, results: tuple = ()) -> dict:
     report = outcome.report
     data = {
         "command": command,
@@ -225,6 +231,11 @@ def outcome_json(command: str, outcome: Outcome, dry_run: bool) -> dict:
             "layer_class": plan.layer_class,
             "module": plan.module_name,
         }
+        if report.peft.mode == "patch":
+            data["pull_request"] = {
+                "path": str(outcome.root / description_path(plan.module_name)),
+                "tests": [asdict(result) for result in results],
+            }
         data["peft"] = {
             "mode": report.peft.mode,
             "version": report.peft.version_text,

@@ -16,9 +16,10 @@ from lora_scaffold.introspect import TargetSpec, introspect
 from lora_scaffold.merge import merge_file
 from lora_scaffold.names import layer_names
 from lora_scaffold.patch.checkout import LORA_PACKAGE, PeftCheckout, read_checkout, read_text
+from lora_scaffold.patch.description import describe, description_path, run_tests
 from lora_scaffold.patch.exports import INIT_FILE, exported_names
 from lora_scaffold.patch.plan import PatchEdits, as_files, edited_sources, plan_edits, reverted_sources
-from lora_scaffold.record import IGNORE_FILE, IGNORE_TEXT, GenerationRecord, digest, record_path
+from lora_scaffold.record import IGNORE_FILE, IGNORE_TEXT, RECORD_DIR, GenerationRecord, digest, record_path
 from lora_scaffold.render import GeneratedFile, render
 from lora_scaffold.request import Request
 from lora_scaffold.resolve import resolve_target
@@ -162,10 +163,36 @@ def patch_checkout(
     files += as_files(edited_sources(sources, edits)) + (GeneratedFile(IGNORE_FILE, IGNORE_TEXT),)
     updatable = _unedited(checkout.root, previous) | set(checkout.edited_sources()) | {IGNORE_FILE}
     changes = _checkout_changes(checkout, files, force, updatable)
+    if not edits.supported:
+        notes += ("model.py's message listing the supported modules has another shape: left as it is",)
     if plan.battery_blocker and edits.battery is None:
         notes += (f"not wired into PEFT's test battery: {plan.battery_blocker}; {rendered[1].path} covers the layer",)
     nothing = "" if any(c.changes_disk for c in changes) else f"{checkout.root} already has {plan.layer_class}"
+    if not nothing:
+        changes += (pull_request_change(checkout.root, plan, checkout.peft, changes),)
     return Outcome(checkout.root, changes, Report(spec, plan, checkout.peft, notes, nothing))
+
+
+def test_checkout(outcome: Outcome) -> tuple:
+    """`--run-tests`: the generated suite and PEFT's battery on the new cases, then the description with them."""
+    report = outcome.report
+    results = run_tests(outcome.root, report.plan)
+    change = pull_request_change(outcome.root, report.plan, report.peft, outcome.changes, results)
+    apply_changes((change,), outcome.root)
+    return results
+
+
+def pull_request_change(root: Path, plan: LayerPlan, peft: PeftTarget, changes, results=()) -> FileChange:
+    """The pull-request description beside the record (out of git, like it): lora-scaffold's own, replaced freely."""
+    shown = [
+        (str(change.path.relative_to(root)), change.status)
+        for change in changes
+        if change.changes_disk and RECORD_DIR not in change.path.parts
+    ]
+    text = describe(plan, peft, shown, results)
+    path = description_path(plan.module_name)
+    (change,) = plan_changes((GeneratedFile(path, text),), root, force=False, updatable=frozenset({path}))
+    return change
 
 
 def remove_from_checkout(
@@ -189,7 +216,7 @@ def remove_from_checkout(
         raise PatchError(f"{', '.join(edited)} changed since lora-scaffold wrote it; pass --force to remove it anyway")
     reverted = reverted_sources(checkout.edited_sources(), PatchEdits.from_dict(record.edits), force)
     changes = _checkout_changes(checkout, as_files(reverted), True, frozenset(reverted))
-    owned = [*record.files, record.path]
+    owned = [*record.files, record.path, description_path(module_name)]
     if checkout.records() == [Path(record.path).name]:
         owned.append(IGNORE_FILE)
     return Outcome(checkout.root, changes + plan_deletions([checkout.path(p) for p in owned]), Report(notes=recovered))

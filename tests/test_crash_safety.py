@@ -78,5 +78,7 @@ def test_patch_new_and_remove_survive_a_kill_at_every_step(pristine, tmp_path):
 
         return fresh
 
-    assert kill_at_every_step(new, checkout, copy_of(pristine), before, after) == 1 + 7 + 1 + 7
-    assert kill_at_every_step(remove, checkout, copy_of(tmp_path / "patched"), after, before) == 1 + 3 + 1 + 3 + 4
+    # prepare, nine temporaries (layer, tests, record, layer.py, __init__.py, battery, model.py, .gitignore, the
+    # pull-request description), commit, nine renames; remove: four files restored, five deleted.
+    assert kill_at_every_step(new, checkout, copy_of(pristine), before, after) == 1 + 9 + 1 + 9
+    assert kill_at_every_step(remove, checkout, copy_of(tmp_path / "patched"), after, before) == 1 + 4 + 1 + 4 + 5

@@ -5,6 +5,7 @@ installed, as in CI's second environment), so that PEFT's own tests run with the
 """
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -299,3 +300,28 @@ def test_patched_files_keep_their_mode_and_new_ones_follow_the_umask(checkout):
     umask = os.umask(0)
     os.umask(umask)
     assert (checkout / LORA / "lora_conv_transpose2d.py").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_pull_request_description_states_what_a_fresh_run_of_the_tests_gives(checkout, pristine, capsys):
+    """The type is named in PEFT's "not supported" message; the description says what was done and, with
+    --run-tests, the counts of both runs, which a run of our own gives again; remove takes all of it back."""
+    command = ["new", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout), "--run-tests", "--json"]
+    assert main(command) == 0
+    report = json.loads(capsys.readouterr().out)
+    model = (checkout / LORA / "model.py").read_text()
+    assert '"`torch.nn.ConvTranspose2d`, "\n                "`transformers.pytorch_utils.Conv1D`' in model
+    description = (checkout / ".lora-scaffold" / "lora_conv_transpose2d.pr.md").read_text()
+    assert report["pull_request"]["path"].endswith("lora_conv_transpose2d.pr.md")
+    assert description.startswith("# Add LoRA support for `torch.nn.ConvTranspose2d`")
+    assert "| conv_transpose | exact: relative error at most" in description
+    assert "| use_dora | refused (ValueError): PEFT has no DoRA for transposed convolutions |" in description
+    assert "- `src/peft/tuners/lora/model.py` (update)" in description
+    tests = {result["name"]: result for result in report["pull_request"]["tests"]}
+    suite, battery = tests["generated suite"], tests["PEFT's battery"]
+    assert suite["failed"] == battery["failed"] == 0 and suite["passed"] > 0 and battery["passed"] > 0
+    assert f"| generated suite | {suite['passed']} | 0 | {suite['skipped']} |" in description
+    assert f"| PEFT's battery | {battery['passed']} | 0 | {battery['skipped']} |" in description
+    fresh = run_pytest(checkout, "tests/test_custom_models.py", "-k", "LoraConvTranspose2d", with_targets=False)
+    assert f"{battery['passed']} passed, {battery['skipped']} skipped" in fresh.stdout, fresh.stdout[-2000:]
+    assert main(["remove", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 0
+    assert same_tree(checkout, pristine)

@@ -259,7 +259,7 @@ ENTRY = BatteryEntry(
     model_id="LoraConvT",
     model_class="ModelLoraConvT",
     class_code="class ModelLoraConvT(nn.Module):\n    pass\n",
-    test_cases=('("LoraConvT 1 LoRA (lora-scaffold)", "LoraConvT", LoraConfig, {"target_modules": ["target"]})',),
+    test_cases=('("ConvT 1 LoRA", "LoraConvT", LoraConfig, {"target_modules": ["target"]})',),
 )
 
 
@@ -272,7 +272,7 @@ def test_battery_gets_model_class_wrapper_branch_and_test_cases():
         TEST_CASES = [
             ("Vanilla MLP 1 LoRA", "MLP", LoraConfig, {"target_modules": ["lin0"]}),
             ("Conv2d 1 LoRA", "Conv2d", LoraConfig, {"target_modules": ["conv2d"]}),
-            ("LoraConvT 1 LoRA (lora-scaffold)", "LoraConvT", LoraConfig, {"target_modules": ["target"]}),
+            ("ConvT 1 LoRA", "LoraConvT", LoraConfig, {"target_modules": ["target"]}),
         ]
 
 
@@ -336,3 +336,50 @@ def test_edits_on_an_excerpt_equal_edits_on_the_whole_parse(pristine, monkeypatc
     assert [edit.apply(source) for edit, source in edits] == on_excerpts
     for (edit, source), applied in zip(edits, on_excerpts):
         assert applied != source and edit.revert(applied, False) == source
+
+
+def test_battery_cases_are_named_as_peft_names_its_own():
+    from test_analyse import plan_for
+
+    from lora_scaffold.patch.battery_model import battery_entry
+    from lora_scaffold.target import PATCH, PeftTarget
+
+    entry = battery_entry(
+        plan_for("torch.nn.Bilinear", {"in1_features": 5, "in2_features": 7}), PeftTarget(PATCH, (0, 21, 2))
+    )
+    names = [ast.parse(case, mode="eval").body.elts[0].value for case in entry.test_cases]
+    assert names[:3] == ["Bilinear 1 LoRA", "Bilinear 2 LoRA", "Bilinear 3 LoRA with rslora"]
+    assert "Bilinear 4 LoRA with dropout" in names and not any("lora-scaffold" in name for name in names)
+
+
+MODEL_SOURCE = """class LoraModel(BaseTuner):
+    @staticmethod
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        if new_module is None:
+            # no module could be matched
+            raise ValueError(
+                f"Target module {target} is not supported. Currently, only the following modules are supported: "
+                "`torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, `torch.nn.Conv3d`, "
+                "`transformers.pytorch_utils.Conv1D`, `torch.nn.MultiheadAttention.`."
+            )
+        return new_module
+"""
+
+
+def test_the_not_supported_message_names_the_new_type_and_gives_it_back():
+    from lora_scaffold.patch.supported import add_supported, message_found, remove_supported
+
+    added = add_supported(MODEL_SOURCE, "mypkg.MyConv")
+    assert added == MODEL_SOURCE.replace(
+        '                "`transformers.pytorch_utils.Conv1D`',
+        '                "`mypkg.MyConv`, "\n                "`transformers.pytorch_utils.Conv1D`',
+    )
+    assert add_supported(added, "mypkg.MyConv") == added  # again: no change
+    both = add_supported(added, "transformers.models.mixtral.modeling_mixtral.MixtralExperts")
+    assert remove_supported(both, "mypkg.MyConv") == add_supported(
+        MODEL_SOURCE, "transformers.models.mixtral.modeling_mixtral.MixtralExperts"
+    )
+    assert remove_supported(added, "mypkg.MyConv") == MODEL_SOURCE
+    assert remove_supported(MODEL_SOURCE, "mypkg.MyConv") == MODEL_SOURCE
+    other = MODEL_SOURCE.replace("Currently, only", "Only")
+    assert not message_found(other) and add_supported(other, "mypkg.MyConv") == other

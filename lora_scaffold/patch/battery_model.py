@@ -33,8 +33,9 @@ def battery_entry(plan: LayerPlan, peft: PeftTarget) -> BatteryEntry:
         output_is_tuple=plan.output_is_tuple,
     )
     class_code = render_snippet("partials/battery_model.py.jinja", context)
+    # Named as PEFT names its cases: the layer type and the option ("Conv2d 1 LoRA with DoRA"), not the tool.
     test_cases = tuple(
-        _case_code(f"{model_id} {label} (lora-scaffold)", model_id, kwargs) for label, kwargs in _cases(plan, peft)
+        _case_code(f"{plan.target_class} {label}", model_id, kwargs) for label, kwargs in _cases(plan, peft)
     )
     return BatteryEntry(model_id, model_class, class_code, test_cases)
 
@@ -42,13 +43,13 @@ def battery_entry(plan: LayerPlan, peft: PeftTarget) -> BatteryEntry:
 def _cases(plan: LayerPlan, peft: PeftTarget) -> list[tuple[str, str]]:
     """Only options the layer implements: PEFT's battery would pass a layer that ignored the others."""
     cases = [("1 LoRA", '{"target_modules": ["target"]}'), ("2 LoRA", '{"target_modules": ["target", "lin0"]}')]
-    cases.append(("3 LoRA rsLoRA", '{"target_modules": ["target"], "use_rslora": True, "lora_alpha": 16}'))
+    cases.append(("3 LoRA with rslora", '{"target_modules": ["target"], "use_rslora": True, "lora_alpha": 16}'))
     if plan.chosen.uses_dropout:
-        cases.append(("4 LoRA dropout", '{"target_modules": ["target"], "lora_dropout": 0.1}'))
+        cases.append(("4 LoRA with dropout", '{"target_modules": ["target"], "lora_dropout": 0.1}'))
     if plan.bias_name and peft.has_option("lora_bias"):
-        cases.append(("5 LoRA lora_bias", '{"target_modules": ["target"], "lora_bias": True}'))
+        cases.append(("5 LoRA with lora_b bias", '{"target_modules": ["target"], "lora_bias": True}'))
     if not dora_refusal(plan, peft):
-        cases.append(("6 LoRA DoRA", '{"target_modules": ["target"], "use_dora": True}'))
+        cases.append(("6 LoRA with DoRA", '{"target_modules": ["target"], "use_dora": True}'))
     return cases
 
 

@@ -10,6 +10,7 @@ from lora_scaffold.errors import PatchError
 from lora_scaffold.patch.battery import BATTERY_FILE
 from lora_scaffold.patch.dispatch import LAYER_FILE, call_form
 from lora_scaffold.patch.exports import INIT_FILE
+from lora_scaffold.patch.supported import MODEL_FILE
 from lora_scaffold.record import GenerationRecord, record_path
 from lora_scaffold.target import PATCH, PeftTarget, peft_target
 
@@ -17,7 +18,7 @@ from lora_scaffold.target import PATCH, PeftTarget, peft_target
 VERSION_FILE = "src/peft/__init__.py"
 LORA_PACKAGE = "src/peft/tuners/lora"
 # The files PEFT owns that patch mode edits (and never replaces or deletes).
-EDITED_FILES = (LAYER_FILE, INIT_FILE, BATTERY_FILE)
+EDITED_FILES = (LAYER_FILE, INIT_FILE, BATTERY_FILE, MODEL_FILE)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def read_checkout(path: str | Path) -> PeftCheckout:
         if not file.is_file():
             raise PatchError(f"{root} is not a peft source checkout: {relative} ({expected}) is missing")
         sources[relative] = read_text(file)
+    if safe_path(root, MODEL_FILE).is_file():  # only its error message is edited: a checkout may lack it
+        sources[MODEL_FILE] = read_text(safe_path(root, MODEL_FILE))
     match = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', sources[VERSION_FILE], re.MULTILINE)
     if match is None:
         raise PatchError(f"{root / VERSION_FILE} sets no __version__")

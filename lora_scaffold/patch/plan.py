@@ -16,6 +16,7 @@ from lora_scaffold.patch.cst_utils import Edit, top_level_statements
 from lora_scaffold.patch.dispatch import LAYER_FILE, DispatchBranch, dispatch_edit, read_chain
 from lora_scaffold.patch.exports import export_edit
 from lora_scaffold.patch.imports import import_edit
+from lora_scaffold.patch.supported import MODEL_FILE, message_found, supported_edit
 from lora_scaffold.render import GeneratedFile
 
 
@@ -28,10 +29,12 @@ class PatchEdits:
     module_name: str
     layer_class: str
     battery: BatteryEntry | None
+    supported: str = ""  # the type named in model.py's "not supported" message ("" where it has another shape)
 
     def edits(self) -> tuple[Edit, ...]:
         edits = (import_edit("sys", LAYER_FILE),) if self.needs_sys else ()
         edits += (dispatch_edit(self.branch), export_edit(self.module_name, self.layer_class))
+        edits += (supported_edit(self.supported),) if self.supported else ()
         return edits + ((battery_edit(self.battery),) if self.battery else ())
 
     def as_dict(self) -> dict:
@@ -40,6 +43,7 @@ class PatchEdits:
             "import_sys": self.needs_sys,
             "export": {"module": self.module_name, "class": self.layer_class},
             "battery": self.battery.as_dict() if self.battery else None,
+            "supported": self.supported,
         }
 
     @classmethod
@@ -51,6 +55,7 @@ class PatchEdits:
             module_name=data["export"]["module"],
             layer_class=data["export"]["class"],
             battery=BatteryEntry(**{**battery, "test_cases": tuple(battery["test_cases"])}) if battery else None,
+            supported=data.get("supported", ""),  # records of older lora-scaffolds have none
         )
 
 
@@ -61,7 +66,13 @@ def plan_edits(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -> Pat
         module_name=plan.module_name,
         layer_class=plan.layer_class,
         battery=None if plan.battery_blocker else battery_entry(plan, checkout.peft),
+        supported=f"{plan.target_module}.{plan.target_class}" if _lists_supported(checkout) else "",
     )
+
+
+def _lists_supported(checkout: PeftCheckout) -> bool:
+    sources = checkout.edited_sources()
+    return MODEL_FILE in sources and message_found(sources[MODEL_FILE])
 
 
 def edited_sources(sources: dict[str, str], edits: PatchEdits) -> dict[str, str]:
