@@ -232,8 +232,11 @@ def outcome_json(command: str, outcome: Outcome, dry_run: bool, results: tuple =
             "module": plan.module_name,
         }
         if report.peft.mode == "patch":
+            path = outcome.root / description_path(plan.module_name)
+            written = next((c.new_text for c in outcome.changes if c.path == path), None)
             data["pull_request"] = {
-                "path": str(outcome.root / description_path(plan.module_name)),
+                "path": str(path),
+                "description": path.read_text(encoding="utf-8") if path.is_file() and not dry_run else written,
                 "tests": [asdict(result) for result in results],
             }
         data["peft"] = {

@@ -312,6 +312,7 @@ def test_pull_request_description_states_what_a_fresh_run_of_the_tests_gives(che
     assert '"`torch.nn.ConvTranspose2d`, "\n                "`transformers.pytorch_utils.Conv1D`' in model
     description = (checkout / ".lora-scaffold" / "lora_conv_transpose2d.pr.md").read_text()
     assert report["pull_request"]["path"].endswith("lora_conv_transpose2d.pr.md")
+    assert report["pull_request"]["description"] == description
     assert description.startswith("# Add LoRA support for `torch.nn.ConvTranspose2d`")
     assert "| conv_transpose | exact: relative error at most" in description
     assert "| use_dora | refused (ValueError): PEFT has no DoRA for transposed convolutions |" in description
