@@ -22,6 +22,9 @@ from lora_scaffold.resolve import resolve_callable
 from lora_scaffold.strategies import peft_builtin
 
 
+ROOT = "(the model)"  # how the model itself is listed among its modules
+
+
 @dataclass(frozen=True)
 class Variant:
     """Instances of a class that hold weights of the same shapes."""
@@ -127,7 +130,7 @@ def scan(model: nn.Module, model_spec: str, model_input: str | None = None) -> t
         weights = used_weights(module)
         if weights:
             key = (_scanned_class(module), parametrize.is_parametrized(module))
-            found.setdefault(key, []).append((name or "(the model)", module, weights))
+            found.setdefault(key, []).append((name or ROOT, module, weights))
     return tuple(_describe(cls, instances, model, model_spec, model_input) for (cls, _), instances in found.items())
 
 
@@ -168,6 +171,13 @@ def _describe(cls: type, instances: list, model: nn.Module, model_spec: str, mod
         why_not = f"{cls.__qualname__} is defined in a function or __main__, where generated code cannot import it"
     elif isinstance(model_input, AnalysisError):
         why_not = f"{model_input}".replace("pass --model-input", "scan with --model-input")
+    elif name == ROOT:
+        why_not = "it is the model itself, which --module cannot name: run `new` on its class directly"
+    elif parametrized and "." not in name:
+        why_not = (
+            "a parametrization computes its weight, so its parent is the target, and that is the model itself: build "
+            "the parametrized module alone with `new ... --init EXPR`"
+        )
     else:
         target_module, weight = _target(name, adaptable, parametrized)
         words = ["lora-scaffold", "new", "--from-model", model_spec, "--module", target_module, "--weight", weight]

@@ -255,3 +255,13 @@ def test_every_seed_gives_the_model_a_new_input_and_the_same_weights(module):
     first, second = request.model_call(0)[0][0], request.model_call(1)[0][0]
     assert first.shape == second.shape and not first.equal(second)
     assert request.model_call(0)[0][0].equal(first)
+
+
+def test_what_module_cannot_name_gets_no_command_but_a_reason(capsys):
+    bilinear = scanned(capsys, "torch.nn.Bilinear(3, 4, 5)", "--model-input", "(torch.randn(2, 3), torch.randn(2, 4))")
+    assert "the model itself, which --module cannot name" in bilinear["torch.nn.modules.linear.Bilinear"]["why_not"]
+    model = "torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(3, 4)))"
+    linear = scanned(capsys, model, "--model-input", "torch.randn(2, 3)")[
+        "torch.nn.modules.linear.Linear (parametrized)"
+    ]
+    assert linear["command"] == "" and "its parent is the target, and that is the model itself" in linear["why_not"]
