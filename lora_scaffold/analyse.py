@@ -249,15 +249,16 @@ def run_probe(module: nn.Module, weight: TensorInfo, make_call, example_input: s
         raise AnalysisError(
             f"running {type(module).__name__} with a changed {weight.name!r} failed: {type(exc).__name__}: {exc}"
         ) from exc
-    if probe.weight_matters() and probe.weight_effect() < VISIBLE_EFFECT:
-        raise AnalysisError(
-            f"the output of {type(module).__name__} barely depends on {weight.name!r} on input {example_input} (a change "
-            f"of the weight's own size moves it by {probe.weight_effect():.0e} of its scale): no float32 test could see "
-            "an adapter; pick another --weight or pass --example-input"
-        )
     if not probe.weight_matters():
         raise AnalysisError(
             f"the output of {type(module).__name__} does not change with {weight.name!r} on input {example_input}; "
+            "pick another --weight or pass --example-input"
+        )
+    effect = probe.weight_effect()
+    if effect < VISIBLE_EFFECT:
+        raise AnalysisError(
+            f"the output of {type(module).__name__} barely depends on {weight.name!r} on input {example_input} (a change "
+            f"of the weight's own size moves it by {effect:.0e} of its scale): no float32 test could see an adapter; "
             "pick another --weight or pass --example-input"
         )
     return probe

@@ -195,11 +195,14 @@ def _targets(model: nn.Module, ours: tuple[type, ...]) -> tuple[list[str], list[
             generated.append(name)
         elif isinstance(module, nn.MultiheadAttention) or _inside_attention(model, name):
             peft += [name] if isinstance(module, nn.MultiheadAttention) else []  # PEFT's wraps its out_proj too
-        elif peft_layer(module, name, model).startswith("lora.") and "ParamWrapper" not in peft_layer(
-            module, name, model
-        ):
+        elif _peft_own(peft_layer(module, name, model)):
             peft.append(name)
     return peft, generated
+
+
+def _peft_own(answer: str) -> bool:
+    """PEFT builds one of its own layers for the module (not a ParamWrapper on its parameters, not a refusal)."""
+    return answer.startswith("lora.") and "ParamWrapper" not in answer
 
 
 def _inside_attention(model: nn.Module, name: str) -> bool:

@@ -37,35 +37,42 @@ class ModelCall:
     model_input: str
 
     def __call__(self, seed: int) -> tuple[tuple, dict]:
-        """(args, kwargs) the submodule receives when the model's input is drawn with `seed`: one forward of the
-        model, ended by a forward pre-hook on the submodule once it has recorded the call."""
-        model = built_model(self.model)
-        calls = []
+        """(args, kwargs) the submodule receives when the model's input is drawn with `seed` (a copy: callers may
+        cast or move what they get)."""
+        return copy.deepcopy(_recorded(self, seed))
 
-        def record(module: nn.Module, args: tuple, kwargs: dict):
-            calls.append(copy.deepcopy(bound_call(module, args, kwargs)))
-            raise Captured
 
-        handle = model.get_submodule(self.module).register_forward_pre_hook(record, with_kwargs=True)
-        args, kwargs = model_arguments(self.model_input, seed)
-        try:
-            with torch.no_grad():
-                model(*args, **kwargs)
-        except Captured:
-            pass
-        except USER_CODE_ERRORS as exc:
-            raise AnalysisError(
-                f"the model's forward on --model-input {self.model_input} failed: {type(exc).__name__}: {exc}; pass "
-                "--model-input EXPR with the input the model takes"
-            ) from None
-        finally:
-            handle.remove()
-        if not calls:
-            raise AnalysisError(
-                f"the model's forward on {self.model_input} never calls {self.module}; pass --model-input EXPR "
-                "with an input that reaches it"
-            )
-        return calls[0]
+@lru_cache(maxsize=16)
+def _recorded(call: ModelCall, seed: int) -> tuple[tuple, dict]:
+    """One forward of the model per (call, seed) in a process (analysis asks for the same call several times), ended
+    by a forward pre-hook on the submodule once it has recorded the call."""
+    model = built_model(call.model)
+    calls = []
+
+    def record(module: nn.Module, args: tuple, kwargs: dict):
+        calls.append(copy.deepcopy(bound_call(module, args, kwargs)))
+        raise Captured
+
+    handle = model.get_submodule(call.module).register_forward_pre_hook(record, with_kwargs=True)
+    args, kwargs = model_arguments(call.model_input, seed)
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Captured:
+        pass
+    except USER_CODE_ERRORS as exc:
+        raise AnalysisError(
+            f"the model's forward on --model-input {call.model_input} failed: {type(exc).__name__}: {exc}; pass "
+            "--model-input EXPR with the input the model takes"
+        ) from None
+    finally:
+        handle.remove()
+    if not calls:
+        raise AnalysisError(
+            f"the model's forward on {call.model_input} never calls {call.module}; pass --model-input EXPR "
+            "with an input that reaches it"
+        )
+    return calls[0]
 
 
 def evaluate_model(model: str):
