@@ -11,11 +11,12 @@ from torch import nn
 from torch.func import functional_call
 
 from lora_scaffold import strategies
-from lora_scaffold.capture import ModelCall
-from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError
+from lora_scaffold.capture import recorded_call
+from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError, WeightUnused
 from lora_scaffold.introspect import TargetSpec, TensorInfo
 from lora_scaffold.names import expression_source, layer_names
 from lora_scaffold.probe import NotDeterministic, Probe, build_probe, dotted_attribute
+from lora_scaffold.request import ModelCall, Options
 from lora_scaffold.sample_input import (
     SEED,
     candidate_inputs,
@@ -33,15 +34,6 @@ VISIBLE_EFFECT = 1e-4
 
 # Modules whose parents (TransformerEncoderLayer) have an eval fast path that reads their weights directly.
 FUSED_PATH_MODULES = (nn.MultiheadAttention,)
-
-
-@dataclass(frozen=True)
-class Options:
-    weight: str | None = None
-    strategy: str = strategies.AUTO
-    example_input: str | None = None
-    name: str | None = None
-    model_call: ModelCall | None = None  # --from-model: the input is what the model passes to the target
 
 
 @dataclass(frozen=True)
@@ -108,7 +100,7 @@ class LayerPlan:
 def example_call(example_input: str, model_call: ModelCall | None):
     """seed -> (args, kwargs) the target is called with: the expression's inputs, or the model's call."""
     if model_call is not None:
-        return model_call
+        return lambda seed: recorded_call(model_call, seed)
     return lambda seed: (evaluate_input(example_input, seed), {})
 
 
@@ -134,7 +126,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         example_input = (
             f"what {options.model_call.module} receives from the model's forward on {options.model_call.model_input}"
         )
-        run_call(module, *options.model_call(SEED), "the call the model makes")
+        run_call(module, *recorded_call(options.model_call, SEED), "the call the model makes")
     elif options.example_input:
         example_input = expression_source(options.example_input, "--example-input")
         find_sample_input(module, [example_input], given=True)
@@ -250,7 +242,7 @@ def run_probe(module: nn.Module, weight: TensorInfo, make_call, example_input: s
             f"running {type(module).__name__} with a changed {weight.name!r} failed: {type(exc).__name__}: {exc}"
         ) from exc
     if not probe.weight_matters():
-        raise AnalysisError(
+        raise WeightUnused(
             f"the output of {type(module).__name__} does not change with {weight.name!r} on input {example_input}; "
             "pick another --weight or pass --example-input"
         )

@@ -39,10 +39,16 @@ class ModuleAudit:
     gradients: bool  # every LoRA parameter of it gets a non-zero gradient
     merge_error: float  # relative change of the model's output when it alone is merged
     tied_to: str = ""  # modules sharing its weight in the model (untied for the audit: merging writes into both)
+    reached: bool = True  # the model's forward on the input calls it (an expert no token is routed to is not)
 
     @property
     def merges(self) -> bool:
         return self.merge_error <= MERGE_TOLERANCE
+
+    @property
+    def passed(self) -> bool:
+        """Live, trained and merged exactly; a module the input never reaches proves nothing either way."""
+        return not self.reached or (self.live and self.gradients and self.merges)
 
 
 @dataclass(frozen=True)
@@ -55,11 +61,11 @@ class Audit:
 
     @property
     def dead(self) -> tuple[ModuleAudit, ...]:
-        return tuple(m for m in self.modules if not m.live)
+        return tuple(m for m in self.modules if m.reached and not m.live)
 
     @property
     def passed(self) -> bool:
-        return all(m.live and m.gradients and m.merges for m in self.modules)
+        return all(m.passed for m in self.modules)
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,7 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
     adapted = {name: module for name, module in built.named_modules() if isinstance(module, LoraLayer)}
     _randomise(adapted.values())
     run = _runner(built, model_input)
+    reached = _reached(built, adapted, model_input)
     gradients = _gradients(built, adapted, model_input)
     modules = []
     for name, module in adapted.items():
@@ -144,6 +151,7 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
                 gradients[name],
                 merge_error,
                 ", ".join(sorted(ties.get(name, ()))),
+                name in reached,
             )
         )
     total, by_peft, by_ours = _coverage(evaluate_model(expression), dispatched_by_peft, our_targets, layers)
@@ -243,6 +251,27 @@ def _floating(output) -> torch.Tensor:
 def _own_factors(layer) -> list:
     """The layer's own LoRA parameters, not those of LoRA layers nested in its base module (a mixer's projections)."""
     return [(n, p) for n, p in layer.named_parameters() if "lora_" in n and not n.startswith("base_layer.")]
+
+
+def _reached(model: nn.Module, adapted: dict, model_input: str) -> set[str]:
+    """The adapted modules the model's forward calls, in eval or in training mode (a fused eval path reads a
+    module's weight without calling it; training takes the unfused path)."""
+    called: set[str] = set()
+    hooks = [
+        layer.register_forward_pre_hook(lambda _module, _args, name=name: called.add(name))
+        for name, layer in adapted.items()
+    ]
+    try:
+        for training in (False, True):
+            model.train(training)
+            with contextlib.suppress(*USER_CODE_ERRORS), torch.no_grad():  # wav2vec2 masks short audio in training
+                args, kwargs = model_arguments(model_input, 0)
+                model(*args, **kwargs)
+    finally:
+        model.eval()
+        for hook in hooks:
+            hook.remove()
+    return called
 
 
 def _live(layer, run, reference: torch.Tensor) -> bool:

@@ -7,14 +7,14 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from torch import nn
 
-from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError, TargetError
+from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError, NotCalled, TargetError
 from lora_scaffold.init_expression import ModuleNamespace
+from lora_scaffold.request import ModelCall
 
 
 MODEL_SEED = 0
@@ -27,19 +27,10 @@ class Captured(BaseException):
     """Ends the model's forward once the submodule's call is recorded (a BaseException passes `except Exception`)."""
 
 
-@dataclass(frozen=True)
-class ModelCall:
-    """The call MODEL makes to its submodule MODULE when fed MODEL_INPUT (a dict of keyword inputs, or positional
-    inputs: a tuple or one tensor), as expressions the generated tests evaluate again."""
-
-    model: str
-    module: str
-    model_input: str
-
-    def __call__(self, seed: int) -> tuple[tuple, dict]:
-        """(args, kwargs) the submodule receives when the model's input is drawn with `seed` (a copy: callers may
-        cast or move what they get)."""
-        return copy.deepcopy(_recorded(self, seed))
+def recorded_call(call: ModelCall, seed: int) -> tuple[tuple, dict]:
+    """(args, kwargs) the submodule receives when the model's input is drawn with `seed` (a copy: callers may cast
+    or move what they get)."""
+    return copy.deepcopy(_recorded(call, seed))
 
 
 @lru_cache(maxsize=16)
@@ -68,7 +59,7 @@ def _recorded(call: ModelCall, seed: int) -> tuple[tuple, dict]:
     finally:
         handle.remove()
     if not calls:
-        raise AnalysisError(
+        raise NotCalled(
             f"the model's forward on {call.model_input} never calls {call.module}; pass --model-input EXPR "
             "with an input that reaches it"
         )

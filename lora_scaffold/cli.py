@@ -375,6 +375,7 @@ def run_scan(args: argparse.Namespace) -> int:
 
 def run_audit(args: argparse.Namespace) -> int:
     _progress(args, f"building {args.model} and checking every adapter in it ...")
+    audit.model_expression(args.model)  # a model from a file: the file's folder on sys.path, for the layers' imports
     layers = audit.load_layers(Path(args.layers)) if args.layers else ()
     result = audit.audit(args.model, layers, args.model_input)
     _show(args, lambda: views.audit_text(result), lambda: views.audit_json(result))

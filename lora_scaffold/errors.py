@@ -25,6 +25,15 @@ class AnalysisError(ScaffoldError):
     """No correct way to apply LoRA could be chosen with the given options."""
 
 
+class WeightUnused(AnalysisError):
+    """The module's output does not move with the weight: its forward does not read it (a parent may)."""
+
+
+class NotCalled(AnalysisError):
+    """The model's forward on its input never calls the submodule (a tied embedding the encoder reaches by another
+    name, an expert no token is routed to)."""
+
+
 class WriteError(ScaffoldError):
     """Writing the output would overwrite something, or failed."""
 

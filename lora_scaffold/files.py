@@ -8,7 +8,6 @@ from pathlib import Path
 
 from lora_scaffold import journal
 from lora_scaffold.errors import WriteError
-from lora_scaffold.render import GeneratedFile
 
 
 CREATE, IDENTICAL, UPDATE, OVERWRITE, CONFLICT, DELETE = (
@@ -19,6 +18,14 @@ CREATE, IDENTICAL, UPDATE, OVERWRITE, CONFLICT, DELETE = (
     "conflict",
     "delete",
 )
+
+
+@dataclass(frozen=True)
+class GeneratedFile:
+    """A file a stage produced, by its path relative to the output folder, before anything is written."""
+
+    path: str
+    text: str
 
 
 @dataclass(frozen=True)

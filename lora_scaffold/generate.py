@@ -5,17 +5,17 @@ for all of them. The whole folder is one change: written all at once, or not at 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lora_scaffold import __version__, workflow
-from lora_scaffold.errors import ScaffoldError, WriteError
-from lora_scaffold.files import FileChange, plan_changes, refuse_conflicts
+from lora_scaffold.errors import NotCalled, ScaffoldError, WeightUnused, WriteError
+from lora_scaffold.files import FileChange, GeneratedFile, plan_changes, refuse_conflicts
 from lora_scaffold.layout import layout
 from lora_scaffold.names import layer_names
 from lora_scaffold.record import RECORD_DIR, digest
-from lora_scaffold.render import GeneratedFile, parsed, render_snippet
-from lora_scaffold.scan import ScannedClass
+from lora_scaffold.render import parsed, render_snippet
+from lora_scaffold.scan import ScannedClass, build_model
 from lora_scaffold.workflow import Outcome, Report
 
 
@@ -46,6 +46,61 @@ def layer_name_for(scanned: ScannedClass, taken: set[str]) -> str | None:
         index += 1
     taken.add(f"{module_name}_{index}")
     return f"{module_name.removeprefix('lora_')}_{index}"
+
+
+def _layer_for(
+    model: str, scanned: ScannedClass, model_input, taken: set[str], targeted: set[str], output: Path, force: bool
+) -> tuple[ScannedClass, Outcome]:
+    """The layer for the instance scan named; where the model never calls that instance (T5's `shared`, which the
+    encoder reaches as `embed_tokens`), for the next instance of the same shapes; where the instance's forward does
+    not read the weight but its parent's does (DBRX's experts pass their `mlp` its weights), for the parent."""
+    try:
+        return scanned, _new_layer(model, scanned, model_input, taken, output, force)
+    except NotCalled as not_called:
+        for other in _other_instances(scanned):
+            try:
+                return other, _new_layer(model, other, model_input, taken, output, force)
+            except NotCalled:
+                continue
+        raise not_called
+    except WeightUnused:
+        parent = _reading_parent(model, scanned, targeted)
+        if parent is None:
+            raise
+        return parent, _new_layer(model, parent, model_input, taken, output, force)
+
+
+def _new_layer(model: str, scanned: ScannedClass, model_input, taken: set[str], output: Path, force: bool) -> Outcome:
+    """The class's layer (a dry run: written with the rest); its module's name taken only when it is made."""
+    names = set(taken)
+    options = {"weight": scanned.weight, "name": layer_name_for(scanned, names)}
+    request = workflow.request_from_model(model, scanned.module, model_input, **options)
+    outcome = workflow.new_plugin(request, output, force, dry_run=True)
+    taken.update(names)
+    return outcome
+
+
+def _other_instances(scanned: ScannedClass):
+    """The class's other instances whose weights have the shapes of the one scan named (not through a parent)."""
+    if scanned.module != scanned.example:
+        return
+    for variant in scanned.variants:
+        if scanned.example in variant.instances:
+            yield from (
+                replace(scanned, example=name, module=name) for name in variant.instances if name != scanned.example
+            )
+
+
+def _reading_parent(model: str, scanned: ScannedClass, targeted: set[str]) -> ScannedClass | None:
+    """The same weight, named from the module's parent, unless the parent is the model or has a layer of its own."""
+    parent, _, child = scanned.module.rpartition(".")
+    if not parent or parent in targeted:
+        return None
+    cls = type(build_model(model).get_submodule(parent))
+    qualified = f"{cls.__module__}.{cls.__qualname__}"
+    return replace(
+        scanned, qualified_name=qualified, example=parent, module=parent, weight=f"{child}.{scanned.weight}"
+    )
 
 
 def package_files(model: str, layers: list[str]) -> tuple[GeneratedFile, ...]:
@@ -104,11 +159,10 @@ def generate(
     scanned = [s for s in every if s.command]
     taken: set[str] = set()
     results, changes = [], []
+    targeted = {s.module for s in scanned}
     for each in scanned:
-        options = {"weight": each.weight, "name": layer_name_for(each, taken)}
         try:
-            request = workflow.request_from_model(model, each.module, model_input, **options)
-            outcome = workflow.new_plugin(request, output, force, dry_run=True)
+            each, outcome = _layer_for(model, each, model_input, taken, targeted, output, force)
         except ScaffoldError as error:
             results.append(Generated(each, error=str(error)))
             continue

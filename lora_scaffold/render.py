@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import ast
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
-from lora_scaffold import __version__, init_expression, target
+from lora_scaffold import __version__, init_expression, peft_release
 from lora_scaffold.analyse import LayerPlan
 from lora_scaffold.errors import RenderError
+from lora_scaffold.files import GeneratedFile
 from lora_scaffold.imports import format_imports
 from lora_scaffold.layout import layout
 from lora_scaffold.names import target_alias
+from lora_scaffold.peft_release import CONFIG_API, KWARGS_API, PLUGIN, PeftRelease
 from lora_scaffold.record import record_path
-from lora_scaffold.target import CONFIG_API, KWARGS_API, PLUGIN, PeftTarget
 
 
 TEMPLATE_SUFFIX = ".jinja"
@@ -37,28 +37,22 @@ LICENSE_HEADER = """\
 # limitations under the License."""
 
 
-@dataclass(frozen=True)
-class GeneratedFile:
-    path: str
-    text: str
-
-
 def template_dir() -> Path:
     """Inside an installed wheel the templates sit in the package; in a source checkout, at the repository root."""
     packaged = Path(__file__).parent / "templates"
     return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
 
 
-def dora_refusal(plan: LayerPlan, peft: PeftTarget) -> str:
+def dora_refusal(plan: LayerPlan, peft: PeftRelease) -> str:
     """Why the generated layer refuses DoRA ("" when it offers it)."""
     if plan.chosen.peft_own_layer:
         return ""
-    if not peft.has(target.LORA_VARIANTS):
+    if not peft.has(peft_release.LORA_VARIANTS):
         return "DoRA goes through PEFT's LoRA variants, which arrived in peft 0.16"
     return plan.dora_blocker
 
 
-def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
+def template_context(plan: LayerPlan, peft: PeftRelease) -> dict:
     strategy = plan.chosen
     answers = strategy.template_answers(plan.weight_shape)
     refusal = dora_refusal(plan, peft)
@@ -101,16 +95,16 @@ def template_context(plan: LayerPlan, peft: PeftTarget) -> dict:
         "dora_variant": dora_variant,
         "dora_unmerge_transposed": bool(dora_variant)
         and plan.fan_in_fan_out
-        and not peft.has(target.DORA_UNMERGE_TRANSPOSES),
+        and not peft.has(peft_release.DORA_UNMERGE_TRANSPOSES),
         "variant_support": _literal(support),
         "dora_norm_dims": strategy.dora_norm_dims(plan.weight_shape, plan.fan_in_fan_out),
         "api": peft.api,
-        "tagged_variants": peft.has(target.TAGGED_VARIANTS),
-        "set_adapter_inference_mode": peft.has(target.SET_ADAPTER_INFERENCE_MODE),
-        "cast_input_dtype": peft.has(target.CAST_INPUT_DTYPE),
-        "device_hook": peft.has(target.DEVICE_HOOK),
+        "tagged_variants": peft.has(peft_release.TAGGED_VARIANTS),
+        "set_adapter_inference_mode": peft.has(peft_release.SET_ADAPTER_INFERENCE_MODE),
+        "cast_input_dtype": peft.has(peft_release.CAST_INPUT_DTYPE),
+        "device_hook": peft.has(peft_release.DEVICE_HOOK),
         "missing_dicts": _missing_dicts(peft),
-        "peft_warning": peft.has(target.PEFT_WARNING),
+        "peft_warning": peft.has(peft_release.PEFT_WARNING),
         "imports": format_imports(layer_imports(plan, peft, dora_variant)),
         "test_imports": format_imports(test_imports(plan, peft), first_party=("peft", plan.module_name)),
         "optional_target": "".join(f"{statement}\n" for statement in optional_imports(plan, peft)),
@@ -150,7 +144,7 @@ def _captured_call(plan: LayerPlan) -> dict:
     }
 
 
-def layer_imports(plan: LayerPlan, peft: PeftTarget, dora_variant: str) -> list[tuple[str, tuple[str, ...]]]:
+def layer_imports(plan: LayerPlan, peft: PeftRelease, dora_variant: str) -> list[tuple[str, tuple[str, ...]]]:
     plugin = peft.mode == PLUGIN
     # Inside the peft package, imports are relative, as PEFT's own backends do (`from peft import` would be circular).
     package = "peft.tuners.lora." if plugin else "."
@@ -173,7 +167,7 @@ def layer_imports(plan: LayerPlan, peft: PeftTarget, dora_variant: str) -> list[
         *(config if peft.api == CONFIG_API or plugin else []),
         *plan.chosen.imports(),
     ]
-    if peft.has(target.PEFT_WARNING):
+    if peft.has(peft_release.PEFT_WARNING):
         imports.append(("peft.utils.warning", ("PeftWarning",)))
     if plan.weight_computed:
         imports.append(("torch.nn.utils", ("parametrize",)))
@@ -185,7 +179,7 @@ def layer_imports(plan: LayerPlan, peft: PeftTarget, dora_variant: str) -> list[
 
 
 def test_imports(
-    plan: LayerPlan, peft: PeftTarget, layer_import: tuple[str, tuple[str, ...]] | None = None
+    plan: LayerPlan, peft: PeftRelease, layer_import: tuple[str, tuple[str, ...]] | None = None
 ) -> list[tuple[str, tuple[str, ...]]]:
     """The test module's imports; `layer_import` (verify) brings in another layer class than the generated one."""
     imports = [
@@ -223,13 +217,13 @@ def _target_import(plan: LayerPlan) -> tuple[str, tuple[str, ...]]:
     return plan.target_module, (name,)
 
 
-def render(plan: LayerPlan, peft: PeftTarget) -> tuple[GeneratedFile, ...]:
+def render(plan: LayerPlan, peft: PeftRelease) -> tuple[GeneratedFile, ...]:
     return render_templates(template_context(plan, peft))
 
 
 def context_for_verify(
     plan: LayerPlan,
-    peft: PeftTarget,
+    peft: PeftRelease,
     *,
     layer_class: str,
     test_imports: str,
@@ -301,7 +295,7 @@ def _environment(root: Path) -> jinja2.Environment:
     )
 
 
-def _refusal_cases(plan: LayerPlan, dora_refused: str, peft: PeftTarget) -> list[str]:
+def _refusal_cases(plan: LayerPlan, dora_refused: str, peft: PeftRelease) -> list[str]:
     """The parametrize entries (options, error text) the generated tests expect a ValueError for; PEFT's own layers
     (reuse) support them all. Only options the targeted peft's LoraConfig has."""
     if plan.chosen.peft_own_layer:
@@ -329,13 +323,13 @@ def _expert_columns(plan: LayerPlan) -> str:
     return f"shape[1] // {read}" if plan.expert_bank.gives_rows else read
 
 
-def _missing_dicts(peft: PeftTarget) -> list[str]:
+def _missing_dicts(peft: PeftRelease) -> list[str]:
     """Per-adapter dicts LoraLayer of that peft lacks, which the layer creates itself."""
-    releases = {"use_rslora": target.USE_RSLORA_DICT, "lora_bias": target.LORA_BIAS}
+    releases = {"use_rslora": peft_release.USE_RSLORA_DICT, "lora_bias": peft_release.LORA_BIAS}
     return [name for name, release in releases.items() if not peft.has(release)]
 
 
-def optional_imports(plan: LayerPlan, peft: PeftTarget) -> list[str]:
+def optional_imports(plan: LayerPlan, peft: PeftRelease) -> list[str]:
     """Statements binding, through `pytest.importorskip`, what the tests import from packages peft may lack."""
     _, optional = split_imports(plan, peft)
     statements = []
@@ -349,7 +343,7 @@ def optional_imports(plan: LayerPlan, peft: PeftTarget) -> list[str]:
 
 
 def split_imports(
-    plan: LayerPlan, peft: PeftTarget
+    plan: LayerPlan, peft: PeftRelease
 ) -> tuple[list[tuple[str, tuple[str, ...]]], list[tuple[str, tuple[str, ...]]]]:
     """The target's and --init's imports, as (sure to import, maybe missing): plugin output imports its target;
     inside peft only torch is sure to be installed, and a test of a class from elsewhere skips without it."""

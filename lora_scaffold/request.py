@@ -5,9 +5,28 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from lora_scaffold.analyse import Options
-from lora_scaffold.capture import ModelCall
 from lora_scaffold.errors import ScaffoldError
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """The call MODEL makes to its submodule MODULE when fed MODEL_INPUT (a dict of keyword inputs, or positional
+    inputs: a tuple or one tensor), as expressions the generated tests evaluate again (`capture.recorded_call`)."""
+
+    model: str
+    module: str
+    model_input: str
+
+
+@dataclass(frozen=True)
+class Options:
+    """How the layer is made, as analysis reads it."""
+
+    weight: str | None = None
+    strategy: str = "auto"  # strategies.AUTO: analysis chooses
+    example_input: str | None = None
+    name: str | None = None
+    model_call: ModelCall | None = None  # --from-model: the input is what the model passes to the target
 
 
 @dataclass(frozen=True)

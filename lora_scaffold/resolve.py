@@ -99,6 +99,11 @@ def _import_file_attribute(spec: str, kind: str):
     for folder in (str(path.resolve().parent), os.getcwd()):
         if folder not in sys.path:
             sys.path.insert(0, folder)
+    loaded = sys.modules.get(module_name)
+    if loaded is not None and Path(getattr(loaded, "__file__", None) or "").resolve() == path.resolve():
+        # Imported already (by generated code, or a first look at the file): executing it again would make new
+        # classes, which the model's modules and the generated layers' dispatch would not share.
+        return path, loaded, name
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[module_name] = module

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lora_scaffold.capture import ModelCall, built_model, default_model_input
+from lora_scaffold.capture import built_model, default_model_input
 from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError, TargetError
 from lora_scaffold.init_expression import ModuleNamespace
 from lora_scaffold.peft_answer import peft_layer
+from lora_scaffold.request import ModelCall
 from lora_scaffold.resolve import resolve_callable
 from lora_scaffold.strategies import peft_builtin
 

@@ -25,9 +25,9 @@ from lora_scaffold.analyse import LayerPlan
 from lora_scaffold.errors import USER_CODE_ERRORS, ScaffoldError, TargetError
 from lora_scaffold.imports import format_imports
 from lora_scaffold.introspect import TargetSpec
+from lora_scaffold.peft_release import PeftRelease
 from lora_scaffold.render import context_for_verify, render_test_module, test_imports
 from lora_scaffold.resolve import ResolvedTarget, resolve_class
-from lora_scaffold.target import PeftTarget
 
 
 LAYER_ALIAS = "LayerUnderTest"
@@ -104,7 +104,7 @@ def load_layer(spec: str) -> ResolvedTarget:
     return layer
 
 
-def discover_claims(spec: TargetSpec, plan: LayerPlan, layer: type, peft: PeftTarget) -> Claims:
+def discover_claims(spec: TargetSpec, plan: LayerPlan, layer: type, peft: PeftRelease) -> Claims:
     """Try each option on the target; a ValueError is a refusal, anything else is taken as support."""
     trials, not_applicable = [], []
     if plan.chosen.uses_dropout:
@@ -136,7 +136,7 @@ def discover_claims(spec: TargetSpec, plan: LayerPlan, layer: type, peft: PeftTa
     )
 
 
-def render_suite(plan: LayerPlan, layer: ResolvedTarget, claims: Claims, peft: PeftTarget) -> str:
+def render_suite(plan: LayerPlan, layer: ResolvedTarget, claims: Claims, peft: PeftRelease) -> str:
     layer_import = (layer.import_module, (f"{layer.class_name} as {LAYER_ALIAS}",))
     imports = format_imports(test_imports(plan, peft, layer_import), first_party=("peft", layer.import_module))
     refusals = [(_options_source(trial.options), next(iter(trial.options))) for trial, _ in claims.refused]

@@ -131,7 +131,8 @@ def audit_text(result: Audit) -> str:
         merge = "exact" if m.merge_error == 0 else f"{m.merge_error:.0e}" if m.merges else f"OFF {m.merge_error:.1e}"
         merge += f" (tied to {m.tied_to}: untied to check)" if m.tied_to else ""
         layer = f"{m.layer} (generated)" if m.generated else m.layer
-        rows.append((m.name, m.cls, layer, "yes" if m.live else "DEAD", "yes" if m.gradients else "NONE", merge))
+        live = ("yes" if m.live else "DEAD") if m.reached else "not reached"
+        rows.append((m.name, m.cls, layer, live, "yes" if m.gradients else "NONE", merge))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     total = max(result.weight_elements, 1)
@@ -140,9 +141,16 @@ def audit_text(result: Audit) -> str:
         f"{result.peft_elements / total:.1%}, with the generated layers "
         f"{(result.peft_elements + result.generated_elements) / total:.1%}"
     )
-    failed = [m.name for m in result.modules if not (m.live and m.gradients and m.merges)]
+    unreached = [m.name for m in result.modules if not m.reached]
+    if unreached:
+        lines.append(
+            f"unproven  {', '.join(unreached)}: the model's forward on this input never calls them "
+            "(pass --model-input with an input that does)"
+        )
+    failed = [m.name for m in result.modules if not m.passed]
+    checked = len(result.modules) - len(unreached)
     lines.append(
-        f"failed    {', '.join(failed)}" if failed else f"all {len(result.modules)} adapters live, trained, merged"
+        f"failed    {', '.join(failed)}" if failed else f"all {checked} adapters reached: live, trained, merged"
     )
     return "\n".join(lines)
 
@@ -152,7 +160,7 @@ def audit_json(result: Audit) -> dict:
         "command": "audit",
         "model": result.model,
         "passed": result.passed,
-        "modules": [{**asdict(m), "merges": m.merges} for m in result.modules],
+        "modules": [{**asdict(m), "merges": m.merges, "passed": m.passed} for m in result.modules],
         "coverage": {
             "weight_elements": result.weight_elements,
             "peft": result.peft_elements,

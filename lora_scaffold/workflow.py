@@ -11,7 +11,14 @@ from lora_scaffold import journal, verify
 from lora_scaffold.analyse import LayerPlan, analyse, low_rank_note
 from lora_scaffold.constructor import parse_arg_overrides
 from lora_scaffold.errors import AnalysisError, MergeConflictError, PatchError, ScaffoldError, WriteError
-from lora_scaffold.files import FileChange, apply_changes, plan_changes, plan_deletions, refuse_conflicts
+from lora_scaffold.files import (
+    FileChange,
+    GeneratedFile,
+    apply_changes,
+    plan_changes,
+    plan_deletions,
+    refuse_conflicts,
+)
 from lora_scaffold.introspect import TargetSpec, introspect
 from lora_scaffold.merge import merge_file
 from lora_scaffold.names import layer_names
@@ -19,12 +26,12 @@ from lora_scaffold.patch.checkout import LORA_PACKAGE, PeftCheckout, read_checko
 from lora_scaffold.patch.description import describe, description_path, run_tests
 from lora_scaffold.patch.exports import INIT_FILE, exported_names
 from lora_scaffold.patch.plan import PatchEdits, as_files, edited_sources, plan_edits, reverted_sources
+from lora_scaffold.peft_release import PLUGIN, PeftRelease, installed_peft, release_for
 from lora_scaffold.record import IGNORE_FILE, IGNORE_TEXT, RECORD_DIR, GenerationRecord, digest, record_path
-from lora_scaffold.render import GeneratedFile, render
+from lora_scaffold.render import render
 from lora_scaffold.request import Request
 from lora_scaffold.resolve import resolve_target
 from lora_scaffold.scan import ScannedClass, build_model, from_model, other_instances, scan
-from lora_scaffold.target import PLUGIN, PeftTarget, installed_peft, peft_target
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ class Report:
 
     spec: TargetSpec | None = None
     plan: LayerPlan | None = None
-    peft: PeftTarget | None = None
+    peft: PeftRelease | None = None
     notes: tuple[str, ...] = ()
     nothing_to_do: str = ""
 
@@ -111,7 +118,7 @@ def _recorded_request(layer) -> Request:
 
 
 def new_plugin(
-    request: Request, output: Path, force: bool = False, peft: PeftTarget | None = None, dry_run: bool = False
+    request: Request, output: Path, force: bool = False, peft: PeftRelease | None = None, dry_run: bool = False
 ) -> Outcome:
     """`new -o DIR`: the layer, its tests and its record, for the installed peft (or the one given)."""
     if output.exists() and not output.is_dir():
@@ -182,7 +189,7 @@ def test_checkout(outcome: Outcome) -> tuple:
     return results
 
 
-def pull_request_change(root: Path, plan: LayerPlan, peft: PeftTarget, changes, results=()) -> FileChange:
+def pull_request_change(root: Path, plan: LayerPlan, peft: PeftRelease, changes, results=()) -> FileChange:
     """The pull-request description beside the record (out of git, like it): lora-scaffold's own, replaced freely."""
     shown = [
         (str(change.path.relative_to(root)), change.status)
@@ -324,7 +331,7 @@ def _checkout_root(checkout_path: str) -> Path:
     return Path(checkout_path)
 
 
-def load_manifest(root: Path) -> tuple[PeftTarget, dict[str, Request]]:
+def load_manifest(root: Path) -> tuple[PeftRelease, dict[str, Request]]:
     """`{"peft": VERSION, "examples": {folder: request}}`: the peft the examples are written for, and what each is."""
     path = root / "manifest.json"
     try:
@@ -341,11 +348,11 @@ def load_manifest(root: Path) -> tuple[PeftTarget, dict[str, Request]]:
         if not folder or Path(folder).name != folder or folder.startswith("."):
             raise ScaffoldError(f"{path}: example folder {folder!r} must be a plain folder name inside {root}")
     examples = {f: Request.from_dict(r, f"{path}, example {f!r}") for f, r in manifest["examples"].items()}
-    return peft_target(PLUGIN, str(manifest["peft"])), examples
+    return release_for(PLUGIN, str(manifest["peft"])), examples
 
 
 def with_record(
-    files: tuple[GeneratedFile, ...], request: Request, plan: LayerPlan, peft: PeftTarget, edits: dict | None = None
+    files: tuple[GeneratedFile, ...], request: Request, plan: LayerPlan, peft: PeftRelease, edits: dict | None = None
 ) -> tuple[GeneratedFile, ...]:
     record = GenerationRecord(
         request=request,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_scaffold.target import CONFIG_API, installed_peft
+from lora_scaffold.peft_release import CONFIG_API, installed_peft
 
 
 REPO = Path(__file__).resolve().parent.parent

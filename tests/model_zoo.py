@@ -51,6 +51,15 @@ SMALL = {
 }
 
 
+EVERY_LAYER_SPARSE = {
+    "num_dense_layers": 0,
+    "num_dense_blocks": 0,
+    "moe_layer_start_index": 0,
+    "mlp_only_layers": [],
+    "decoder_sparse_step": 1,
+}
+
+
 def tiny(model_type: str, auto_class: str = "AutoModelForCausalLM", **extra) -> str:
     """The expression of a model of that type from its config class's defaults, SMALL where it has the attribute,
     one layer of its first layer type, and `extra`."""
@@ -59,8 +68,16 @@ def tiny(model_type: str, auto_class: str = "AutoModelForCausalLM", **extra) -> 
     config_class = CONFIG_MAPPING[model_type]
     defaults = config_class()
     arguments = {name: value for name, value in SMALL.items() if hasattr(defaults, name)}
-    if getattr(defaults, "layer_types", None):
-        arguments["layer_types"] = [defaults.layer_types[0]]
+    # Every MoE layer sparse from the first, where the config says which are dense.
+    arguments.update({name: value for name, value in EVERY_LAYER_SPARSE.items() if hasattr(defaults, name)})
+    # One layer of each kind a hybrid has (a linear-attention-only model cannot build its attention mask).
+    kinds = list(dict.fromkeys(getattr(defaults, "layer_types", None) or ()))
+    if kinds:
+        arguments.update(layer_types=kinds, num_hidden_layers=len(kinds))
+    if getattr(defaults, "mlp_layer_types", None):
+        arguments["mlp_layer_types"] = ["sparse"] * arguments.get("num_hidden_layers", 1)
+    if isinstance(getattr(defaults, "pad_token_id", None), int) and defaults.pad_token_id >= SMALL["vocab_size"]:
+        arguments["pad_token_id"] = 0
     arguments.update(extra)
     listed = ", ".join(f"{name}={value!r}" for name, value in arguments.items())
     return f"transformers.{auto_class}.from_config(transformers.{config_class.__name__}({listed}))"
@@ -110,6 +127,70 @@ ZOO: dict[str, str] = {
         for name in ("aria_text", "cohere2_moe", "exaone_moe", "glm4_moe", "granitemoeshared", "hunyuan_v1_moe")
     },
     **{name: tiny(name) for name in ("jetmoe", "llama4_text", "minimax")},
+    **{
+        name: tiny(name)
+        for name in (
+            *("afmoe", "axk2", "bailing_hybrid", "beam", "deepseek_v32", "deepseek_v4", "ergo", "ernie4_5_moe"),
+            *("flint", "glm4_moe_lite", "glm_moe_dsa", "granitemoe_swa", "hy_v3", "hy_v4", "inkling_text"),
+            *("inkling2_text", "inkling2_loop_text", "kimi_linear", "kolibri1", "laguna", "lara_mini", "mellum"),
+            *("minicpm5_moe", "minimax_m2", "minimax_m3_vl_text", "nemotron_h", "qwen3_5_moe_text", "solar_open"),
+        )
+    },
+    **{
+        name: tiny(name, "AutoModel")
+        for name in (
+            "mistral4",
+            "mistral_large4_text",
+            "muse_spark_text",
+            "openai_privacy_filter",
+            "qwen3_vl_moe_text",
+        )
+    },
+    "dbrx": causal(
+        "DbrxConfig(d_model=16, n_heads=2, n_layers=1, max_seq_len=64, vocab_size=64, attn_config={'kv_n_heads': 1, "
+        "'rope_theta': 10000.0, 'clip_qkv': 8.0}, ffn_config={'ffn_hidden_size': 32, 'hidden_size': 16, "
+        "'moe_num_experts': 4, 'moe_top_k': 2})"
+    ),
+    "dots1": tiny("dots1", n_shared_experts=1),
+    "glm5_next_text": tiny("glm5_next_text", "AutoModel", qk_rope_head_dim=0),
+    "glm4v_moe_text": tiny(
+        "glm4v_moe_text",
+        "AutoModel",
+        rope_parameters={
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "rope_type": "default",
+            "mrope_section": [1, 1, 0],
+        },
+    ),
+    "granitemoehybrid": tiny(
+        "granitemoehybrid",
+        mamba_n_heads=4,
+        mamba_d_state=4,
+        mamba_n_groups=1,
+        mamba_chunk_size=4,
+        layer_types=["linear_attention", "attention"],
+        num_hidden_layers=2,
+    ),
+    "kolibri1_1": tiny("kolibri1_1", head_dim=16, index_num_heads=1),
+    "nllb_moe": auto(
+        "NllbMoeConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, "
+        "decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_experts=4, expert_capacity=8, "
+        "encoder_sparse_step=1, decoder_sparse_step=1, vocab_size=64, max_position_embeddings=64)"
+    ),
+    "qwen4_exp_text": tiny(
+        "qwen4_exp_text",
+        indexer_n_heads=2,
+        indexer_kv_heads=1,
+        indexer_head_dim=8,
+        indexer_budget=8,
+        indexer_compress_ratio=2,
+    ),
+    "zaya": tiny("zaya", num_experts_per_tok=1),
+    "switch_transformers": auto(
+        "SwitchTransformersConfig(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2, "
+        "num_experts=4, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, vocab_size=64, expert_capacity=8)"
+    ),
     "flex_olmo": tiny("flex_olmo", pad_token_id=0, eos_token_id=1),
     "lfm2_moe": tiny("lfm2_moe", layer_types=["full_attention"], num_dense_layers=0),
     # State-space and recurrent models, an embedding with an offset.
@@ -171,8 +252,25 @@ ZOO: dict[str, str] = {
 }
 
 
+# DeepSeek's sparse attention (DSA): the indexer's scores only choose which tokens attention reads (top-k), so no
+# gradient reaches its projections, and on 8 tokens, fewer than it keeps, every token is chosen whatever the scores.
+INDEXER_DEAD = "PEFT's lora.Linear on the DSA indexer: its scores only pick tokens by top-k (no gradient), all 8 here"
+
+
+def _indexer(prefix: str, *names: str) -> dict[str, str]:
+    return {f"{prefix}.self_attn.indexer.{name}": INDEXER_DEAD for name in names or ("wq_b", "wk", "weights_proj")}
+
+
 # What `audit` finds wrong that is not a generated layer's doing: module -> why. The zoo test requires exactly these.
 KNOWN_FAILURES = {
+    **{name: _indexer("model.layers.0") for name in ("axk2", "deepseek_v32", "glm_moe_dsa", "hy_v4")},
+    "mistral_large4_text": _indexer("layers.0"),
+    "qwen4_exp_text": _indexer("model.layers.1", "index_qk_proj"),
+    "zaya": {
+        f"model.layers.0.self_attn.qkv_proj.{name}": "ZayaQKNorm's key scale `temp` starts at zero: attention is "
+        "uniform whatever the queries and keys until it is trained"
+        for name in ("q_proj", "k_proj")
+    },
     "mamba": {
         "backbone.layers.0.mixer.base_layer.dt_proj": "PEFT's lora.Linear there is dead: transformers' CPU reference "
         "mamba_inner_fn reads dt_proj.weight directly (PEFT already refuses out_proj and conv1d of Mamba for that)",
@@ -215,7 +313,7 @@ def run(name: str, root: Path) -> ZooResult:
         failed=failed,
         audit_passed=audit["passed"],
         dead=tuple(m["name"] for m in audit["modules"] if not m["live"]),
-        failing=tuple(m["name"] for m in audit["modules"] if not (m["live"] and m["gradients"] and m["merges"])),
+        failing=tuple(m["name"] for m in audit["modules"] if not m["passed"]),
         peft_share=coverage["peft"] / total,
         with_generated_share=(coverage["peft"] + coverage["generated"]) / total,
     )

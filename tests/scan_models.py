@@ -46,3 +46,83 @@ class MixedDtypeRouter(nn.Module):
 
 def routed_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 8), MixedDtypeRouter())
+
+
+class ScaledRows(nn.Module):
+    """A per-row scale: a weight of two dimensions PEFT has no layer for."""
+
+    def __init__(self, rows: int = 4, width: int = 8):
+        super().__init__()
+        self.weight = nn.Parameter(1 + torch.randn(rows, width) / 4)
+
+    def forward(self, x, row):
+        return x * self.weight[row]
+
+
+class ExpertsWithNorm(nn.Module):
+    """An expert bank that holds its own per-expert scale as a submodule, as transformers' ErgoExperts does: both
+    are adapted, the child inside the parent's base module."""
+
+    def __init__(self, experts: int = 4, width: int = 8):
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(experts, width, width) / width**0.5)
+        self.norm = ScaledRows(experts, width)
+
+    def forward(self, x):
+        expert = torch.arange(x.shape[0]) % self.up.shape[0]
+        return self.norm(torch.einsum("ti,tio->to", x, self.up[expert]), expert)
+
+
+def nested_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), ExpertsWithNorm())
+
+
+class PassedWeight(nn.Module):
+    """Holds a weight its own forward does not read: it is given it (DBRX's DbrxExpertGLU)."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width, width) / width**0.5)
+
+    def forward(self, x, weight):
+        return F.linear(x, weight)
+
+
+class ReadsChildWeight(nn.Module):
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.mlp = PassedWeight(width)
+
+    def forward(self, x):
+        return self.mlp(x, self.mlp.weight.view(self.mlp.weight.shape))
+
+
+def passed_weight_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), ReadsChildWeight())
+
+
+class ScaledLookup(nn.Module):
+    def __init__(self, rows: int = 16, width: int = 8):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(rows, width))
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight) * 2.0
+
+
+class SharedTable(nn.Module):
+    """T5's and NLLB's `shared`: a table the model never calls, tied to the encoder's `embed_tokens`, which it does."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = ScaledLookup()
+        self.embed_tokens = ScaledLookup()
+        self.embed_tokens.weight = self.shared.weight
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, ids):
+        return self.head(self.embed_tokens(ids))
+
+
+def shared_table_model() -> nn.Module:
+    return SharedTable()

@@ -3,10 +3,11 @@ import dataclasses
 import pytest
 
 from lora_scaffold import strategies
-from lora_scaffold.analyse import Options, analyse
+from lora_scaffold.analyse import analyse
 from lora_scaffold.errors import AnalysisError
 from lora_scaffold.introspect import introspect
 from lora_scaffold.names import layer_names
+from lora_scaffold.request import Options
 from lora_scaffold.resolve import resolve_target
 
 

@@ -2,7 +2,7 @@
 
 import json
 
-from test_scan import QWEN2_MOE
+from test_scan import QWEN2_MOE, TESTS
 
 from lora_scaffold.cli import main
 
@@ -50,3 +50,40 @@ def test_a_moe_model_with_its_generated_layers_is_live_everywhere(capsys, tmp_pa
 def test_a_folder_without_layers_is_one_line(capsys, tmp_path):
     assert main(["audit", QWEN2_MOE, "--layers", str(tmp_path)]) == 2
     assert "no generated layer there" in capsys.readouterr().err
+
+
+def test_a_generated_layer_inside_another_generated_layer_is_live(capsys, tmp_path):
+    """An expert bank holding its own norm (transformers' ErgoExperts): PEFT wraps the bank, then looks the norm up
+    through the bank's layer; the norm's layer must land inside the bank's base module, where the forward calls it."""
+    model, layers = f"{TESTS / 'scan_models.py'}:nested_model", tmp_path / "layers"
+    assert main(["scan", model, "--model-input", "torch.randn(5, 6)", "--generate", "-o", str(layers)]) == 0
+    capsys.readouterr()
+    code, report = audited(capsys, model, "--model-input", "torch.randn(5, 6)", "--layers", str(layers))
+    generated = {m["name"]: m for m in report["modules"] if m["generated"]}
+    assert set(generated) == {"1", "1.base_layer.norm"}, report
+    assert code == 0 and all(m["live"] and m["gradients"] and m["merges"] for m in report["modules"]), report
+
+
+def test_a_weight_its_module_is_handed_is_adapted_through_the_parent_that_reads_it(capsys, tmp_path):
+    """DBRX's experts read their `mlp`'s weights and pass them to its forward: the layer wraps the parent."""
+    model, layers = f"{TESTS / 'scan_models.py'}:passed_weight_model", tmp_path / "layers"
+    assert main(["scan", model, "--model-input", "torch.randn(5, 6)", "--generate", "-o", str(layers), "--json"]) == 0
+    generated = json.loads(capsys.readouterr().out)["layers"]
+    assert [(g["class"], g["module"], g["weight"]) for g in generated if g["layer"]] == [
+        ("scan_models.ReadsChildWeight", "1", "mlp.weight")
+    ]
+    code, report = audited(capsys, model, "--model-input", "torch.randn(5, 6)", "--layers", str(layers))
+    assert code == 0 and [m["name"] for m in report["modules"] if m["generated"]] == ["1"], report
+
+
+def test_a_class_whose_first_instance_is_never_called_gets_its_layer_from_one_that_is(capsys, tmp_path):
+    model, layers = f"{TESTS / 'scan_models.py'}:shared_table_model", tmp_path / "layers"
+    feed = ["--model-input", "torch.randint(0, 16, (2, 5))"]
+    assert main(["scan", model, *feed, "--generate", "-o", str(layers), "--json"]) == 0
+    generated = json.loads(capsys.readouterr().out)["layers"]
+    assert [(g["module"], bool(g["layer"])) for g in generated] == [("embed_tokens", True)], generated
+    code, report = audited(capsys, model, *feed, "--layers", str(layers))
+    modules = {m["name"]: m for m in report["modules"]}
+    assert code == 0 and not modules["shared"]["reached"] and modules["embed_tokens"]["live"], report
+    assert main(["audit", model, *feed, "--layers", str(layers)]) == 0
+    assert "unproven  shared: the model's forward on this input never calls them" in capsys.readouterr().out

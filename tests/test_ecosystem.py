@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from lora_scaffold.cli import main
-from lora_scaffold.target import installed_peft
+from lora_scaffold.peft_release import installed_peft
 
 
 pytestmark = pytest.mark.slow  # a quick local run: python -m pytest -m 'not slow'

@@ -4,8 +4,7 @@ import pytest
 
 from lora_scaffold import journal
 from lora_scaffold.errors import WriteError
-from lora_scaffold.files import apply_changes, plan_changes
-from lora_scaffold.render import GeneratedFile
+from lora_scaffold.files import GeneratedFile, apply_changes, plan_changes
 
 
 GENERATED = (GeneratedFile("lora_x.py", "layer\n"), GeneratedFile("test_lora_x.py", "tests\n"))

@@ -9,7 +9,7 @@ import pytest
 
 from lora_scaffold.cli import main
 from lora_scaffold.errors import ScaffoldError
-from lora_scaffold.target import CONFIG_API, KWARGS_API, LORA_VARIANTS, PLUGIN, installed_peft, peft_target
+from lora_scaffold.peft_release import CONFIG_API, KWARGS_API, LORA_VARIANTS, PLUGIN, installed_peft, release_for
 
 
 TESTS = Path(__file__).resolve().parent
@@ -30,19 +30,19 @@ TARGETS = [
     "version, api", [("0.21.2", CONFIG_API), ("0.19.0", CONFIG_API), ("0.18.1", KWARGS_API), ("0.13.0", KWARGS_API)]
 )
 def test_api_follows_the_peft_version(version, api):
-    assert peft_target(PLUGIN, version).api == api
+    assert release_for(PLUGIN, version).api == api
 
 
 @pytest.mark.parametrize("version, expected", [("0.21.2", True), ("0.16.0", True), ("0.15.2", False)])
 def test_lora_variants_arrived_in_peft_0_16(version, expected):
-    assert peft_target(PLUGIN, version).has(LORA_VARIANTS) is expected
+    assert release_for(PLUGIN, version).has(LORA_VARIANTS) is expected
 
 
 def test_peft_older_than_0_13_or_missing_is_refused():
     with pytest.raises(ScaffoldError, match=r"peft 0.12.0 is too old: lora-scaffold generates layers for peft>=0.13"):
-        peft_target(PLUGIN, "0.12.0")
+        release_for(PLUGIN, "0.12.0")
     with pytest.raises(ScaffoldError, match="peft is not installed"):
-        peft_target(PLUGIN, None)
+        release_for(PLUGIN, None)
 
 
 def test_generated_suites_pass_with_the_installed_peft(tmp_path):

@@ -11,8 +11,8 @@ from test_render import plan_for
 from lora_scaffold.cli import main
 from lora_scaffold.errors import AnalysisError
 from lora_scaffold.names import GENERATED_NAMES, layer_names, target_alias
+from lora_scaffold.peft_release import PATCH, PLUGIN, PeftRelease
 from lora_scaffold.render import render
-from lora_scaffold.target import PATCH, PLUGIN, PeftTarget
 
 
 def bound_names(source: str) -> set[str]:
@@ -41,7 +41,7 @@ def bound_names(source: str) -> set[str]:
 )
 def test_every_name_generated_code_binds_is_known(target, args, options):
     plan = plan_for(target, args, options)
-    for peft in (PeftTarget(PLUGIN, (0, 21, 2)), PeftTarget(PATCH, (0, 17, 1)), PeftTarget(PLUGIN, (0, 13, 2))):
+    for peft in (PeftRelease(PLUGIN, (0, 21, 2)), PeftRelease(PATCH, (0, 17, 1)), PeftRelease(PLUGIN, (0, 13, 2))):
         for generated in render(plan, peft):
             ours = {plan.layer_class, plan.target_class, target_alias(plan.target_class)}
             unknown = bound_names(generated.text) - GENERATED_NAMES - ours

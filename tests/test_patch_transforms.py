@@ -342,10 +342,10 @@ def test_battery_cases_are_named_as_peft_names_its_own():
     from test_analyse import plan_for
 
     from lora_scaffold.patch.battery_model import battery_entry
-    from lora_scaffold.target import PATCH, PeftTarget
+    from lora_scaffold.peft_release import PATCH, PeftRelease
 
     entry = battery_entry(
-        plan_for("torch.nn.Bilinear", {"in1_features": 5, "in2_features": 7}), PeftTarget(PATCH, (0, 21, 2))
+        plan_for("torch.nn.Bilinear", {"in1_features": 5, "in2_features": 7}), PeftRelease(PATCH, (0, 21, 2))
     )
     names = [ast.parse(case, mode="eval").body.elts[0].value for case in entry.test_cases]
     assert names[:3] == ["Bilinear 1 LoRA", "Bilinear 2 LoRA", "Bilinear 3 LoRA with rslora"]

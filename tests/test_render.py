@@ -8,19 +8,20 @@ import jinja2
 import pytest
 import yaml
 
-from lora_scaffold.analyse import Options, analyse
+from lora_scaffold.analyse import analyse
 from lora_scaffold.cli import main
 from lora_scaffold.introspect import introspect
+from lora_scaffold.peft_release import PATCH, PLUGIN, PeftRelease
 from lora_scaffold.render import render, render_templates, template_context, template_dir
+from lora_scaffold.request import Options
 from lora_scaffold.resolve import resolve_target
-from lora_scaffold.target import PATCH, PLUGIN, PeftTarget
 from lora_scaffold.workflow import plan_layer, request_from_model
 
 
-LATEST = PeftTarget(PLUGIN, (0, 21, 2))
-KWARGS_017 = PeftTarget(PLUGIN, (0, 17, 1))
-NO_VARIANTS = PeftTarget(PLUGIN, (0, 15, 2))
-OLDEST = PeftTarget(PLUGIN, (0, 13, 2))
+LATEST = PeftRelease(PLUGIN, (0, 21, 2))
+KWARGS_017 = PeftRelease(PLUGIN, (0, 17, 1))
+NO_VARIANTS = PeftRelease(PLUGIN, (0, 15, 2))
+OLDEST = PeftRelease(PLUGIN, (0, 13, 2))
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,8 +54,8 @@ def rendered_variety():
     request = request_from_model(gpt2, "transformer.h.0.attn", None, weight="c_attn.weight")
     plans.append(plan_layer(request)[1])
     versions = [(0, 13, 2), (0, 15, 2), (0, 17, 1), (0, 19, 0), (0, 20, 0)]
-    older = [render(plan, PeftTarget(mode, v)) for plan in plans[2:5] for mode in (PLUGIN, PATCH) for v in versions]
-    patch = [render(plan, PeftTarget(PATCH, LATEST.version)) for plan in plans]
+    older = [render(plan, PeftRelease(mode, v)) for plan in plans[2:5] for mode in (PLUGIN, PATCH) for v in versions]
+    patch = [render(plan, PeftRelease(PATCH, LATEST.version)) for plan in plans]
     return [render(plan, LATEST) for plan in plans] + patch + older
 
 
@@ -135,7 +136,7 @@ def test_layer_file_says_what_and_for_which_peft_without_the_probe_report():
 
 
 def test_patch_mode_has_peft_license_header_and_no_plugin_parts():
-    layer, tests = render(plan_for("torch.nn.Bilinear", {}, {}), PeftTarget(PATCH, (0, 21, 2)))
+    layer, tests = render(plan_for("torch.nn.Bilinear", {}, {}), PeftRelease(PATCH, (0, 21, 2)))
     for text in (layer.text, tests.text):
         assert text.startswith("# Copyright 2026-present the HuggingFace Inc. team.")
     assert "def register(" not in layer.text and "lora-scaffold" not in layer.text
@@ -155,7 +156,7 @@ def test_patch_mode_has_peft_license_header_and_no_plugin_parts():
     ],
 )
 def test_version_differences_are_settled_at_generation_time(version, present, absent):
-    layer = render(plan_for("transformers.pytorch_utils.Conv1D", {}, {}), PeftTarget(PATCH, version))[0].text
+    layer = render(plan_for("transformers.pytorch_utils.Conv1D", {}, {}), PeftRelease(PATCH, version))[0].text
     for text in present:
         assert text in layer, text
     for text in absent:
@@ -171,7 +172,7 @@ def test_no_empty_tables_or_dead_loops():
 def test_peft_versions_covered_by_one_render():
     assert LATEST.versions == "peft >= 0.21"
     assert KWARGS_017.versions == "peft 0.16 - 0.17"
-    assert PeftTarget(PLUGIN, (0, 19, 3)).versions == "peft 0.19"
+    assert PeftRelease(PLUGIN, (0, 19, 3)).versions == "peft 0.19"
     assert OLDEST.versions == "peft 0.13"
 
 
@@ -215,7 +216,8 @@ def test_lora_bias_cases_only_where_lora_config_has_the_option():
 
 def test_a_render_that_does_not_parse_is_a_bug_and_nothing_is_written(tmp_path):
     from lora_scaffold.errors import RenderError
-    from lora_scaffold.render import GeneratedFile, parsed
+    from lora_scaffold.files import GeneratedFile
+    from lora_scaffold.render import parsed
 
     with pytest.raises(RenderError, match="does not parse .* This is a bug: please report it") as error:
         parsed(GeneratedFile("lora_x.py", "def broken(:\n"))

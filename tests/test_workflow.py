@@ -8,9 +8,9 @@ import pytest
 
 from lora_scaffold import workflow
 from lora_scaffold.errors import ScaffoldError
+from lora_scaffold.peft_release import PLUGIN, PeftRelease
 from lora_scaffold.record import GenerationRecord
 from lora_scaffold.request import Request
-from lora_scaffold.target import PLUGIN, PeftTarget
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def test_new_plugin_plans_three_files_and_writes_nothing(tmp_path):
 
 def test_record_holds_what_is_needed_to_generate_again(tmp_path):
     request = Request("torch.nn.Conv2d", ("groups=2",), name="grouped")
-    workflow.new_plugin(request, tmp_path, peft=PeftTarget(PLUGIN, (0, 17, 1))).apply()
+    workflow.new_plugin(request, tmp_path, peft=PeftRelease(PLUGIN, (0, 17, 1))).apply()
     text = (tmp_path / ".lora-scaffold" / "lora_grouped.json").read_text()
     record = GenerationRecord.from_json(text, "record")
     assert record.request == request
@@ -37,7 +37,7 @@ def test_record_holds_what_is_needed_to_generate_again(tmp_path):
     assert record.constructor == {"in_channels": "4", "out_channels": "6", "kernel_size": "3", "groups": "2"}
     assert [(v["strategy"], v["matched"]) for v in record.verdicts] == [("conv", True)]
     assert set(record.files) == {"lora_grouped.py", "test_lora_grouped.py"}
-    again = workflow.new_plugin(record.request, tmp_path, peft=PeftTarget(PLUGIN, (0, 17, 1)))
+    again = workflow.new_plugin(record.request, tmp_path, peft=PeftRelease(PLUGIN, (0, 17, 1)))
     assert {c.status for c in again.changes} == {"identical"}
 
 

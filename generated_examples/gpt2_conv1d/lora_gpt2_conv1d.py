@@ -274,6 +274,16 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
                 raise
             return getattr(modules["base_layer"], name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A submodule of the base module is read through this layer (above), so it is replaced there too: PEFT wraps
+        # a targeted child of the base module (an expert bank's own norm) by setting it on the parent it looked up.
+        modules = self.__dict__.get("_modules", {})
+        base_layer = modules.get("base_layer")
+        if base_layer is not None and name not in modules and name in base_layer._modules:
+            setattr(base_layer, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
 

@@ -8,6 +8,7 @@ import math
 from lora_scaffold.analyse import LayerPlan
 from lora_scaffold.layout import layout
 from lora_scaffold.patch.battery import BatteryEntry
+from lora_scaffold.peft_release import PeftRelease
 from lora_scaffold.render import (
     dora_refusal,
     optional_imports,
@@ -16,10 +17,9 @@ from lora_scaffold.render import (
     target_expression,
     template_context,
 )
-from lora_scaffold.target import PeftTarget
 
 
-def battery_entry(plan: LayerPlan, peft: PeftTarget) -> BatteryEntry:
+def battery_entry(plan: LayerPlan, peft: PeftRelease) -> BatteryEntry:
     model_id = plan.layer_class
     model_class = f"Model{plan.layer_class}"
     context = template_context(plan, peft)
@@ -40,7 +40,7 @@ def battery_entry(plan: LayerPlan, peft: PeftTarget) -> BatteryEntry:
     return BatteryEntry(model_id, model_class, class_code, test_cases)
 
 
-def _cases(plan: LayerPlan, peft: PeftTarget) -> list[tuple[str, str]]:
+def _cases(plan: LayerPlan, peft: PeftRelease) -> list[tuple[str, str]]:
     """Only options the layer implements: PEFT's battery would pass a layer that ignored the others."""
     cases = [("1 LoRA", '{"target_modules": ["target"]}'), ("2 LoRA", '{"target_modules": ["target", "lin0"]}')]
     cases.append(("3 LoRA with rslora", '{"target_modules": ["target"], "use_rslora": True, "lora_alpha": 16}'))
@@ -64,7 +64,7 @@ def _tuple(items: list[str]) -> str:
     return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
 
 
-def _imports(plan: LayerPlan, peft: PeftTarget) -> list[str]:
+def _imports(plan: LayerPlan, peft: PeftRelease) -> list[str]:
     """What the model's constructor imports of what building the target names (test_custom_models.py has torch
     and nn): from torch as usual, from other packages through importorskip, so that the battery skips without
     them."""

@@ -11,8 +11,8 @@ from lora_scaffold.patch.battery import BATTERY_FILE
 from lora_scaffold.patch.dispatch import LAYER_FILE, call_form
 from lora_scaffold.patch.exports import INIT_FILE
 from lora_scaffold.patch.supported import MODEL_FILE
+from lora_scaffold.peft_release import PATCH, PeftRelease, release_for
 from lora_scaffold.record import GenerationRecord, record_path
-from lora_scaffold.target import PATCH, PeftTarget, peft_target
 
 
 VERSION_FILE = "src/peft/__init__.py"
@@ -24,7 +24,7 @@ EDITED_FILES = (LAYER_FILE, INIT_FILE, BATTERY_FILE, MODEL_FILE)
 @dataclass(frozen=True)
 class PeftCheckout:
     root: Path
-    peft: PeftTarget
+    peft: PeftRelease
     call_form: str
     sources: tuple[tuple[str, str], ...]
 
@@ -70,7 +70,7 @@ def read_checkout(path: str | Path) -> PeftCheckout:
     match = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', sources[VERSION_FILE], re.MULTILINE)
     if match is None:
         raise PatchError(f"{root / VERSION_FILE} sets no __version__")
-    peft = peft_target(PATCH, match.group(1))
+    peft = release_for(PATCH, match.group(1))
     return PeftCheckout(root, peft, call_form(sources[LAYER_FILE]), tuple(sources.items()))
 
 

@@ -15,9 +15,9 @@ from xml.etree import ElementTree
 
 from lora_scaffold import __version__
 from lora_scaffold.analyse import LayerPlan
+from lora_scaffold.peft_release import PeftRelease
 from lora_scaffold.record import RECORD_DIR
 from lora_scaffold.render import dora_refusal, render_snippet
-from lora_scaffold.target import PeftTarget
 
 
 TEST_TIMEOUT = 1800  # seconds for each of the two runs
@@ -37,7 +37,7 @@ def description_path(module_name: str) -> str:
 
 
 def describe(
-    plan: LayerPlan, peft: PeftTarget, files: list[tuple[str, str]], results: tuple[SuiteResult, ...] = ()
+    plan: LayerPlan, peft: PeftRelease, files: list[tuple[str, str]], results: tuple[SuiteResult, ...] = ()
 ) -> str:
     """`files`: (path from the checkout's root, what happens to it)."""
     import torch
@@ -66,7 +66,7 @@ def describe(
     return render_snippet("partials/pull_request.md.jinja", context)
 
 
-def options(plan: LayerPlan, peft: PeftTarget) -> list[tuple[str, str]]:
+def options(plan: LayerPlan, peft: PeftRelease) -> list[tuple[str, str]]:
     """Each LoRA option and what the layer does with it, the refusals with their reasons."""
     strategy = plan.chosen
     refusal = dora_refusal(plan, peft)

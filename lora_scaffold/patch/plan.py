@@ -8,6 +8,7 @@ import textwrap
 from dataclasses import dataclass
 
 from lora_scaffold.analyse import LayerPlan
+from lora_scaffold.files import GeneratedFile
 from lora_scaffold.layout import LINE_LENGTH, layout
 from lora_scaffold.patch.battery import BatteryEntry, battery_edit
 from lora_scaffold.patch.battery_model import battery_entry
@@ -17,7 +18,6 @@ from lora_scaffold.patch.dispatch import LAYER_FILE, DispatchBranch, dispatch_ed
 from lora_scaffold.patch.exports import export_edit
 from lora_scaffold.patch.imports import import_edit
 from lora_scaffold.patch.supported import MODEL_FILE, message_found, supported_edit
-from lora_scaffold.render import GeneratedFile
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ RELEASES = sorted(
 
 
 @dataclass(frozen=True)
-class PeftTarget:
+class PeftRelease:
     """Generated code is written for plugin use (an installed peft) or patch mode (a peft source checkout)."""
 
     mode: str
@@ -72,22 +72,22 @@ class PeftTarget:
         return f"peft {_short(lower)}" if last == lower else f"peft {_short(lower)} - {_short(last)}"
 
 
-def peft_target(mode: str, version_text: str | None) -> PeftTarget:
+def release_for(mode: str, version_text: str | None) -> PeftRelease:
     """A clear error for a missing or too old peft."""
     if version_text is None:
         raise ScaffoldError("peft is not installed; install peft>=0.13")
     found = parse_version(version_text)
     if found < OLDEST_SUPPORTED:
         raise ScaffoldError(f"peft {version_text} is too old: lora-scaffold generates layers for peft>=0.13")
-    return PeftTarget(mode, found)
+    return PeftRelease(mode, found)
 
 
-def installed_peft(mode: str = PLUGIN) -> PeftTarget:
+def installed_peft(mode: str = PLUGIN) -> PeftRelease:
     try:
         found = version("peft")
     except PackageNotFoundError:
         found = None
-    return peft_target(mode, found)
+    return release_for(mode, found)
 
 
 def parse_version(text: str) -> tuple[int, ...]:
