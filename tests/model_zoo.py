@@ -265,6 +265,7 @@ def _indexer(prefix: str, *names: str) -> dict[str, str]:
 KNOWN_FAILURES = {
     **{name: _indexer("model.layers.0") for name in ("axk2", "deepseek_v32", "glm_moe_dsa", "hy_v4")},
     "mistral_large4_text": _indexer("layers.0"),
+    "glm5_next_text": _indexer("layers.1"),
     "qwen4_exp_text": _indexer("model.layers.1", "index_qk_proj"),
     "zaya": {
         f"model.layers.0.self_attn.qkv_proj.{name}": "ZayaQKNorm's key scale `temp` starts at zero: attention is "
