@@ -7,25 +7,22 @@ two or more dimensions) PEFT alone adapts, and PEFT with the generated layers.""
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from lora_scaffold.capture import default_model_input, evaluate_model, model_arguments
-from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError, ScaffoldError
+from lora_scaffold import adapter_checks
+from lora_scaffold.capture import default_model_input, evaluate_model
+from lora_scaffold.errors import ScaffoldError
 from lora_scaffold.peft_answer import peft_layer
 from lora_scaffold.record import RECORD_DIR, GenerationRecord
 from lora_scaffold.resolve import resolve_class
-from lora_scaffold.sample_input import flatten_output
 from lora_scaffold.scan import model_expression
 
 
-FACTOR_STD = 0.05
 MERGE_TOLERANCE = 1e-4  # relative to the output's largest entry, in float32
 
 
@@ -131,15 +128,15 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
                 config = layer.register(config)
             inject_adapter_in_model(config, built)
     adapted = {name: module for name, module in built.named_modules() if isinstance(module, LoraLayer)}
-    _randomise(adapted.values())
-    run = _runner(built, model_input)
-    reached = _reached(built, adapted, model_input)
-    gradients = _gradients(built, adapted, model_input)
+    adapter_checks.randomise(adapted.values())
+    run = adapter_checks.runner(built, model_input)
+    reached = adapter_checks.reached(built, adapted, model_input)
+    gradients = adapter_checks.gradients(built, adapted, model_input)
     modules = []
     for name, module in adapted.items():
         reference = run()  # anew each time: a forward may leave state behind (PEFT's MultiheadAttention does)
-        live = _live(module, run, reference)
-        merge_error = _merge_error(module, run, run())
+        live = adapter_checks.live(module, run, reference)
+        merge_error = adapter_checks.merge_error(module, run, run())
         base = module.get_base_layer()
         modules.append(
             ModuleAudit(
@@ -216,126 +213,6 @@ def _peft_own(answer: str) -> bool:
 def _inside_attention(model: nn.Module, name: str) -> bool:
     parent = name.rpartition(".")[0]
     return isinstance(model.get_submodule(parent), nn.MultiheadAttention)
-
-
-def _randomise(layers) -> None:
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in layers:
-            for name, parameter in layer.named_parameters():
-                if "lora_" in name:
-                    values = torch.randn(parameter.shape, generator=generator) * FACTOR_STD
-                    parameter.copy_(values.to(parameter.dtype))
-
-
-def _runner(model: nn.Module, model_input: str):
-    def run() -> torch.Tensor:
-        args, kwargs = model_arguments(model_input, 0)
-        try:
-            with torch.no_grad():
-                output = model(*args, **kwargs)
-        except USER_CODE_ERRORS as exc:
-            raise AnalysisError(f"the adapted model's forward failed: {type(exc).__name__}: {exc}") from None
-        return _floating(output)
-
-    return run
-
-
-def _floating(output) -> torch.Tensor:
-    floats = [t for t in flatten_output(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not floats:
-        raise AnalysisError("the model's output holds no floating tensor to compare")
-    return torch.cat([t.detach().flatten().float() for t in floats])
-
-
-def _own_factors(layer) -> list:
-    """The layer's own LoRA parameters, not those of LoRA layers nested in its base module (a mixer's projections)."""
-    return [(n, p) for n, p in layer.named_parameters() if "lora_" in n and not n.startswith("base_layer.")]
-
-
-def _reached(model: nn.Module, adapted: dict, model_input: str) -> set[str]:
-    """The adapted modules the model's forward calls, in eval or in training mode (a fused eval path reads a
-    module's weight without calling it; training takes the unfused path)."""
-    called: set[str] = set()
-    hooks = [
-        layer.register_forward_pre_hook(lambda _module, _args, name=name: called.add(name))
-        for name, layer in adapted.items()
-    ]
-    try:
-        for training in (False, True):
-            model.train(training)
-            with contextlib.suppress(*USER_CODE_ERRORS), torch.no_grad():  # wav2vec2 masks short audio in training
-                args, kwargs = model_arguments(model_input, 0)
-                model(*args, **kwargs)
-    finally:
-        model.eval()
-        for hook in hooks:
-            hook.remove()
-    return called
-
-
-def _live(layer, run, reference: torch.Tensor) -> bool:
-    factors = [p for n, p in _own_factors(layer) if "lora_B" in n or "lora_embedding_B" in n]
-    with torch.no_grad():
-        for parameter in factors:
-            parameter.mul_(3.0)
-        moved = not torch.equal(run(), reference)
-        for parameter in factors:
-            parameter.div_(3.0)
-    return moved
-
-
-def _gradients(model: nn.Module, adapted: dict, model_input: str) -> dict[str, bool]:
-    """Which adapters get a non-zero gradient of every LoRA parameter from the model's output: in eval mode (no
-    dropout, no training-only masking), or else in training mode (an eval-only fused path keeps autograd out;
-    Mamba's mixer takes its inference path)."""
-    found = _gradients_in(model, adapted, model_input, training=False)
-    if not all(found.values()):
-        try:
-            training = _gradients_in(model, adapted, model_input, training=True)
-        except AnalysisError:  # a training-only step that fails on this input (wav2vec2's masking of short audio)
-            training = {}
-        found = {name: got or training.get(name, False) for name, got in found.items()}
-    return found
-
-
-def _gradients_in(model: nn.Module, adapted: dict, model_input: str, training: bool) -> dict[str, bool]:
-    model.zero_grad(set_to_none=True)
-    args, kwargs = model_arguments(model_input, 0)
-    model.train(training)
-    try:
-        output = _floating_with_grad(model(*args, **kwargs))
-        if not output.requires_grad:  # a fused path that never reads an adapter: none of them gets a gradient
-            return dict.fromkeys(adapted, False)
-        output.pow(2).sum().backward()
-    except USER_CODE_ERRORS as exc:
-        raise AnalysisError(f"the adapted model's backward failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        model.eval()
-    found = {
-        name: all(p.grad is not None and bool(p.grad.abs().sum() > 0) for _, p in _own_factors(layer))
-        for name, layer in adapted.items()
-    }
-    model.zero_grad(set_to_none=True)
-    return found
-
-
-def _floating_with_grad(output) -> torch.Tensor:
-    floats = [t for t in flatten_output(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return torch.cat([t.flatten().float() for t in floats])
-
-
-def _merge_error(layer, run, reference: torch.Tensor) -> float:
-    try:
-        layer.merge()
-        merged = run()
-    except USER_CODE_ERRORS:
-        return math.inf
-    finally:
-        if layer.merged:
-            layer.unmerge()
-    scale = max(float(reference.abs().max()), 1e-12)
-    return float((merged - reference).abs().max()) / scale
 
 
 def _coverage(model: nn.Module, peft_targets, our_targets, layers) -> tuple[int, int, int]:

@@ -1,0 +1,137 @@
+"""The checks `audit` makes of each adapter in the model: is it called (reached), does a change of it move the
+model's output (live), do its LoRA parameters get gradients, and does merging it leave the output as it was."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from lora_scaffold.capture import model_arguments
+from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError
+from lora_scaffold.sample_input import flatten_output
+
+
+FACTOR_STD = 0.05
+
+
+def randomise(layers) -> None:
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in layers:
+            for name, parameter in layer.named_parameters():
+                if "lora_" in name:
+                    values = torch.randn(parameter.shape, generator=generator) * FACTOR_STD
+                    parameter.copy_(values.to(parameter.dtype))
+
+
+def runner(model: nn.Module, model_input: str):
+    def run() -> torch.Tensor:
+        args, kwargs = model_arguments(model_input, 0)
+        try:
+            with torch.no_grad():
+                output = model(*args, **kwargs)
+        except USER_CODE_ERRORS as exc:
+            raise AnalysisError(f"the adapted model's forward failed: {type(exc).__name__}: {exc}") from None
+        return _floating(output)
+
+    return run
+
+
+def _floating(output) -> torch.Tensor:
+    floats = [t for t in flatten_output(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not floats:
+        raise AnalysisError("the model's output holds no floating tensor to compare")
+    return torch.cat([t.detach().flatten().float() for t in floats])
+
+
+def _own_factors(layer) -> list:
+    """The layer's own LoRA parameters, not those of LoRA layers nested in its base module (a mixer's projections)."""
+    return [(n, p) for n, p in layer.named_parameters() if "lora_" in n and not n.startswith("base_layer.")]
+
+
+def reached(model: nn.Module, adapted: dict, model_input: str) -> set[str]:
+    """The adapted modules the model's forward calls, in eval or in training mode (a fused eval path reads a
+    module's weight without calling it; training takes the unfused path)."""
+    called: set[str] = set()
+    hooks = [
+        layer.register_forward_pre_hook(lambda _module, _args, name=name: called.add(name))
+        for name, layer in adapted.items()
+    ]
+    try:
+        for training in (False, True):
+            model.train(training)
+            with contextlib.suppress(*USER_CODE_ERRORS), torch.no_grad():  # wav2vec2 masks short audio in training
+                args, kwargs = model_arguments(model_input, 0)
+                model(*args, **kwargs)
+    finally:
+        model.eval()
+        for hook in hooks:
+            hook.remove()
+    return called
+
+
+def live(layer, run, reference: torch.Tensor) -> bool:
+    factors = [p for n, p in _own_factors(layer) if "lora_B" in n or "lora_embedding_B" in n]
+    with torch.no_grad():
+        for parameter in factors:
+            parameter.mul_(3.0)
+        moved = not torch.equal(run(), reference)
+        for parameter in factors:
+            parameter.div_(3.0)
+    return moved
+
+
+def gradients(model: nn.Module, adapted: dict, model_input: str) -> dict[str, bool]:
+    """Which adapters get a non-zero gradient of every LoRA parameter from the model's output: in eval mode (no
+    dropout, no training-only masking), or else in training mode (an eval-only fused path keeps autograd out;
+    Mamba's mixer takes its inference path)."""
+    found = _gradients_in(model, adapted, model_input, training=False)
+    if not all(found.values()):
+        try:
+            training = _gradients_in(model, adapted, model_input, training=True)
+        except AnalysisError:  # a training-only step that fails on this input (wav2vec2's masking of short audio)
+            training = {}
+        found = {name: got or training.get(name, False) for name, got in found.items()}
+    return found
+
+
+def _gradients_in(model: nn.Module, adapted: dict, model_input: str, training: bool) -> dict[str, bool]:
+    model.zero_grad(set_to_none=True)
+    args, kwargs = model_arguments(model_input, 0)
+    model.train(training)
+    try:
+        output = _floating_with_grad(model(*args, **kwargs))
+        if not output.requires_grad:  # a fused path that never reads an adapter: none of them gets a gradient
+            return dict.fromkeys(adapted, False)
+        output.pow(2).sum().backward()
+    except USER_CODE_ERRORS as exc:
+        raise AnalysisError(f"the adapted model's backward failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        model.eval()
+    found = {
+        name: all(p.grad is not None and bool(p.grad.abs().sum() > 0) for _, p in _own_factors(layer))
+        for name, layer in adapted.items()
+    }
+    model.zero_grad(set_to_none=True)
+    return found
+
+
+def _floating_with_grad(output) -> torch.Tensor:
+    floats = [t for t in flatten_output(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return torch.cat([t.flatten().float() for t in floats])
+
+
+def merge_error(layer, run, reference: torch.Tensor) -> float:
+    try:
+        layer.merge()
+        merged = run()
+    except USER_CODE_ERRORS:
+        return math.inf
+    finally:
+        if layer.merged:
+            layer.unmerge()
+    scale = max(float(reference.abs().max()), 1e-12)
+    return float((merged - reference).abs().max()) / scale
