@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_scaffold import audit, generate, views, workflow
+from lora_scaffold import audit, checkout_commands, generate, views, workflow
 from lora_scaffold.arguments import build_parser
 from lora_scaffold.errors import ScaffoldError, StaleOutputError
 from lora_scaffold.request import Request
@@ -91,7 +91,7 @@ def run_new(args: argparse.Namespace) -> int:
     if args.peft_checkout is not None:
         if args.output is not None:
             raise ScaffoldError("-o writes plugin files and --peft-checkout patches peft: give one of them, not both")
-        outcome = workflow.patch_checkout(_request(args), args.peft_checkout, args.force, args.dry_run)
+        outcome = checkout_commands.patch_checkout(_request(args), args.peft_checkout, args.force, args.dry_run)
     else:
         outcome = workflow.new_plugin(_request(args), Path(args.output or "."), args.force, dry_run=args.dry_run)
     _apply_unless_dry(outcome, args.dry_run)
@@ -110,11 +110,13 @@ def _run_checkout_tests(args: argparse.Namespace, outcome: workflow.Outcome) -> 
     if args.peft_checkout is None or args.dry_run:
         raise ScaffoldError("--run-tests runs the tests in the patched checkout: give --peft-checkout, not --dry-run")
     _progress(args, "running the generated suite and PEFT's battery on the new cases ...")
-    return workflow.test_checkout(outcome)
+    return checkout_commands.test_checkout(outcome)
 
 
 def run_remove(args: argparse.Namespace) -> int:
-    outcome = workflow.remove_from_checkout(args.target, args.name, args.peft_checkout, args.force, args.dry_run)
+    outcome = checkout_commands.remove_from_checkout(
+        args.target, args.name, args.peft_checkout, args.force, args.dry_run
+    )
     _apply_unless_dry(outcome, args.dry_run)
     style = views.Style.for_stream(sys.stdout)
     _show(
@@ -135,7 +137,7 @@ def run_update(args: argparse.Namespace) -> int:
         "init": args.init,
     }
     if args.peft_checkout is not None:
-        outcome = workflow.update_checkout(
+        outcome = checkout_commands.update_checkout(
             args.layer, args.name, args.peft_checkout, change, args.conflicts, args.dry_run
         )
     else:

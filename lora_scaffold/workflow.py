@@ -10,24 +10,19 @@ from pathlib import Path
 from lora_scaffold import journal, verify
 from lora_scaffold.analyse import LayerPlan, analyse, low_rank_note
 from lora_scaffold.constructor import parse_arg_overrides
-from lora_scaffold.errors import AnalysisError, MergeConflictError, PatchError, ScaffoldError, WriteError
+from lora_scaffold.errors import AnalysisError, MergeConflictError, ScaffoldError, WriteError
 from lora_scaffold.files import (
     FileChange,
     GeneratedFile,
     apply_changes,
     plan_changes,
-    plan_deletions,
     refuse_conflicts,
 )
 from lora_scaffold.introspect import TargetSpec, introspect
 from lora_scaffold.merge import merge_file
-from lora_scaffold.names import layer_names
-from lora_scaffold.patch.checkout import LORA_PACKAGE, PeftCheckout, read_checkout, read_text
-from lora_scaffold.patch.description import describe, description_path, run_tests
-from lora_scaffold.patch.exports import INIT_FILE, exported_names
-from lora_scaffold.patch.plan import PatchEdits, as_files, edited_sources, plan_edits, reverted_sources
+from lora_scaffold.patch.checkout import read_text
 from lora_scaffold.peft_release import PLUGIN, PeftRelease, installed_peft, release_for
-from lora_scaffold.record import IGNORE_FILE, IGNORE_TEXT, RECORD_DIR, GenerationRecord, digest, record_path
+from lora_scaffold.record import GenerationRecord, digest, record_path
 from lora_scaffold.render import render
 from lora_scaffold.request import Request
 from lora_scaffold.resolve import resolve_target
@@ -128,7 +123,7 @@ def new_plugin(
     spec, plan = plan_layer(request)
     files = with_record(render(plan, peft), request, plan, peft)
     previous = _read_record(output / record_path(plan.module_name))
-    changes = plan_changes(files, output, force=force, updatable=_unedited(output, previous))
+    changes = plan_changes(files, output, force=force, updatable=unedited(output, previous))
     refuse_conflicts(changes)
     notes = recovered + tuple(note for note in (low_rank_note(plan),) if note)
     if spec.target.from_file is not None:
@@ -136,97 +131,6 @@ def new_plugin(
             f"the generated code imports {plan.target_module}; put {spec.target.from_file.parent} on PYTHONPATH",
         )
     return Outcome(output, changes, Report(spec, plan, peft, notes))
-
-
-def patch_checkout(
-    request: Request, checkout_path: str, force: bool = False, dry_run: bool = False, conflicts: str | None = None
-) -> Outcome:
-    """`new --peft-checkout PATH`: the layer becomes part of PEFT (module, dispatch, export, tests). With
-    `conflicts` (`update`), the generated files merge the edits made since the last run instead of refusing them."""
-    recovered = recover_interrupted(_checkout_root(checkout_path), dry_run)
-    checkout = read_checkout(checkout_path)
-    spec, plan = plan_layer(request)
-    if plan.peft_builtin_exact and not force:
-        raise PatchError(
-            f"PEFT already supports {plan.target_module}.{plan.target_class} with its own {plan.peft_builtin} layer; "
-            "pass --force to put a branch for the generated layer before PEFT's"
-        )
-    previous = checkout.record(plan.module_name)
-    _refuse_foreign_layer(checkout, plan.module_name, request.target, previous)
-    rendered = tuple(
-        GeneratedFile(f"{folder}/{generated.path}", generated.text)
-        for folder, generated in zip((LORA_PACKAGE, "tests"), render(plan, checkout.peft))
-    )
-    _refuse_taking_over(checkout, plan.layer_class, [generated.path for generated in rendered], previous)
-    edits = plan_edits(plan, spec.target.cls, checkout)
-    sources = checkout.edited_sources()
-    if previous is not None and previous.edits != edits.as_dict():
-        sources = reverted_sources(sources, PatchEdits.from_dict(previous.edits), force)
-    files = with_record(rendered, request, plan, checkout.peft, edits.as_dict())
-    notes = recovered
-    if conflicts is not None and previous is not None:
-        merged, merge_notes = _merged(checkout.root, rendered, previous, conflicts)
-        files, notes = merged + files[len(rendered) :], notes + merge_notes
-    files += as_files(edited_sources(sources, edits)) + (GeneratedFile(IGNORE_FILE, IGNORE_TEXT),)
-    updatable = _unedited(checkout.root, previous) | set(checkout.edited_sources()) | {IGNORE_FILE}
-    changes = _checkout_changes(checkout, files, force, updatable)
-    if not edits.supported:
-        notes += ("model.py's message listing the supported modules has another shape: left as it is",)
-    if plan.battery_blocker and edits.battery is None:
-        notes += (f"not wired into PEFT's test battery: {plan.battery_blocker}; {rendered[1].path} covers the layer",)
-    nothing = "" if any(c.changes_disk for c in changes) else f"{checkout.root} already has {plan.layer_class}"
-    if not nothing:
-        changes += (pull_request_change(checkout.root, plan, checkout.peft, changes),)
-    return Outcome(checkout.root, changes, Report(spec, plan, checkout.peft, notes, nothing))
-
-
-def test_checkout(outcome: Outcome) -> tuple:
-    """`--run-tests`: the generated suite and PEFT's battery on the new cases, then the description with them."""
-    report = outcome.report
-    results = run_tests(outcome.root, report.plan)
-    change = pull_request_change(outcome.root, report.plan, report.peft, outcome.changes, results)
-    apply_changes((change,), outcome.root)
-    return results
-
-
-def pull_request_change(root: Path, plan: LayerPlan, peft: PeftRelease, changes, results=()) -> FileChange:
-    """The pull-request description beside the record (out of git, like it): lora-scaffold's own, replaced freely."""
-    shown = [
-        (str(change.path.relative_to(root)), change.status)
-        for change in changes
-        if change.changes_disk and RECORD_DIR not in change.path.parts
-    ]
-    text = describe(plan, peft, shown, results)
-    path = description_path(plan.module_name)
-    (change,) = plan_changes((GeneratedFile(path, text),), root, force=False, updatable=frozenset({path}))
-    return change
-
-
-def remove_from_checkout(
-    target: str, name: str | None, checkout_path: str, force: bool = False, dry_run: bool = False
-) -> Outcome:
-    """`remove`: take out exactly what `new` added, as its generation record says."""
-    recovered = recover_interrupted(_checkout_root(checkout_path), dry_run)
-    checkout = read_checkout(checkout_path)
-    class_name = target.rpartition(":" if ":" in target else ".")[2]
-    _, module_name = layer_names(class_name, name)
-    record = checkout.record(module_name)
-    _refuse_foreign_layer(checkout, module_name, target, record)
-    if record is None:
-        return Outcome(
-            checkout.root, (), Report(notes=recovered, nothing_to_do=f"{checkout.root} has no {module_name}")
-        )
-    edited = [
-        path for path, hash_ in record.files.items() if _digest_on_disk(checkout.root / path) not in (hash_, None)
-    ]
-    if edited and not force:
-        raise PatchError(f"{', '.join(edited)} changed since lora-scaffold wrote it; pass --force to remove it anyway")
-    reverted = reverted_sources(checkout.edited_sources(), PatchEdits.from_dict(record.edits), force)
-    changes = _checkout_changes(checkout, as_files(reverted), True, frozenset(reverted))
-    owned = [*record.files, record.path, description_path(module_name)]
-    if checkout.records() == [Path(record.path).name]:
-        owned.append(IGNORE_FILE)
-    return Outcome(checkout.root, changes + plan_deletions([checkout.path(p) for p in owned]), Report(notes=recovered))
 
 
 def update_plugin(layer_file: Path, change: dict, conflicts: str = "stop", dry_run: bool = False) -> Outcome:
@@ -244,29 +148,10 @@ def update_plugin(layer_file: Path, change: dict, conflicts: str = "stop", dry_r
     spec, plan = plan_layer(request)
     _refuse_renaming(plan.module_name, module_name)
     rendered = render(plan, peft)
-    merged, notes = _merged(root, rendered, record, conflicts)
+    merged, notes = merged_edits(root, rendered, record, conflicts)
     files = merged + with_record(rendered, request, plan, peft)[len(rendered) :]
     changes = plan_changes(files, root, force=True, updatable=frozenset())
     return Outcome(root, changes, Report(spec, plan, peft, recovered + notes))
-
-
-def update_checkout(
-    target: str, name: str | None, checkout_path: str, change: dict, conflicts: str = "stop", dry_run: bool = False
-) -> Outcome:
-    """`update TARGET --peft-checkout PATH`: as update_plugin, for a layer patched into a checkout (and its wiring)."""
-    recovered = recover_interrupted(_checkout_root(checkout_path), dry_run)  # before the record is read
-    checkout = read_checkout(checkout_path)
-    class_name = target.rpartition(":" if ":" in target else ".")[2]
-    _, module_name = layer_names(class_name, name)
-    record = checkout.record(module_name)
-    if record is None:
-        raise PatchError(
-            f"{checkout.root} has no generation record for {module_name}: update works in the checkout `new "
-            "--peft-checkout` patched (the records stay out of git there, and so out of fresh clones)"
-        )
-    request = record.request.updated(**change)
-    outcome = patch_checkout(request, checkout_path, force=True, dry_run=dry_run, conflicts=conflicts)
-    return replace(outcome, report=replace(outcome.report, notes=recovered + outcome.report.notes))
 
 
 def _refuse_renaming(new_module: str, module_name: str) -> None:
@@ -276,7 +161,7 @@ def _refuse_renaming(new_module: str, module_name: str) -> None:
         )
 
 
-def _merged(
+def merged_edits(
     root: Path, rendered: tuple[GeneratedFile, ...], record: GenerationRecord, conflicts: str
 ) -> tuple[tuple[GeneratedFile, ...], tuple[str, ...]]:
     """The new render of each file with the edits made since `record` merged in; refuses on a conflicting hunk
@@ -325,12 +210,6 @@ def recover_interrupted(root: Path, dry_run: bool) -> tuple[str, ...]:
     return (journal.recover(root),)
 
 
-def _checkout_root(checkout_path: str) -> Path:
-    if not str(checkout_path).strip():
-        raise PatchError("--peft-checkout needs the path of a peft source checkout, got an empty one")
-    return Path(checkout_path)
-
-
 def load_manifest(root: Path) -> tuple[PeftRelease, dict[str, Request]]:
     """`{"peft": VERSION, "examples": {folder: request}}`: the peft the examples are written for, and what each is."""
     path = root / "manifest.json"
@@ -377,40 +256,12 @@ def _read_record(path: Path) -> GenerationRecord | None:
     return GenerationRecord.from_json(read_text(path), str(path)) if path.is_file() else None
 
 
-def _unedited(root: Path, record: GenerationRecord | None) -> set[str]:
+def unedited(root: Path, record: GenerationRecord | None) -> set[str]:
     """Files of an earlier run that nobody edited since, and its record: a new run may replace them."""
     if record is None:
         return set()
-    return {path for path, hash_ in record.files.items() if _digest_on_disk(root / path) == hash_} | {record.path}
+    return {path for path, hash_ in record.files.items() if digest_on_disk(root / path) == hash_} | {record.path}
 
 
-def _digest_on_disk(path: Path) -> str | None:
+def digest_on_disk(path: Path) -> str | None:
     return digest(read_text(path)) if path.is_file() else None
-
-
-def _refuse_foreign_layer(checkout: PeftCheckout, module_name: str, target: str, record: GenerationRecord | None):
-    """A layer module of that name that lora-scaffold did not write for this target is an error, --force or not."""
-    layer = f"{LORA_PACKAGE}/{module_name}.py"
-    if record is not None and record.request.target == target:
-        return
-    if record is not None or checkout.path(layer).exists():
-        owner = f"lora-scaffold's layer for {record.request.target}" if record else "not lora-scaffold's"
-        raise PatchError(f"{layer} already exists and is {owner}, not for {target}; pick another name with --name")
-
-
-def _refuse_taking_over(checkout: PeftCheckout, layer_class: str, paths: list[str], previous) -> None:
-    """Nothing PEFT owns is ever overwritten or re-exported, --force or not: a name already taken is an error."""
-    ours = set(previous.files) if previous else set()
-    for path in paths:
-        if path not in ours and checkout.path(path).exists():
-            raise PatchError(f"{path} exists and lora-scaffold did not write it; pick another name with --name")
-    if previous is None and layer_class in exported_names(checkout.source(INIT_FILE)):
-        raise PatchError(f"PEFT already exports a {layer_class}; pick another name with --name")
-
-
-def _checkout_changes(checkout: PeftCheckout, files, force: bool, updatable) -> tuple[FileChange, ...]:
-    for generated in files:
-        checkout.path(generated.path)  # refuses paths outside the checkout and symbolic links
-    changes = plan_changes(files, checkout.root, force=force, updatable=frozenset(updatable))
-    refuse_conflicts(changes)
-    return changes

@@ -1,0 +1,181 @@
+"""Patch mode's commands: `new`, `update` and `remove` with --peft-checkout, as functions. Like workflow.py, nothing
+here prints or writes: each returns the planned changes and a report."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from lora_scaffold.analyse import LayerPlan
+from lora_scaffold.errors import PatchError
+from lora_scaffold.files import (
+    FileChange,
+    GeneratedFile,
+    apply_changes,
+    plan_changes,
+    plan_deletions,
+    refuse_conflicts,
+)
+from lora_scaffold.names import layer_names
+from lora_scaffold.patch.checkout import LORA_PACKAGE, PeftCheckout, read_checkout
+from lora_scaffold.patch.description import describe, description_path, run_tests
+from lora_scaffold.patch.exports import INIT_FILE, exported_names
+from lora_scaffold.patch.plan import PatchEdits, as_files, edited_sources, plan_edits, reverted_sources
+from lora_scaffold.peft_release import PeftRelease
+from lora_scaffold.record import IGNORE_FILE, IGNORE_TEXT, RECORD_DIR, GenerationRecord
+from lora_scaffold.render import render
+from lora_scaffold.request import Request
+from lora_scaffold.workflow import (
+    Outcome,
+    Report,
+    digest_on_disk,
+    merged_edits,
+    plan_layer,
+    recover_interrupted,
+    unedited,
+    with_record,
+)
+
+
+def patch_checkout(
+    request: Request, checkout_path: str, force: bool = False, dry_run: bool = False, conflicts: str | None = None
+) -> Outcome:
+    """`new --peft-checkout PATH`: the layer becomes part of PEFT (module, dispatch, export, tests). With
+    `conflicts` (`update`), the generated files merge the edits made since the last run instead of refusing them."""
+    recovered = recover_interrupted(_checkout_root(checkout_path), dry_run)
+    checkout = read_checkout(checkout_path)
+    spec, plan = plan_layer(request)
+    if plan.peft_builtin_exact and not force:
+        raise PatchError(
+            f"PEFT already supports {plan.target_module}.{plan.target_class} with its own {plan.peft_builtin} layer; "
+            "pass --force to put a branch for the generated layer before PEFT's"
+        )
+    previous = checkout.record(plan.module_name)
+    _refuse_foreign_layer(checkout, plan.module_name, request.target, previous)
+    rendered = tuple(
+        GeneratedFile(f"{folder}/{generated.path}", generated.text)
+        for folder, generated in zip((LORA_PACKAGE, "tests"), render(plan, checkout.peft))
+    )
+    _refuse_taking_over(checkout, plan.layer_class, [generated.path for generated in rendered], previous)
+    edits = plan_edits(plan, spec.target.cls, checkout)
+    sources = checkout.edited_sources()
+    if previous is not None and previous.edits != edits.as_dict():
+        sources = reverted_sources(sources, PatchEdits.from_dict(previous.edits), force)
+    files = with_record(rendered, request, plan, checkout.peft, edits.as_dict())
+    notes = recovered
+    if conflicts is not None and previous is not None:
+        merged, merge_notes = merged_edits(checkout.root, rendered, previous, conflicts)
+        files, notes = merged + files[len(rendered) :], notes + merge_notes
+    files += as_files(edited_sources(sources, edits)) + (GeneratedFile(IGNORE_FILE, IGNORE_TEXT),)
+    updatable = unedited(checkout.root, previous) | set(checkout.edited_sources()) | {IGNORE_FILE}
+    changes = _checkout_changes(checkout, files, force, updatable)
+    if not edits.supported:
+        notes += ("model.py's message listing the supported modules has another shape: left as it is",)
+    if plan.battery_blocker and edits.battery is None:
+        notes += (f"not wired into PEFT's test battery: {plan.battery_blocker}; {rendered[1].path} covers the layer",)
+    nothing = "" if any(c.changes_disk for c in changes) else f"{checkout.root} already has {plan.layer_class}"
+    if not nothing:
+        changes += (pull_request_change(checkout.root, plan, checkout.peft, changes),)
+    return Outcome(checkout.root, changes, Report(spec, plan, checkout.peft, notes, nothing))
+
+
+def test_checkout(outcome: Outcome) -> tuple:
+    """`--run-tests`: the generated suite and PEFT's battery on the new cases, then the description with them."""
+    report = outcome.report
+    results = run_tests(outcome.root, report.plan)
+    change = pull_request_change(outcome.root, report.plan, report.peft, outcome.changes, results)
+    apply_changes((change,), outcome.root)
+    return results
+
+
+def pull_request_change(root: Path, plan: LayerPlan, peft: PeftRelease, changes, results=()) -> FileChange:
+    """The pull-request description beside the record (out of git, like it): lora-scaffold's own, replaced freely."""
+    shown = [
+        (str(change.path.relative_to(root)), change.status)
+        for change in changes
+        if change.changes_disk and RECORD_DIR not in change.path.parts
+    ]
+    text = describe(plan, peft, shown, results)
+    path = description_path(plan.module_name)
+    (change,) = plan_changes((GeneratedFile(path, text),), root, force=False, updatable=frozenset({path}))
+    return change
+
+
+def remove_from_checkout(
+    target: str, name: str | None, checkout_path: str, force: bool = False, dry_run: bool = False
+) -> Outcome:
+    """`remove`: take out exactly what `new` added, as its generation record says."""
+    recovered = recover_interrupted(_checkout_root(checkout_path), dry_run)
+    checkout = read_checkout(checkout_path)
+    class_name = target.rpartition(":" if ":" in target else ".")[2]
+    _, module_name = layer_names(class_name, name)
+    record = checkout.record(module_name)
+    _refuse_foreign_layer(checkout, module_name, target, record)
+    if record is None:
+        return Outcome(
+            checkout.root, (), Report(notes=recovered, nothing_to_do=f"{checkout.root} has no {module_name}")
+        )
+    edited = [
+        path for path, hash_ in record.files.items() if digest_on_disk(checkout.root / path) not in (hash_, None)
+    ]
+    if edited and not force:
+        raise PatchError(f"{', '.join(edited)} changed since lora-scaffold wrote it; pass --force to remove it anyway")
+    reverted = reverted_sources(checkout.edited_sources(), PatchEdits.from_dict(record.edits), force)
+    changes = _checkout_changes(checkout, as_files(reverted), True, frozenset(reverted))
+    owned = [*record.files, record.path, description_path(module_name)]
+    if checkout.records() == [Path(record.path).name]:
+        owned.append(IGNORE_FILE)
+    return Outcome(checkout.root, changes + plan_deletions([checkout.path(p) for p in owned]), Report(notes=recovered))
+
+
+def update_checkout(
+    target: str, name: str | None, checkout_path: str, change: dict, conflicts: str = "stop", dry_run: bool = False
+) -> Outcome:
+    """`update TARGET --peft-checkout PATH`: as update_plugin, for a layer patched into a checkout (and its wiring)."""
+    recovered = recover_interrupted(_checkout_root(checkout_path), dry_run)  # before the record is read
+    checkout = read_checkout(checkout_path)
+    class_name = target.rpartition(":" if ":" in target else ".")[2]
+    _, module_name = layer_names(class_name, name)
+    record = checkout.record(module_name)
+    if record is None:
+        raise PatchError(
+            f"{checkout.root} has no generation record for {module_name}: update works in the checkout `new "
+            "--peft-checkout` patched (the records stay out of git there, and so out of fresh clones)"
+        )
+    request = record.request.updated(**change)
+    outcome = patch_checkout(request, checkout_path, force=True, dry_run=dry_run, conflicts=conflicts)
+    return replace(outcome, report=replace(outcome.report, notes=recovered + outcome.report.notes))
+
+
+def _checkout_root(checkout_path: str) -> Path:
+    if not str(checkout_path).strip():
+        raise PatchError("--peft-checkout needs the path of a peft source checkout, got an empty one")
+    return Path(checkout_path)
+
+
+def _refuse_foreign_layer(checkout: PeftCheckout, module_name: str, target: str, record: GenerationRecord | None):
+    """A layer module of that name that lora-scaffold did not write for this target is an error, --force or not."""
+    layer = f"{LORA_PACKAGE}/{module_name}.py"
+    if record is not None and record.request.target == target:
+        return
+    if record is not None or checkout.path(layer).exists():
+        owner = f"lora-scaffold's layer for {record.request.target}" if record else "not lora-scaffold's"
+        raise PatchError(f"{layer} already exists and is {owner}, not for {target}; pick another name with --name")
+
+
+def _refuse_taking_over(checkout: PeftCheckout, layer_class: str, paths: list[str], previous) -> None:
+    """Nothing PEFT owns is ever overwritten or re-exported, --force or not: a name already taken is an error."""
+    ours = set(previous.files) if previous else set()
+    for path in paths:
+        if path not in ours and checkout.path(path).exists():
+            raise PatchError(f"{path} exists and lora-scaffold did not write it; pick another name with --name")
+    if previous is None and layer_class in exported_names(checkout.source(INIT_FILE)):
+        raise PatchError(f"PEFT already exports a {layer_class}; pick another name with --name")
+
+
+def _checkout_changes(checkout: PeftCheckout, files, force: bool, updatable) -> tuple[FileChange, ...]:
+    for generated in files:
+        checkout.path(generated.path)  # refuses paths outside the checkout and symbolic links
+    changes = plan_changes(files, checkout.root, force=force, updatable=frozenset(updatable))
+    refuse_conflicts(changes)
+    return changes
