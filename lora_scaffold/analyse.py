@@ -8,14 +8,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from lora_scaffold import strategies
 from lora_scaffold.capture import recorded_call
-from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError, WeightUnused
-from lora_scaffold.introspect import TargetSpec, TensorInfo
+from lora_scaffold.errors import AnalysisError
+from lora_scaffold.introspect import TargetSpec
 from lora_scaffold.names import expression_source, layer_names
-from lora_scaffold.probe import NotDeterministic, Probe, build_probe, dotted_attribute
+from lora_scaffold.probe import responds, run_probe
 from lora_scaffold.request import ModelCall, Options
 from lora_scaffold.sample_input import (
     SEED,
@@ -27,10 +26,8 @@ from lora_scaffold.sample_input import (
 )
 from lora_scaffold.strategies import Evidence, Strategy, Verdict
 from lora_scaffold.strategies.experts import BankView, flat_layout
+from lora_scaffold.weight_choice import choose_weight, require_invertible
 
-
-# Below this relative effect of a weight change of the weight's own spread, float32 outputs cannot show an adapter.
-VISIBLE_EFFECT = 1e-4
 
 # Modules whose parents (TransformerEncoderLayer) have an eval fast path that reads their weights directly.
 FUSED_PATH_MODULES = (nn.MultiheadAttention,)
@@ -230,48 +227,6 @@ def _reason(evidence: Evidence, verdict: Verdict, tried: list[Verdict], auto: bo
     return f"auto: {reason}"
 
 
-def run_probe(module: nn.Module, weight: TensorInfo, make_call, example_input: str) -> Probe:
-    try:
-        probe = build_probe(module, weight.name, make_call)
-    except NotDeterministic as exc:
-        raise AnalysisError(
-            f"{type(module).__name__} cannot be checked: {exc}; lora-scaffold needs a forward it can repeat"
-        ) from None
-    except USER_CODE_ERRORS as exc:
-        raise AnalysisError(
-            f"running {type(module).__name__} with a changed {weight.name!r} failed: {type(exc).__name__}: {exc}"
-        ) from exc
-    if not probe.weight_matters():
-        raise WeightUnused(
-            f"the output of {type(module).__name__} does not change with {weight.name!r} on input {example_input}; "
-            "pick another --weight or pass --example-input"
-        )
-    effect = probe.weight_effect()
-    if effect < VISIBLE_EFFECT:
-        raise AnalysisError(
-            f"the output of {type(module).__name__} barely depends on {weight.name!r} on input {example_input} (a change "
-            f"of the weight's own size moves it by {effect:.0e} of its scale): no float32 test could see an adapter; "
-            "pick another --weight or pass --example-input"
-        )
-    return probe
-
-
-def responds(module: nn.Module, weight: TensorInfo, inputs: tuple) -> bool:
-    """Does the output move when the weight moves a little (a thousandth of its spread, in a random direction) on
-    these inputs? Where a relu zeroes every output, no small change does, and the tests could not see an adapter."""
-    current = dotted_attribute(module, weight.name).detach()
-    spread = float(current.std()) if current.numel() > 1 and float(current.std()) > 0 else 1.0
-    generator = torch.Generator().manual_seed(3)
-    change = torch.randn(current.shape, generator=generator, dtype=current.dtype) * spread * 1e-3
-    try:
-        with torch.no_grad():
-            before = flatten_output(module(*inputs))
-            after = flatten_output(functional_call(module, {weight.name: current + change}, inputs))
-    except USER_CODE_ERRORS:
-        return True  # the probe reports what goes wrong
-    return any(isinstance(a, torch.Tensor) and not torch.equal(a, b) for a, b in zip(after, before))
-
-
 def low_rank_note(plan: LayerPlan) -> str:
     """A warning when a rank-r adapter is no smaller than the weight itself ("" otherwise)."""
     out_size = plan.weight_shape[0]
@@ -295,66 +250,6 @@ def describe_io(module: nn.Module, inputs: tuple, kwargs: dict) -> tuple[tuple[I
         if isinstance(x, torch.Tensor)
     )
     return described, int(first[0].numel()), not isinstance(output, torch.Tensor)
-
-
-def choose_weight(spec: TargetSpec, requested: str | None) -> TensorInfo:
-    if not spec.parameters:
-        what = "only buffers" if spec.buffers else "no parameters"
-        raise AnalysisError(f"{spec.target.class_name} has {what}: there is no trainable weight for LoRA to adapt")
-    if requested is not None:
-        found = spec.parameter(requested)
-        if found is None:
-            names = ", ".join(p.name for p in spec.parameters)
-            raise AnalysisError(f"{spec.target.class_name} has no parameter {requested!r}; its parameters: {names}")
-        if not found.shape or 0 in found.shape:
-            raise AnalysisError(
-                f"{spec.target.class_name}.{requested} has shape {list(found.shape)}: no low-rank adapter fits it"
-            )
-        return found
-    # A per-channel scale such as `gain [C, 1, 1]` is not a weight LoRA would adapt: two real dimensions needed.
-    # The pieces a parametrization computes a weight from (weight_norm's original0/1) stand behind that weight.
-    candidates = [
-        p
-        for p in spec.parameters
-        if sum(size > 1 for size in p.shape) >= 2 and "parametrizations" not in p.name.split(".")
-    ]
-    named_weight = [p for p in candidates if p.name == "weight"]
-    if len(candidates) == 1 or len(named_weight) == 1:
-        return (named_weight or candidates)[0]
-    if not candidates:
-        names = ", ".join(f"{p.name} {list(p.shape)}" for p in spec.parameters)
-        raise AnalysisError(
-            f"{spec.target.class_name} has no weight with 2 or more dimensions ({names}); pick one with --weight"
-        )
-    names = ", ".join(f"{p.name} {list(p.shape)}" for p in candidates)
-    raise AnalysisError(f"{spec.target.class_name} has several weights ({names}); pick one with --weight NAME")
-
-
-def require_invertible(spec: TargetSpec, name: str) -> None:
-    """Merging assigns W + dW to a computed weight: its parametrization must give that back (right_inverse)."""
-    module = spec.build()
-    owner_name, _, attribute = name.rpartition(".")
-    owner = module.get_submodule(owner_name)
-    weight = getattr(owner, attribute).detach()
-    wanted = weight + 0.1 * weight.std() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
-    try:
-        with torch.no_grad():
-            setattr(owner, attribute, wanted)
-        error = float((getattr(owner, attribute).detach() - wanted).abs().max() / wanted.abs().max())
-    except USER_CODE_ERRORS as exc:
-        error, note = math.inf, f" ({type(exc).__name__}: {exc})"
-    else:
-        note = f" (off by {error:.1e}, relative)"
-    if not error <= 1e-5:
-        pieces = [
-            p.name
-            for p in spec.parameters
-            if p.name.startswith(f"{owner_name}.parametrizations.{attribute}.".lstrip("."))
-        ]
-        raise AnalysisError(
-            f"{spec.target.class_name}.{name} is computed by a parametrization that cannot take a merged weight "
-            f"back{note}; adapt one of what it is computed from with --weight ({', '.join(pieces)})"
-        )
 
 
 def battery_blocker(module: nn.Module, nested_inputs: bool, keywords: tuple[str, ...] = ()) -> str:

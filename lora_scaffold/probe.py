@@ -19,6 +19,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError, WeightUnused
+from lora_scaffold.introspect import TensorInfo
 from lora_scaffold.sample_input import flatten_output, map_tensors
 
 
@@ -215,3 +217,49 @@ def _train_mode_note(module: nn.Module, inputs: tuple, keywords: dict) -> str:
 
 def _is_float(x) -> bool:
     return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+# Below this relative effect of a weight change of the weight's own spread, float32 outputs cannot show an adapter.
+VISIBLE_EFFECT = 1e-4
+
+
+def run_probe(module: nn.Module, weight: TensorInfo, make_call, example_input: str) -> Probe:
+    try:
+        probe = build_probe(module, weight.name, make_call)
+    except NotDeterministic as exc:
+        raise AnalysisError(
+            f"{type(module).__name__} cannot be checked: {exc}; lora-scaffold needs a forward it can repeat"
+        ) from None
+    except USER_CODE_ERRORS as exc:
+        raise AnalysisError(
+            f"running {type(module).__name__} with a changed {weight.name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not probe.weight_matters():
+        raise WeightUnused(
+            f"the output of {type(module).__name__} does not change with {weight.name!r} on input {example_input}; "
+            "pick another --weight or pass --example-input"
+        )
+    effect = probe.weight_effect()
+    if effect < VISIBLE_EFFECT:
+        raise AnalysisError(
+            f"the output of {type(module).__name__} barely depends on {weight.name!r} on input {example_input} (a change "
+            f"of the weight's own size moves it by {effect:.0e} of its scale): no float32 test could see an adapter; "
+            "pick another --weight or pass --example-input"
+        )
+    return probe
+
+
+def responds(module: nn.Module, weight: TensorInfo, inputs: tuple) -> bool:
+    """Does the output move when the weight moves a little (a thousandth of its spread, in a random direction) on
+    these inputs? Where a relu zeroes every output, no small change does, and the tests could not see an adapter."""
+    current = dotted_attribute(module, weight.name).detach()
+    spread = float(current.std()) if current.numel() > 1 and float(current.std()) > 0 else 1.0
+    generator = torch.Generator().manual_seed(3)
+    change = torch.randn(current.shape, generator=generator, dtype=current.dtype) * spread * 1e-3
+    try:
+        with torch.no_grad():
+            before = flatten_output(module(*inputs))
+            after = flatten_output(functional_call(module, {weight.name: current + change}, inputs))
+    except USER_CODE_ERRORS:
+        return True  # the probe reports what goes wrong
+    return any(isinstance(a, torch.Tensor) and not torch.equal(a, b) for a, b in zip(after, before))

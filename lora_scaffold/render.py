@@ -12,10 +12,11 @@ from lora_scaffold import __version__, init_expression, peft_release
 from lora_scaffold.analyse import LayerPlan
 from lora_scaffold.errors import RenderError
 from lora_scaffold.files import GeneratedFile
+from lora_scaffold.generated_imports import layer_imports, optional_imports, test_imports
 from lora_scaffold.imports import format_imports
 from lora_scaffold.layout import layout
 from lora_scaffold.names import target_alias
-from lora_scaffold.peft_release import CONFIG_API, KWARGS_API, PLUGIN, PeftRelease
+from lora_scaffold.peft_release import PLUGIN, PeftRelease
 from lora_scaffold.record import record_path
 
 
@@ -144,64 +145,6 @@ def _captured_call(plan: LayerPlan) -> dict:
     }
 
 
-def layer_imports(plan: LayerPlan, peft: PeftRelease, dora_variant: str) -> list[tuple[str, tuple[str, ...]]]:
-    plugin = peft.mode == PLUGIN
-    # Inside the peft package, imports are relative, as PEFT's own backends do (`from peft import` would be circular).
-    package = "peft.tuners.lora." if plugin else "."
-    target_import = [_target_import(plan)] if plugin else []
-    # LoraConfig is read by the config API and typed in plugin mode's register().
-    config = [("peft" if plugin else f"{package}config", ("LoraConfig",))]
-    if plan.chosen.peft_own_layer:
-        return target_import + [(f"{package}layer", (plan.peft_builtin,))] + (config if plugin else [])
-    imports = [
-        ("__future__", ("annotations",)),
-        ("math", ()),
-        ("warnings", ()),
-        ("typing", ("Any", "Optional")),
-        ("torch", ()),
-        ("torch", ("nn",)),
-        ("peft.tuners.tuners_utils", ("check_adapters_to_merge",)),
-        ("peft.utils.integrations", ("gather_params_ctx",)),
-        (f"{package}layer", ("LoraLayer",)),
-        *target_import,
-        *(config if peft.api == CONFIG_API or plugin else []),
-        *plan.chosen.imports(),
-    ]
-    if peft.has(peft_release.PEFT_WARNING):
-        imports.append(("peft.utils.warning", ("PeftWarning",)))
-    if plan.weight_computed:
-        imports.append(("torch.nn.utils", ("parametrize",)))
-    if peft.api == KWARGS_API:
-        imports.append(("types", ("SimpleNamespace",)))
-    if dora_variant:
-        imports.append((f"{package}variants", (dora_variant,)))
-    return imports
-
-
-def test_imports(
-    plan: LayerPlan, peft: PeftRelease, layer_import: tuple[str, tuple[str, ...]] | None = None
-) -> list[tuple[str, tuple[str, ...]]]:
-    """The test module's imports; `layer_import` (verify) brings in another layer class than the generated one."""
-    imports = [
-        ("copy", ()),
-        ("math", ()),
-        ("pytest", ()),
-        ("torch", ()),
-        ("torch", ("nn",)),
-        ("peft", ("LoraConfig", "PeftModel", "get_peft_model")),
-    ]
-    if layer_import is not None:
-        imports.append(layer_import)
-    elif peft.mode == PLUGIN:
-        imports.append((plan.module_name, (plan.layer_class, "register")))
-    else:
-        imports.append((f"peft.tuners.lora.{plan.module_name}", (plan.layer_class,)))
-    if plan.model_call is not None:
-        imports += [("contextlib", ()), ("functools", ()), ("inspect", ())]
-    sure, _ = split_imports(plan, peft)
-    return imports + sure
-
-
 def target_expression(plan: LayerPlan) -> str:
     """What builds the target in generated code: the --init expression or a call with the constructor arguments,
     naming the target class as generated code imports it."""
@@ -209,12 +152,6 @@ def target_expression(plan: LayerPlan) -> str:
         return init_expression.aliased(plan.init, plan.target_class)
     arguments = ", ".join(f"{name}={source}" for name, source in plan.ctor_args)
     return f"{target_alias(plan.target_class)}({arguments})"
-
-
-def _target_import(plan: LayerPlan) -> tuple[str, tuple[str, ...]]:
-    alias = target_alias(plan.target_class)
-    name = plan.target_class if alias == plan.target_class else f"{plan.target_class} as {alias}"
-    return plan.target_module, (name,)
 
 
 def render(plan: LayerPlan, peft: PeftRelease) -> tuple[GeneratedFile, ...]:
@@ -327,31 +264,6 @@ def _missing_dicts(peft: PeftRelease) -> list[str]:
     """Per-adapter dicts LoraLayer of that peft lacks, which the layer creates itself."""
     releases = {"use_rslora": peft_release.USE_RSLORA_DICT, "lora_bias": peft_release.LORA_BIAS}
     return [name for name, release in releases.items() if not peft.has(release)]
-
-
-def optional_imports(plan: LayerPlan, peft: PeftRelease) -> list[str]:
-    """Statements binding, through `pytest.importorskip`, what the tests import from packages peft may lack."""
-    _, optional = split_imports(plan, peft)
-    statements = []
-    for module, names in optional:
-        if not names:
-            statements.append(f'{module} = pytest.importorskip("{module}")')
-        for name in names:
-            bound, _, imported = name.partition(" as ")
-            statements.append(f'{imported or bound} = pytest.importorskip("{module}").{bound}')
-    return list(dict.fromkeys(statements))
-
-
-def split_imports(
-    plan: LayerPlan, peft: PeftRelease
-) -> tuple[list[tuple[str, tuple[str, ...]]], list[tuple[str, tuple[str, ...]]]]:
-    """The target's and --init's imports, as (sure to import, maybe missing): plugin output imports its target;
-    inside peft only torch is sure to be installed, and a test of a class from elsewhere skips without it."""
-    wanted = [_target_import(plan), *plan.init_imports]
-    if peft.mode == PLUGIN:
-        return wanted, []
-    in_torch = [entry for entry in wanted if entry[0].split(".")[0] == "torch"]
-    return in_torch, [entry for entry in wanted if entry not in in_torch]
 
 
 def _literal(text: str) -> str:

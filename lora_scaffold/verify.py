@@ -23,10 +23,11 @@ from torch import nn
 
 from lora_scaffold.analyse import LayerPlan
 from lora_scaffold.errors import USER_CODE_ERRORS, ScaffoldError, TargetError
+from lora_scaffold.generated_imports import test_imports
 from lora_scaffold.imports import format_imports
 from lora_scaffold.introspect import TargetSpec
 from lora_scaffold.peft_release import PeftRelease
-from lora_scaffold.render import context_for_verify, render_test_module, test_imports
+from lora_scaffold.render import context_for_verify, render_test_module
 from lora_scaffold.resolve import ResolvedTarget, resolve_class
 
 

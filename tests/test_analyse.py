@@ -193,8 +193,8 @@ def test_a_forward_random_in_eval_mode_is_refused():
 
 
 def test_parametrization_pieces_stand_behind_the_weight_they_compute_and_only_they():
-    from lora_scaffold.analyse import choose_weight
     from lora_scaffold.introspect import TensorInfo
+    from lora_scaffold.weight_choice import choose_weight
 
     spec = introspect(resolve_target("scaffold_targets.WeightNormLinear"), {})
     assert choose_weight(spec, None) == TensorInfo("weight", (7, 5), "float32", True, computed=True)

@@ -6,17 +6,11 @@ import ast
 import math
 
 from lora_scaffold.analyse import LayerPlan
+from lora_scaffold.generated_imports import optional_imports, split_imports
 from lora_scaffold.layout import layout
 from lora_scaffold.patch.battery import BatteryEntry
 from lora_scaffold.peft_release import PeftRelease
-from lora_scaffold.render import (
-    dora_refusal,
-    optional_imports,
-    render_snippet,
-    split_imports,
-    target_expression,
-    template_context,
-)
+from lora_scaffold.render import dora_refusal, render_snippet, target_expression, template_context
 
 
 def battery_entry(plan: LayerPlan, peft: PeftRelease) -> BatteryEntry:
