@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import jinja2
+import yaml
 
 from lora_scaffold import __version__, init_expression, peft_release
 from lora_scaffold.analyse import LayerPlan
@@ -18,10 +21,10 @@ from lora_scaffold.layout import layout
 from lora_scaffold.names import target_alias
 from lora_scaffold.peft_release import PLUGIN, PeftRelease
 from lora_scaffold.record import record_path
+from lora_scaffold.uninitialised import INIT_STD
 
 
 TEMPLATE_SUFFIX = ".jinja"
-NOT_RENDERED = ("copier.yml", "partials")
 LICENSE_HEADER = """\
 # Copyright 2026-present the HuggingFace Inc. team.
 #
@@ -62,6 +65,7 @@ def template_context(plan: LayerPlan, peft: PeftRelease) -> dict:
     make_target_head = "target = " if plan.uninitialised else "return "
     return {
         "version": __version__,
+        "init_std": INIT_STD,
         "target_spec": f"{plan.target_module}.{plan.target_class}",
         "target_module": plan.target_module,
         "target_class": plan.target_class,
@@ -199,11 +203,21 @@ def render_templates(context: dict, root: Path | None = None) -> tuple[Generated
     files = []
     for source in sorted(root.rglob(f"*{TEMPLATE_SUFFIX}")):
         relative = source.relative_to(root)
-        if relative.parts[0] in NOT_RENDERED:
+        if _excluded(relative, root):
             continue
         path = environment.from_string(relative.as_posix().removesuffix(TEMPLATE_SUFFIX)).render(context)
         files.append(parsed(GeneratedFile(path, environment.get_template(relative.as_posix()).render(context))))
     return tuple(files)
+
+
+def _excluded(relative: Path, root: Path) -> bool:
+    """What copier leaves out (its `_exclude` patterns, matched as copier does, against any part of the path)."""
+    return any(fnmatch.fnmatch(part, pattern) for pattern in _exclude_patterns(root) for part in relative.parts)
+
+
+@lru_cache(maxsize=4)
+def _exclude_patterns(root: Path) -> tuple[str, ...]:
+    return tuple(yaml.safe_load((root / "copier.yml").read_text(encoding="utf-8")).get("_exclude", ()))
 
 
 def render_snippet(name: str, context: dict) -> str:
