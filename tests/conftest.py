@@ -18,6 +18,37 @@ PEFT_VERSION = "0.21.2" if installed_peft().api == CONFIG_API else "0.17.1"
 IGNORED = ["__pycache__", ".pytest_cache", ".benchmarks", ".ruff_cache"]
 
 
+# Every test file in one group, a marker of the same name (`python -m pytest -m unit`); a new file must join one.
+GROUPS = {
+    # One stage or one module, in memory: nothing generated is run.
+    "unit": (
+        *("test_analyse", "test_introspect", "test_resolve", "test_render", "test_files", "test_names"),
+        *("test_imports", "test_layout", "test_patch_transforms", "test_installed_peft_api", "test_workflow"),
+        *("test_cli", "test_json_output", "test_bad_inputs"),
+    ),
+    # A layer generated, then its suite or PEFT's numbers run on it.
+    "generated": (
+        *("test_end_to_end", "test_experts", "test_parity", "test_real_layers", "test_random_modules"),
+        *("test_rnn_weights", "test_verify"),
+    ),
+    # Patch mode on a real peft source tree.
+    "patch": ("test_patch_checkout", "test_update", "test_crash_safety"),
+    # Generated layers among other software: models, processes, hooks, benchmarks.
+    "integration": (
+        *("test_scan", "test_audit", "test_model_zoo", "test_distributed", "test_ecosystem", "test_zero3_standin"),
+        *("test_integration", "test_benchmarks"),
+    ),
+}
+GROUP_OF = {stem: group for group, stems in GROUPS.items() for stem in stems}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.stem not in GROUP_OF:
+            raise pytest.UsageError(f"{item.path.name} is in no group: add it to tests/conftest.py:GROUPS")
+        item.add_marker(GROUP_OF[item.path.stem])
+
+
 @pytest.fixture
 def import_path(monkeypatch):
     """Make folders importable for one test (generated modules live in tmp folders)."""

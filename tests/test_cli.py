@@ -91,6 +91,7 @@ def run_cli(*arguments, cwd):
     return subprocess.run(arguments, cwd=cwd, capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow  # installs and runs the console script in subprocesses
 def test_console_script_and_module_entry_point_work_from_any_folder(tmp_path):
     script = run_cli("lora-scaffold", "new", "torch.nn.Embedding", "-o", "out", cwd=tmp_path)
     assert script.returncode == 0, script.stderr

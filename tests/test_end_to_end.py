@@ -133,6 +133,7 @@ def test_file_path_target_works_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:]
 
 
+@pytest.mark.slow  # a whole suite run to see the stub fail (the stub's render is checked quickly in test_render)
 def test_stub_suite_fails_and_says_why(tmp_path):
     result = run_suites([EXAMPLES / "mypkg_myconv_stub"], tmp_path / "junit.xml")
     assert result.returncode == 1

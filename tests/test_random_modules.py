@@ -96,6 +96,8 @@ def check_adapter(plan):
     torch.testing.assert_close(adapted, expected, rtol=1e-4, atol=1e-5, msg=plan.target_class)
 
 
+# The 100 random classes' suites: slow (test_each_class_gets_a_layer_or_a_clean_refusal and the adapter check stay quick).
+@pytest.mark.slow
 def test_generated_suites_pass(generated, tmp_path):
     root, outcomes = generated
     result = run_suites([root / "out"], tmp_path / "junit.xml", extra_paths=(root, root / "out"))

@@ -99,6 +99,7 @@ def test_strategies(generated):
     assert {folder: strategy_of(generated / folder) for folder, *_ in TARGETS} == {f: s for f, _, s, _ in TARGETS}
 
 
+@pytest.mark.slow  # every real layer's suite (test_strategies stays quick; test_end_to_end runs suites quickly)
 def test_generated_suites_pass(generated, tmp_path):
     result = run_suites([generated / folder for folder, *_ in TARGETS], tmp_path / "junit.xml")
     counts = suite_counts(tmp_path / "junit.xml")

@@ -57,6 +57,7 @@ def run_command(command: str, folder: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:]
 
 
+@pytest.mark.slow  # every command scan prints and each suite (the quick run keeps one suite per model shape)
 def test_a_model_without_a_config_needs_its_input_and_then_every_command_works(capsys, tmp_path):
     model = f"{TESTS / 'scan_models.py'}:small_model"
     classes = scanned(capsys, model)

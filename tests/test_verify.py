@@ -115,6 +115,7 @@ LAYER_FILE = str(REPO / "tests" / "verify_layers.py")
 PROJECTION_ARGS = ("--target", "verify_layers.Projection", "--arg", "in_features=6", "--arg", "out_features=5")
 
 
+@pytest.mark.slow  # a second full verify run through the CLI (test_cli_json_passes_for_a_correct_layer stays quick)
 def test_cli_prints_a_line_per_check_and_exits_1_on_a_failure(tmp_path):
     result = run_cli(
         sys.executable, "-m", "lora_scaffold", "verify", f"{LAYER_FILE}:IgnoresRslora", *PROJECTION_ARGS, cwd=tmp_path
