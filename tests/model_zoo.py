@@ -67,9 +67,9 @@ def tiny(model_type: str, auto_class: str = "AutoModelForCausalLM", **extra) -> 
 
     config_class = CONFIG_MAPPING[model_type]
     defaults = config_class()
-    arguments = {name: value for name, value in SMALL.items() if hasattr(defaults, name)}
+    arguments = {name: value for name, value in SMALL.items() if _has(defaults, name)}
     # Every MoE layer sparse from the first, where the config says which are dense.
-    arguments.update({name: value for name, value in EVERY_LAYER_SPARSE.items() if hasattr(defaults, name)})
+    arguments.update({name: value for name, value in EVERY_LAYER_SPARSE.items() if _has(defaults, name)})
     # One layer of each kind a hybrid has (a linear-attention-only model cannot build its attention mask).
     kinds = list(dict.fromkeys(getattr(defaults, "layer_types", None) or ()))
     if kinds:
@@ -83,6 +83,14 @@ def tiny(model_type: str, auto_class: str = "AutoModelForCausalLM", **extra) -> 
     arguments.update(extra)
     listed = ", ".join(f"{name}={value!r}" for name, value in arguments.items())
     return f"transformers.{auto_class}.from_config(transformers.{config_class.__name__}({listed}))"
+
+
+def _has(config, name: str) -> bool:
+    """Whether the config takes `name`; Gemma 4's refuses to read a per-layer attribute globally, but takes it."""
+    try:
+        return hasattr(config, name)
+    except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        return True
 
 
 def causal(config: str) -> str:
@@ -159,6 +167,14 @@ ZOO: dict[str, str] = {
     ),
     "dots1": tiny("dots1", n_shared_experts=1),
     "glm5_next_text": tiny("glm5_next_text", "AutoModel", qk_rope_head_dim=0),
+    "gemma4_text": tiny(
+        "gemma4_text",
+        enable_moe_block=True,
+        top_k_experts=2,
+        num_kv_shared_layers=0,
+        hidden_size_per_layer_input=4,
+        vocab_size_per_layer_input=64,
+    ),
     "glm4v_moe_text": tiny(
         "glm4v_moe_text",
         "AutoModel",
