@@ -156,6 +156,7 @@ ZOO: dict[str, str] = {
             "qwen3_vl_moe_text",
         )
     },
+    "axk1": tiny("axk1", qk_head_dim=8, head_dim=4),  # its qk_head_dim is not derived from the rope and nope dims
     "dbrx": causal(
         "DbrxConfig(d_model=16, n_heads=2, n_layers=1, max_seq_len=64, vocab_size=64, attn_config={'kv_n_heads': 1, "
         "'rope_theta': 10000.0, 'clip_qkv': 8.0}, ffn_config={'ffn_hidden_size': 32, 'hidden_size': 16, "
