@@ -157,6 +157,10 @@ ZOO: dict[str, str] = {
         )
     },
     "axk1": tiny("axk1", qk_head_dim=8, head_dim=4),  # its qk_head_dim is not derived from the rope and nope dims
+    # One decoder layer: LongCat counts two attention sublayers a layer (num_hidden_layers = 2 * num_layers).
+    "longcat_flash": tiny(
+        "longcat_flash", num_hidden_layers=2, expert_ffn_hidden_size=8, zero_expert_num=2, qk_head_dim=8, head_dim=4
+    ),
     "dbrx": causal(
         "DbrxConfig(d_model=16, n_heads=2, n_layers=1, max_seq_len=64, vocab_size=64, attn_config={'kv_n_heads': 1, "
         "'rope_theta': 10000.0, 'clip_qkv': 8.0}, ffn_config={'ffn_hidden_size': 32, 'hidden_size': 16, "
