@@ -200,6 +200,8 @@ ZOO: dict[str, str] = {
         num_hidden_layers=2,
     ),
     "kolibri1_1": tiny("kolibri1_1", head_dim=16, index_num_heads=1),
+    # Sliding-window layers have twice the key-value heads: four query heads keep whole groups in both kinds.
+    "mimo_v2_flash": tiny("mimo_v2_flash", num_attention_heads=4, v_head_dim=8),
     "nllb_moe": auto(
         "NllbMoeConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, "
         "decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_experts=4, expert_capacity=8, "
