@@ -8,6 +8,7 @@ import math
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lora_scaffold.capture import model_arguments
 from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError
@@ -53,24 +54,54 @@ def _own_factors(layer) -> list:
 
 
 def reached(model: nn.Module, adapted: dict, model_input: str) -> set[str]:
-    """The adapted modules the model's forward calls, in eval or in training mode (a fused eval path reads a
-    module's weight without calling it; training takes the unfused path)."""
-    called: set[str] = set()
+    """The adapted modules the model's forward reaches, in eval or in training mode: it calls them, or reads their base
+    weights itself (a fused path: Mamba's CPU `mamba_inner_fn` reads `dt_proj.weight`, which makes the adapter dead,
+    not unreached). An expert no token is routed to is neither called nor read."""
+    found: set[str] = set()
     hooks = [
-        layer.register_forward_pre_hook(lambda _module, _args, name=name: called.add(name))
+        layer.register_forward_pre_hook(lambda _module, _args, name=name: found.add(name))
         for name, layer in adapted.items()
     ]
+    owners: dict[int, set[str]] = {}
+    for name, layer in adapted.items():
+        for parameter in layer.get_base_layer().parameters():
+            owners.setdefault(id(parameter), set()).add(name)
     try:
         for training in (False, True):
             model.train(training)
-            with contextlib.suppress(*USER_CODE_ERRORS), torch.no_grad():  # wav2vec2 masks short audio in training
+            with contextlib.suppress(*USER_CODE_ERRORS), torch.no_grad(), _WeightReads(owners, found):
                 args, kwargs = model_arguments(model_input, 0)
                 model(*args, **kwargs)
     finally:
         model.eval()
         for hook in hooks:
             hook.remove()
-    return called
+    return found
+
+
+class _WeightReads(TorchFunctionMode):
+    """Adds to `found` the names owning a tensor any torch function is given."""
+
+    def __init__(self, owners: dict[int, set[str]], found: set[str]):
+        super().__init__()
+        self.owners, self.found = owners, found
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        for value in _leaves((args, kwargs or {})):
+            if id(value) in self.owners:
+                self.found |= self.owners[id(value)]
+        return func(*args, **(kwargs or {}))
+
+
+def _leaves(value):
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _leaves(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _leaves(item)
+    else:
+        yield value
 
 
 def live(layer, run, reference: torch.Tensor) -> bool:
