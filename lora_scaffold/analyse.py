@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lora_scaffold import strategies
-from lora_scaffold.capture import recorded_call
+from lora_scaffold.capture import left_empty, recorded_call
 from lora_scaffold.errors import AnalysisError
 from lora_scaffold.introspect import TargetSpec
 from lora_scaffold.names import expression_source, layer_names
@@ -62,6 +62,7 @@ class LayerPlan:
     example_input: str  # an expression of the positional inputs, or (model_call) a description of the call
     input_inferred: bool
     model_call: ModelCall | None  # the input is the call the model makes to the target (recorded again by the tests)
+    model_uninitialised: tuple[str, ...]  # the model's parameters its init leaves torch.empty, filled by the tests
     call_keywords: tuple[str, ...]  # keyword arguments of that call (positional ones are in `inputs`)
     inputs: tuple[InputInfo, ...]
     output_features: int
@@ -167,6 +168,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         example_input=example_input,
         input_inferred=options.example_input is None and options.model_call is None,
         model_call=options.model_call,
+        model_uninitialised=left_empty(options.model_call.model) if options.model_call else (),
         call_keywords=tuple(kwargs),
         inputs=inputs,
         output_features=output_features,

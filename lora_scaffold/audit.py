@@ -127,7 +127,12 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
             for layer in layers:
                 config = layer.register(config)
             inject_adapter_in_model(config, built)
-    adapted = {name: module for name, module in built.named_modules() if isinstance(module, LoraLayer)}
+    # Named as in the model: a module inside a generated layer's base module is the model's `mixer.dt_proj` still.
+    adapted = {
+        name.replace(".base_layer.", "."): module
+        for name, module in built.named_modules()
+        if isinstance(module, LoraLayer)
+    }
     adapter_checks.randomise(adapted.values())
     run = adapter_checks.runner(built, model_input)
     reached = adapter_checks.reached(built, adapted, model_input)

@@ -15,6 +15,7 @@ from torch import nn
 from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError, NotCalled, TargetError
 from lora_scaffold.init_expression import ModuleNamespace
 from lora_scaffold.request import ModelCall
+from lora_scaffold.uninitialised import build_noting_empty, initialise
 
 
 MODEL_SEED = 0
@@ -67,13 +68,29 @@ def _recorded(call: ModelCall, seed: int) -> tuple[tuple, dict]:
 
 
 def evaluate_model(model: str):
-    """The model an expression builds, on the CPU, seeded (the generated tests build it the same way)."""
+    """The model an expression builds, on the CPU, seeded, with the parameters its init leaves `torch.empty` drawn
+    as the generated tests draw them (`left_empty`)."""
+    built, empty = _build(model)
+    return initialise(built, empty)
+
+
+@lru_cache(maxsize=4)
+def left_empty(model: str) -> tuple[str, ...]:
+    """The model's parameters its init leaves as uninitialised memory (Qwen3-Omni's talker's experts: garbage that
+    makes the model's output NaN), which the tool and the tests fill normal(0, INIT_STD) right after the build."""
+    return _build(model)[1]
+
+
+def _build(model: str) -> tuple[object, tuple[str, ...]]:
     torch.manual_seed(MODEL_SEED)
     try:
         with torch.device("cpu"):
-            return eval(model, ModuleNamespace(torch=torch, nn=nn))  # noqa: S307 - the user's own expression
+            built, empty = build_noting_empty(
+                lambda: eval(model, ModuleNamespace(torch=torch, nn=nn))  # noqa: S307 - the user's own expression
+            )
     except USER_CODE_ERRORS as exc:
         raise TargetError(f"building the model {model!r} failed: {type(exc).__name__}: {exc}") from None
+    return built, empty
 
 
 @lru_cache(maxsize=4)
@@ -130,7 +147,32 @@ def default_model_input(model: nn.Module) -> str:
     entries = {main: _main_input(config, main, type(model).__name__)}
     if getattr(config, "is_encoder_decoder", False):
         entries["decoder_input_ids"] = f"torch.randint(0, {_vocab_size(config)}, ({BATCH}, 4))"
+    by_ids = _listed(entries)
+    if main != "input_ids" or "inputs_embeds" not in inspect.signature(model.forward).parameters or _runs(model, by_ids):
+        return by_ids
+    # A decoder fed embeddings by a parent model (Qwen3-Omni's talker has no token embedding of its own).
+    hidden = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "hidden_size", None)
+    if not isinstance(hidden, int):
+        return by_ids
+    entries = {"inputs_embeds": f"torch.randn({BATCH}, {TOKENS}, {hidden})"} | {
+        key: value for key, value in entries.items() if key != main
+    }
+    by_embeddings = _listed(entries)
+    return by_embeddings if _runs(model, by_embeddings) else by_ids
+
+
+def _listed(entries: dict[str, str]) -> str:
     return "{" + ", ".join(f"{key!r}: {value}" for key, value in entries.items()) + "}"
+
+
+def _runs(model: nn.Module, model_input: str) -> bool:
+    args, kwargs = model_arguments(model_input, MODEL_SEED)
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except USER_CODE_ERRORS:
+        return False
+    return True
 
 
 def _main_input(config, main: str, model_name: str) -> str:

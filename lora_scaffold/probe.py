@@ -129,9 +129,9 @@ class Probe:
         """How far the output moves, relative to its largest entry, when the weight moves by its own spread (on the
         module's own parameters and the first input): what a test in float32 can see of an adapter."""
         trial = self.trials[0]
-        outputs = [o for o in trial.output if _is_float(o)]
-        scale = max((float(o.abs().max()) for o in outputs if o.numel()), default=0.0)
-        moved = max((float(e.abs().max()) for e in trial.effects[1.0] if e.numel()), default=0.0)
+        # Masked entries (-inf) neither scale the output nor move (inf - inf is nan): only finite entries count.
+        scale = _largest_finite([o for o in trial.output if _is_float(o)])
+        moved = _largest_finite(trial.effects[1.0])
         return moved / scale if scale > 0 else math.inf * (moved > 0)
 
     def error(self, predict: Callable[[Trial], torch.Tensor]) -> float:
@@ -215,12 +215,19 @@ def _train_mode_note(module: nn.Module, inputs: tuple, keywords: dict) -> str:
     return ""
 
 
+def _largest_finite(tensors: list[torch.Tensor]) -> float:
+    finite = [t[t.isfinite()].abs() for t in tensors]
+    return max((float(t.max()) for t in finite if t.numel()), default=0.0)
+
+
 def _is_float(x) -> bool:
     return isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
 # Below this relative effect of a weight change of the weight's own spread, float32 outputs cannot show an adapter.
 VISIBLE_EFFECT = 1e-4
+# Below this, what moves is float64 rounding: the output does not depend on the weight at all.
+ROUNDING_EFFECT = 1e-12
 
 
 def run_probe(module: nn.Module, weight: TensorInfo, make_call, example_input: str) -> Probe:
@@ -234,16 +241,16 @@ def run_probe(module: nn.Module, weight: TensorInfo, make_call, example_input: s
         raise AnalysisError(
             f"running {type(module).__name__} with a changed {weight.name!r} failed: {type(exc).__name__}: {exc}"
         ) from exc
-    if not probe.weight_matters():
+    effect = probe.weight_effect() if probe.weight_matters() else 0.0
+    if effect < ROUNDING_EFFECT:
         raise WeightUnused(
             f"the output of {type(module).__name__} does not change with {weight.name!r} on input {example_input}; "
             "pick another --weight or pass --example-input"
         )
-    effect = probe.weight_effect()
     if effect < VISIBLE_EFFECT:
         raise AnalysisError(
             f"the output of {type(module).__name__} barely depends on {weight.name!r} on input {example_input} (a change "
-            f"of the weight's own size moves it by {effect:.0e} of its scale): no float32 test could see an adapter; "
+            f"of the weight's own size moves it by {effect:.1e} of its scale): no float32 test could see an adapter; "
             "pick another --weight or pass --example-input"
         )
     return probe

@@ -138,6 +138,7 @@ def _captured_call(plan: LayerPlan) -> dict:
             "captured_model": "",
             "captured_module": "",
             "model_input": "",
+            "model_uninitialised": [],
         }
     return {
         "model_call": True,
@@ -146,6 +147,7 @@ def _captured_call(plan: LayerPlan) -> dict:
         "captured_model": layout(init_expression.aliased(call.model, plan.target_class), 4, "model = "),
         "captured_module": _literal(call.module),
         "model_input": layout(call.model_input, 4, "fed = "),
+        "model_uninitialised": list(plan.model_uninitialised),
     }
 
 

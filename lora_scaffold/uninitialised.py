@@ -46,6 +46,8 @@ def build_noting_empty(build: Callable[[], nn.Module]) -> tuple[nn.Module, tuple
     """`build()`, and the names of its parameters that were created empty and never written."""
     with EmptyTracker() as tracker:
         module = build()
+    if not isinstance(module, nn.Module):
+        return module, ()
     names = tuple(
         name
         for name, parameter in module.named_parameters()

@@ -1,5 +1,7 @@
 """Small target modules for the tests: layers PEFT cannot adapt, and modules that must be refused."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -147,6 +149,28 @@ class IgnoresWeight(nn.Module):
 
     def forward(self, x):
         return x * 2
+
+
+class RoundsAwayWeight(nn.Module):
+    """The weight moves the output by float64's rounding only: it adds and takes away the same sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return (x + self.weight.sum()) - self.weight.sum()
+
+
+class MaskedOutput(nn.Module):
+    """Half its output masked to -inf, as attention scores are: the other half depends on the weight in full."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return torch.cat([x @ self.weight.T, torch.full_like(x, -math.inf)], dim=-1)
 
 
 class HugeEmbedding(nn.Embedding):

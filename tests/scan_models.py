@@ -126,3 +126,20 @@ class SharedTable(nn.Module):
 
 def shared_table_model() -> nn.Module:
     return SharedTable()
+
+
+class UnfilledBank(nn.Module):
+    """Leaves its bank `torch.empty` for an init that never comes (transformers' Qwen3-Omni talker's experts)."""
+
+    def __init__(self, experts: int = 2, width: int = 8):
+        super().__init__()
+        self.bank = nn.Parameter(torch.empty(experts, width, width))
+
+    def forward(self, x):
+        return torch.einsum("ti,eio->to", x, self.bank)
+
+
+def unfilled_model() -> nn.Module:
+    """Garbage upstream of a layer PEFT cannot adapt: its input is only what the model feeds it if both the tool and
+    the tests fill the garbage the same way."""
+    return nn.Sequential(UnfilledBank(), ExpertsWithNorm())

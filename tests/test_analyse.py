@@ -122,6 +122,11 @@ def test_several_weights_need_a_choice():
     assert plan_for("scaffold_targets.TwoWeights", weight="down").weight_name == "down"
 
 
+def test_masked_outputs_neither_scale_nor_hide_the_weights_effect():
+    # -inf entries made the effect inf - inf and the scale inf: "barely depends ... by 0e+00" before.
+    assert plan_for("scaffold_targets.MaskedOutput").strategy == "delta"
+
+
 def test_nested_weight_can_be_named():
     plan = plan_for("scaffold_targets.NestedConv", weight="conv.weight")
     assert plan.weight_name == "conv.weight" and plan.bias_name is None
@@ -135,6 +140,7 @@ def test_nested_weight_can_be_named():
         ("torch.nn.LayerNorm", {}, "no weight with 2 or more dimensions"),
         ("torch.nn.Linear", {"weight": "kernel"}, "has no parameter 'kernel'; its parameters: weight, bias"),
         ("scaffold_targets.IgnoresWeight", {}, "does not change with 'weight'"),
+        ("scaffold_targets.RoundsAwayWeight", {}, "does not change with 'weight'"),
         ("scaffold_targets.SquaredConv", {"strategy": "conv"}, "--strategy conv does not fit"),
         ("torch.nn.Linear", {"strategy": "embedding"}, "--strategy embedding does not fit"),
         ("torch.nn.Linear", {"strategy": "reuse"}, "reuse: needs a subclass of nn.Linear"),

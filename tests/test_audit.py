@@ -2,9 +2,14 @@
 
 import json
 
+import torch
+
+from test_end_to_end import run_suites
 from test_scan import QWEN2_MOE, TESTS
 
+from lora_scaffold.capture import evaluate_model, left_empty
 from lora_scaffold.cli import main
+from lora_scaffold.scan import model_expression
 
 
 ENCODER = (
@@ -60,7 +65,7 @@ def test_a_generated_layer_inside_another_generated_layer_is_live(capsys, tmp_pa
     capsys.readouterr()
     code, report = audited(capsys, model, "--model-input", "torch.randn(5, 6)", "--layers", str(layers))
     generated = {m["name"]: m for m in report["modules"] if m["generated"]}
-    assert set(generated) == {"1", "1.base_layer.norm"}, report
+    assert set(generated) == {"1", "1.norm"}, report
     assert code == 0 and all(m["live"] and m["gradients"] and m["merges"] for m in report["modules"]), report
 
 
@@ -87,3 +92,20 @@ def test_a_class_whose_first_instance_is_never_called_gets_its_layer_from_one_th
     assert code == 0 and not modules["shared"]["reached"] and modules["embed_tokens"]["live"], report
     assert main(["audit", model, *feed, "--layers", str(layers)]) == 0
     assert "unproven  shared: the model's forward on this input never calls them" in capsys.readouterr().out
+
+
+def test_what_a_model_leaves_empty_is_filled_alike_by_the_tool_and_the_tests(capsys, tmp_path):
+    """A model whose init leaves a bank `torch.empty` (Qwen3-Omni's talker): garbage, NaN by chance, upstream of
+    another layer. The tool and the generated tests draw it alike, so the recorded call is the probed one."""
+    model, layers = f"{TESTS / 'scan_models.py'}:unfilled_model", tmp_path / "layers"
+    expression = model_expression(model)
+    bank = evaluate_model(expression).get_parameter("0.bank").detach()
+    assert left_empty(expression) == ("0.bank",) and 0.01 < float(bank.std()) < 0.03
+    assert torch.equal(bank, evaluate_model(expression).get_parameter("0.bank"))
+    assert main(["scan", model, "--model-input", "torch.randn(5, 8)", "--generate", "-o", str(layers)]) == 0
+    capsys.readouterr()
+    suite = (layers / "test_lora_experts_with_norm.py").read_text()
+    assert 'for name in ["0.bank"]:' in suite
+    assert run_suites([layers], tmp_path / "suites.xml", extra_paths=(TESTS,)).returncode == 0
+    code, report = audited(capsys, model, "--model-input", "torch.randn(5, 8)", "--layers", str(layers))
+    assert code == 0 and all(m["live"] and m["gradients"] and m["merges"] for m in report["modules"]), report

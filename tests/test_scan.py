@@ -266,3 +266,17 @@ def test_what_module_cannot_name_gets_no_command_but_a_reason(capsys):
         "torch.nn.modules.linear.Linear (parametrized)"
     ]
     assert linear["command"] == "" and "its parent is the target, and that is the model itself" in linear["why_not"]
+
+
+TALKER = (
+    "transformers.Qwen3OmniMoeTalkerModel(transformers.Qwen3OmniMoeTalkerTextConfig(hidden_size=16, "
+    "intermediate_size=32, moe_intermediate_size=8, shared_expert_intermediate_size=16, num_hidden_layers=1, "
+    "num_attention_heads=2, num_key_value_heads=2, vocab_size=64, num_experts=4, num_experts_per_tok=2))"
+)
+
+
+def test_a_decoder_fed_embeddings_by_its_parent_gets_embeddings():
+    # Qwen3-Omni's talker names input_ids its main input but has no token embedding to look them up in.
+    request = request_from_model(TALKER, "layers.0.mlp.experts", None, weight="gate_up_proj")
+    assert request.model_call.model_input == "{'inputs_embeds': torch.randn(2, 8, 16)}"
+    assert recorded_call(request.model_call, 0)[0][0].shape == (16, 16)
