@@ -80,9 +80,9 @@ def load_layers(folder: Path) -> tuple[GeneratedLayer, ...]:
     layers = []
     for path in records:
         record = GenerationRecord.from_json(path.read_text(encoding="utf-8"), str(path))
-        cls = resolve_class(f"{folder / record.module_name}.py:{record.layer_class}", "layer").cls
+        resolve_class(f"{folder / record.module_name}.py:{record.layer_class}", "layer")  # imports its module
         module = sys.modules[record.module_name]
-        target = next(key for key, value in _registered(module.register).items() if value is cls)
+        (target,) = _registered(module.register)  # a generated module registers its one target
         weight = getattr(module, "WEIGHT_NAME", None) or record.request.weight or "weight"  # reuse: PEFT's "weight"
         layers.append(GeneratedLayer(target, weight, module.register))
     return tuple(layers)

@@ -18,9 +18,10 @@ def peft_layer(module: nn.Module, name: str, model: nn.Module) -> str:
     from peft.tuners.lora import LoraModel
 
     leaf = name.rpartition(".")[2] or name
-    converted = _converted_parameters(leaf, model)
-    if converted:
-        return f"lora.ParamWrapper on {', '.join(converted)} (PEFT's transformers-v5 MoE conversion of {leaf!r})"
+    wrapped, named = _converted_parameters(name, module, model)
+    if wrapped:
+        listed = ", ".join(repr(n) for n in named)
+        return f"lora.ParamWrapper on {', '.join(wrapped)} (PEFT's transformers-v5 MoE conversion of {listed})"
     config = LoraConfig(target_modules=[leaf], r=2)
     try:
         _check_in_model(config, model, leaf)
@@ -33,21 +34,45 @@ def peft_layer(module: nn.Module, name: str, model: nn.Module) -> str:
     return f"lora.{type(layer).__name__}"
 
 
-def _converted_parameters(leaf: str, model: nn.Module) -> list[str]:
-    """The parameters PEFT's config conversion targets when a config names `leaf` in this model (none elsewhere)."""
+def _converted_parameters(name: str, module: nn.Module, model: nn.Module) -> tuple[list[str], list[str]]:
+    """(the module's parameters PEFT's config conversion wraps, the names a config gives that do it): the module's
+    own name (a router's `gate`), else the model's other module names together (shared experts' `gate_proj`,
+    `up_proj` and `down_proj` become the routed experts' fused parameters). Nothing for a model PEFT does not
+    convert."""
+    leaf = name.rpartition(".")[2] or name
+    everything = sorted({n.rpartition(".")[2] for n, _ in model.named_modules() if n})
+
+    def own(entries: list[str]) -> list[str]:
+        return [
+            f"{leaf}.{parameter}"
+            for parameter, _ in module.named_parameters()
+            if any(f"{name}.{parameter}".endswith(f".{entry}") for entry in entries)
+        ]
+
+    for names in ([leaf], everything):
+        converted, entries = _converted(names, model)
+        if own(entries):
+            # Less the names that alone become another module's parameters (the router's `gate`); half a fused
+            # pair alone becomes nothing.
+            alone = {n: _converted([n], model)[1] for n in converted}
+            return own(entries), [n for n, targets in alone.items() if not targets or own(targets)]
+    return [], []
+
+
+def _converted(names: list[str], model: nn.Module) -> tuple[list[str], list[str]]:
+    """(the names PEFT's conversion takes out of `target_modules`, the parameters it targets instead)."""
     try:
         from peft import LoraConfig
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
     except ImportError:  # peft before the transformers-v5 conversion
-        return []
-    config = LoraConfig(target_modules=[leaf], r=2)
+        return [], []
+    config = LoraConfig(target_modules=list(names), r=2)
     try:
         convert_peft_config_for_transformers(config, model, None)
-    except USER_CODE_ERRORS:
-        return []
-    if leaf in (config.target_modules or ()):
-        return []
-    return sorted(p for p in (config.target_parameters or ()) if p.startswith(f"{leaf}."))
+    except USER_CODE_ERRORS:  # PEFT refuses half a fused pair (gate_proj without up_proj)
+        return [], []
+    kept = set(config.target_modules or ())
+    return sorted(set(names) - kept), sorted(config.target_parameters or ())
 
 
 def _check_in_model(config, model: nn.Module, leaf: str) -> None:

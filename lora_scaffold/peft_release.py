@@ -20,6 +20,7 @@ OLDEST_SUPPORTED = (0, 13)
 LORA_BIAS = (0, 14)  # LoraConfig.lora_bias and the layer's lora_bias dict
 CAST_INPUT_DTYPE = (0, 15)  # LoraLayer._cast_input_dtype
 LORA_VARIANTS = (0, 16)  # LoraVariant, through which DoRA plugs into a layer
+TARGET_PARAMETERS = (0, 17)  # lora.ParamWrapper: PEFT wraps single parameters (`target_parameters`)
 PEFT_WARNING = USE_RSLORA_DICT = SET_ADAPTER_INFERENCE_MODE = (0, 18)  # and set_adapter takes inference_mode
 CONFIG_LAYER_API = (0, 19)  # layers receive the LoraConfig instead of one keyword argument per option
 DEVICE_HOOK = (0, 19)  # PEFT asks a layer `_get_base_layer_device_and_dtype` (for any module, not only its own)
@@ -32,6 +33,7 @@ RELEASES = sorted(
         LORA_BIAS,
         CAST_INPUT_DTYPE,
         LORA_VARIANTS,
+        TARGET_PARAMETERS,
         PEFT_WARNING,
         CONFIG_LAYER_API,
         TAGGED_VARIANTS,

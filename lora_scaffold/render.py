@@ -108,6 +108,7 @@ def template_context(plan: LayerPlan, peft: PeftRelease) -> dict:
         "set_adapter_inference_mode": peft.has(peft_release.SET_ADAPTER_INFERENCE_MODE),
         "cast_input_dtype": peft.has(peft_release.CAST_INPUT_DTYPE),
         "device_hook": peft.has(peft_release.DEVICE_HOOK),
+        "param_wrapper": peft.mode == peft_release.PLUGIN and peft.has(peft_release.TARGET_PARAMETERS),
         "missing_dicts": _missing_dicts(peft),
         "peft_warning": peft.has(peft_release.PEFT_WARNING),
         "imports": format_imports(layer_imports(plan, peft, dora_variant)),

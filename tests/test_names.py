@@ -64,7 +64,7 @@ def test_targets_named_like_generated_names_get_working_suites(tmp_path):
     )
     layer = (tmp_path / "lora_linear.py").read_text()
     assert "from colliding_names import Linear as LinearTarget" in layer
-    assert "from peft.tuners.lora.layer import Linear\n" in layer
+    assert "from peft.tuners.lora.layer import Linear, ParamWrapper\n" in layer
     built_tests = (tmp_path / "test_lora_built.py").read_text()
     assert "from colliding_names import Wrapper as WrapperTarget\n" in built_tests
     assert "return WrapperTarget(4, 6, 3)\n" in built_tests

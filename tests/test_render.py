@@ -171,7 +171,7 @@ def test_no_empty_tables_or_dead_loops():
 
 def test_peft_versions_covered_by_one_render():
     assert LATEST.versions == "peft >= 0.21"
-    assert KWARGS_017.versions == "peft 0.16 - 0.17"
+    assert KWARGS_017.versions == "peft 0.17"
     assert PeftRelease(PLUGIN, (0, 19, 3)).versions == "peft 0.19"
     assert OLDEST.versions == "peft 0.13"
 

@@ -5,6 +5,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 from test_end_to_end import run_suites
 
 from lora_scaffold.capture import recorded_call
@@ -197,6 +198,39 @@ def test_the_package_registers_every_layer(tmp_path, import_path):
 
     config = moe_layers.register(LoraConfig(target_modules=["gate", "experts"]))
     assert sorted(cls.__name__ for cls in config._custom_modules) == ["Qwen2MoeExperts", "Qwen2MoeTopKRouter"]
+
+
+DEEPSEEK_V3 = (
+    f"transformers.AutoModelForCausalLM.from_config(transformers.DeepseekV3Config({LAYERS}, vocab_size=64, "
+    "moe_intermediate_size=8, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0, "
+    "kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1))"
+)
+
+
+def test_registered_layers_leave_peft_its_parameter_wrappers(capsys, tmp_path, import_path):
+    """PEFT converts a DeepSeek-V3 config naming the shared experts' gate_proj, up_proj and down_proj into the routed
+    experts' fused parameters (ParamWrapper): scan says so, and with the generated layers registered PEFT still
+    builds its wrappers there (the experts layer took gate_up_proj, then PEFT refused down_proj, before)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    experts = scanned(capsys, DEEPSEEK_V3)["transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3Experts"]
+    assert experts["handled_by"] == (
+        "lora.ParamWrapper on experts.gate_up_proj, experts.down_proj (PEFT's transformers-v5 MoE conversion of "
+        "'down_proj', 'gate_proj', 'up_proj')"
+    )
+    assert main(["scan", DEEPSEEK_V3, "--generate", "-o", str(tmp_path / "deepseek_layers")]) == 0
+    import_path(tmp_path)
+    import deepseek_layers
+
+    def experts_layer(targets: list[str]):
+        model = eval(DEEPSEEK_V3, {"transformers": transformers})  # noqa: S307 - the test's own expression
+        adapted = get_peft_model(model, deepseek_layers.register(LoraConfig(target_modules=targets, r=2)))
+        adapted(input_ids=torch.randint(0, 64, (1, 8)))
+        return type(adapted.get_submodule("base_model.model.model.layers.0.mlp.experts")).__name__
+
+    assert experts_layer(["gate_proj", "up_proj", "down_proj"]) == "ParamWrapper"
+    assert experts_layer(["q_a_proj", "experts"]) == "LoraDeepseekV3Experts"
 
 
 def test_a_model_that_cannot_be_built_is_one_line(capsys):

@@ -14,7 +14,7 @@ from mypkg import MyConv
 from torch import nn
 
 from peft import LoraConfig
-from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from peft.utils.integrations import gather_params_ctx
 from peft.utils.warning import PeftWarning
@@ -277,5 +277,15 @@ def register(config: LoraConfig) -> LoraConfig:
     PEFT does not save this mapping with an adapter: call `register` again on the config you load with, and pass it
     as `PeftModel.from_pretrained(model, path, config=config)`.
     """
-    config._register_custom_module({MyConv: LoraMyConvStub})
+    config._register_custom_module({MyConv: _layer_or_param_wrapper})
     return config
+
+
+def _layer_or_param_wrapper(target: nn.Module, adapter_name: str, parameter_name: Optional[str] = None, **kwargs):
+    """`LoraMyConvStub` for the module a config names; PEFT's own ParamWrapper, as its `dispatch_default` builds
+    it, for one parameter of it PEFT is asked to wrap (`target_parameters`, or PEFT's transformers-v5 MoE conversion
+    of `gate_proj`/`up_proj`/`down_proj` names into the experts' parameters): registering this layer changes
+    nothing for configs PEFT takes alone."""
+    if parameter_name is not None:
+        return ParamWrapper(target, adapter_name, parameter_name=parameter_name, **kwargs)
+    return LoraMyConvStub(target, adapter_name, **kwargs)
