@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import json
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import yaml
 
 from lora_scaffold import __version__, init_expression, peft_release
 from lora_scaffold.analyse import LayerPlan
+from lora_scaffold.context import LayerContext
 from lora_scaffold.errors import RenderError
 from lora_scaffold.files import GeneratedFile
 from lora_scaffold.generated_imports import layer_imports, optional_imports, test_imports
@@ -56,76 +58,78 @@ def dora_refusal(plan: LayerPlan, peft: PeftRelease) -> str:
     return plan.dora_blocker
 
 
-def template_context(plan: LayerPlan, peft: PeftRelease) -> dict:
+def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
     strategy = plan.chosen
     answers = strategy.template_answers(plan.weight_shape)
     refusal = dora_refusal(plan, peft)
     dora_variant = "" if refusal or strategy.peft_own_layer else strategy.dora_variant(plan.weight_shape)
     support = f"plain LoRA only (no DoRA: {refusal})" if refusal else "plain LoRA and DoRA"
     make_target_head = "target = " if plan.uninitialised else "return "
-    return {
-        "version": __version__,
-        "init_std": INIT_STD,
-        "target_spec": f"{plan.target_module}.{plan.target_class}",
-        "target_module": plan.target_module,
-        "target_class": plan.target_class,
-        "target_name": target_alias(plan.target_class),
-        "layer_class": plan.layer_class,
-        "module_name": plan.module_name,
-        "test_module": plan.test_module,
-        "plugin": peft.mode == PLUGIN,
-        "peft_versions": peft.versions,
-        "license_header": LICENSE_HEADER,
-        "record_path": record_path(plan.module_name),
-        "strategy": plan.strategy,
-        "strategy_summary": strategy.summary,
-        "layer_partial": strategy.partial if strategy.peft_own_layer else "partials/full_layer.jinja",
-        "strategy_partial": strategy.partial,
-        "weight_name": _literal(plan.weight_name),
-        "weight_shape": str(plan.weight_shape),
-        "weight_path": json.dumps(plan.weight_name.split(".")),
-        "bias_name": _literal(plan.bias_name) if plan.bias_name else "",
-        "bias_name_literal": _literal(plan.bias_name) if plan.bias_name else "None",
-        "fan_in_fan_out": plan.fan_in_fan_out,
-        "mixed_batch": strategy.mixed_batch,
-        "uses_dropout": strategy.uses_dropout,
-        "flat_rnn_weights": plan.flat_rnn_weights,
-        "read_by_fused_parents": plan.read_by_fused_parents,
-        "computed_weight": plan.weight_computed,
-        "expert_count_attribute": _literal(plan.expert_count_attribute) if plan.expert_count_attribute else "",
-        "expert_columns": _expert_columns(plan),
-        "refused_options": strategy.refused_options,
-        "refusal_cases": _refusal_cases(plan, refusal, peft),
-        "lora_bias_option": peft.has_option("lora_bias"),
-        "dora_variant": dora_variant,
-        "dora_unmerge_transposed": bool(dora_variant)
-        and plan.fan_in_fan_out
-        and not peft.has(peft_release.DORA_UNMERGE_TRANSPOSES),
-        "variant_support": _literal(support),
-        "dora_norm_dims": strategy.dora_norm_dims(plan.weight_shape, plan.fan_in_fan_out),
-        "api": peft.api,
-        "tagged_variants": peft.has(peft_release.TAGGED_VARIANTS),
-        "set_adapter_inference_mode": peft.has(peft_release.SET_ADAPTER_INFERENCE_MODE),
-        "cast_input_dtype": peft.has(peft_release.CAST_INPUT_DTYPE),
-        "device_hook": peft.has(peft_release.DEVICE_HOOK),
-        "param_wrapper": peft.mode == peft_release.PLUGIN and peft.has(peft_release.TARGET_PARAMETERS),
-        "missing_dicts": _missing_dicts(peft),
-        "peft_warning": peft.has(peft_release.PEFT_WARNING),
-        "imports": format_imports(layer_imports(plan, peft, dora_variant)),
-        "test_imports": format_imports(test_imports(plan, peft), first_party=("peft", plan.module_name)),
-        "optional_target": "".join(f"{statement}\n" for statement in optional_imports(plan, peft)),
-        "peft_builtin": plan.peft_builtin or "",
-        # Laid out for the line the template puts them on: `    target = ` to fill parameters first, else `    return `.
-        "ctor_call": layout(target_expression(plan), 4, make_target_head),
-        "uninitialised": list(plan.uninitialised),
-        **_captured_call(plan),
-        "test_rank": plan.test_rank,
-        "eval_only": plan.eval_only,
-        "verify": False,
-        **answers,
-        # A weight a parametrization computes anew at each read leaves nothing stable to cache W + dW against.
-        "weight_cache": answers.get("weight_cache", False) and not plan.weight_computed,
-    }
+    return LayerContext(
+        **{
+            "version": __version__,
+            "init_std": INIT_STD,
+            "target_spec": f"{plan.target_module}.{plan.target_class}",
+            "target_module": plan.target_module,
+            "target_class": plan.target_class,
+            "target_name": target_alias(plan.target_class),
+            "layer_class": plan.layer_class,
+            "module_name": plan.module_name,
+            "test_module": plan.test_module,
+            "plugin": peft.mode == PLUGIN,
+            "peft_versions": peft.versions,
+            "license_header": LICENSE_HEADER,
+            "record_path": record_path(plan.module_name),
+            "strategy": plan.strategy,
+            "strategy_summary": strategy.summary,
+            "layer_partial": strategy.partial if strategy.peft_own_layer else "partials/full_layer.jinja",
+            "strategy_partial": strategy.partial,
+            "weight_name": _literal(plan.weight_name),
+            "weight_shape": str(plan.weight_shape),
+            "weight_path": json.dumps(plan.weight_name.split(".")),
+            "bias_name": _literal(plan.bias_name) if plan.bias_name else "",
+            "bias_name_literal": _literal(plan.bias_name) if plan.bias_name else "None",
+            "fan_in_fan_out": plan.fan_in_fan_out,
+            "mixed_batch": strategy.mixed_batch,
+            "uses_dropout": strategy.uses_dropout,
+            "flat_rnn_weights": plan.flat_rnn_weights,
+            "read_by_fused_parents": plan.read_by_fused_parents,
+            "computed_weight": plan.weight_computed,
+            "expert_count_attribute": _literal(plan.expert_count_attribute) if plan.expert_count_attribute else "",
+            "expert_columns": _expert_columns(plan),
+            "refused_options": strategy.refused_options,
+            "refusal_cases": _refusal_cases(plan, refusal, peft),
+            "lora_bias_option": peft.has_option("lora_bias"),
+            "dora_variant": dora_variant,
+            "dora_unmerge_transposed": bool(dora_variant)
+            and plan.fan_in_fan_out
+            and not peft.has(peft_release.DORA_UNMERGE_TRANSPOSES),
+            "variant_support": _literal(support),
+            "dora_norm_dims": strategy.dora_norm_dims(plan.weight_shape, plan.fan_in_fan_out),
+            "api": peft.api,
+            "tagged_variants": peft.has(peft_release.TAGGED_VARIANTS),
+            "set_adapter_inference_mode": peft.has(peft_release.SET_ADAPTER_INFERENCE_MODE),
+            "cast_input_dtype": peft.has(peft_release.CAST_INPUT_DTYPE),
+            "device_hook": peft.has(peft_release.DEVICE_HOOK),
+            "param_wrapper": peft.mode == peft_release.PLUGIN and peft.has(peft_release.TARGET_PARAMETERS),
+            "missing_dicts": _missing_dicts(peft),
+            "peft_warning": peft.has(peft_release.PEFT_WARNING),
+            "imports": format_imports(layer_imports(plan, peft, dora_variant)),
+            "test_imports": format_imports(test_imports(plan, peft), first_party=("peft", plan.module_name)),
+            "optional_target": "".join(f"{statement}\n" for statement in optional_imports(plan, peft)),
+            "peft_builtin": plan.peft_builtin or "",
+            # Laid out for the line the template puts them on: `    target = ` to fill parameters first, else `    return `.
+            "ctor_call": layout(target_expression(plan), 4, make_target_head),
+            "uninitialised": plan.uninitialised,
+            **_captured_call(plan),
+            "test_rank": plan.test_rank,
+            "eval_only": plan.eval_only,
+            "verify": False,
+            **answers,
+            # A weight a parametrization computes anew at each read leaves nothing stable to cache W + dW against.
+            "weight_cache": answers.get("weight_cache", False) and not plan.weight_computed,
+        }
+    )
 
 
 def _captured_call(plan: LayerPlan) -> dict:
@@ -139,7 +143,7 @@ def _captured_call(plan: LayerPlan) -> dict:
             "captured_model": "",
             "captured_module": "",
             "model_input": "",
-            "model_uninitialised": [],
+            "model_uninitialised": (),
         }
     return {
         "model_call": True,
@@ -148,7 +152,7 @@ def _captured_call(plan: LayerPlan) -> dict:
         "captured_model": layout(init_expression.aliased(call.model, plan.target_class), 4, "model = "),
         "captured_module": _literal(call.module),
         "model_input": layout(call.model_input, 4, "fed = "),
-        "model_uninitialised": list(plan.model_uninitialised),
+        "model_uninitialised": plan.model_uninitialised,
     }
 
 
@@ -162,7 +166,7 @@ def target_expression(plan: LayerPlan) -> str:
 
 
 def render(plan: LayerPlan, peft: PeftRelease) -> tuple[GeneratedFile, ...]:
-    return render_templates(template_context(plan, peft))
+    return render_templates(layer_context(plan, peft))
 
 
 def context_for_verify(
@@ -176,31 +180,33 @@ def context_for_verify(
     lora_bias: bool,
     dora: bool,
     mixed_batch: bool,
-) -> dict:
+) -> LayerContext:
     """The test template's answers for a layer `verify` checks: the target's as `new` sees it, the layer's claims
     as `verify` found them, and no checks of a generated layer's own internals (its repr, the delta cache)."""
-    return {
-        **template_context(plan, peft),
-        "verify": True,
-        "plugin": True,
-        "layer_class": layer_class,
-        "test_imports": test_imports,
-        "weight_cache": False,
-        "uses_dropout": uses_dropout,
-        "lora_bias_option": lora_bias,
-        "dora_variant": "dora" if dora else "",
-        "mixed_batch": mixed_batch,
-        "refusal_cases": refusal_entries([(options, "", case_id) for options, case_id in refusals]),
-    }
+    return replace(
+        layer_context(plan, peft),
+        verify=True,
+        plugin=True,
+        layer_class=layer_class,
+        test_imports=test_imports,
+        weight_cache=False,
+        uses_dropout=uses_dropout,
+        lora_bias_option=lora_bias,
+        dora_variant="dora" if dora else "",
+        mixed_batch=mixed_batch,
+        refusal_cases=refusal_entries([(options, "", case_id) for options, case_id in refusals]),
+    )
 
 
-def render_test_module(context: dict) -> str:
+def render_test_module(context: LayerContext) -> str:
     """The test template alone, for a layer lora-scaffold did not write."""
     name = "{{test_module}}.py" + TEMPLATE_SUFFIX
-    return parsed(GeneratedFile(name, _environment(template_dir()).get_template(name).render(context))).text
+    return parsed(GeneratedFile(name, _environment(template_dir()).get_template(name).render(context.answers()))).text
 
 
-def render_templates(context: dict, root: Path | None = None) -> tuple[GeneratedFile, ...]:
+def render_templates(context: LayerContext | dict, root: Path | None = None) -> tuple[GeneratedFile, ...]:
+    """Every template under `root` rendered with `context` (a dict: answers as copier takes them)."""
+    context = context.answers() if isinstance(context, LayerContext) else context
     root = root or template_dir()
     environment = _environment(root)
     files = []
@@ -223,9 +229,9 @@ def _exclude_patterns(root: Path) -> tuple[str, ...]:
     return tuple(yaml.safe_load((root / "copier.yml").read_text(encoding="utf-8")).get("_exclude", ()))
 
 
-def render_snippet(name: str, context: dict) -> str:
+def render_snippet(name: str, context: LayerContext) -> str:
     """A piece of code that patch mode inserts into an existing file (not a file of its own)."""
-    return _environment(template_dir()).get_template(name).render(context)
+    return _environment(template_dir()).get_template(name).render(context.answers())
 
 
 def parsed(generated: GeneratedFile) -> GeneratedFile:
@@ -249,11 +255,11 @@ def _environment(root: Path) -> jinja2.Environment:
     )
 
 
-def _refusal_cases(plan: LayerPlan, dora_refused: str, peft: PeftRelease) -> list[str]:
+def _refusal_cases(plan: LayerPlan, dora_refused: str, peft: PeftRelease) -> tuple[str, ...]:
     """The parametrize entries (options, error text) the generated tests expect a ValueError for; PEFT's own layers
     (reuse) support them all. Only options the targeted peft's LoraConfig has."""
     if plan.chosen.peft_own_layer:
-        return []
+        return ()
     cases = [('{"use_dora": True}', "no DoRA", "use_dora")] if dora_refused else []
     cases.append(('{"init_lora_weights": "pissa"}', "init_lora_weights", "pissa"))
     cases += [
@@ -262,11 +268,11 @@ def _refusal_cases(plan: LayerPlan, dora_refused: str, peft: PeftRelease) -> lis
     return refusal_entries(cases)
 
 
-def refusal_entries(cases: list[tuple[str, str, str]]) -> list[str]:
+def refusal_entries(cases: list[tuple[str, str, str]]) -> tuple[str, ...]:
     """`pytest.param` entries of test_unsupported_options_raise from (options source, error text, id)."""
-    return [
+    return tuple(
         f"pytest.param({options}, {_literal(message)}, id={_literal(case_id)})" for options, message, case_id in cases
-    ]
+    )
 
 
 def _expert_columns(plan: LayerPlan) -> str:
@@ -277,10 +283,10 @@ def _expert_columns(plan: LayerPlan) -> str:
     return f"shape[1] // {read}" if plan.expert_bank.gives_rows else read
 
 
-def _missing_dicts(peft: PeftRelease) -> list[str]:
+def _missing_dicts(peft: PeftRelease) -> tuple[str, ...]:
     """Per-adapter dicts LoraLayer of that peft lacks, which the layer creates itself."""
     releases = {"use_rslora": peft_release.USE_RSLORA_DICT, "lora_bias": peft_release.LORA_BIAS}
-    return [name for name, release in releases.items() if not peft.has(release)]
+    return tuple(name for name, release in releases.items() if not peft.has(release))
 
 
 def _literal(text: str) -> str:

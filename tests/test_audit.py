@@ -3,7 +3,6 @@
 import json
 
 import torch
-
 from test_end_to_end import run_suites
 from test_scan import QWEN2_MOE, TESTS
 

@@ -10,9 +10,10 @@ import yaml
 
 from lora_scaffold.analyse import analyse
 from lora_scaffold.cli import main
+from lora_scaffold.context import LayerContext
 from lora_scaffold.introspect import introspect
 from lora_scaffold.peft_release import PATCH, PLUGIN, PeftRelease
-from lora_scaffold.render import render, render_templates, template_context, template_dir
+from lora_scaffold.render import layer_context, render, render_templates, template_dir
 from lora_scaffold.request import Options
 from lora_scaffold.resolve import resolve_target
 from lora_scaffold.workflow import plan_layer, request_from_model
@@ -83,29 +84,37 @@ def test_rendering_is_deterministic():
 
 
 def test_templates_refuse_missing_answers():
-    context = template_context(plan_for("torch.nn.Linear", {}, {}), LATEST)
-    del context["weight_name"]
+    answers = layer_context(plan_for("torch.nn.Linear", {}, {}), LATEST).answers()
+    del answers["weight_name"]
     with pytest.raises(jinja2.UndefinedError, match="weight_name"):
-        render_templates(context)
+        render_templates(answers)
 
 
-def test_copier_yml_declares_every_answer_the_renderer_passes():
+def test_the_context_is_copier_yml_question_for_question():
     declared = yaml.safe_load((template_dir() / "copier.yml").read_text())
-    answers = {key for key in declared if not key.startswith("_")}
-    optional = {key for key in answers if "default" in declared[key]}
-    for target, options in (
-        ("torch.nn.Linear", {}),
-        ("torch.nn.Conv2d", {}),
-        ("torch.nn.Linear", {"strategy": "stub"}),
-    ):
-        given = set(template_context(plan_for(target, {}, options), LATEST))
-        assert given <= answers and answers - given <= optional, target
+    questions = {key: spec for key, spec in declared.items() if not key.startswith("_")}
+    fields = {field.name: field for field in dataclasses.fields(LayerContext)}
+    assert set(fields) == set(questions)
+    # A default where copier has one (an answer only some partials read), and none where copier has none.
+    for name, field in fields.items():
+        has_default = field.default is not dataclasses.MISSING
+        assert has_default == ("default" in questions[name]), name
+        if has_default:
+            assert field.default == (
+                tuple(questions[name]["default"]) if questions[name]["type"] == "yaml" else questions[name]["default"]
+            ), name
+
+
+def test_the_context_is_frozen():
+    context = layer_context(plan_for("torch.nn.Linear", {}, {}), LATEST)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        context.layer_class = "Other"  # type: ignore[misc]
 
 
 def test_copier_renders_the_same_files(tmp_path):
     copier = pytest.importorskip("copier")
     plan = plan_for("torch.nn.Embedding", {}, {})
-    context = template_context(plan, LATEST)
+    context = layer_context(plan, LATEST).answers()
     copier.run_copy(str(template_dir()), tmp_path, data=context, defaults=True, quiet=True, unsafe=True)
     written = {p.relative_to(tmp_path).as_posix(): p.read_text() for p in tmp_path.rglob("*.py")}
     assert written == {f.path: f.text for f in render(plan, LATEST)}

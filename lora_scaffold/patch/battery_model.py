@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import ast
 import math
+from dataclasses import replace
 
 from lora_scaffold.analyse import LayerPlan
 from lora_scaffold.generated_imports import optional_imports, split_imports
 from lora_scaffold.layout import layout
 from lora_scaffold.patch.battery import BatteryEntry
 from lora_scaffold.peft_release import PeftRelease
-from lora_scaffold.render import dora_refusal, render_snippet, target_expression, template_context
+from lora_scaffold.render import dora_refusal, layer_context, render_snippet, target_expression
 
 
 def battery_entry(plan: LayerPlan, peft: PeftRelease) -> BatteryEntry:
     model_id = plan.layer_class
     model_class = f"Model{plan.layer_class}"
-    context = template_context(plan, peft)
-    context.update(
+    context = replace(
+        layer_context(plan, peft),
         battery_class=model_class,
         battery_imports=_imports(plan, peft),
         battery_ctor=layout(target_expression(plan), 8, "self.target = "),
-        battery_input_layers=[f"self.lin_in{i} = nn.Linear(10, {math.prod(x.shape)})" for i, x in _floats(plan)],
+        battery_input_layers=tuple(f"self.lin_in{i} = nn.Linear(10, {math.prod(x.shape)})" for i, x in _floats(plan)),
         battery_inputs=layout(_tuple(_input_expressions(plan)), 8, "inputs = "),
         output_features=plan.output_features,
         output_is_tuple=plan.output_is_tuple,
@@ -58,7 +59,7 @@ def _tuple(items: list[str]) -> str:
     return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
 
 
-def _imports(plan: LayerPlan, peft: PeftRelease) -> list[str]:
+def _imports(plan: LayerPlan, peft: PeftRelease) -> tuple[str, ...]:
     """What the model's constructor imports of what building the target names (test_custom_models.py has torch
     and nn): from torch as usual, from other packages through importorskip, so that the battery skips without
     them."""
@@ -75,7 +76,7 @@ def _imports(plan: LayerPlan, peft: PeftRelease) -> list[str]:
             statements.append(f"import {module}")
     optional = [statement for statement in optional_imports(plan, peft) if statement.partition(" = ")[0] in used]
     # ruff format separates imports from the statements after them by a blank line, in a function too.
-    return list(dict.fromkeys(statements)) + [""] * bool(statements) + list(dict.fromkeys(optional))
+    return (*dict.fromkeys(statements), *[""] * bool(statements), *dict.fromkeys(optional))
 
 
 def _floats(plan: LayerPlan):
