@@ -206,7 +206,7 @@ def render_test_module(context: LayerContext) -> str:
 
 def render_templates(context: LayerContext | dict, root: Path | None = None) -> tuple[GeneratedFile, ...]:
     """Every template under `root` rendered with `context` (a dict: answers as copier takes them)."""
-    context = context.answers() if isinstance(context, LayerContext) else context
+    context = _answers(context)
     root = root or template_dir()
     environment = _environment(root)
     files = []
@@ -229,9 +229,14 @@ def _exclude_patterns(root: Path) -> tuple[str, ...]:
     return tuple(yaml.safe_load((root / "copier.yml").read_text(encoding="utf-8")).get("_exclude", ()))
 
 
-def render_snippet(name: str, context: LayerContext) -> str:
-    """A piece of code that patch mode inserts into an existing file (not a file of its own)."""
-    return _environment(template_dir()).get_template(name).render(context.answers())
+def render_snippet(name: str, context: LayerContext | dict) -> str:
+    """A piece of code that patch mode inserts into an existing file, or a file of a model's package: a layer's
+    partial takes its LayerContext, the others (the pull request, the package's __init__) their own dict."""
+    return _environment(template_dir()).get_template(name).render(_answers(context))
+
+
+def _answers(context: LayerContext | dict) -> dict:
+    return context.answers() if isinstance(context, LayerContext) else context
 
 
 def parsed(generated: GeneratedFile) -> GeneratedFile:
