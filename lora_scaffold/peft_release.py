@@ -41,6 +41,22 @@ RELEASES = sorted(
     }
 )
 
+# What every file in a peft source tree starts with: patch mode's generated files too.
+LICENSE_HEADER = """\
+# Copyright 2026-present the HuggingFace Inc. team.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License."""
+
 
 @dataclass(frozen=True)
 class PeftRelease:

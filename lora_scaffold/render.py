@@ -21,26 +21,12 @@ from lora_scaffold.generated_imports import layer_imports, optional_imports, tes
 from lora_scaffold.imports import format_imports
 from lora_scaffold.layout import layout
 from lora_scaffold.names import target_alias
-from lora_scaffold.peft_release import PLUGIN, PeftRelease
+from lora_scaffold.peft_release import LICENSE_HEADER, PLUGIN, PeftRelease
 from lora_scaffold.record import record_path
 from lora_scaffold.uninitialised import INIT_STD
 
 
 TEMPLATE_SUFFIX = ".jinja"
-LICENSE_HEADER = """\
-# Copyright 2026-present the HuggingFace Inc. team.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License."""
 
 
 def template_dir() -> Path:
