@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +26,6 @@ from lora_scaffold.sample_input import (
     run_call,
 )
 from lora_scaffold.strategies import Evidence, Strategy, Verdict
-from lora_scaffold.strategies.experts import BankView, flat_layout
 from lora_scaffold.weight_choice import choose_weight, require_invertible
 
 
@@ -76,8 +76,7 @@ class LayerPlan:
     battery_blocker: str
     dora_blocker: str
     flat_rnn_weights: bool
-    expert_count_attribute: str  # experts on a flattened [E * d1, d2] weight: where E is read (else "")
-    expert_bank: BankView | None  # experts one a row, [E, d1 * d2]: the row's view and where d1 or d2 is read
+    strategy_answers: tuple[tuple[str, Any], ...]  # what only the strategy's partials read (its own business)
     weight_computed: bool  # a parametrization computes the weight (merging goes through its right_inverse)
     read_by_fused_parents: bool  # models around it may read its weights in fused kernels of their own
     eval_only: str  # why the generated tests compare outputs in eval mode only ("" when they need not)
@@ -145,8 +144,6 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
     groups = strategy.groups(attributes)
     args, kwargs = make_call(SEED)
     inputs, output_features, output_is_tuple = describe_io(module, args, kwargs)
-    flat_experts = strategy.name == "experts" and len(weight.shape) == 2
-    expert_count_attribute, expert_bank = flat_layout(evidence) if flat_experts else ("", None)
     return LayerPlan(
         target_spec=spec.target.spec,
         target_module=spec.target.import_module,
@@ -183,8 +180,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         flat_rnn_weights=isinstance(module.get_submodule(weight.name.rpartition(".")[0]), nn.RNNBase),
         read_by_fused_parents=isinstance(module, FUSED_PATH_MODULES),
         weight_computed=weight.computed,
-        expert_count_attribute=expert_count_attribute,
-        expert_bank=expert_bank,
+        strategy_answers=tuple(strategy.template_answers(evidence).items()),
         dora_blocker=strategy.dora_blocker(evidence, verdict),
         eval_only=probe.train_mode_note if probe else "",
     )

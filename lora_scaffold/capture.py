@@ -148,7 +148,11 @@ def default_model_input(model: nn.Module) -> str:
     if getattr(config, "is_encoder_decoder", False):
         entries["decoder_input_ids"] = f"torch.randint(0, {_vocab_size(config)}, ({BATCH}, 4))"
     by_ids = _listed(entries)
-    if main != "input_ids" or "inputs_embeds" not in inspect.signature(model.forward).parameters or _runs(model, by_ids):
+    if (
+        main != "input_ids"
+        or "inputs_embeds" not in inspect.signature(model.forward).parameters
+        or _runs(model, by_ids)
+    ):
         return by_ids
     # A decoder fed embeddings by a parent model (Qwen3-Omni's talker has no token embedding of its own).
     hidden = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "hidden_size", None)

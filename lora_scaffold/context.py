@@ -75,6 +75,7 @@ class LayerContext:
     model_input: str = ""
     model_uninitialised: tuple[str, ...] = ()
     conv_class: str = ""
+    declares_fan_in_fan_out: bool = False
     battery_class: str = ""
     battery_imports: tuple[str, ...] = ()
     battery_input_layers: tuple[str, ...] = ()

@@ -17,10 +17,14 @@ def layer_imports(plan: LayerPlan, peft: PeftRelease, dora_variant: str) -> list
     # LoraConfig is read by the config API and typed in plugin mode's register().
     config = [("peft" if plugin else f"{package}config", ("LoraConfig",))]
     # register() leaves single parameters to PEFT's ParamWrapper (`target_parameters`).
-    param_wrapper = [(f"{package}layer", ("ParamWrapper",))] if plugin and peft.has(peft_release.TARGET_PARAMETERS) else []
+    param_wrapper = (
+        [(f"{package}layer", ("ParamWrapper",))] if plugin and peft.has(peft_release.TARGET_PARAMETERS) else []
+    )
     if plan.chosen.peft_own_layer:
         typing = [("typing", ("Optional",)), ("torch", ("nn",))] if param_wrapper else []
-        return target + [(f"{package}layer", (plan.peft_builtin,))] + param_wrapper + typing + (config if plugin else [])
+        return (
+            target + [(f"{package}layer", (plan.peft_builtin,))] + param_wrapper + typing + (config if plugin else [])
+        )
     imports = [
         ("__future__", ("annotations",)),
         ("math", ()),

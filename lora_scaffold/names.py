@@ -16,7 +16,15 @@ GENERATED_NAMES = frozenset(
     {
         *("annotations", "copy", "math", "pytest", "torch", "nn", "F", "warnings", "Any", "Optional"),
         *("functional_call", "SimpleNamespace", "check_adapters_to_merge", "PeftWarning"),
-        *("LoraConfig", "LoraLayer", "PeftModel", "get_peft_model", "register", "ParamWrapper", "_layer_or_param_wrapper"),
+        *(
+            "LoraConfig",
+            "LoraLayer",
+            "PeftModel",
+            "get_peft_model",
+            "register",
+            "ParamWrapper",
+            "_layer_or_param_wrapper",
+        ),
         *("DoraLinearVariant", "DoraConv1dVariant", "DoraConv2dVariant", "DoraConv3dVariant"),
         *("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "MultiheadAttention"),
         *("WEIGHT_NAME", "BIAS_NAME", "SUPPORTED_INITS", "VARIANT_SUPPORT", "FLAT_WEIGHTS_WARNING", "_get_attribute"),

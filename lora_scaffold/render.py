@@ -46,7 +46,7 @@ def dora_refusal(plan: LayerPlan, peft: PeftRelease) -> str:
 
 def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
     strategy = plan.chosen
-    answers = strategy.template_answers(plan.weight_shape)
+    answers = dict(plan.strategy_answers)
     refusal = dora_refusal(plan, peft)
     dora_variant = "" if refusal or strategy.peft_own_layer else strategy.dora_variant(plan.weight_shape)
     support = f"plain LoRA only (no DoRA: {refusal})" if refusal else "plain LoRA and DoRA"
@@ -81,8 +81,6 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "flat_rnn_weights": plan.flat_rnn_weights,
             "read_by_fused_parents": plan.read_by_fused_parents,
             "computed_weight": plan.weight_computed,
-            "expert_count_attribute": _literal(plan.expert_count_attribute) if plan.expert_count_attribute else "",
-            "expert_columns": _expert_columns(plan),
             "refused_options": strategy.refused_options,
             "refusal_cases": _refusal_cases(plan, refusal, peft),
             "lora_bias_option": peft.has_option("lora_bias"),
@@ -264,14 +262,6 @@ def refusal_entries(cases: list[tuple[str, str, str]]) -> tuple[str, ...]:
     return tuple(
         f"pytest.param({options}, {_literal(message)}, id={_literal(case_id)})" for options, message, case_id in cases
     )
-
-
-def _expert_columns(plan: LayerPlan) -> str:
-    """Experts one a row: the code giving d2 of a row's [d1, d2] view at run time ("" for other layouts)."""
-    if plan.expert_bank is None:
-        return ""
-    read = f"_get_attribute(module, {_literal(plan.expert_bank.attribute)})"
-    return f"shape[1] // {read}" if plan.expert_bank.gives_rows else read
 
 
 def _missing_dicts(peft: PeftRelease) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import shutil
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import jinja2
 import pytest
 import yaml
 
+from lora_scaffold import strategies
 from lora_scaffold.analyse import analyse
 from lora_scaffold.cli import main
 from lora_scaffold.context import LayerContext
@@ -170,6 +172,21 @@ def test_version_differences_are_settled_at_generation_time(version, present, ab
         assert text in layer, text
     for text in absent:
         assert text not in layer, text
+
+
+def test_no_strategy_is_named_outside_its_own_files():
+    """A strategy's details live in its module and its partials (its answers ride the plan unread): no other code
+    or template tests for a strategy by name."""
+    names = {strategy.name for strategy in strategies.REGISTRY}
+    package = Path(strategies.__file__).parent.parent
+    for path in package.rglob("*.py"):
+        if "strategies" not in path.relative_to(package).parts:
+            text = path.read_text()
+            assert not [name for name in names if f'"{name}"' in text or f"'{name}'" in text], path
+    own = {strategy.partial for strategy in strategies.REGISTRY}
+    for path in template_dir().rglob("*.jinja"):
+        if path.relative_to(template_dir()).as_posix() not in own:
+            assert not re.search(r"\bstrategy\s*(==|!=|in\b)", path.read_text()), path
 
 
 def test_no_empty_tables_or_dead_loops():

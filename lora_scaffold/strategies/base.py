@@ -134,8 +134,9 @@ class Strategy:
         """The weight dimensions DoRA's norm runs over (all but the output one), as a literal."""
         return str(tuple(range(1, len(weight_shape))))
 
-    def template_answers(self, weight_shape: tuple[int, ...]) -> dict[str, Any]:
-        """Answers only this strategy's partial reads."""
+    def template_answers(self, evidence: Evidence) -> dict[str, Any]:
+        """Answers only this strategy's partials read (copier.yml gives each a default), worked out once by
+        analysis and carried by the plan as they are: nothing outside the strategy reads them."""
         return {}
 
     def imports(self) -> list[tuple[str, tuple[str, ...]]]:

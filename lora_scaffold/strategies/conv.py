@@ -73,8 +73,8 @@ class Conv(AffineStrategy):
     def dora_variant(self, weight_shape):
         return f"DoraConv{len(weight_shape) - 2}dVariant"
 
-    def template_answers(self, weight_shape):
-        return {"conv_class": f"nn.{self.torch_classes[len(weight_shape) - 2].__name__}"}
+    def template_answers(self, evidence):
+        return {"conv_class": f"nn.{self.torch_classes[len(evidence.weight.shape) - 2].__name__}"}
 
 
 CONV = Conv()

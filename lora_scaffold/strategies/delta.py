@@ -22,7 +22,7 @@ class Delta(Strategy):
     def reason(self, evidence: Evidence, verdict: Verdict) -> str:
         return "the forward runs with W + dW, exact for any forward"
 
-    def template_answers(self, weight_shape: tuple[int, ...]) -> dict:
+    def template_answers(self, evidence: Evidence) -> dict:
         return {"experts": False, "weight_cache": True}
 
 

@@ -5,6 +5,7 @@ attribute gives d1 or d2. One rank-r factor pair per expert, laid out as PEFT's 
 
 from __future__ import annotations
 
+import json
 import weakref
 from dataclasses import dataclass
 
@@ -72,8 +73,14 @@ class Experts(Delta):
             "any forward"
         )
 
-    def template_answers(self, weight_shape: tuple[int, ...]) -> dict:
-        return {**super().template_answers(weight_shape), "experts": True}
+    def template_answers(self, evidence: Evidence) -> dict:
+        attribute, view = flat_layout(evidence) if len(evidence.weight.shape) == 2 else ("", None)
+        return {
+            **super().template_answers(evidence),
+            "experts": True,
+            "expert_count_attribute": json.dumps(attribute) if attribute else "",
+            "expert_columns": _columns_code(view) if view else "",
+        }
 
 
 def expert_evidence(module: nn.Module, count: int) -> str:
@@ -151,6 +158,12 @@ class RowViews(TorchFunctionMode):
                     self.derived.add(id(derived))
                     self.kept.append(derived)
         return result
+
+
+def _columns_code(view: BankView) -> str:
+    """Experts one a row: the code giving d2 of a row's [d1, d2] view at run time, from the attribute found."""
+    read = f"_get_attribute(module, {json.dumps(view.attribute)})"
+    return f"shape[1] // {read}" if view.gives_rows else read
 
 
 def flat_layout(evidence: Evidence) -> tuple[str, BankView | None]:

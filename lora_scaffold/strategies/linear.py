@@ -14,6 +14,9 @@ class Linear(AffineStrategy):
     summary = "The adapter adds `lora_B(lora_A(dropout(x))) * scaling`, as PEFT's Linear does."
     partial = "partials/linear.jinja"
 
+    def template_answers(self, evidence: Evidence) -> dict:
+        return {"declares_fan_in_fan_out": True}
+
     def fits(self, evidence: Evidence) -> bool:
         return len(evidence.weight.shape) == 2
 
