@@ -37,7 +37,7 @@ class LayerContext:
     mixed_batch: bool
     uses_dropout: bool
     flat_rnn_weights: bool
-    refused_options: dict[str, str]
+    refused_options: dict[str, tuple[str, ...]]
     refusal_cases: tuple[str, ...]
     lora_bias_option: bool
     dora_variant: str

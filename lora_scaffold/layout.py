@@ -13,6 +13,7 @@ What has no brackets to split at stays on one line; tests/test_layout.py compare
 from __future__ import annotations
 
 import ast
+import json
 from dataclasses import dataclass
 
 from lora_scaffold.names import canonical_tree
@@ -145,3 +146,27 @@ def _fits(indent: int, text: str) -> bool:
 
 def _indented(lines: list[str], indent: int) -> list[str]:
     return [" " * indent + lines[0], *lines[1:]]
+
+
+def string_lines(text: str, indent: int) -> tuple[str, ...]:
+    """`text` as string literals to write one a line at `indent` (implicit concatenation), each line within
+    LINE_LENGTH, split after spaces: what ruff leaves to the writer, since it never splits a string."""
+    room = LINE_LENGTH - indent - 2  # the quotes
+    lines, current = [], ""
+    for word in text.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if current and len(json.dumps(candidate + " ")) - 2 > room:
+            lines.append(current + " ")
+            current = word
+        else:
+            current = candidate
+    return tuple(json.dumps(line) for line in [*lines, current])
+
+
+def assigned_string(head: str, text: str) -> str:
+    """`head + literal` on one line when it fits, else the literal split in parentheses (a module-level constant)."""
+    one_line = json.dumps(text)
+    if len(head) + len(one_line) <= LINE_LENGTH:
+        return one_line
+    inner = "\n".join(f"{' ' * INDENT}{line}" for line in string_lines(text, INDENT))
+    return f"(\n{inner}\n)"

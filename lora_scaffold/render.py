@@ -19,7 +19,7 @@ from lora_scaffold.errors import RenderError
 from lora_scaffold.files import GeneratedFile
 from lora_scaffold.generated_imports import layer_imports, optional_imports, test_imports
 from lora_scaffold.imports import format_imports
-from lora_scaffold.layout import layout
+from lora_scaffold.layout import LINE_LENGTH, assigned_string, layout, string_lines
 from lora_scaffold.names import target_alias
 from lora_scaffold.peft_release import LICENSE_HEADER, PLUGIN, PeftRelease
 from lora_scaffold.record import record_path
@@ -81,14 +81,16 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "flat_rnn_weights": plan.flat_rnn_weights,
             "read_by_fused_parents": plan.read_by_fused_parents,
             "computed_weight": plan.weight_computed,
-            "refused_options": strategy.refused_options,
+            "refused_options": {
+                option: refusal_message(option, why) for option, why in strategy.refused_options.items()
+            },
             "refusal_cases": _refusal_cases(plan, refusal, peft),
             "lora_bias_option": peft.has_option("lora_bias"),
             "dora_variant": dora_variant,
             "dora_unmerge_transposed": bool(dora_variant)
             and plan.fan_in_fan_out
             and not peft.has(peft_release.DORA_UNMERGE_TRANSPOSES),
-            "variant_support": _literal(support),
+            "variant_support": assigned_string("VARIANT_SUPPORT = ", support),
             "dora_norm_dims": strategy.dora_norm_dims(plan.weight_shape, plan.fan_in_fan_out),
             "api": peft.api,
             "tagged_variants": peft.has(peft_release.TAGGED_VARIANTS),
@@ -255,6 +257,13 @@ def _refusal_cases(plan: LayerPlan, dora_refused: str, peft: PeftRelease) -> tup
         (f'{{"{option}": True}}', option, option) for option in plan.chosen.refused_options if peft.has_option(option)
     ]
     return refusal_entries(cases)
+
+
+def refusal_message(option: str, why: str) -> tuple[str, ...]:
+    """The lines of the ValueError's message for a refused option, within the line length, `why` escaped."""
+    start = 'f"lora.{type(self).__name__} does not support ' + option + "=True: "
+    one_line = start + json.dumps(f"{why}.")[1:].replace("{", "{{").replace("}", "}}")
+    return (one_line,) if len(one_line) + 16 <= LINE_LENGTH else (start + '"', *string_lines(f"{why}.", 16))
 
 
 def refusal_entries(cases: list[tuple[str, str, str]]) -> tuple[str, ...]:

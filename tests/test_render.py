@@ -15,7 +15,7 @@ from lora_scaffold.cli import main
 from lora_scaffold.context import LayerContext
 from lora_scaffold.introspect import introspect
 from lora_scaffold.peft_release import PATCH, PLUGIN, PeftRelease
-from lora_scaffold.render import layer_context, render, render_templates, template_dir
+from lora_scaffold.render import layer_context, refusal_message, render, render_templates, template_dir
 from lora_scaffold.request import Options
 from lora_scaffold.resolve import resolve_target
 from lora_scaffold.workflow import plan_layer, request_from_model
@@ -135,6 +135,22 @@ def test_generated_code_passes_peft_ruff_settings(rendered_variety, tmp_path):
                 [*ruff, *command, "--config", str(PEFT_RUFF), "."], cwd=folder, capture_output=True, text=True
             )
             assert result.returncode == 0, f"{folder.name}: {result.stdout}{result.stderr}"
+
+
+def test_generated_lines_fit_peft_line_length(rendered_variety):
+    # ruff format never splits a string: the renderer does, for messages and constants it writes.
+    for files in rendered_variety:
+        for generated in files:
+            long = [line for line in generated.text.splitlines() if len(line) > 119]
+            assert not long, (generated.path, long)
+
+
+@pytest.mark.parametrize("why", ["short", 'a reason with "quotes", {braces} and \\ ' + "and words " * 12])
+def test_a_refusal_message_is_code_whatever_its_reason(why):
+    lines = refusal_message("lora_bias", why)
+    assert all(len(line) + 16 <= 119 for line in lines)
+    message = eval("(" + "\n".join(lines) + ")", {"self": object(), "type": type})  # noqa: S307 - our own render
+    assert message == f"lora.object does not support lora_bias=True: {why}."
 
 
 def test_layer_file_says_what_and_for_which_peft_without_the_probe_report():

@@ -131,7 +131,8 @@ class LoraConvTranspose2d(nn.Module, LoraLayer):
         base = self.get_base_layer()
         if r % base.groups != 0:
             raise ValueError(
-                f"lora.{type(self).__name__} needs a rank divisible by the base layer's groups={base.groups}, got r={r}."
+                f"lora.{type(self).__name__} needs a rank divisible by the base layer's groups={base.groups}, "
+                f"got r={r}."
             )
         # lora_A is a transposed conv with the base layer's geometry (stride, padding, output_padding, dilation,
         # groups); lora_B is a grouped pointwise map, so B after A is a weight of the base layer's layout.

@@ -23,7 +23,10 @@ from peft.utils.warning import PeftWarning
 WEIGHT_NAME = "weight"
 BIAS_NAME = None
 SUPPORTED_INITS = (True, False, "gaussian")
-VARIANT_SUPPORT = "plain LoRA only (no DoRA: DoRA rescales a weight acting as a linear map or a convolution, and the probe found neither)"
+VARIANT_SUPPORT = (
+    "plain LoRA only (no DoRA: DoRA rescales a weight acting as a linear map or a convolution, and the probe found "
+    "neither)"
+)
 
 
 def _get_attribute(module: nn.Module, name: str) -> Any:
@@ -123,7 +126,8 @@ class LoraEmbeddingBag(nn.Module, LoraLayer):
             )
         if options.lora_bias:
             raise ValueError(
-                f"lora.{type(self).__name__} does not support lora_bias=True: this layer's adapters change the weight only."
+                f"lora.{type(self).__name__} does not support lora_bias=True: "
+                "this layer's adapters change the weight only."
             )
 
     _weight_cache: Optional[tuple] = None  # (what it was made of, W + dW) from the last eval forward without autograd

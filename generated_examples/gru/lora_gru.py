@@ -23,7 +23,10 @@ from peft.utils.warning import PeftWarning
 WEIGHT_NAME = "weight_ih_l0"
 BIAS_NAME = None
 SUPPORTED_INITS = (True, False, "gaussian")
-VARIANT_SUPPORT = "plain LoRA only (no DoRA: DoRA rescales a weight acting as a linear map or a convolution, and the probe found neither)"
+VARIANT_SUPPORT = (
+    "plain LoRA only (no DoRA: DoRA rescales a weight acting as a linear map or a convolution, and the probe found "
+    "neither)"
+)
 FLAT_WEIGHTS_WARNING = "RNN module weights are not part of single contiguous chunk of memory"
 
 
@@ -124,7 +127,8 @@ class LoraGRU(nn.Module, LoraLayer):
             )
         if options.lora_bias:
             raise ValueError(
-                f"lora.{type(self).__name__} does not support lora_bias=True: this layer's adapters change the weight only."
+                f"lora.{type(self).__name__} does not support lora_bias=True: "
+                "this layer's adapters change the weight only."
             )
 
     _weight_cache: Optional[tuple] = None  # (what it was made of, W + dW) from the last eval forward without autograd

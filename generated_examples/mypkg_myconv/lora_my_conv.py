@@ -138,7 +138,8 @@ class LoraMyConv(nn.Module, LoraLayer):
         base = self.get_base_layer()
         if r % base.groups != 0:
             raise ValueError(
-                f"lora.{type(self).__name__} needs a rank divisible by the base layer's groups={base.groups}, got r={r}."
+                f"lora.{type(self).__name__} needs a rank divisible by the base layer's groups={base.groups}, "
+                f"got r={r}."
             )
         # lora_A convolves like the base layer (grouped too); lora_B is a grouped 1x1 map, so B @ A is a weight of
         # exactly the base layer's grouped layout and merging stays exact.
