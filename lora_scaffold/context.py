@@ -4,7 +4,8 @@ questions (tests/test_render.py holds the two equal), built once per (plan, PEFT
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,6 @@ class LayerContext:
     param_wrapper: bool = False
     verify: bool = False
     weight_cache: bool = False
-    experts: bool = False
-    expert_count_attribute: str = ""
-    expert_columns: str = ""
     computed_weight: bool = False
     read_by_fused_parents: bool = False
     uninitialised: tuple[str, ...] = ()
@@ -74,7 +72,7 @@ class LayerContext:
     captured_module: str = ""
     model_input: str = ""
     model_uninitialised: tuple[str, ...] = ()
-    conv_class: str = ""
+    strategy_answers: dict[str, Any] = field(default_factory=dict)
     declares_fan_in_fan_out: bool = False
     battery_class: str = ""
     battery_imports: tuple[str, ...] = ()

@@ -46,7 +46,6 @@ def dora_refusal(plan: LayerPlan, peft: PeftRelease) -> str:
 
 def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
     strategy = plan.chosen
-    answers = dict(plan.strategy_answers)
     refusal = dora_refusal(plan, peft)
     dora_variant = "" if refusal or strategy.peft_own_layer else strategy.dora_variant(plan.weight_shape)
     support = f"plain LoRA only (no DoRA: {refusal})" if refusal else "plain LoRA and DoRA"
@@ -111,9 +110,10 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "test_rank": plan.test_rank,
             "eval_only": plan.eval_only,
             "verify": False,
-            **answers,
+            "strategy_answers": dict(plan.strategy_answers),
             # A weight a parametrization computes anew at each read leaves nothing stable to cache W + dW against.
-            "weight_cache": answers.get("weight_cache", False) and not plan.weight_computed,
+            "weight_cache": strategy.caches_weight and not plan.weight_computed,
+            "declares_fan_in_fan_out": strategy.declares_fan_in_fan_out,
         }
     )
 

@@ -99,12 +99,11 @@ def test_the_context_is_copier_yml_question_for_question():
     assert set(fields) == set(questions)
     # A default where copier has one (an answer only some partials read), and none where copier has none.
     for name, field in fields.items():
-        has_default = field.default is not dataclasses.MISSING
-        assert has_default == ("default" in questions[name]), name
-        if has_default:
-            assert field.default == (
-                tuple(questions[name]["default"]) if questions[name]["type"] == "yaml" else questions[name]["default"]
-            ), name
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        assert (default is not dataclasses.MISSING) == ("default" in questions[name]), name
+        if "default" in questions[name]:
+            expected = questions[name]["default"]
+            assert default == (tuple(expected) if isinstance(expected, list) else expected), name
 
 
 def test_the_context_is_frozen():

@@ -89,6 +89,8 @@ class Strategy:
     needs_probe = True
     mixed_batch = True  # forward takes `adapter_names` (several adapters in one batch)
     uses_dropout = True
+    caches_weight = False  # its eval forward keeps W + dW between calls (delta): the tests check the cache follows
+    declares_fan_in_fan_out = False  # the layer class says how its weight is stored, which PEFT's DoRA reads
     refused_options: dict[str, str] = {}  # LoraConfig options the layer refuses, and why
     no_dora = ""  # why the strategy never offers DoRA
     peft_own_layer = False  # the layer is PEFT's own (reuse), which supports every option PEFT has
@@ -135,8 +137,8 @@ class Strategy:
         return str(tuple(range(1, len(weight_shape))))
 
     def template_answers(self, evidence: Evidence) -> dict[str, Any]:
-        """Answers only this strategy's partials read (copier.yml gives each a default), worked out once by
-        analysis and carried by the plan as they are: nothing outside the strategy reads them."""
+        """What only this strategy's partials read (`strategy_answers.NAME` there), worked out once by analysis
+        and carried by the plan as they are: nothing outside the strategy and its partials reads them."""
         return {}
 
     def imports(self) -> list[tuple[str, tuple[str, ...]]]:

@@ -14,6 +14,7 @@ class Delta(Strategy):
     refused_options = {"lora_bias": "this layer's adapters change the weight only"}
     fallback = True  # what auto takes when no factored path is exact
     adapts_computed_weights = True
+    caches_weight = True
     no_dora = "DoRA rescales a weight acting as a linear map or a convolution, and the probe found neither"
 
     def judge(self, evidence: Evidence) -> tuple[Verdict, ...]:
@@ -23,7 +24,7 @@ class Delta(Strategy):
         return "the forward runs with W + dW, exact for any forward"
 
     def template_answers(self, evidence: Evidence) -> dict:
-        return {"experts": False, "weight_cache": True}
+        return {"experts": False}
 
 
 DELTA = Delta()

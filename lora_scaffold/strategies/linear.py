@@ -13,9 +13,7 @@ class Linear(AffineStrategy):
     help = "weight [out, in] (or [in, out]) used as x @ W.T: adds lora_B(lora_A(dropout(x))) * scaling"
     summary = "The adapter adds `lora_B(lora_A(dropout(x))) * scaling`, as PEFT's Linear does."
     partial = "partials/linear.jinja"
-
-    def template_answers(self, evidence: Evidence) -> dict:
-        return {"declares_fan_in_fan_out": True}
+    declares_fan_in_fan_out = True
 
     def fits(self, evidence: Evidence) -> bool:
         return len(evidence.weight.shape) == 2
