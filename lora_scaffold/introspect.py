@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -98,24 +99,44 @@ def introspect(target: ResolvedTarget, overrides: dict[str, str], init: str | No
         return _from_init(target, params, expression_source(init, "--init"), overrides)
     ctor_args, guessed = choose_ctor_args(target, params, overrides)
     kwargs = {name: ast.literal_eval(source) for name, source in ctor_args}
-    module = build_small_on_cpu(lambda device: instantiate(target, kwargs, device), ELEMENT_BUDGET)
+    module, empty = _built(lambda device: instantiate(target, kwargs, device))
     _refuse_lazy(target, module)
-    scaled = ()
     if _size(module) > ELEMENT_BUDGET:
-        ctor_args, scaled, module = scale_down(target, params, ctor_args, overrides) or (ctor_args, (), module)
-    return _spec(target, params, module, ctor_args=ctor_args, guessed_args=guessed, scaled_args=scaled)
+        scaled = scale_down(target, params, ctor_args, overrides)
+        if scaled:  # built again, smaller: what it leaves empty is asked of that build
+            ctor_args, changes, module = scaled
+            return _spec(target, params, module, ctor_args=ctor_args, guessed_args=guessed, scaled_args=changes)
+    return _spec(target, params, module, empty, ctor_args=ctor_args, guessed_args=guessed)
 
 
 def _from_init(target: ResolvedTarget, params, init: str, overrides: dict[str, str]) -> TargetSpec:
     if overrides:
         raise TargetError("--init builds the target itself: give constructor arguments there, not with --arg")
     imports = init_expression.imports_for(target, init)
-    module = build_small_on_cpu(lambda device: init_expression.build(target, init, device), ELEMENT_BUDGET)
+    module, empty = _built(lambda device: init_expression.build(target, init, device))
     _refuse_lazy(target, module)
-    return _spec(target, params, module, init=init, init_imports=imports)
+    return _spec(target, params, module, empty, init=init, init_imports=imports)
 
 
-def _spec(target: ResolvedTarget, params, module: nn.Module, **how) -> TargetSpec:
+def _built(build: Callable[[str], nn.Module]) -> tuple[nn.Module, tuple[str, ...] | None]:
+    """One build of the target: on the CPU within the budget, noting the parameters it leaves `torch.empty`; else
+    on the meta device, where nothing is told of values (None)."""
+    empty: tuple[str, ...] | None = None
+
+    def on(device: str) -> nn.Module:
+        nonlocal empty
+        if device == "meta":
+            empty = None
+            return build(device)
+        module, empty = build_noting_empty(lambda: build(device))
+        return module
+
+    return build_small_on_cpu(on, ELEMENT_BUDGET), empty
+
+
+def _spec(
+    target: ResolvedTarget, params, module: nn.Module, empty: tuple[str, ...] | None = None, **how
+) -> TargetSpec:
     spec = TargetSpec(
         target=target,
         ctor_params=params,
@@ -127,7 +148,7 @@ def _spec(target: ResolvedTarget, params, module: nn.Module, **how) -> TargetSpe
     )
     if _size(module) > ELEMENT_BUDGET:
         return spec  # too big to build for real: nothing can be told of its values
-    return replace(spec, uninitialised=build_noting_empty(spec.build)[1])
+    return replace(spec, uninitialised=empty if empty is not None else build_noting_empty(spec.build)[1])
 
 
 def _refuse_lazy(target: ResolvedTarget, module: nn.Module) -> None:

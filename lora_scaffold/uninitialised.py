@@ -51,7 +51,9 @@ def build_noting_empty(build: Callable[[], nn.Module]) -> tuple[nn.Module, tuple
     names = tuple(
         name
         for name, parameter in module.named_parameters()
-        if parameter.numel() and parameter.untyped_storage().data_ptr() in tracker.unwritten
+        if not isinstance(parameter, nn.parameter.UninitializedParameter)  # a lazy module's: refused later
+        and parameter.numel()
+        and parameter.untyped_storage().data_ptr() in tracker.unwritten
     )
     return module, names
 
