@@ -42,6 +42,7 @@ class LayerContext:
     refusal_cases: tuple[str, ...]
     lora_bias_option: bool
     dora_variant: str
+    tests_dora: bool
     dora_unmerge_transposed: bool
     variant_support: str
     dora_norm_dims: str

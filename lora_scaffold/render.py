@@ -86,6 +86,7 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "refusal_cases": _refusal_cases(plan, refusal, peft),
             "lora_bias_option": peft.has_option("lora_bias"),
             "dora_variant": dora_variant,
+            "tests_dora": bool(dora_variant),
             "dora_unmerge_transposed": bool(dora_variant)
             and plan.fan_in_fan_out
             and not peft.has(peft_release.DORA_UNMERGE_TRANSPOSES),
@@ -178,7 +179,7 @@ def context_for_verify(
         weight_cache=False,
         uses_dropout=uses_dropout,
         lora_bias_option=lora_bias,
-        dora_variant="dora" if dora else "",
+        tests_dora=dora,
         mixed_batch=mixed_batch,
         refusal_cases=refusal_entries([(options, "", case_id) for options, case_id in refusals]),
     )
