@@ -23,8 +23,5 @@ class Delta(Strategy):
     def reason(self, evidence: Evidence, verdict: Verdict) -> str:
         return "the forward runs with W + dW, exact for any forward"
 
-    def template_answers(self, evidence: Evidence) -> dict:
-        return {"experts": False}
-
 
 DELTA = Delta()

@@ -33,6 +33,7 @@ class Experts(Delta):
         "Forward runs the base module with `W + dW`, where expert e's slice of dW is `B_e @ A_e * scaling` (one "
         "rank-r pair per expert, stored as PEFT's ParamWrapper stores them: lora_A [E * r, d2], lora_B [d1, E * r])."
     )
+    partial = "partials/experts.jinja"
     fallback = False
 
     def fits(self, evidence: Evidence) -> bool:
@@ -76,8 +77,6 @@ class Experts(Delta):
     def template_answers(self, evidence: Evidence) -> dict:
         attribute, view = flat_layout(evidence) if len(evidence.weight.shape) == 2 else ("", None)
         return {
-            **super().template_answers(evidence),
-            "experts": True,
             "expert_count_attribute": json.dumps(attribute) if attribute else "",
             "expert_columns": _columns_code(view) if view else "",
         }
