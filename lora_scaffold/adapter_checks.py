@@ -79,6 +79,38 @@ def reached(model: nn.Module, adapted: dict, model_input: str) -> set[str]:
     return found
 
 
+def read_without_call(model: nn.Module, names: list[str], model_input: str) -> set[str]:
+    """Of the modules `names`, those whose own weights the model's forward (eval mode) reads while it never calls
+    them: a parent using a child's weight itself (LongCat's router and its `classifier`), where a LoRA layer on the
+    child is dead. A weight a called module holds too (a tied table: NLLB's `shared`) does not count."""
+    holders: dict[int, set[str]] = {}
+    for name, module in model.named_modules():
+        for parameter in module.parameters(recurse=False):
+            holders.setdefault(id(parameter), set()).add(name)
+    called: set[str] = set()
+    hooks = [
+        module.register_forward_pre_hook(lambda _module, _args, name=name: called.add(name))
+        for name, module in model.named_modules()
+    ]
+    owners: dict[int, set[str]] = {}
+    for name in names:
+        for parameter in model.get_submodule(name).parameters(recurse=False):
+            owners.setdefault(id(parameter), set()).add(name)
+    read: set[str] = set()
+    try:
+        with contextlib.suppress(*USER_CODE_ERRORS), torch.no_grad(), _WeightReads(owners, read):
+            args, kwargs = model_arguments(model_input, 0)
+            model(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {
+        name
+        for name in read - called
+        if not any(holders[id(p)] & called for p in model.get_submodule(name).parameters(recurse=False))
+    }
+
+
 class _WeightReads(TorchFunctionMode):
     """Adds to `found` the names owning a tensor any torch function is given."""
 

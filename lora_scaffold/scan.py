@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lora_scaffold.adapter_checks import read_without_call
 from lora_scaffold.capture import built_model, default_model_input
-from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError, TargetError
+from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError, ScaffoldError, TargetError
 from lora_scaffold.init_expression import ModuleNamespace
 from lora_scaffold.peft_answer import peft_layer
 from lora_scaffold.request import ModelCall
@@ -132,7 +133,44 @@ def scan(model: nn.Module, model_spec: str, model_input: str | None = None) -> t
         if weights:
             key = (_scanned_class(module), parametrize.is_parametrized(module))
             found.setdefault(key, []).append((name or ROOT, module, weights))
-    return tuple(_describe(cls, instances, model, model_spec, model_input) for (cls, _), instances in found.items())
+    direct = set() if isinstance(model_input, AnalysisError) else _read_directly(found, model_spec, model_input)
+    _add_parents_reading(found, direct, model)
+    return tuple(
+        _describe(cls, instances, model, model_spec, model_input, direct) for (cls, _), instances in found.items()
+    )
+
+
+def _read_directly(found: dict, model_spec: str, model_input: str | None) -> set[str]:
+    """Modules PEFT adapts whose weights the model reads without calling them (asked of the model built for real,
+    run once): PEFT's layer there would be dead."""
+    names = [
+        name
+        for (cls, parametrized), instances in found.items()
+        if peft_builtin(cls, exact=True) and not parametrized
+        for name, _, _ in instances
+        if name != ROOT
+    ]
+    if not names:
+        return set()
+    try:
+        real = built_model(model_expression(model_spec))
+        return read_without_call(real, names, model_input or default_model_input(real))
+    except ScaffoldError:  # the model does not build for real, or gives no input: nothing to tell
+        return set()
+
+
+def _add_parents_reading(found: dict, direct: set[str], model: nn.Module) -> None:
+    """The parent of a module read directly adapts that module's weight (`--weight LEAF.weight`), unless its class
+    has weights of its own, and so a command for one of them (one layer a class)."""
+    own = set(found)
+    for name in sorted(direct):
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else None
+        key = (_scanned_class(parent), parametrize.is_parametrized(parent)) if parent is not None else None
+        if key is None or key in own:
+            continue
+        weights = tuple((f"{leaf}.{weight}", shape) for weight, shape in used_weights(model.get_submodule(name)))
+        found.setdefault(key, []).append((parent_name, parent, weights))
 
 
 def used_weights(module: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -149,7 +187,9 @@ def _scanned_class(module: nn.Module) -> type:
     return cls.__bases__[0] if cls.__module__ == parametrize.__name__ else cls
 
 
-def _describe(cls: type, instances: list, model: nn.Module, model_spec: str, model_input) -> ScannedClass:
+def _describe(
+    cls: type, instances: list, model: nn.Module, model_spec: str, model_input, direct: set[str]
+) -> ScannedClass:
     variants: dict[tuple, list[str]] = {}
     for name, _, weights in instances:
         variants.setdefault(weights, []).append(name)
@@ -162,6 +202,9 @@ def _describe(cls: type, instances: list, model: nn.Module, model_spec: str, mod
         handled += ", as for its base class"
     if parametrized and handled:
         handled += ", whose merge is lost: it writes into a weight the parametrization computes anew"
+    dead = [name for name, _, _ in instances if name in direct]
+    if dead and handled.startswith("lora."):
+        handled += f", dead at {', '.join(dead)}: the model reads the weight there without calling the module"
     command, why_not, target_module, weight = "", "", "", ""
     adaptable = _adaptable(weights)
     if peft_builtin(cls, exact=True) and not parametrized:

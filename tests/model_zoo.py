@@ -360,10 +360,6 @@ KNOWN_FAILURES = {
         **_indexer("model.layers.1", "compressor.indexer.scorer.weights_proj"),
     },
     "qwen4_exp_text": _indexer("model.layers.1", "indexer.index_qk_proj"),
-    "longcat_flash": {
-        "model.layers.0.mlp.router.classifier": "LongCat's router reads classifier.weight itself (F.linear in float32) "
-        "and never calls the module: PEFT's lora.Linear there is dead, and merging it changes the logits",
-    },
     "zaya": {
         f"model.layers.0.self_attn.qkv_proj.{name}": "ZayaQKNorm's key scale `temp` starts at zero: attention is "
         "uniform whatever the queries and keys until it is trained"

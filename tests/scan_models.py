@@ -143,3 +143,18 @@ def unfilled_model() -> nn.Module:
     """Garbage upstream of a layer PEFT cannot adapt: its input is only what the model feeds it if both the tool and
     the tests fill the garbage the same way."""
     return nn.Sequential(UnfilledBank(), ExpertsWithNorm())
+
+
+class ReadsLinearWeight(nn.Module):
+    """Keeps its projection as an nn.Linear but applies the weight itself (LongCat's router and its classifier)."""
+
+    def __init__(self, width: int = 8, experts: int = 4):
+        super().__init__()
+        self.classifier = nn.Linear(width, experts, bias=False)
+
+    def forward(self, x):
+        return F.linear(x.float(), self.classifier.weight.float()).softmax(-1)
+
+
+def direct_read_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), ReadsLinearWeight())

@@ -108,3 +108,20 @@ def test_what_a_model_leaves_empty_is_filled_alike_by_the_tool_and_the_tests(cap
     assert run_suites([layers], tmp_path / "suites.xml", extra_paths=(TESTS,)).returncode == 0
     code, report = audited(capsys, model, "--model-input", "torch.randn(5, 8)", "--layers", str(layers))
     assert code == 0 and all(m["live"] and m["gradients"] and m["merges"] for m in report["modules"]), report
+
+
+def test_a_weight_the_model_reads_without_calling_its_module_is_adapted_through_the_parent(capsys, tmp_path):
+    """PEFT's lora.Linear on LongCat's router.classifier is dead (the router applies classifier.weight itself): scan
+    says so and gives the router a command for that weight; with its layer, the audit finds every adapter live."""
+    model, layers = f"{TESTS / 'scan_models.py'}:direct_read_model", tmp_path / "layers"
+    arguments = ["scan", model, "--model-input", "torch.randn(5, 6)", "--json"]
+    assert main(arguments) == 0
+    classes = {c["qualified_name"]: c for c in json.loads(capsys.readouterr().out)["classes"]}
+    assert "dead at 1.classifier" in classes["torch.nn.modules.linear.Linear"]["handled_by"]
+    router = classes["scan_models.ReadsLinearWeight"]
+    assert (router["module"], router["weight"]) == ("1", "classifier.weight")
+    assert main([*arguments[:-1], "--generate", "-o", str(layers)]) == 0
+    capsys.readouterr()
+    code, report = audited(capsys, model, "--model-input", "torch.randn(5, 6)", "--layers", str(layers))
+    names = {m["name"]: m for m in report["modules"]}
+    assert code == 0 and names["1"]["generated"] and "1.classifier" not in names, report
