@@ -94,13 +94,7 @@ def run_new(args: argparse.Namespace) -> int:
         outcome = checkout_commands.patch_checkout(_request(args), args.peft_checkout, args.force, args.dry_run)
     else:
         outcome = workflow.new_plugin(_request(args), Path(args.output or "."), args.force, dry_run=args.dry_run)
-    _apply_unless_dry(outcome, args.dry_run)
-    results = _run_checkout_tests(args, outcome)
-    style = views.Style.for_stream(sys.stdout)
-    text = f"{views.plan_text(outcome.report)}\n{views.changes_text(outcome, args.dry_run, style)}"
-    text += "".join(f"\n{views.suite_result_text(result)}" for result in results)
-    _show(args, lambda: text, lambda: views.outcome_json("new", outcome, args.dry_run, results))
-    return 0
+    return _finish_change(args, "new", outcome)
 
 
 def _run_checkout_tests(args: argparse.Namespace, outcome: workflow.Outcome) -> tuple:
@@ -142,12 +136,17 @@ def run_update(args: argparse.Namespace) -> int:
         )
     else:
         outcome = workflow.update_plugin(Path(args.layer), {**change, "name": args.name}, args.conflicts, args.dry_run)
+    return _finish_change(args, "update", outcome)
+
+
+def _finish_change(args: argparse.Namespace, command: str, outcome: workflow.Outcome) -> int:
+    """`new` and `update`: apply the change (unless --dry-run), run the checkout's tests when asked, show both."""
     _apply_unless_dry(outcome, args.dry_run)
     results = _run_checkout_tests(args, outcome)
     style = views.Style.for_stream(sys.stdout)
     text = f"{views.plan_text(outcome.report)}\n{views.changes_text(outcome, args.dry_run, style)}"
     text += "".join(f"\n{views.suite_result_text(result)}" for result in results)
-    _show(args, lambda: text, lambda: views.outcome_json("update", outcome, args.dry_run, results))
+    _show(args, lambda: text, lambda: views.outcome_json(command, outcome, args.dry_run, results))
     return 0
 
 
