@@ -57,26 +57,9 @@ def reached(model: nn.Module, adapted: dict, model_input: str) -> set[str]:
     """The adapted modules the model's forward reaches, in eval or in training mode: it calls them, or reads their base
     weights itself (a fused path: Mamba's CPU `mamba_inner_fn` reads `dt_proj.weight`, which makes the adapter dead,
     not unreached). An expert no token is routed to is neither called nor read."""
-    found: set[str] = set()
-    hooks = [
-        layer.register_forward_pre_hook(lambda _module, _args, name=name: found.add(name))
-        for name, layer in adapted.items()
-    ]
-    owners: dict[int, set[str]] = {}
-    for name, layer in adapted.items():
-        for parameter in layer.get_base_layer().parameters():
-            owners.setdefault(id(parameter), set()).add(name)
-    try:
-        for training in (False, True):
-            model.train(training)
-            with contextlib.suppress(*USER_CODE_ERRORS), torch.no_grad(), _WeightReads(owners, found):
-                args, kwargs = model_arguments(model_input, 0)
-                model(*args, **kwargs)
-    finally:
-        model.eval()
-        for hook in hooks:
-            hook.remove()
-    return found
+    weights = {name: list(layer.get_base_layer().parameters()) for name, layer in adapted.items()}
+    called, read = _calls_and_reads(model, adapted, weights, model_input, modes=(False, True))
+    return called | read
 
 
 def read_without_call(model: nn.Module, names: list[str], model_input: str) -> set[str]:
@@ -87,28 +70,38 @@ def read_without_call(model: nn.Module, names: list[str], model_input: str) -> s
     for name, module in model.named_modules():
         for parameter in module.parameters(recurse=False):
             holders.setdefault(id(parameter), set()).add(name)
+    own = {name: list(model.get_submodule(name).parameters(recurse=False)) for name in names}
+    called, read = _calls_and_reads(model, dict(model.named_modules()), own, model_input, modes=(False,))
+    return {name for name in read - called if not any(holders[id(p)] & called for p in own[name])}
+
+
+def _calls_and_reads(
+    model: nn.Module, watched: dict[str, nn.Module], weights: dict[str, list], model_input: str, modes: tuple
+) -> tuple[set[str], set[str]]:
+    """The names in `watched` whose modules the model's forward calls, and those in `weights` whose tensors any
+    torch function is given, over a forward in each mode (training or not); a forward that fails counts what it
+    reached before."""
     called: set[str] = set()
+    read: set[str] = set()
     hooks = [
         module.register_forward_pre_hook(lambda _module, _args, name=name: called.add(name))
-        for name, module in model.named_modules()
+        for name, module in watched.items()
     ]
     owners: dict[int, set[str]] = {}
-    for name in names:
-        for parameter in model.get_submodule(name).parameters(recurse=False):
-            owners.setdefault(id(parameter), set()).add(name)
-    read: set[str] = set()
+    for name, tensors in weights.items():
+        for tensor in tensors:
+            owners.setdefault(id(tensor), set()).add(name)
     try:
-        with contextlib.suppress(*USER_CODE_ERRORS), torch.no_grad(), _WeightReads(owners, read):
-            args, kwargs = model_arguments(model_input, 0)
-            model(*args, **kwargs)
+        for training in modes:
+            model.train(training)
+            with contextlib.suppress(*USER_CODE_ERRORS), torch.no_grad(), _WeightReads(owners, read):
+                args, kwargs = model_arguments(model_input, 0)
+                model(*args, **kwargs)
     finally:
+        model.eval()
         for hook in hooks:
             hook.remove()
-    return {
-        name
-        for name in read - called
-        if not any(holders[id(p)] & called for p in model.get_submodule(name).parameters(recurse=False))
-    }
+    return called, read
 
 
 class _WeightReads(TorchFunctionMode):
