@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import weakref
 from functools import lru_cache
 
 import torch
@@ -68,17 +69,41 @@ def _recorded(call: ModelCall, seed: int) -> tuple[tuple, dict]:
 
 
 def evaluate_model(model: str):
-    """The model an expression builds, on the CPU, seeded, with the parameters its init leaves `torch.empty` drawn
-    as the generated tests draw them (`left_empty`)."""
+    """A fresh build of the model an expression builds, on the CPU, seeded, with the parameters its init leaves
+    `torch.empty` drawn as the generated tests draw them (`left_empty`)."""
     built, empty = _build(model)
     return initialise(built, empty)
 
 
-@lru_cache(maxsize=4)
 def left_empty(model: str) -> tuple[str, ...]:
     """The model's parameters its init leaves as uninitialised memory (Qwen3-Omni's talker's experts: garbage that
     makes the model's output NaN), which the tool and the tests fill normal(0, INIT_STD) right after the build."""
-    return _build(model)[1]
+    return _shared_build(model)[1]
+
+
+def built_model(model: str) -> nn.Module:
+    """One build of the model per process (several captures and the probe's seeds share it), in eval mode and
+    without a key-value cache, whose state would make a repeated call differ."""
+    return _shared_build(model)[0]
+
+
+@lru_cache(maxsize=4)
+def _shared_build(model: str) -> tuple[nn.Module, tuple[str, ...]]:
+    built, empty = _build(model)
+    if not isinstance(built, nn.Module):
+        raise TargetError(f"{model!r} gives a {type(built).__name__}, not an nn.Module")
+    initialise(built, empty)
+    size = sum(t.numel() for t in (*built.parameters(), *built.buffers()))
+    if size > MODEL_ELEMENT_BUDGET:
+        raise TargetError(
+            f"{model!r} has {size:,} weight elements; --from-model runs it for real: build it from a small config"
+        )
+    if any(t.is_meta for t in built.parameters()):
+        raise TargetError(f"{model!r} gives a model on the meta device; --from-model runs it: build it on the CPU")
+    config = getattr(built, "config", None)
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    return built.eval(), empty
 
 
 def _build(model: str) -> tuple[object, tuple[str, ...]]:
@@ -91,26 +116,6 @@ def _build(model: str) -> tuple[object, tuple[str, ...]]:
     except USER_CODE_ERRORS as exc:
         raise TargetError(f"building the model {model!r} failed: {type(exc).__name__}: {exc}") from None
     return built, empty
-
-
-@lru_cache(maxsize=4)
-def built_model(model: str) -> nn.Module:
-    """One build of the model per process (several captures and the probe's seeds share it), in eval mode and
-    without a key-value cache, whose state would make a repeated call differ."""
-    built = evaluate_model(model)
-    if not isinstance(built, nn.Module):
-        raise TargetError(f"{model!r} gives a {type(built).__name__}, not an nn.Module")
-    size = sum(t.numel() for t in (*built.parameters(), *built.buffers()))
-    if size > MODEL_ELEMENT_BUDGET:
-        raise TargetError(
-            f"{model!r} has {size:,} weight elements; --from-model runs it for real: build it from a small config"
-        )
-    if any(t.is_meta for t in built.parameters()):
-        raise TargetError(f"{model!r} gives a model on the meta device; --from-model runs it: build it on the CPU")
-    config = getattr(built, "config", None)
-    if hasattr(config, "use_cache"):
-        config.use_cache = False
-    return built.eval()
 
 
 def model_arguments(model_input: str, seed: int) -> tuple[tuple, dict]:
@@ -135,8 +140,23 @@ def bound_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dic
 
 
 def default_model_input(model: nn.Module) -> str:
-    """An input for a transformers model from its config: token ids, pixel values, audio values or features, decoder
-    ids for an encoder-decoder. Raises for a model that gives no clue; the user then passes --model-input."""
+    """An input for a transformers model from its config (`model_input_choices`): the first choice its forward takes,
+    tried only where there is more than one, once per model."""
+    choices = model_input_choices(model)
+    if len(choices) == 1:
+        return choices[0]
+    if model not in _CHOSEN:
+        _CHOSEN[model] = next((choice for choice in choices if _runs(model, choice)), choices[0])
+    return _CHOSEN[model]
+
+
+_CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_input_choices(model: nn.Module) -> tuple[str, ...]:
+    """Inputs for a transformers model from its config: token ids, pixel values, audio values or features, decoder
+    ids for an encoder-decoder; then embeddings for a decoder that takes them (Qwen3-Omni's talker is fed embeddings
+    by its parent and fails on ids). Raises for a model that gives no clue; the user then passes --model-input."""
     config = getattr(model, "config", None)
     main = getattr(model, "main_input_name", None)
     if config is None or main is None:
@@ -147,22 +167,14 @@ def default_model_input(model: nn.Module) -> str:
     entries = {main: _main_input(config, main, type(model).__name__)}
     if getattr(config, "is_encoder_decoder", False):
         entries["decoder_input_ids"] = f"torch.randint(0, {_vocab_size(config)}, ({BATCH}, 4))"
-    by_ids = _listed(entries)
-    if (
-        main != "input_ids"
-        or "inputs_embeds" not in inspect.signature(model.forward).parameters
-        or _runs(model, by_ids)
-    ):
-        return by_ids
-    # A decoder fed embeddings by a parent model (Qwen3-Omni's talker has no token embedding of its own).
     hidden = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "hidden_size", None)
-    if not isinstance(hidden, int):
-        return by_ids
-    entries = {"inputs_embeds": f"torch.randn({BATCH}, {TOKENS}, {hidden})"} | {
+    takes_embeddings = "inputs_embeds" in inspect.signature(model.forward).parameters
+    if main != "input_ids" or not takes_embeddings or not isinstance(hidden, int):
+        return (_listed(entries),)
+    embedded = {"inputs_embeds": f"torch.randn({BATCH}, {TOKENS}, {hidden})"} | {
         key: value for key, value in entries.items() if key != main
     }
-    by_embeddings = _listed(entries)
-    return by_embeddings if _runs(model, by_embeddings) else by_ids
+    return _listed(entries), _listed(embedded)
 
 
 def _listed(entries: dict[str, str]) -> str:

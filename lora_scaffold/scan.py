@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lora_scaffold.adapter_checks import read_without_call
-from lora_scaffold.capture import built_model, default_model_input
+from lora_scaffold.capture import built_model, default_model_input, model_input_choices
 from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError, ScaffoldError, TargetError
 from lora_scaffold.init_expression import ModuleNamespace
 from lora_scaffold.peft_answer import peft_layer
@@ -122,7 +122,7 @@ def scan(model: nn.Module, model_spec: str, model_input: str | None = None) -> t
     model says nothing of its input (no transformers config)."""
     if model_input is None:
         try:
-            default_model_input(model)
+            model_input_choices(model)
         except AnalysisError as error:
             model_input = error  # no command without an input: each class says so
     found: dict[tuple[type, bool], list[tuple[str, nn.Module, tuple]]] = {}
