@@ -3,7 +3,6 @@ here prints or writes: each returns the planned changes and a report."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from lora_scaffold.analyse import LayerPlan
@@ -17,7 +16,7 @@ from lora_scaffold.files import (
     refuse_conflicts,
 )
 from lora_scaffold.names import layer_names
-from lora_scaffold.patch.checkout import LORA_PACKAGE, PeftCheckout, read_checkout
+from lora_scaffold.patch.checkout import LORA_PACKAGE, PeftCheckout, checkout_root, read_checkout
 from lora_scaffold.patch.description import describe, description_path, run_tests
 from lora_scaffold.patch.exports import INIT_FILE, exported_names
 from lora_scaffold.patch.plan import PatchEdits, as_files, edited_sources, plan_edits, reverted_sources
@@ -31,9 +30,9 @@ from lora_scaffold.workflow import (
     digest_on_disk,
     merged_edits,
     plan_layer,
+    record_file,
     recover_interrupted,
     unedited,
-    with_record,
 )
 
 
@@ -42,8 +41,13 @@ def patch_checkout(
 ) -> Outcome:
     """`new --peft-checkout PATH`: the layer becomes part of PEFT (module, dispatch, export, tests). With
     `conflicts` (`update`), the generated files merge the edits made since the last run instead of refusing them."""
-    recovered = recover_interrupted(_checkout_root(checkout_path), dry_run)
-    checkout = read_checkout(checkout_path)
+    checkout, recovered = _open_checkout(checkout_path, dry_run)
+    return _patch(request, checkout, recovered, force, conflicts)
+
+
+def _patch(
+    request: Request, checkout: PeftCheckout, recovered: tuple[str, ...], force: bool, conflicts: str | None
+) -> Outcome:
     spec, plan = plan_layer(request)
     if plan.peft_builtin_exact and not force:
         raise PatchError(
@@ -51,32 +55,51 @@ def patch_checkout(
             "pass --force to put a branch for the generated layer before PEFT's"
         )
     previous = checkout.record(plan.module_name)
-    _refuse_foreign_layer(checkout, plan.module_name, request.target, previous)
+    rendered = _layer_and_tests(checkout, plan, request.target, previous)
+    edits = plan_edits(plan, spec.target.cls, checkout)
+    sources = checkout.edited_sources()
+    if previous is not None and previous.edits != edits.as_dict():
+        sources = reverted_sources(sources, PatchEdits.from_dict(previous.edits), force)
+    merged, notes = rendered, recovered
+    if conflicts is not None and previous is not None:
+        merged, merge_notes = merged_edits(checkout.root, rendered, previous, conflicts)
+        notes += merge_notes
+    files = (
+        *merged,
+        record_file(rendered, request, plan, checkout.peft, edits.as_dict()),
+        *as_files(edited_sources(sources, edits)),
+        GeneratedFile(IGNORE_FILE, IGNORE_TEXT),
+    )
+    updatable = unedited(checkout.root, previous) | set(checkout.edited_sources()) | {IGNORE_FILE}
+    changes = _checkout_changes(checkout, files, force, updatable)
+    notes += _wiring_notes(plan, edits, rendered[1].path)
+    nothing = "" if any(c.changes_disk for c in changes) else f"{checkout.root} already has {plan.layer_class}"
+    if not nothing:
+        changes += (pull_request_change(checkout.root, plan, checkout.peft, changes),)
+    return Outcome(checkout.root, changes, Report(spec, plan, checkout.peft, notes, nothing))
+
+
+def _layer_and_tests(
+    checkout: PeftCheckout, plan: LayerPlan, target: str, previous: GenerationRecord | None
+) -> tuple[GeneratedFile, ...]:
+    """The layer module in PEFT's lora package and its tests in PEFT's tests, refused where they would take over a
+    file or a name that is not this layer's."""
+    _refuse_foreign_layer(checkout, plan.module_name, target, previous)
     rendered = tuple(
         GeneratedFile(f"{folder}/{generated.path}", generated.text)
         for folder, generated in zip((LORA_PACKAGE, "tests"), render(plan, checkout.peft))
     )
     _refuse_taking_over(checkout, plan.layer_class, [generated.path for generated in rendered], previous)
-    edits = plan_edits(plan, spec.target.cls, checkout)
-    sources = checkout.edited_sources()
-    if previous is not None and previous.edits != edits.as_dict():
-        sources = reverted_sources(sources, PatchEdits.from_dict(previous.edits), force)
-    files = with_record(rendered, request, plan, checkout.peft, edits.as_dict())
-    notes = recovered
-    if conflicts is not None and previous is not None:
-        merged, merge_notes = merged_edits(checkout.root, rendered, previous, conflicts)
-        files, notes = merged + files[len(rendered) :], notes + merge_notes
-    files += as_files(edited_sources(sources, edits)) + (GeneratedFile(IGNORE_FILE, IGNORE_TEXT),)
-    updatable = unedited(checkout.root, previous) | set(checkout.edited_sources()) | {IGNORE_FILE}
-    changes = _checkout_changes(checkout, files, force, updatable)
+    return rendered
+
+
+def _wiring_notes(plan: LayerPlan, edits: PatchEdits, tests_path: str) -> tuple[str, ...]:
+    notes = ()
     if not edits.supported:
         notes += ("model.py's message listing the supported modules has another shape: left as it is",)
     if plan.battery_blocker and edits.battery is None:
-        notes += (f"not wired into PEFT's test battery: {plan.battery_blocker}; {rendered[1].path} covers the layer",)
-    nothing = "" if any(c.changes_disk for c in changes) else f"{checkout.root} already has {plan.layer_class}"
-    if not nothing:
-        changes += (pull_request_change(checkout.root, plan, checkout.peft, changes),)
-    return Outcome(checkout.root, changes, Report(spec, plan, checkout.peft, notes, nothing))
+        notes += (f"not wired into PEFT's test battery: {plan.battery_blocker}; {tests_path} covers the layer",)
+    return notes
 
 
 def test_checkout(outcome: Outcome) -> tuple:
@@ -105,10 +128,8 @@ def remove_from_checkout(
     target: str, name: str | None, checkout_path: str, force: bool = False, dry_run: bool = False
 ) -> Outcome:
     """`remove`: take out exactly what `new` added, as its generation record says."""
-    recovered = recover_interrupted(_checkout_root(checkout_path), dry_run)
-    checkout = read_checkout(checkout_path)
-    class_name = target.rpartition(":" if ":" in target else ".")[2]
-    _, module_name = layer_names(class_name, name)
+    checkout, recovered = _open_checkout(checkout_path, dry_run)
+    module_name = _module_name(target, name)
     record = checkout.record(module_name)
     _refuse_foreign_layer(checkout, module_name, target, record)
     if record is None:
@@ -132,25 +153,26 @@ def update_checkout(
     target: str, name: str | None, checkout_path: str, change: dict, conflicts: str = "stop", dry_run: bool = False
 ) -> Outcome:
     """`update TARGET --peft-checkout PATH`: as update_plugin, for a layer patched into a checkout (and its wiring)."""
-    recovered = recover_interrupted(_checkout_root(checkout_path), dry_run)  # before the record is read
-    checkout = read_checkout(checkout_path)
-    class_name = target.rpartition(":" if ":" in target else ".")[2]
-    _, module_name = layer_names(class_name, name)
+    checkout, recovered = _open_checkout(checkout_path, dry_run)
+    module_name = _module_name(target, name)
     record = checkout.record(module_name)
     if record is None:
         raise PatchError(
             f"{checkout.root} has no generation record for {module_name}: update works in the checkout `new "
             "--peft-checkout` patched (the records stay out of git there, and so out of fresh clones)"
         )
-    request = record.request.updated(**change)
-    outcome = patch_checkout(request, checkout_path, force=True, dry_run=dry_run, conflicts=conflicts)
-    return replace(outcome, report=replace(outcome.report, notes=recovered + outcome.report.notes))
+    return _patch(record.request.updated(**change), checkout, recovered, force=True, conflicts=conflicts)
 
 
-def _checkout_root(checkout_path: str) -> Path:
-    if not str(checkout_path).strip():
-        raise PatchError("--peft-checkout needs the path of a peft source checkout, got an empty one")
-    return Path(checkout_path)
+def _open_checkout(checkout_path: str, dry_run: bool) -> tuple[PeftCheckout, tuple[str, ...]]:
+    """The checkout, read after what an interrupted run left in it is completed or undone (its records and sources
+    are only whole then), and the note of that recovery."""
+    recovered = recover_interrupted(checkout_root(checkout_path), dry_run)
+    return read_checkout(checkout_path), recovered
+
+
+def _module_name(target: str, name: str | None) -> str:
+    return layer_names(target.rpartition(":" if ":" in target else ".")[2], name)[1]
 
 
 def _refuse_foreign_layer(checkout: PeftCheckout, module_name: str, target: str, record: GenerationRecord | None):

@@ -121,7 +121,8 @@ def new_plugin(
     recovered = recover_interrupted(output, dry_run)
     peft = peft or installed_peft(PLUGIN)
     spec, plan = plan_layer(request)
-    files = with_record(render(plan, peft), request, plan, peft)
+    rendered = render(plan, peft)
+    files = (*rendered, record_file(rendered, request, plan, peft))
     previous = _read_record(output / record_path(plan.module_name))
     changes = plan_changes(files, output, force=force, updatable=unedited(output, previous))
     refuse_conflicts(changes)
@@ -149,7 +150,7 @@ def update_plugin(layer_file: Path, change: dict, conflicts: str = "stop", dry_r
     _refuse_renaming(plan.module_name, module_name)
     rendered = render(plan, peft)
     merged, notes = merged_edits(root, rendered, record, conflicts)
-    files = merged + with_record(rendered, request, plan, peft)[len(rendered) :]
+    files = (*merged, record_file(rendered, request, plan, peft))
     changes = plan_changes(files, root, force=True, updatable=frozenset())
     return Outcome(root, changes, Report(spec, plan, peft, recovered + notes))
 
@@ -230,9 +231,14 @@ def load_manifest(root: Path) -> tuple[PeftRelease, dict[str, Request]]:
     return release_for(PLUGIN, str(manifest["peft"])), examples
 
 
-def with_record(
-    files: tuple[GeneratedFile, ...], request: Request, plan: LayerPlan, peft: PeftRelease, edits: dict | None = None
-) -> tuple[GeneratedFile, ...]:
+def record_file(
+    rendered: tuple[GeneratedFile, ...],
+    request: Request,
+    plan: LayerPlan,
+    peft: PeftRelease,
+    edits: dict | None = None,
+) -> GeneratedFile:
+    """The generation record of `rendered` (what was asked, decided and written, with a copy to merge edits from)."""
     record = GenerationRecord(
         request=request,
         mode=peft.mode,
@@ -245,11 +251,11 @@ def with_record(
         verdicts=[verdict.as_record() for verdict in plan.verdicts],
         layer_class=plan.layer_class,
         module_name=plan.module_name,
-        files={generated.path: digest(generated.text) for generated in files},
+        files={generated.path: digest(generated.text) for generated in rendered},
         edits=edits,
-        pristine={generated.path: generated.text for generated in files},
+        pristine={generated.path: generated.text for generated in rendered},
     )
-    return files + (GeneratedFile(record.path, record.to_json()),)
+    return GeneratedFile(record.path, record.to_json())
 
 
 def _read_record(path: Path) -> GenerationRecord | None:

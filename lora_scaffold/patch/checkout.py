@@ -48,10 +48,14 @@ class PeftCheckout:
         return sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
 
 
-def read_checkout(path: str | Path) -> PeftCheckout:
+def checkout_root(path: str | Path) -> Path:
     if not str(path).strip():
         raise PatchError("--peft-checkout needs the path of a peft source checkout, got an empty one")
-    root = Path(path)
+    return Path(path)
+
+
+def read_checkout(path: str | Path) -> PeftCheckout:
+    root = checkout_root(path)
     if not root.is_dir():
         raise PatchError(f"--peft-checkout {root}: no such folder")
     sources = {}
