@@ -117,7 +117,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
     weight = choose_weight(spec, options.weight)
     module = spec.build()
     if weight.computed:
-        require_invertible(spec, weight.name)
+        require_invertible(spec, module, weight.name)
     attributes = spec.attribute_values()
     if options.model_call is not None:
         example_input = (

@@ -3,9 +3,11 @@ one named `weight`); a weight a parametrization computes only where that paramet
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
+from torch import nn
 
 from lora_scaffold.errors import USER_CODE_ERRORS, AnalysisError
 from lora_scaffold.introspect import TargetSpec, TensorInfo
@@ -44,9 +46,10 @@ def choose_weight(spec: TargetSpec, requested: str | None) -> TensorInfo:
     raise AnalysisError(f"{spec.target.class_name} has several weights ({names}); pick one with --weight NAME")
 
 
-def require_invertible(spec: TargetSpec, name: str) -> None:
-    """Merging assigns W + dW to a computed weight: its parametrization must give that back (right_inverse)."""
-    module = spec.build()
+def require_invertible(spec: TargetSpec, built: nn.Module, name: str) -> None:
+    """Merging assigns W + dW to a computed weight: its parametrization must give that back (right_inverse). Asked of
+    a copy of the built target, which the probe needs as it was built."""
+    module = copy.deepcopy(built)
     owner_name, _, attribute = name.rpartition(".")
     owner = module.get_submodule(owner_name)
     weight = getattr(owner, attribute).detach()
