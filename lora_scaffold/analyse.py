@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -14,13 +13,22 @@ from lora_scaffold import strategies
 from lora_scaffold.capture import left_empty, recorded_call
 from lora_scaffold.errors import AnalysisError
 from lora_scaffold.introspect import TargetSpec
+from lora_scaffold.layer_plan import (
+    CallFacts,
+    Decision,
+    InputInfo,
+    LayerNames,
+    LayerPlan,
+    TargetFacts,
+    WeightFacts,
+    example_call,
+)
 from lora_scaffold.names import expression_source, layer_names
 from lora_scaffold.probe import responds, run_probe
-from lora_scaffold.request import ModelCall, Options
+from lora_scaffold.request import Options
 from lora_scaffold.sample_input import (
     SEED,
     candidate_inputs,
-    evaluate_input,
     find_sample_input,
     flatten_output,
     run_call,
@@ -31,74 +39,6 @@ from lora_scaffold.weight_choice import choose_weight, require_invertible
 
 # Modules whose parents (TransformerEncoderLayer) have an eval fast path that reads their weights directly.
 FUSED_PATH_MODULES = (nn.MultiheadAttention,)
-
-
-@dataclass(frozen=True)
-class InputInfo:
-    """One positional input of the example, per sample: shape without the batch dimension, and its kind."""
-
-    shape: tuple[int, ...]
-    floating: bool
-    high: int
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    target_spec: str
-    target_module: str
-    target_class: str
-    ctor_args: tuple[tuple[str, str], ...]
-    init: str | None  # the --init expression that builds the target (then ctor_args is empty)
-    init_imports: tuple[tuple[str, tuple[str, ...]], ...]
-    uninitialised: tuple[str, ...]  # parameters the tests fill after building the target (left torch.empty)
-    weight_name: str
-    weight_shape: tuple[int, ...]
-    bias_name: str | None
-    strategy: str
-    fan_in_fan_out: bool
-    groups: int
-    reason: str
-    verdicts: tuple[Verdict, ...]
-    example_input: str  # an expression of the positional inputs, or (model_call) a description of the call
-    input_inferred: bool
-    model_call: ModelCall | None  # the input is the call the model makes to the target (recorded again by the tests)
-    model_uninitialised: tuple[str, ...]  # the model's parameters its init leaves torch.empty, filled by the tests
-    call_keywords: tuple[str, ...]  # keyword arguments of that call (positional ones are in `inputs`)
-    inputs: tuple[InputInfo, ...]
-    output_features: int
-    output_is_tuple: bool
-    test_rank: int
-    layer_class: str
-    module_name: str
-    test_module: str
-    peft_builtin: str | None
-    peft_builtin_exact: bool
-    battery_blocker: str
-    dora_blocker: str
-    flat_rnn_weights: bool
-    strategy_answers: tuple[tuple[str, Any], ...]  # what only the strategy's partials read (its own business)
-    weight_computed: bool  # a parametrization computes the weight (merging goes through its right_inverse)
-    read_by_fused_parents: bool  # models around it may read its weights in fused kernels of their own
-    eval_only: str  # why the generated tests compare outputs in eval mode only ("" when they need not)
-
-    @property
-    def target_in_torch(self) -> bool:
-        """Whether the target comes from torch, which any peft installation can import."""
-        return self.target_module.split(".")[0] == "torch"
-
-    @property
-    def chosen(self) -> Strategy:
-        return strategies.named(self.strategy)
-
-    def example_call(self, seed: int = SEED) -> tuple[tuple, dict]:
-        return example_call(self.example_input, self.model_call)(seed)
-
-
-def example_call(example_input: str, model_call: ModelCall | None):
-    """seed -> (args, kwargs) the target is called with: the expression's inputs, or the model's call."""
-    if model_call is not None:
-        return lambda seed: recorded_call(model_call, seed)
-    return lambda seed: (evaluate_input(example_input, seed), {})
 
 
 @dataclass(frozen=True)
@@ -145,44 +85,50 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
     args, kwargs = make_call(SEED)
     inputs, output_features, output_is_tuple = describe_io(module, args, kwargs)
     return LayerPlan(
-        target_spec=spec.target.spec,
-        target_module=spec.target.import_module,
-        target_class=spec.target.class_name,
-        ctor_args=spec.ctor_args,
-        init=spec.init,
-        init_imports=spec.init_imports,
-        uninitialised=spec.uninitialised,
-        weight_name=weight.name,
-        weight_shape=weight.shape,
-        bias_name=_bias_name(
-            spec, evidence, strategy, strategy.bias_size(weight.shape, verdict.fan_in_fan_out, groups)
+        target=TargetFacts(
+            spec=spec.target.spec,
+            module=spec.target.import_module,
+            class_name=spec.target.class_name,
+            ctor_args=spec.ctor_args,
+            init=spec.init,
+            init_imports=spec.init_imports,
+            uninitialised=spec.uninitialised,
+            peft_builtin=strategies.peft_builtin(spec.target.cls),
+            peft_builtin_exact=strategies.peft_builtin(spec.target.cls, exact=True) is not None,
         ),
-        strategy=strategy.name,
-        fan_in_fan_out=verdict.fan_in_fan_out,
-        groups=groups,
-        reason=choice.reason,
-        verdicts=choice.verdicts,
-        example_input=example_input,
-        input_inferred=options.example_input is None and options.model_call is None,
-        model_call=options.model_call,
-        model_uninitialised=left_empty(options.model_call.model) if options.model_call else (),
-        call_keywords=tuple(kwargs),
-        inputs=inputs,
-        output_features=output_features,
-        output_is_tuple=output_is_tuple,
-        test_rank=strategy.test_rank(groups),
-        layer_class=layer_class,
-        module_name=module_name,
-        test_module=f"test_{module_name}",
-        peft_builtin=strategies.peft_builtin(spec.target.cls),
-        peft_builtin_exact=strategies.peft_builtin(spec.target.cls, exact=True) is not None,
-        battery_blocker=battery_blocker(module, len(inputs) != len(args), tuple(kwargs)),
-        flat_rnn_weights=isinstance(module.get_submodule(weight.name.rpartition(".")[0]), nn.RNNBase),
-        read_by_fused_parents=isinstance(module, FUSED_PATH_MODULES),
-        weight_computed=weight.computed,
-        strategy_answers=tuple(strategy.template_answers(evidence).items()),
-        dora_blocker=strategy.dora_blocker(evidence, verdict),
-        eval_only=probe.train_mode_note if probe else "",
+        weight=WeightFacts(
+            name=weight.name,
+            shape=weight.shape,
+            bias_name=_bias_name(
+                spec, evidence, strategy, strategy.bias_size(weight.shape, verdict.fan_in_fan_out, groups)
+            ),
+            computed=weight.computed,
+            flat_rnn=isinstance(module.get_submodule(weight.name.rpartition(".")[0]), nn.RNNBase),
+            read_by_fused_parents=isinstance(module, FUSED_PATH_MODULES),
+        ),
+        decision=Decision(
+            strategy=strategy.name,
+            fan_in_fan_out=verdict.fan_in_fan_out,
+            groups=groups,
+            reason=choice.reason,
+            verdicts=choice.verdicts,
+            answers=tuple(strategy.template_answers(evidence).items()),
+            dora_blocker=strategy.dora_blocker(evidence, verdict),
+            eval_only=probe.train_mode_note if probe else "",
+            test_rank=strategy.test_rank(groups),
+        ),
+        call=CallFacts(
+            example_input=example_input,
+            input_inferred=options.example_input is None and options.model_call is None,
+            model_call=options.model_call,
+            model_uninitialised=left_empty(options.model_call.model) if options.model_call else (),
+            keywords=tuple(kwargs),
+            inputs=inputs,
+            output_features=output_features,
+            output_is_tuple=output_is_tuple,
+            battery_blocker=battery_blocker(module, len(inputs) != len(args), tuple(kwargs)),
+        ),
+        names=LayerNames(layer_class, module_name, f"test_{module_name}"),
     )
 
 
@@ -227,13 +173,13 @@ def _reason(evidence: Evidence, verdict: Verdict, tried: list[Verdict], auto: bo
 
 def low_rank_note(plan: LayerPlan) -> str:
     """A warning when a rank-r adapter is no smaller than the weight itself ("" otherwise)."""
-    out_size = plan.weight_shape[0]
-    in_size = math.prod(plan.weight_shape[1:])
-    if len(plan.weight_shape) >= 2 and plan.test_rank * (in_size + out_size) < in_size * out_size:
+    out_size = plan.weight.shape[0]
+    in_size = math.prod(plan.weight.shape[1:])
+    if len(plan.weight.shape) >= 2 and plan.decision.test_rank * (in_size + out_size) < in_size * out_size:
         return ""
     return (
-        f"the weight {list(plan.weight_shape)} is too small for a low-rank adapter to save anything: at rank "
-        f"{plan.test_rank} it has {plan.test_rank * (in_size + out_size)} parameters, the weight {in_size * out_size}"
+        f"the weight {list(plan.weight.shape)} is too small for a low-rank adapter to save anything: at rank "
+        f"{plan.decision.test_rank} it has {plan.decision.test_rank * (in_size + out_size)} parameters, the weight {in_size * out_size}"
     )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_scaffold.analyse import LayerPlan
 from lora_scaffold.errors import PatchError
 from lora_scaffold.files import (
     FileChange,
@@ -15,6 +14,7 @@ from lora_scaffold.files import (
     plan_deletions,
     refuse_conflicts,
 )
+from lora_scaffold.layer_plan import LayerPlan
 from lora_scaffold.names import layer_names
 from lora_scaffold.patch.checkout import LORA_PACKAGE, PeftCheckout, checkout_root, read_checkout
 from lora_scaffold.patch.description import describe, description_path, run_tests
@@ -49,12 +49,12 @@ def _patch(
     request: Request, checkout: PeftCheckout, recovered: tuple[str, ...], force: bool, conflicts: str | None
 ) -> Outcome:
     spec, plan = plan_layer(request)
-    if plan.peft_builtin_exact and not force:
+    if plan.target.peft_builtin_exact and not force:
         raise PatchError(
-            f"PEFT already supports {plan.target_module}.{plan.target_class} with its own {plan.peft_builtin} layer; "
+            f"PEFT already supports {plan.target.module}.{plan.target.class_name} with its own {plan.target.peft_builtin} layer; "
             "pass --force to put a branch for the generated layer before PEFT's"
         )
-    previous = checkout.record(plan.module_name)
+    previous = checkout.record(plan.names.module_name)
     rendered = _layer_and_tests(checkout, plan, request.target, previous)
     edits = plan_edits(plan, spec.target.cls, checkout)
     sources = checkout.edited_sources()
@@ -73,7 +73,7 @@ def _patch(
     updatable = unedited(checkout.root, previous) | set(checkout.edited_sources()) | {IGNORE_FILE}
     changes = _checkout_changes(checkout, files, force, updatable)
     notes += _wiring_notes(plan, edits, rendered[1].path)
-    nothing = "" if any(c.changes_disk for c in changes) else f"{checkout.root} already has {plan.layer_class}"
+    nothing = "" if any(c.changes_disk for c in changes) else f"{checkout.root} already has {plan.names.layer_class}"
     if not nothing:
         changes += (pull_request_change(checkout.root, plan, checkout.peft, changes),)
     return Outcome(checkout.root, changes, Report(spec, plan, checkout.peft, notes, nothing))
@@ -84,12 +84,12 @@ def _layer_and_tests(
 ) -> tuple[GeneratedFile, ...]:
     """The layer module in PEFT's lora package and its tests in PEFT's tests, refused where they would take over a
     file or a name that is not this layer's."""
-    _refuse_foreign_layer(checkout, plan.module_name, target, previous)
+    _refuse_foreign_layer(checkout, plan.names.module_name, target, previous)
     rendered = tuple(
         GeneratedFile(f"{folder}/{generated.path}", generated.text)
         for folder, generated in zip((LORA_PACKAGE, "tests"), render(plan, checkout.peft))
     )
-    _refuse_taking_over(checkout, plan.layer_class, [generated.path for generated in rendered], previous)
+    _refuse_taking_over(checkout, plan.names.layer_class, [generated.path for generated in rendered], previous)
     return rendered
 
 
@@ -97,8 +97,8 @@ def _wiring_notes(plan: LayerPlan, edits: PatchEdits, tests_path: str) -> tuple[
     notes = ()
     if not edits.supported:
         notes += ("model.py's message listing the supported modules has another shape: left as it is",)
-    if plan.battery_blocker and edits.battery is None:
-        notes += (f"not wired into PEFT's test battery: {plan.battery_blocker}; {tests_path} covers the layer",)
+    if plan.call.battery_blocker and edits.battery is None:
+        notes += (f"not wired into PEFT's test battery: {plan.call.battery_blocker}; {tests_path} covers the layer",)
     return notes
 
 
@@ -119,7 +119,7 @@ def pull_request_change(root: Path, plan: LayerPlan, peft: PeftRelease, changes,
         if change.changes_disk and RECORD_DIR not in change.path.parts
     ]
     text = describe(plan, peft, shown, results)
-    path = description_path(plan.module_name)
+    path = description_path(plan.names.module_name)
     (change,) = plan_changes((GeneratedFile(path, text),), root, force=False, updatable=frozenset({path}))
     return change
 

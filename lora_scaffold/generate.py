@@ -167,7 +167,11 @@ def generate(
             results.append(Generated(each, error=str(error)))
             continue
         plan = outcome.report.plan
-        results.append(Generated(each, plan.module_name, plan.layer_class, plan.strategy, plan.reason))
+        results.append(
+            Generated(
+                each, plan.names.module_name, plan.names.layer_class, plan.decision.strategy, plan.decision.reason
+            )
+        )
         changes += outcome.changes
     layers = [r.module_name for r in results if r.module_name]
     if layers:

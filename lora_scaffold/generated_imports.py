@@ -4,7 +4,7 @@ bound through `pytest.importorskip` inside a peft checkout, where only torch is 
 from __future__ import annotations
 
 from lora_scaffold import peft_release
-from lora_scaffold.analyse import LayerPlan
+from lora_scaffold.layer_plan import LayerPlan
 from lora_scaffold.names import target_alias
 from lora_scaffold.peft_release import CONFIG_API, KWARGS_API, PLUGIN, PeftRelease
 
@@ -20,10 +20,14 @@ def layer_imports(plan: LayerPlan, peft: PeftRelease, dora_variant: str) -> list
     param_wrapper = (
         [(f"{package}layer", ("ParamWrapper",))] if plugin and peft.has(peft_release.TARGET_PARAMETERS) else []
     )
-    if plan.chosen.peft_own_layer:
+    if plan.decision.chosen.peft_own_layer:
         typing = [("typing", ("Optional",)), ("torch", ("nn",))] if param_wrapper else []
         return (
-            target + [(f"{package}layer", (plan.peft_builtin,))] + param_wrapper + typing + (config if plugin else [])
+            target
+            + [(f"{package}layer", (plan.target.peft_builtin,))]
+            + param_wrapper
+            + typing
+            + (config if plugin else [])
         )
     imports = [
         ("__future__", ("annotations",)),
@@ -37,12 +41,12 @@ def layer_imports(plan: LayerPlan, peft: PeftRelease, dora_variant: str) -> list
         (f"{package}layer", ("LoraLayer",)),
         *target,
         *(config if peft.api == CONFIG_API or plugin else []),
-        *plan.chosen.imports(),
+        *plan.decision.chosen.imports(),
         *param_wrapper,
     ]
     if peft.has(peft_release.PEFT_WARNING):
         imports.append(("peft.utils.warning", ("PeftWarning",)))
-    if plan.weight_computed:
+    if plan.weight.computed:
         imports.append(("torch.nn.utils", ("parametrize",)))
     if peft.api == KWARGS_API:
         imports.append(("types", ("SimpleNamespace",)))
@@ -66,19 +70,19 @@ def test_imports(
     if layer_import is not None:
         imports.append(layer_import)
     elif peft.mode == PLUGIN:
-        imports.append((plan.module_name, (plan.layer_class, "register")))
+        imports.append((plan.names.module_name, (plan.names.layer_class, "register")))
     else:
-        imports.append((f"peft.tuners.lora.{plan.module_name}", (plan.layer_class,)))
-    if plan.model_call is not None:
+        imports.append((f"peft.tuners.lora.{plan.names.module_name}", (plan.names.layer_class,)))
+    if plan.call.model_call is not None:
         imports += [("contextlib", ()), ("functools", ()), ("inspect", ())]
     sure, _ = split_imports(plan, peft)
     return imports + sure
 
 
 def target_import(plan: LayerPlan) -> tuple[str, tuple[str, ...]]:
-    alias = target_alias(plan.target_class)
-    name = plan.target_class if alias == plan.target_class else f"{plan.target_class} as {alias}"
-    return plan.target_module, (name,)
+    alias = target_alias(plan.target.class_name)
+    name = plan.target.class_name if alias == plan.target.class_name else f"{plan.target.class_name} as {alias}"
+    return plan.target.module, (name,)
 
 
 def optional_imports(plan: LayerPlan, peft: PeftRelease) -> list[str]:
@@ -99,7 +103,7 @@ def split_imports(
 ) -> tuple[list[tuple[str, tuple[str, ...]]], list[tuple[str, tuple[str, ...]]]]:
     """The target's and --init's imports, as (sure to import, maybe missing): plugin output imports its target;
     inside peft only torch is sure to be installed, and a test of a class from elsewhere skips without it."""
-    wanted = [target_import(plan), *plan.init_imports]
+    wanted = [target_import(plan), *plan.target.init_imports]
     if peft.mode == PLUGIN:
         return wanted, []
     in_torch = [entry for entry in wanted if entry[0].split(".")[0] == "torch"]

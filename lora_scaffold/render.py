@@ -13,12 +13,12 @@ import jinja2
 import yaml
 
 from lora_scaffold import __version__, init_expression, peft_release
-from lora_scaffold.analyse import LayerPlan
 from lora_scaffold.context import LayerContext
 from lora_scaffold.errors import RenderError
 from lora_scaffold.files import GeneratedFile
 from lora_scaffold.generated_imports import layer_imports, optional_imports, test_imports
 from lora_scaffold.imports import format_imports
+from lora_scaffold.layer_plan import LayerPlan
 from lora_scaffold.layout import LINE_LENGTH, assigned_string, layout, string_lines
 from lora_scaffold.names import target_alias
 from lora_scaffold.peft_release import LICENSE_HEADER, PLUGIN, PeftRelease
@@ -37,49 +37,49 @@ def template_dir() -> Path:
 
 def dora_refusal(plan: LayerPlan, peft: PeftRelease) -> str:
     """Why the generated layer refuses DoRA ("" when it offers it)."""
-    if plan.chosen.peft_own_layer:
+    if plan.decision.chosen.peft_own_layer:
         return ""
     if not peft.has(peft_release.LORA_VARIANTS):
         return "DoRA goes through PEFT's LoRA variants, which arrived in peft 0.16"
-    return plan.dora_blocker
+    return plan.decision.dora_blocker
 
 
 def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
-    strategy = plan.chosen
+    strategy = plan.decision.chosen
     refusal = dora_refusal(plan, peft)
-    dora_variant = "" if refusal or strategy.peft_own_layer else strategy.dora_variant(plan.weight_shape)
+    dora_variant = "" if refusal or strategy.peft_own_layer else strategy.dora_variant(plan.weight.shape)
     support = f"plain LoRA only (no DoRA: {refusal})" if refusal else "plain LoRA and DoRA"
-    make_target_head = "target = " if plan.uninitialised else "return "
+    make_target_head = "target = " if plan.target.uninitialised else "return "
     return LayerContext(
         **{
             "version": __version__,
             "init_std": INIT_STD,
-            "target_spec": f"{plan.target_module}.{plan.target_class}",
-            "target_module": plan.target_module,
-            "target_class": plan.target_class,
-            "target_name": target_alias(plan.target_class),
-            "layer_class": plan.layer_class,
-            "module_name": plan.module_name,
-            "test_module": plan.test_module,
+            "target_spec": f"{plan.target.module}.{plan.target.class_name}",
+            "target_module": plan.target.module,
+            "target_class": plan.target.class_name,
+            "target_name": target_alias(plan.target.class_name),
+            "layer_class": plan.names.layer_class,
+            "module_name": plan.names.module_name,
+            "test_module": plan.names.test_module,
             "plugin": peft.mode == PLUGIN,
             "peft_versions": peft.versions,
             "license_header": LICENSE_HEADER,
-            "record_path": record_path(plan.module_name),
-            "strategy": plan.strategy,
+            "record_path": record_path(plan.names.module_name),
+            "strategy": plan.decision.strategy,
             "strategy_summary": strategy.summary,
             "layer_partial": strategy.partial if strategy.peft_own_layer else "partials/full_layer.jinja",
             "strategy_partial": strategy.partial,
-            "weight_name": _literal(plan.weight_name),
-            "weight_shape": str(plan.weight_shape),
-            "weight_path": json.dumps(plan.weight_name.split(".")),
-            "bias_name": _literal(plan.bias_name) if plan.bias_name else "",
-            "bias_name_literal": _literal(plan.bias_name) if plan.bias_name else "None",
-            "fan_in_fan_out": plan.fan_in_fan_out,
+            "weight_name": _literal(plan.weight.name),
+            "weight_shape": str(plan.weight.shape),
+            "weight_path": json.dumps(plan.weight.name.split(".")),
+            "bias_name": _literal(plan.weight.bias_name) if plan.weight.bias_name else "",
+            "bias_name_literal": _literal(plan.weight.bias_name) if plan.weight.bias_name else "None",
+            "fan_in_fan_out": plan.decision.fan_in_fan_out,
             "mixed_batch": strategy.mixed_batch,
             "uses_dropout": strategy.uses_dropout,
-            "flat_rnn_weights": plan.flat_rnn_weights,
-            "read_by_fused_parents": plan.read_by_fused_parents,
-            "computed_weight": plan.weight_computed,
+            "flat_rnn_weights": plan.weight.flat_rnn,
+            "read_by_fused_parents": plan.weight.read_by_fused_parents,
+            "computed_weight": plan.weight.computed,
             "refused_options": {
                 option: refusal_message(option, why) for option, why in strategy.refused_options.items()
             },
@@ -88,10 +88,10 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "dora_variant": dora_variant,
             "tests_dora": bool(dora_variant),
             "dora_unmerge_transposed": bool(dora_variant)
-            and plan.fan_in_fan_out
+            and plan.decision.fan_in_fan_out
             and not peft.has(peft_release.DORA_UNMERGE_TRANSPOSES),
             "variant_support": assigned_string("VARIANT_SUPPORT = ", support),
-            "dora_norm_dims": strategy.dora_norm_dims(plan.weight_shape, plan.fan_in_fan_out),
+            "dora_norm_dims": strategy.dora_norm_dims(plan.weight.shape, plan.decision.fan_in_fan_out),
             "api": peft.api,
             "tagged_variants": peft.has(peft_release.TAGGED_VARIANTS),
             "set_adapter_inference_mode": peft.has(peft_release.SET_ADAPTER_INFERENCE_MODE),
@@ -101,19 +101,19 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "missing_dicts": _missing_dicts(peft),
             "peft_warning": peft.has(peft_release.PEFT_WARNING),
             "imports": format_imports(layer_imports(plan, peft, dora_variant)),
-            "test_imports": format_imports(test_imports(plan, peft), first_party=("peft", plan.module_name)),
+            "test_imports": format_imports(test_imports(plan, peft), first_party=("peft", plan.names.module_name)),
             "optional_target": "".join(f"{statement}\n" for statement in optional_imports(plan, peft)),
-            "peft_builtin": plan.peft_builtin or "",
+            "peft_builtin": plan.target.peft_builtin or "",
             # Laid out for the line the template puts them on: `    target = ` to fill parameters first, else `    return `.
             "ctor_call": layout(target_expression(plan), 4, make_target_head),
-            "uninitialised": plan.uninitialised,
+            "uninitialised": plan.target.uninitialised,
             **_captured_call(plan),
-            "test_rank": plan.test_rank,
-            "eval_only": plan.eval_only,
+            "test_rank": plan.decision.test_rank,
+            "eval_only": plan.decision.eval_only,
             "verify": False,
-            "strategy_answers": dict(plan.strategy_answers),
+            "strategy_answers": dict(plan.decision.answers),
             # A weight a parametrization computes anew at each read leaves nothing stable to cache W + dW against.
-            "weight_cache": strategy.caches_weight and not plan.weight_computed,
+            "weight_cache": strategy.caches_weight and not plan.weight.computed,
             "declares_fan_in_fan_out": strategy.declares_fan_in_fan_out,
         }
     )
@@ -121,12 +121,12 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
 
 def _captured_call(plan: LayerPlan) -> dict:
     """How the tests make the target's input: an expression, or the call the model makes to it (recorded again)."""
-    call = plan.model_call
+    call = plan.call.model_call
     if call is None:
         return {
             "model_call": False,
             "call_keywords": False,
-            "inputs_expression": layout(_as_tuple(plan.example_input), 4, "return "),
+            "inputs_expression": layout(_as_tuple(plan.call.example_input), 4, "return "),
             "captured_model": "",
             "captured_module": "",
             "model_input": "",
@@ -134,22 +134,22 @@ def _captured_call(plan: LayerPlan) -> dict:
         }
     return {
         "model_call": True,
-        "call_keywords": bool(plan.call_keywords),
+        "call_keywords": bool(plan.call.keywords),
         "inputs_expression": "",
-        "captured_model": layout(init_expression.aliased(call.model, plan.target_class), 4, "model = "),
+        "captured_model": layout(init_expression.aliased(call.model, plan.target.class_name), 4, "model = "),
         "captured_module": _literal(call.module),
         "model_input": layout(call.model_input, 4, "fed = "),
-        "model_uninitialised": plan.model_uninitialised,
+        "model_uninitialised": plan.call.model_uninitialised,
     }
 
 
 def target_expression(plan: LayerPlan) -> str:
     """What builds the target in generated code: the --init expression or a call with the constructor arguments,
     naming the target class as generated code imports it."""
-    if plan.init:
-        return init_expression.aliased(plan.init, plan.target_class)
-    arguments = ", ".join(f"{name}={source}" for name, source in plan.ctor_args)
-    return f"{target_alias(plan.target_class)}({arguments})"
+    if plan.target.init:
+        return init_expression.aliased(plan.target.init, plan.target.class_name)
+    arguments = ", ".join(f"{name}={source}" for name, source in plan.target.ctor_args)
+    return f"{target_alias(plan.target.class_name)}({arguments})"
 
 
 def render(plan: LayerPlan, peft: PeftRelease) -> tuple[GeneratedFile, ...]:
@@ -250,12 +250,14 @@ def _environment(root: Path) -> jinja2.Environment:
 def _refusal_cases(plan: LayerPlan, dora_refused: str, peft: PeftRelease) -> tuple[str, ...]:
     """The parametrize entries (options, error text) the generated tests expect a ValueError for; PEFT's own layers
     (reuse) support them all. Only options the targeted peft's LoraConfig has."""
-    if plan.chosen.peft_own_layer:
+    if plan.decision.chosen.peft_own_layer:
         return ()
     cases = [('{"use_dora": True}', "no DoRA", "use_dora")] if dora_refused else []
     cases.append(('{"init_lora_weights": "pissa"}', "init_lora_weights", "pissa"))
     cases += [
-        (f'{{"{option}": True}}', option, option) for option in plan.chosen.refused_options if peft.has_option(option)
+        (f'{{"{option}": True}}', option, option)
+        for option in plan.decision.chosen.refused_options
+        if peft.has_option(option)
     ]
     return refusal_entries(cases)
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_scaffold.analyse import LayerPlan
 from lora_scaffold.errors import USER_CODE_ERRORS, ScaffoldError, TargetError
 from lora_scaffold.generated_imports import test_imports
 from lora_scaffold.imports import format_imports
 from lora_scaffold.introspect import TargetSpec
+from lora_scaffold.layer_plan import LayerPlan
 from lora_scaffold.peft_release import PeftRelease
 from lora_scaffold.render import context_for_verify, render_test_module
 from lora_scaffold.resolve import ResolvedTarget, resolve_class
@@ -108,11 +108,11 @@ def load_layer(spec: str) -> ResolvedTarget:
 def discover_claims(spec: TargetSpec, plan: LayerPlan, layer: type, peft: PeftRelease) -> Claims:
     """Try each option on the target; a ValueError is a refusal, anything else is taken as support."""
     trials, not_applicable = [], []
-    if plan.chosen.uses_dropout:
+    if plan.decision.chosen.uses_dropout:
         trials.append(DROPOUT)
     else:
         not_applicable.append((DROPOUT.label, "dropout does not apply to this target's inputs (as PEFT's Embedding)"))
-    if plan.bias_name and peft.has_option("lora_bias"):
+    if plan.weight.bias_name and peft.has_option("lora_bias"):
         trials.append(LORA_BIAS)
     else:
         not_applicable.append(
@@ -259,7 +259,7 @@ def _model(spec: TargetSpec, layer: type, **options) -> nn.Module:
 def _mixed_batch_forward(spec: TargetSpec, plan: LayerPlan, layer: type) -> None:
     model = _model(spec, layer).eval()
     model.add_adapter("other", _config(spec, layer))
-    inputs, keywords = plan.example_call()
+    inputs, keywords = plan.call.example_call()
     batch = len(inputs[0])
     with torch.no_grad():
         model(*inputs, **keywords, adapter_names=(["default", "other"] * batch)[:batch])

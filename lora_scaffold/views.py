@@ -65,25 +65,25 @@ def spec_json(spec: TargetSpec) -> dict:
 
 def plan_text(report: Report) -> str:
     plan, spec = report.plan, report.spec
-    inferred = "recorded" if plan.model_call else "inferred" if plan.input_inferred else "given"
+    inferred = "recorded" if plan.call.model_call else "inferred" if plan.call.input_inferred else "given"
     scaled = "".join(
         f"\nscaled    {name} {old} -> {new} to keep the probe and tests small" for name, old, new in spec.scaled_args
     )
     lines = [
-        f"target    {plan.init or plan.target_spec + '(' + ', '.join(f'{n}={v}' for n, v in plan.ctor_args) + ')'}{scaled}",
-        f"weight    {plan.weight_name} {list(plan.weight_shape)}",
-        f"input     {plan.example_input} ({inferred})",
-        f"strategy  {plan.strategy}: {plan.reason}",
+        f"target    {plan.target.init or plan.target.spec + '(' + ', '.join(f'{n}={v}' for n, v in plan.target.ctor_args) + ')'}{scaled}",
+        f"weight    {plan.weight.name} {list(plan.weight.shape)}",
+        f"input     {plan.call.example_input} ({inferred})",
+        f"strategy  {plan.decision.strategy}: {plan.decision.reason}",
         f"dora      {dora_text(report)}",
         f"peft      written for {report.peft.versions} ({report.peft.mode} mode, peft {report.peft.version_text})",
     ]
-    if plan.peft_builtin and not plan.peft_builtin_exact:
+    if plan.target.peft_builtin and not plan.target.peft_builtin_exact:
         lines.append(
-            f"note      PEFT's own {plan.peft_builtin} layer would catch this subclass; this layer takes precedence"
+            f"note      PEFT's own {plan.target.peft_builtin} layer would catch this subclass; this layer takes precedence"
         )
-    elif plan.peft_builtin:
+    elif plan.target.peft_builtin:
         lines.append(
-            f"note      PEFT has its own {plan.peft_builtin} layer for this type; registering this one overrides it"
+            f"note      PEFT has its own {plan.target.peft_builtin} layer for this type; registering this one overrides it"
         )
     return "\n".join(lines)
 
@@ -92,7 +92,7 @@ def dora_text(report: Report) -> str:
     refusal = dora_refusal(report.plan, report.peft)
     if refusal:
         return f"refused (use_dora=True raises): {refusal}"
-    return "PEFT's own" if report.plan.chosen.peft_own_layer else "through PEFT's DoRA variant"
+    return "PEFT's own" if report.plan.decision.chosen.peft_own_layer else "through PEFT's DoRA variant"
 
 
 def scan_text(found: tuple[ScannedClass, ...]) -> str:
@@ -228,19 +228,19 @@ def outcome_json(command: str, outcome: Outcome, dry_run: bool, results: tuple =
     if report.plan is not None:
         plan = report.plan
         data["layer"] = {
-            "target": f"{plan.target_module}.{plan.target_class}",
-            "constructor": dict(plan.ctor_args),
-            "weight": {"name": plan.weight_name, "shape": list(plan.weight_shape)},
-            "input": {"expression": plan.example_input, "inferred": plan.input_inferred},
-            "strategy": plan.strategy,
-            "reason": plan.reason,
-            "verdicts": [verdict.as_record() for verdict in plan.verdicts],
+            "target": f"{plan.target.module}.{plan.target.class_name}",
+            "constructor": dict(plan.target.ctor_args),
+            "weight": {"name": plan.weight.name, "shape": list(plan.weight.shape)},
+            "input": {"expression": plan.call.example_input, "inferred": plan.call.input_inferred},
+            "strategy": plan.decision.strategy,
+            "reason": plan.decision.reason,
+            "verdicts": [verdict.as_record() for verdict in plan.decision.verdicts],
             "dora": dora_text(report),
-            "layer_class": plan.layer_class,
-            "module": plan.module_name,
+            "layer_class": plan.names.layer_class,
+            "module": plan.names.module_name,
         }
         if report.peft.mode == "patch":
-            path = outcome.root / description_path(plan.module_name)
+            path = outcome.root / description_path(plan.names.module_name)
             written = next((c.new_text for c in outcome.changes if c.path == path), None)
             data["pull_request"] = {
                 "path": str(path),

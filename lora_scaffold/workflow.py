@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lora_scaffold import journal, verify
-from lora_scaffold.analyse import LayerPlan, analyse, low_rank_note
+from lora_scaffold.analyse import analyse, low_rank_note
 from lora_scaffold.constructor import parse_arg_overrides
 from lora_scaffold.errors import AnalysisError, MergeConflictError, ScaffoldError, WriteError
 from lora_scaffold.files import (
@@ -19,6 +19,7 @@ from lora_scaffold.files import (
     refuse_conflicts,
 )
 from lora_scaffold.introspect import TargetSpec, introspect
+from lora_scaffold.layer_plan import LayerPlan
 from lora_scaffold.merge import merge_file
 from lora_scaffold.patch.checkout import read_text
 from lora_scaffold.peft_release import PLUGIN, PeftRelease, installed_peft, release_for
@@ -83,9 +84,9 @@ def _check_instance(request: Request, plan: LayerPlan, module: str) -> None:
     _, init, _ = from_model(request.model, module, request.model_input)
     other = replace(request, module=module, init=init)
     try:
-        analyse(inspect_target(other), replace(other.options, strategy=plan.chosen.family))
+        analyse(inspect_target(other), replace(other.options, strategy=plan.decision.chosen.family))
     except ScaffoldError as error:
-        raise AnalysisError(f"{module}, another {plan.target_class} of the model: {error}") from None
+        raise AnalysisError(f"{module}, another {plan.target.class_name} of the model: {error}") from None
 
 
 def verify_layers(layers: list[tuple[str, Request | None]]) -> tuple[verify.Verification, ...]:
@@ -123,13 +124,13 @@ def new_plugin(
     spec, plan = plan_layer(request)
     rendered = render(plan, peft)
     files = (*rendered, record_file(rendered, request, plan, peft))
-    previous = _read_record(output / record_path(plan.module_name))
+    previous = _read_record(output / record_path(plan.names.module_name))
     changes = plan_changes(files, output, force=force, updatable=unedited(output, previous))
     refuse_conflicts(changes)
     notes = recovered + tuple(note for note in (low_rank_note(plan),) if note)
     if spec.target.from_file is not None:
         notes += (
-            f"the generated code imports {plan.target_module}; put {spec.target.from_file.parent} on PYTHONPATH",
+            f"the generated code imports {plan.target.module}; put {spec.target.from_file.parent} on PYTHONPATH",
         )
     return Outcome(output, changes, Report(spec, plan, peft, notes))
 
@@ -147,7 +148,7 @@ def update_plugin(layer_file: Path, change: dict, conflicts: str = "stop", dry_r
     request = record.request.updated(**change)
     peft = installed_peft(PLUGIN)
     spec, plan = plan_layer(request)
-    _refuse_renaming(plan.module_name, module_name)
+    _refuse_renaming(plan.names.module_name, module_name)
     rendered = render(plan, peft)
     merged, notes = merged_edits(root, rendered, record, conflicts)
     files = (*merged, record_file(rendered, request, plan, peft))
@@ -244,13 +245,13 @@ def record_file(
         mode=peft.mode,
         peft_version=peft.version_text,
         layer_api=peft.api,
-        target=f"{plan.target_module}.{plan.target_class}",
-        constructor=dict(plan.ctor_args),
-        strategy=plan.strategy,
-        reason=plan.reason,
-        verdicts=[verdict.as_record() for verdict in plan.verdicts],
-        layer_class=plan.layer_class,
-        module_name=plan.module_name,
+        target=f"{plan.target.module}.{plan.target.class_name}",
+        constructor=dict(plan.target.ctor_args),
+        strategy=plan.decision.strategy,
+        reason=plan.decision.reason,
+        verdicts=[verdict.as_record() for verdict in plan.decision.verdicts],
+        layer_class=plan.names.layer_class,
+        module_name=plan.names.module_name,
         files={generated.path: digest(generated.text) for generated in rendered},
         edits=edits,
         pristine={generated.path: generated.text for generated in rendered},

@@ -55,8 +55,8 @@ def plan_for(target, args=None, **options):
 )
 def test_auto_picks_a_factored_path_only_where_the_probe_proves_it(target, args, options, strategy, fan_in_fan_out):
     plan = plan_for(target, args, **options)
-    assert (plan.strategy, plan.fan_in_fan_out) == (strategy, fan_in_fan_out)
-    assert plan.reason
+    assert (plan.decision.strategy, plan.decision.fan_in_fan_out) == (strategy, fan_in_fan_out)
+    assert plan.decision.reason
 
 
 @pytest.mark.parametrize(
@@ -79,7 +79,7 @@ def test_auto_picks_a_factored_path_only_where_the_probe_proves_it(target, args,
 )
 def test_dora_is_offered_only_where_peft_dora_math_holds(target, args, blocker):
     plan = plan_for(target, args)
-    assert blocker in plan.dora_blocker if blocker else plan.dora_blocker == ""
+    assert blocker in plan.decision.dora_blocker if blocker else plan.decision.dora_blocker == ""
 
 
 def test_reuse_needs_the_parent_forward():
@@ -89,26 +89,26 @@ def test_reuse_needs_the_parent_forward():
 
 def test_reason_reports_the_probe_and_the_fallback():
     plan = plan_for("scaffold_targets.SquaredConv")
-    assert plan.reason.startswith("auto: no factored path is exact (conv: differs by")
-    assert [v.strategy.name for v in plan.verdicts] == ["reuse", "conv", "conv_transpose", "delta"]
-    assert [v.matched for v in plan.verdicts] == [False, False, False, True]
+    assert plan.decision.reason.startswith("auto: no factored path is exact (conv: differs by")
+    assert [v.strategy.name for v in plan.decision.verdicts] == ["reuse", "conv", "conv_transpose", "delta"]
+    assert [v.matched for v in plan.decision.verdicts] == [False, False, False, True]
 
 
 def test_grouped_conv_rank_is_divisible_by_groups():
     plan = plan_for("torch.nn.Conv2d", {"in_channels": 6, "out_channels": 9, "groups": 3})
-    assert plan.groups == 3 and plan.test_rank % 3 == 0
+    assert plan.decision.groups == 3 and plan.decision.test_rank % 3 == 0
 
 
 def test_inputs_are_inferred_from_weight_and_forward():
-    assert plan_for("torch.nn.Conv2d").example_input == "torch.randn(2, 4, 6, 6)"
-    assert plan_for("torch.nn.Embedding").example_input == "torch.randint(0, 20, (2, 3))"
-    assert plan_for("torch.nn.Bilinear").example_input == "(torch.randn(2, 5), torch.randn(2, 7))"
-    assert plan_for("transformers.pytorch_utils.Conv1D").example_input == "torch.randn(2, 8)"
+    assert plan_for("torch.nn.Conv2d").call.example_input == "torch.randn(2, 4, 6, 6)"
+    assert plan_for("torch.nn.Embedding").call.example_input == "torch.randint(0, 20, (2, 3))"
+    assert plan_for("torch.nn.Bilinear").call.example_input == "(torch.randn(2, 5), torch.randn(2, 7))"
+    assert plan_for("transformers.pytorch_utils.Conv1D").call.example_input == "torch.randn(2, 8)"
 
 
 def test_example_input_is_used_as_given():
     plan = plan_for("torch.nn.Conv2d", example_input="torch.randn(1, 4, 11, 11)")
-    assert plan.example_input == "torch.randn(1, 4, 11, 11)" and not plan.input_inferred
+    assert plan.call.example_input == "torch.randn(1, 4, 11, 11)" and not plan.call.input_inferred
 
 
 def test_a_given_example_input_that_fails_is_reported_as_such():
@@ -119,17 +119,17 @@ def test_a_given_example_input_that_fails_is_reported_as_such():
 def test_several_weights_need_a_choice():
     with pytest.raises(AnalysisError, match=r"several weights \(up \[6, 4\], down \[4, 6\]\).*--weight"):
         plan_for("scaffold_targets.TwoWeights")
-    assert plan_for("scaffold_targets.TwoWeights", weight="down").weight_name == "down"
+    assert plan_for("scaffold_targets.TwoWeights", weight="down").weight.name == "down"
 
 
 def test_masked_outputs_neither_scale_nor_hide_the_weights_effect():
     # -inf entries made the effect inf - inf and the scale inf: "barely depends ... by 0e+00" before.
-    assert plan_for("scaffold_targets.MaskedOutput").strategy == "delta"
+    assert plan_for("scaffold_targets.MaskedOutput").decision.strategy == "delta"
 
 
 def test_nested_weight_can_be_named():
     plan = plan_for("scaffold_targets.NestedConv", weight="conv.weight")
-    assert plan.weight_name == "conv.weight" and plan.bias_name is None
+    assert plan.weight.name == "conv.weight" and plan.weight.bias_name is None
 
 
 @pytest.mark.parametrize(
@@ -180,17 +180,17 @@ def test_every_choice_names_strategies_of_the_registry():
 
 
 def test_forced_conv_covers_transposed_convolutions():
-    assert plan_for("torch.nn.ConvTranspose2d", strategy="conv").strategy == "conv_transpose"
+    assert plan_for("torch.nn.ConvTranspose2d", strategy="conv").decision.strategy == "conv_transpose"
 
 
 def test_a_forward_random_in_training_is_compared_in_eval_mode():
     plan = plan_for("scaffold_targets.DropoutLinear")
-    assert plan.eval_only == "its forward is random in training mode"
-    assert plan.reason.endswith("(compared in eval mode: its forward is random in training mode)")
+    assert plan.decision.eval_only == "its forward is random in training mode"
+    assert plan.decision.reason.endswith("(compared in eval mode: its forward is random in training mode)")
     batch_norm = plan_for(
         "torch.nn.BatchNorm1d", {"num_features": 4}, weight="weight", example_input="torch.randn(3, 4)"
     )
-    assert batch_norm.eval_only == "its forward changes the module's state in training mode"
+    assert batch_norm.decision.eval_only == "its forward changes the module's state in training mode"
 
 
 def test_a_forward_random_in_eval_mode_is_refused():

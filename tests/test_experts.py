@@ -65,8 +65,8 @@ def lora_pairs(theirs, ours):
 
 def test_auto_chooses_experts_because_of_num_experts(generated):
     plan, _ = generated
-    assert plan.strategy == "experts"
-    assert "stacking 3 experts (`num_experts` = 3)" in plan.reason
+    assert plan.decision.strategy == "experts"
+    assert "stacking 3 experts (`num_experts` = 3)" in plan.decision.reason
 
 
 def test_same_factor_layout_as_paramwrapper(generated):
@@ -129,7 +129,7 @@ def test_flattened_expert_bank_gets_one_pair_per_expert_slice(tmp_path, monkeypa
     )
     outcome = new_plugin(request, tmp_path)
     outcome.apply()
-    assert dict(outcome.report.plan.strategy_answers)["expert_count_attribute"] == '"num_experts"'
+    assert dict(outcome.report.plan.decision.answers)["expert_count_attribute"] == '"num_experts"'
     monkeypatch.syspath_prepend(str(tmp_path))
     module = importlib.import_module("lora_dbrx_experts")
     ffn = DbrxConfig(d_model=8, n_heads=2, ffn_config={"ffn_hidden_size": 12, "moe_num_experts": 3}).ffn_config
@@ -160,9 +160,12 @@ def test_one_expert_a_row_gets_a_pair_in_the_view_its_forward_takes(target, attr
     outcome = new_plugin(Request(f"scaffold_targets.{target}", example_input=ROUTED_ROWS), tmp_path)
     outcome.apply()
     plan = outcome.report.plan
-    assert plan.strategy == "experts" and f"views as [{view[0]}, {view[1]}] (`{attribute}` = " in plan.reason
+    assert (
+        plan.decision.strategy == "experts"
+        and f"views as [{view[0]}, {view[1]}] (`{attribute}` = " in plan.decision.reason
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    module = importlib.import_module(plan.module_name)
+    module = importlib.import_module(plan.names.module_name)
     holder = nn.ModuleDict({"experts": getattr(scaffold_targets, target)(num_experts=4, hidden_size=10)})
     config = module.register(LoraConfig(target_modules=["experts"], r=2, init_lora_weights=False))
     model = get_peft_model(holder, config)
@@ -180,4 +183,4 @@ def test_one_expert_a_row_gets_a_pair_in_the_view_its_forward_takes(target, attr
 
 def test_a_row_view_no_attribute_gives_stays_delta(tmp_path):
     outcome = new_plugin(Request("scaffold_targets.UnsizedRowBankExperts", example_input=ROUTED_ROWS), tmp_path)
-    assert outcome.report.plan.strategy == "delta"
+    assert outcome.report.plan.decision.strategy == "delta"

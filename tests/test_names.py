@@ -43,7 +43,7 @@ def test_every_name_generated_code_binds_is_known(target, args, options):
     plan = plan_for(target, args, options)
     for peft in (PeftRelease(PLUGIN, (0, 21, 2)), PeftRelease(PATCH, (0, 17, 1)), PeftRelease(PLUGIN, (0, 13, 2))):
         for generated in render(plan, peft):
-            ours = {plan.layer_class, plan.target_class, target_alias(plan.target_class)}
+            ours = {plan.names.layer_class, plan.target.class_name, target_alias(plan.target.class_name)}
             unknown = bound_names(generated.text) - GENERATED_NAMES - ours
             assert not unknown, (generated.path, unknown)
 

@@ -54,8 +54,8 @@ def test_each_class_gets_a_layer_or_a_clean_refusal(generated):
     _, outcomes = generated
     for cls, plan, error in outcomes.values():
         expected = EXPECTED.get(cls.formula, "delta")
-        got = "refused" if plan is None else plan.strategy
-        assert got == expected, (cls.name, cls.formula, got, error or plan.reason)
+        got = "refused" if plan is None else plan.decision.strategy
+        assert got == expected, (cls.name, cls.formula, got, error or plan.decision.reason)
         assert not error or "\n" not in error
 
 
@@ -80,20 +80,20 @@ class Holder(nn.Module):
 
 
 def check_adapter(plan):
-    layer_module = importlib.import_module(plan.module_name)
-    target_class = getattr(importlib.import_module(plan.target_module), plan.target_class)
+    layer_module = importlib.import_module(plan.names.module_name)
+    target_class = getattr(importlib.import_module(plan.target.module), plan.target.class_name)
     torch.manual_seed(1)
-    kwargs = {name: eval(source) for name, source in plan.ctor_args}  # noqa: S307 - literals the plan holds
+    kwargs = {name: eval(source) for name, source in plan.target.ctor_args}  # noqa: S307 - literals the plan holds
     config = layer_module.register(LoraConfig(target_modules=["target"], r=4, init_lora_weights=False))
     layer = get_peft_model(Holder(target_class(**kwargs)), config).base_model.model.target
     layer.eval()
-    inputs = evaluate_input(plan.example_input, seed=3)
+    inputs = evaluate_input(plan.call.example_input, seed=3)
     base = layer.get_base_layer()
-    weight = base.get_parameter(plan.weight_name)
+    weight = base.get_parameter(plan.weight.name)
     with torch.no_grad():
         adapted = layer(*inputs)
-        expected = functional_call(base, {plan.weight_name: weight + layer.get_delta_weight("default")}, inputs)
-    torch.testing.assert_close(adapted, expected, rtol=1e-4, atol=1e-5, msg=plan.target_class)
+        expected = functional_call(base, {plan.weight.name: weight + layer.get_delta_weight("default")}, inputs)
+    torch.testing.assert_close(adapted, expected, rtol=1e-4, atol=1e-5, msg=plan.target.class_name)
 
 
 # The 100 random classes' suites: slow (test_each_class_gets_a_layer_or_a_clean_refusal and the adapter check stay quick).

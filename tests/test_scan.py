@@ -84,9 +84,9 @@ def test_moe_experts_get_a_command_with_the_input_the_model_feeds(capsys, tmp_pa
     assert "--module model.layers.0.mlp.experts --weight gate_up_proj" in experts["command"]
     request = request_from_model(QWEN2_MOE, "model.layers.0.mlp.experts", None, weight="gate_up_proj")
     _, plan = plan_layer(request)
-    hidden, top_k_index, top_k_weights = plan.example_call()[0]
+    hidden, top_k_index, top_k_weights = plan.call.example_call()[0]
     assert hidden.shape == (16, 16) and top_k_index.dtype.is_floating_point is False and top_k_index.max() < 4
-    assert top_k_weights.shape == (16, 2) and plan.strategy == "experts"
+    assert top_k_weights.shape == (16, 2) and plan.decision.strategy == "experts"
     run_command(experts["command"], tmp_path / "experts")
 
 
@@ -114,7 +114,7 @@ def test_a_position_embedding_is_taken_from_the_model_not_rebuilt_from_its_attri
     assert embedding["weights"]["weight"] == [34, 16] and "--from-model" in embedding["command"]
     request = request_from_model(OPT, "model.decoder.embed_positions", None, weight="weight")
     _, plan = plan_layer(request)
-    mask = plan.example_call()[0][0]
+    mask = plan.call.example_call()[0][0]
     assert mask.shape == (2, 8) and set(mask.unique().tolist()) == {1}  # the mask the model makes for its ids
     run_command(embedding["command"], tmp_path / "positions")
 
@@ -154,7 +154,7 @@ def test_an_inferred_input_is_one_the_output_depends_on(tmp_path):
     command = "x new scaffold_targets.ReluPair --weight lin.weight -o out"
     run_command(command, tmp_path / "relu")
     plan = plan_layer(Request("scaffold_targets.ReluPair", weight="lin.weight"))[1]
-    assert plan.example_input == "torch.randn(2, 3, 8)"
+    assert plan.call.example_input == "torch.randn(2, 3, 8)"
 
 
 def test_a_model_that_does_not_build_on_the_meta_device_is_built_for_real(capsys, tmp_path):

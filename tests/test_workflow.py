@@ -23,7 +23,7 @@ def test_new_plugin_plans_three_files_and_writes_nothing(tmp_path):
         ("test_lora_conv1d.py", "create"),
         (".lora-scaffold/lora_conv1d.json", "create"),
     ]
-    assert outcome.report.plan.strategy == "conv" and outcome.report.peft.mode == PLUGIN
+    assert outcome.report.plan.decision.strategy == "conv" and outcome.report.peft.mode == PLUGIN
     assert not (tmp_path / "out").exists()
 
 

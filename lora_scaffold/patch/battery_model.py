@@ -6,8 +6,8 @@ import ast
 import math
 from dataclasses import replace
 
-from lora_scaffold.analyse import LayerPlan
 from lora_scaffold.generated_imports import optional_imports, split_imports
+from lora_scaffold.layer_plan import LayerPlan
 from lora_scaffold.layout import layout
 from lora_scaffold.patch.battery import BatteryEntry
 from lora_scaffold.peft_release import PeftRelease
@@ -15,8 +15,8 @@ from lora_scaffold.render import dora_refusal, layer_context, render_snippet, ta
 
 
 def battery_entry(plan: LayerPlan, peft: PeftRelease) -> BatteryEntry:
-    model_id = plan.layer_class
-    model_class = f"Model{plan.layer_class}"
+    model_id = plan.names.layer_class
+    model_class = f"Model{plan.names.layer_class}"
     context = replace(
         layer_context(plan, peft),
         battery_class=model_class,
@@ -24,13 +24,13 @@ def battery_entry(plan: LayerPlan, peft: PeftRelease) -> BatteryEntry:
         battery_ctor=layout(target_expression(plan), 8, "self.target = "),
         battery_input_layers=tuple(f"self.lin_in{i} = nn.Linear(10, {math.prod(x.shape)})" for i, x in _floats(plan)),
         battery_inputs=layout(_tuple(_input_expressions(plan)), 8, "inputs = "),
-        output_features=plan.output_features,
-        output_is_tuple=plan.output_is_tuple,
+        output_features=plan.call.output_features,
+        output_is_tuple=plan.call.output_is_tuple,
     )
     class_code = render_snippet("partials/battery_model.py.jinja", context)
     # Named as PEFT names its cases: the layer type and the option ("Conv2d 1 LoRA with DoRA"), not the tool.
     test_cases = tuple(
-        _case_code(f"{plan.target_class} {label}", model_id, kwargs) for label, kwargs in _cases(plan, peft)
+        _case_code(f"{plan.target.class_name} {label}", model_id, kwargs) for label, kwargs in _cases(plan, peft)
     )
     return BatteryEntry(model_id, model_class, class_code, test_cases)
 
@@ -39,9 +39,9 @@ def _cases(plan: LayerPlan, peft: PeftRelease) -> list[tuple[str, str]]:
     """Only options the layer implements: PEFT's battery would pass a layer that ignored the others."""
     cases = [("1 LoRA", '{"target_modules": ["target"]}'), ("2 LoRA", '{"target_modules": ["target", "lin0"]}')]
     cases.append(("3 LoRA with rslora", '{"target_modules": ["target"], "use_rslora": True, "lora_alpha": 16}'))
-    if plan.chosen.uses_dropout:
+    if plan.decision.chosen.uses_dropout:
         cases.append(("4 LoRA with dropout", '{"target_modules": ["target"], "lora_dropout": 0.1}'))
-    if plan.bias_name and peft.has_option("lora_bias"):
+    if plan.weight.bias_name and peft.has_option("lora_bias"):
         cases.append(("5 LoRA with lora_b bias", '{"target_modules": ["target"], "lora_bias": True}'))
     if not dora_refusal(plan, peft):
         cases.append(("6 LoRA with DoRA", '{"target_modules": ["target"], "use_dora": True}'))
@@ -80,13 +80,13 @@ def _imports(plan: LayerPlan, peft: PeftRelease) -> tuple[str, ...]:
 
 
 def _floats(plan: LayerPlan):
-    return [(i, x) for i, x in enumerate(plan.inputs) if x.floating]
+    return [(i, x) for i, x in enumerate(plan.call.inputs) if x.floating]
 
 
 def _input_expressions(plan: LayerPlan) -> list[str]:
     """PEFT's battery feeds every model `torch.arange(90).view(9, 10)`: shape that into the target's inputs."""
     expressions = []
-    for index, info in enumerate(plan.inputs):
+    for index, info in enumerate(plan.call.inputs):
         shape = ", ".join(map(str, info.shape))
         if info.floating:
             expressions.append(f"self.lin_in{index}(X.to(self.dtype)).reshape(-1, {shape})")

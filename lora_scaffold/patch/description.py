@@ -14,7 +14,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 from lora_scaffold import __version__
-from lora_scaffold.analyse import LayerPlan
+from lora_scaffold.layer_plan import LayerPlan
 from lora_scaffold.peft_release import PeftRelease
 from lora_scaffold.record import RECORD_DIR
 from lora_scaffold.render import dora_refusal, render_snippet
@@ -43,22 +43,22 @@ def describe(
     import torch
 
     context = {
-        "target": f"{plan.target_module}.{plan.target_class}",
-        "class_name": plan.target_class,
-        "request_target": plan.target_spec,
-        "layer_class": plan.layer_class,
-        "module_name": plan.module_name,
-        "weight_name": plan.weight_name,
-        "weight_shape": list(plan.weight_shape),
+        "target": f"{plan.target.module}.{plan.target.class_name}",
+        "class_name": plan.target.class_name,
+        "request_target": plan.target.spec,
+        "layer_class": plan.names.layer_class,
+        "module_name": plan.names.module_name,
+        "weight_name": plan.weight.name,
+        "weight_shape": list(plan.weight.shape),
         "version": __version__,
         "peft_version": peft.version_text,
         "torch_version": torch.__version__,
-        "strategy": plan.strategy,
-        "reason": plan.reason,
-        "verdicts": [{"label": v.label, "matched": v.matched, "text": v.error_text} for v in plan.verdicts],
+        "strategy": plan.decision.strategy,
+        "reason": plan.decision.reason,
+        "verdicts": [{"label": v.label, "matched": v.matched, "text": v.error_text} for v in plan.decision.verdicts],
         "options": options(plan, peft),
-        "battery": f"not wired in: {plan.battery_blocker}"
-        if plan.battery_blocker
+        "battery": f"not wired in: {plan.call.battery_blocker}"
+        if plan.call.battery_blocker
         else "its cases in PEFT's own style",
         "files": [{"path": path, "status": status} for path, status in files],
         "results": [result.__dict__ for result in results],
@@ -68,7 +68,7 @@ def describe(
 
 def options(plan: LayerPlan, peft: PeftRelease) -> list[tuple[str, str]]:
     """Each LoRA option and what the layer does with it, the refusals with their reasons."""
-    strategy = plan.chosen
+    strategy = plan.decision.chosen
     refusal = dora_refusal(plan, peft)
     listed = [
         ("use_dora", f"refused (ValueError): {refusal}" if refusal else "supported, through PEFT's DoRA variant"),
@@ -78,15 +78,17 @@ def options(plan: LayerPlan, peft: PeftRelease) -> list[tuple[str, str]]:
     ]
     refused = {option: f"refused (ValueError): {why}" for option, why in strategy.refused_options.items()}
     if peft.has_option("lora_bias") and "lora_bias" not in refused:
-        refused["lora_bias"] = "supported" if plan.bias_name else "accepted, with no bias beside the weight to merge"
+        refused["lora_bias"] = (
+            "supported" if plan.weight.bias_name else "accepted, with no bias beside the weight to merge"
+        )
     return listed + [(option, text) for option, text in refused.items() if peft.has_option(option)]
 
 
 def run_tests(root: Path, plan: LayerPlan) -> tuple[SuiteResult, ...]:
     """The generated suite and PEFT's battery on the new cases, each in a pytest of its own in the checkout."""
-    runs = [("generated suite", [f"tests/test_{plan.module_name}.py"])]
-    if not plan.battery_blocker:
-        runs.append(("PEFT's battery", ["tests/test_custom_models.py", "-k", plan.layer_class]))
+    runs = [("generated suite", [f"tests/test_{plan.names.module_name}.py"])]
+    if not plan.call.battery_blocker:
+        runs.append(("PEFT's battery", ["tests/test_custom_models.py", "-k", plan.names.layer_class]))
     return tuple(_run(root, name, arguments) for name, arguments in runs)
 
 

@@ -7,8 +7,8 @@ import sys
 import textwrap
 from dataclasses import dataclass
 
-from lora_scaffold.analyse import LayerPlan
 from lora_scaffold.files import GeneratedFile
+from lora_scaffold.layer_plan import LayerPlan
 from lora_scaffold.layout import LINE_LENGTH, layout
 from lora_scaffold.patch.battery import BatteryEntry, battery_edit
 from lora_scaffold.patch.battery_model import battery_entry
@@ -62,11 +62,11 @@ class PatchEdits:
 def plan_edits(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -> PatchEdits:
     return PatchEdits(
         branch=dispatch_branch(plan, target_cls, checkout),
-        needs_sys=not plan.target_in_torch,
-        module_name=plan.module_name,
-        layer_class=plan.layer_class,
-        battery=None if plan.battery_blocker else battery_entry(plan, checkout.peft),
-        supported=f"{plan.target_module}.{plan.target_class}" if _lists_supported(checkout) else "",
+        needs_sys=not plan.target.in_torch,
+        module_name=plan.names.module_name,
+        layer_class=plan.names.layer_class,
+        battery=None if plan.call.battery_blocker else battery_entry(plan, checkout.peft),
+        supported=f"{plan.target.module}.{plan.target.class_name}" if _lists_supported(checkout) else "",
     )
 
 
@@ -98,20 +98,20 @@ DISPATCH_BODY_WIDTH = LINE_LENGTH - 8  # the branch's body is indented twice
 
 
 def dispatch_branch(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -> DispatchBranch:
-    if plan.target_in_torch:
-        test = f"isinstance(target_base_layer, {plan.target_module}.{plan.target_class})"
+    if plan.target.in_torch:
+        test = f"isinstance(target_base_layer, {plan.target.module}.{plan.target.class_name})"
         comment = ""
     else:
         test = (
-            f'isinstance(target_base_layer, getattr(sys.modules.get("{plan.target_module}"), '
-            f'"{plan.target_class}", ()))'
+            f'isinstance(target_base_layer, getattr(sys.modules.get("{plan.target.module}"), '
+            f'"{plan.target.class_name}", ()))'
         )
-        why = f"Looked up in sys.modules: peft never imports {plan.target_module}, which may not be installed."
+        why = f"Looked up in sys.modules: peft never imports {plan.target.module}, which may not be installed."
         comment = "".join(f"# {line}\n" for line in textwrap.wrap(why, DISPATCH_BODY_WIDTH - 2))
     arguments = "config=config, **kwargs" if checkout.call_form == "config" else "**kwargs"
     body = (
-        f"{comment}from .{plan.module_name} import {plan.layer_class}\n\n"
-        f"new_module = {plan.layer_class}(target, adapter_name, {arguments})"
+        f"{comment}from .{plan.names.module_name} import {plan.names.layer_class}\n\n"
+        f"new_module = {plan.names.layer_class}(target, adapter_name, {arguments})"
     )
     source = checkout.source(LAYER_FILE)
     bindings = _import_bindings(source)
@@ -124,7 +124,7 @@ def dispatch_branch(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -
     # libcst gives the lines inside the parentheses again when it puts the branch there.
     first, *continued = layout(test, 4, "elif ", ":").split("\n")
     test = "\n".join([first, *(line.removeprefix("    ") for line in continued)])
-    return DispatchBranch(test, body, plan.layer_class, base_spellings)
+    return DispatchBranch(test, body, plan.names.layer_class, base_spellings)
 
 
 def _import_bindings(layer_source: str) -> dict[str, tuple[str, str | None]]:

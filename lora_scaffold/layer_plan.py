@@ -1,0 +1,114 @@
+"""What analysis decides about one target, as plain data in five parts: the target class and how the tests build it,
+the weight LoRA adapts, the strategy chosen and why, how the target is called, and the generated names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lora_scaffold import strategies
+from lora_scaffold.capture import recorded_call
+from lora_scaffold.request import ModelCall
+from lora_scaffold.sample_input import SEED, evaluate_input
+from lora_scaffold.strategies import Strategy, Verdict
+
+
+@dataclass(frozen=True)
+class TargetFacts:
+    """The class LoRA is generated for, and how the generated tests build it."""
+
+    spec: str  # as the user named it
+    module: str
+    class_name: str
+    ctor_args: tuple[tuple[str, str], ...]
+    init: str | None  # the --init expression that builds the target (then ctor_args is empty)
+    init_imports: tuple[tuple[str, tuple[str, ...]], ...]
+    uninitialised: tuple[str, ...]  # parameters the tests fill after building the target (left torch.empty)
+    peft_builtin: str | None  # PEFT's own layer for the class or a base of it
+    peft_builtin_exact: bool  # ... for the class itself
+
+    @property
+    def in_torch(self) -> bool:
+        """Whether the target comes from torch, which any peft installation can import."""
+        return self.module.split(".")[0] == "torch"
+
+
+@dataclass(frozen=True)
+class WeightFacts:
+    """The weight LoRA adapts and what reads or computes it."""
+
+    name: str
+    shape: tuple[int, ...]
+    bias_name: str | None  # the bias lora_bias merges into (the probe found it added to the output)
+    computed: bool  # a parametrization computes the weight (merging goes through its right_inverse)
+    flat_rnn: bool  # an RNN's flat weight, which the layer must keep in step with its cuDNN copy
+    read_by_fused_parents: bool  # models around it may read its weights in fused kernels of their own
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The strategy chosen, with every verdict the registry gave and what only the strategy's partials read."""
+
+    strategy: str
+    fan_in_fan_out: bool
+    groups: int
+    reason: str
+    verdicts: tuple[Verdict, ...]
+    answers: tuple[tuple[str, Any], ...]  # the strategy's own template answers (its business)
+    dora_blocker: str
+    eval_only: str  # why the generated tests compare outputs in eval mode only ("" when they need not)
+    test_rank: int
+
+    @property
+    def chosen(self) -> Strategy:
+        return strategies.named(self.strategy)
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """One positional input of the example, per sample: shape without the batch dimension, and its kind."""
+
+    shape: tuple[int, ...]
+    floating: bool
+    high: int
+
+
+@dataclass(frozen=True)
+class CallFacts:
+    """How the target is called, by the probe and by the generated tests, and what it returns."""
+
+    example_input: str  # an expression of the positional inputs, or (model_call) a description of the call
+    input_inferred: bool
+    model_call: ModelCall | None  # the input is the call the model makes to the target (recorded again by the tests)
+    model_uninitialised: tuple[str, ...]  # the model's parameters its init leaves torch.empty, filled by the tests
+    keywords: tuple[str, ...]  # keyword arguments of that call (positional ones are in `inputs`)
+    inputs: tuple[InputInfo, ...]
+    output_features: int
+    output_is_tuple: bool
+    battery_blocker: str  # why PEFT's custom-model battery, which feeds one tensor, cannot call it ("" if it can)
+
+    def example_call(self, seed: int = SEED) -> tuple[tuple, dict]:
+        return example_call(self.example_input, self.model_call)(seed)
+
+
+@dataclass(frozen=True)
+class LayerNames:
+    layer_class: str
+    module_name: str
+    test_module: str
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    target: TargetFacts
+    weight: WeightFacts
+    decision: Decision
+    call: CallFacts
+    names: LayerNames
+
+
+def example_call(example_input: str, model_call: ModelCall | None):
+    """seed -> (args, kwargs) the target is called with: the expression's inputs, or the model's call."""
+    if model_call is not None:
+        return lambda seed: recorded_call(model_call, seed)
+    return lambda seed: (evaluate_input(example_input, seed), {})
