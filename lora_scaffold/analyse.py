@@ -145,7 +145,7 @@ def choose_strategy(evidence: Evidence, choice: str) -> Choice:
         if not candidates:
             raise AnalysisError(
                 f"--strategy {choice} cannot merge into {evidence.weight.name}, which a parametrization computes "
-                f"({', '.join(unfit)} write the weight itself); use --strategy delta"
+                f"({', '.join(unfit)} write the weight itself); use --strategy {strategies.FALLBACK.family}"
             )
     tried: list[Verdict] = []
     for strategy in candidates:
@@ -156,7 +156,9 @@ def choose_strategy(evidence: Evidence, choice: str) -> Choice:
         tried += verdicts
     failed = "; ".join(f"{verdict.label}: {verdict.describe()}" for verdict in tried)
     target = f"{type(evidence.module).__name__}.{evidence.weight.name}"
-    raise AnalysisError(f"--strategy {choice} does not fit {target} ({failed}); use --strategy auto or delta")
+    raise AnalysisError(
+        f"--strategy {choice} does not fit {target} ({failed}); use --strategy auto or {strategies.FALLBACK.family}"
+    )
 
 
 def _reason(evidence: Evidence, verdict: Verdict, tried: list[Verdict], auto: bool) -> str:
@@ -164,7 +166,7 @@ def _reason(evidence: Evidence, verdict: Verdict, tried: list[Verdict], auto: bo
     if not auto:
         return f"forced: {reason}"
     if verdict.strategy.fallback and evidence.weight.computed:
-        return f"auto: {evidence.weight.name} is computed by a parametrization, which only delta merges into; {reason}"
+        return f"auto: {evidence.weight.name} is computed by a parametrization, which only {verdict.strategy.name} merges into; {reason}"
     if verdict.strategy.fallback:
         found = "; ".join(f"{v.label}: {v.describe()}" for v in tried if not v.strategy.refines)
         return f"auto: no factored path is exact ({found or 'none fits the weight'}); {reason}"

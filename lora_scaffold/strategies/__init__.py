@@ -20,6 +20,7 @@ from lora_scaffold.strategies.stub import STUB
 # `auto` takes the first that fits the target and that the probe confirms; delta, last, is exact for any forward.
 REGISTRY: tuple[Strategy, ...] = (REUSE, LINEAR, EMBEDDING, CONV, CONV_TRANSPOSE, EXPERTS, DELTA, STUB)
 AUTO = "auto"
+FALLBACK = next(strategy for strategy in REGISTRY if strategy.fallback)  # what works where nothing factored does
 CHOICES = (AUTO, *dict.fromkeys(strategy.family for strategy in REGISTRY))
 
 
