@@ -3,6 +3,7 @@ import re
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import jinja2
@@ -13,6 +14,8 @@ from lora_scaffold import strategies
 from lora_scaffold.analyse import analyse
 from lora_scaffold.cli import main
 from lora_scaffold.context import LayerContext
+from lora_scaffold.context import kind_of as context_kind
+from lora_scaffold.errors import RenderError
 from lora_scaffold.introspect import introspect
 from lora_scaffold.peft_release import PATCH, PLUGIN, PeftRelease
 from lora_scaffold.render import layer_context, refusal_message, render, render_templates, template_dir
@@ -110,6 +113,30 @@ def test_the_context_is_frozen():
     context = layer_context(plan_for("torch.nn.Linear", {}, {}), LATEST)
     with pytest.raises(dataclasses.FrozenInstanceError):
         context.layer_class = "Other"  # type: ignore[misc]
+
+
+def test_every_text_answer_is_typed_by_what_it_becomes_in_code():
+    hints = typing.get_type_hints(LayerContext, include_extras=True)
+    untyped = [name for name, hint in hints.items() if "str" in str(hint) and context_kind(hint) is None]
+    assert not untyped
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
+    [
+        ("layer_class", "Lora Layer"),
+        ("eval_only", "ends the comment\nimport os"),
+        ("peft_versions", 'peft 0.21"""; import os; """'),
+        ("weight_name", "'weight'); import os; ('"),
+        ("refusal_cases", ("pytest.param({}, 'x', id='a')", "pytest.param(")),
+        ("imports", "from x import"),
+        ("strategy_answers", {"conv_class": "nn.Conv2d("}),
+    ],
+)
+def test_an_answer_that_is_not_what_its_type_says_is_refused_naming_it(answer, value):
+    context = layer_context(plan_for("torch.nn.Linear", {}, {}), LATEST)
+    with pytest.raises(RenderError, match=f"answer {answer} should be"):
+        dataclasses.replace(context, **{answer: value})
 
 
 def test_copier_renders_the_same_files(tmp_path):
