@@ -86,7 +86,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
     inputs, output_features, output_is_tuple = describe_io(module, args, kwargs)
     return LayerPlan(
         target=TargetFacts(
-            spec=spec.target.spec,
+            given=spec.target.spec,
             module=spec.target.import_module,
             class_name=spec.target.class_name,
             ctor_args=spec.ctor_args,

@@ -17,7 +17,7 @@ from lora_scaffold.strategies import Strategy, Verdict
 class TargetFacts:
     """The class LoRA is generated for, and how the generated tests build it."""
 
-    spec: str  # as the user named it
+    given: str  # as the user named it (module.Class or path/file.py:Class)
     module: str
     class_name: str
     ctor_args: tuple[tuple[str, str], ...]

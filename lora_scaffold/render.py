@@ -17,7 +17,7 @@ from lora_scaffold.context import LayerContext
 from lora_scaffold.errors import RenderError
 from lora_scaffold.files import GeneratedFile
 from lora_scaffold.generated_imports import layer_imports, optional_imports, test_imports
-from lora_scaffold.imports import format_imports
+from lora_scaffold.import_blocks import format_imports
 from lora_scaffold.layer_plan import LayerPlan
 from lora_scaffold.layout import LINE_LENGTH, assigned_string, layout, string_lines
 from lora_scaffold.names import target_alias

@@ -23,7 +23,7 @@ from torch import nn
 
 from lora_scaffold.errors import USER_CODE_ERRORS, ScaffoldError, TargetError
 from lora_scaffold.generated_imports import test_imports
-from lora_scaffold.imports import format_imports
+from lora_scaffold.import_blocks import format_imports
 from lora_scaffold.introspect import TargetSpec
 from lora_scaffold.layer_plan import LayerPlan
 from lora_scaffold.peft_release import PeftRelease

@@ -70,7 +70,7 @@ def plan_text(report: Report) -> str:
         f"\nscaled    {name} {old} -> {new} to keep the probe and tests small" for name, old, new in spec.scaled_args
     )
     lines = [
-        f"target    {plan.target.init or plan.target.spec + '(' + ', '.join(f'{n}={v}' for n, v in plan.target.ctor_args) + ')'}{scaled}",
+        f"target    {plan.target.init or plan.target.given + '(' + ', '.join(f'{n}={v}' for n, v in plan.target.ctor_args) + ')'}{scaled}",
         f"weight    {plan.weight.name} {list(plan.weight.shape)}",
         f"input     {plan.call.example_input} ({inferred})",
         f"strategy  {plan.decision.strategy}: {plan.decision.reason}",

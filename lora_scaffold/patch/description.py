@@ -45,7 +45,7 @@ def describe(
     context = {
         "target": f"{plan.target.module}.{plan.target.class_name}",
         "class_name": plan.target.class_name,
-        "request_target": plan.target.spec,
+        "request_target": plan.target.given,
         "layer_class": plan.names.layer_class,
         "module_name": plan.names.module_name,
         "weight_name": plan.weight.name,

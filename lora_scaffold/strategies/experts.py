@@ -40,11 +40,11 @@ class Experts(Delta):
         shape = evidence.weight.shape
         if len(shape) == 3:
             return bool(expert_evidence(evidence.module, shape[0]))
-        return len(shape) == 2 and any(flat_layout(evidence))
+        return len(shape) == 2 and any(row_view(evidence))
 
     def judge(self, evidence: Evidence) -> tuple[Verdict, ...]:
         shape = evidence.weight.shape
-        if len(shape) == 3 or (len(shape) == 2 and any(flat_layout(evidence))):
+        if len(shape) == 3 or (len(shape) == 2 and any(row_view(evidence))):
             return (Verdict(self, True, 0.0, "exact for any forward, one factor pair per expert"),)
         return (
             Verdict(
@@ -58,7 +58,7 @@ class Experts(Delta):
 
     def reason(self, evidence: Evidence, verdict: Verdict) -> str:
         shape = evidence.weight.shape
-        attribute, view = flat_layout(evidence) if len(shape) == 2 else ("", None)
+        attribute, view = row_view(evidence) if len(shape) == 2 else ("", None)
         if attribute:
             count = dotted_attribute(evidence.module, attribute)
             found = f"{count} experts' [{shape[0] // count}, {shape[1]}] slices along its rows (`{attribute}`)"
@@ -75,7 +75,7 @@ class Experts(Delta):
         )
 
     def template_answers(self, evidence: Evidence) -> dict:
-        attribute, view = flat_layout(evidence) if len(evidence.weight.shape) == 2 else ("", None)
+        attribute, view = row_view(evidence) if len(evidence.weight.shape) == 2 else ("", None)
         return {
             "expert_count_attribute": json.dumps(attribute) if attribute else "",
             "expert_columns": _columns_code(view) if view else "",
@@ -165,7 +165,7 @@ def _columns_code(view: BankView) -> str:
     return f"shape[1] // {read}" if view.gives_rows else read
 
 
-def flat_layout(evidence: Evidence) -> tuple[str, BankView | None]:
+def row_view(evidence: Evidence) -> tuple[str, BankView | None]:
     """How a 2-D weight holds its experts: the attribute counting them along its rows ([E * d1, d2]), else the
     view of one a row ([E, d1 * d2]); ("", None) when neither is found."""
     attribute = flattened_expert_count(evidence.module, evidence.weight.name, evidence.weight.shape)

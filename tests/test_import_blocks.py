@@ -1,4 +1,4 @@
-from lora_scaffold.imports import format_imports
+from lora_scaffold.import_blocks import format_imports
 
 
 def test_sections_follow_isort_with_peft_first_party():
