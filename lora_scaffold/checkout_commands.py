@@ -12,7 +12,6 @@ from lora_scaffold.files import (
     apply_changes,
     plan_changes,
     plan_deletions,
-    refuse_conflicts,
 )
 from lora_scaffold.layer_plan import LayerPlan
 from lora_scaffold.names import layer_names
@@ -27,11 +26,11 @@ from lora_scaffold.request import Request
 from lora_scaffold.workflow import (
     Outcome,
     Report,
+    Run,
     digest_on_disk,
     merged_edits,
     plan_layer,
     record_file,
-    recover_interrupted,
     unedited,
 )
 
@@ -41,15 +40,13 @@ def patch_checkout(
 ) -> Outcome:
     """`new --peft-checkout PATH`: the layer becomes part of PEFT (module, dispatch, export, tests). With
     `conflicts` (`update`), the generated files merge the edits made since the last run instead of refusing them."""
-    checkout, recovered = _open_checkout(checkout_path, dry_run)
-    return _patch(request, checkout, recovered, force, conflicts)
+    checkout, run = _open_checkout(checkout_path, force, dry_run)
+    return _patch(request, checkout, run, conflicts)
 
 
-def _patch(
-    request: Request, checkout: PeftCheckout, recovered: tuple[str, ...], force: bool, conflicts: str | None
-) -> Outcome:
+def _patch(request: Request, checkout: PeftCheckout, run: Run, conflicts: str | None) -> Outcome:
     spec, plan = plan_layer(request)
-    if plan.target.peft_builtin_exact and not force:
+    if plan.target.peft_builtin_exact and not run.force:
         raise PatchError(
             f"PEFT already supports {plan.target.module}.{plan.target.class_name} with its own {plan.target.peft_builtin} layer; "
             "pass --force to put a branch for the generated layer before PEFT's"
@@ -59,8 +56,8 @@ def _patch(
     edits = plan_edits(plan, spec.target.cls, checkout)
     sources = checkout.edited_sources()
     if previous is not None and previous.edits != edits.as_dict():
-        sources = reverted_sources(sources, PatchEdits.from_dict(previous.edits), force)
-    merged, notes = rendered, recovered
+        sources = reverted_sources(sources, PatchEdits.from_dict(previous.edits), run.force)
+    merged, notes = rendered, run.recovered
     if conflicts is not None and previous is not None:
         merged, merge_notes = merged_edits(checkout.root, rendered, previous, conflicts)
         notes += merge_notes
@@ -71,7 +68,7 @@ def _patch(
         GeneratedFile(IGNORE_FILE, IGNORE_TEXT),
     )
     updatable = unedited(checkout.root, previous) | set(checkout.edited_sources()) | {IGNORE_FILE}
-    changes = _checkout_changes(checkout, files, force, updatable)
+    changes = _checkout_changes(checkout, run, files, updatable)
     notes += _wiring_notes(plan, edits, rendered[1].path)
     nothing = "" if any(c.changes_disk for c in changes) else f"{checkout.root} already has {plan.names.layer_class}"
     if not nothing:
@@ -128,13 +125,13 @@ def remove_from_checkout(
     target: str, name: str | None, checkout_path: str, force: bool = False, dry_run: bool = False
 ) -> Outcome:
     """`remove`: take out exactly what `new` added, as its generation record says."""
-    checkout, recovered = _open_checkout(checkout_path, dry_run)
+    checkout, run = _open_checkout(checkout_path, force, dry_run)
     module_name = _module_name(target, name)
     record = checkout.record(module_name)
     _refuse_foreign_layer(checkout, module_name, target, record)
     if record is None:
         return Outcome(
-            checkout.root, (), Report(notes=recovered, nothing_to_do=f"{checkout.root} has no {module_name}")
+            checkout.root, (), Report(notes=run.recovered, nothing_to_do=f"{checkout.root} has no {module_name}")
         )
     edited = [
         path for path, hash_ in record.files.items() if digest_on_disk(checkout.root / path) not in (hash_, None)
@@ -142,18 +139,20 @@ def remove_from_checkout(
     if edited and not force:
         raise PatchError(f"{', '.join(edited)} changed since lora-scaffold wrote it; pass --force to remove it anyway")
     reverted = reverted_sources(checkout.edited_sources(), PatchEdits.from_dict(record.edits), force)
-    changes = _checkout_changes(checkout, as_files(reverted), True, frozenset(reverted))
+    changes = _checkout_changes(checkout, run, as_files(reverted), frozenset(reverted))
     owned = [*record.files, record.path, description_path(module_name)]
     if checkout.records() == [Path(record.path).name]:
         owned.append(IGNORE_FILE)
-    return Outcome(checkout.root, changes + plan_deletions([checkout.path(p) for p in owned]), Report(notes=recovered))
+    return Outcome(
+        checkout.root, changes + plan_deletions([checkout.path(p) for p in owned]), Report(notes=run.recovered)
+    )
 
 
 def update_checkout(
     target: str, name: str | None, checkout_path: str, change: dict, conflicts: str = "stop", dry_run: bool = False
 ) -> Outcome:
     """`update TARGET --peft-checkout PATH`: as update_plugin, for a layer patched into a checkout (and its wiring)."""
-    checkout, recovered = _open_checkout(checkout_path, dry_run)
+    checkout, run = _open_checkout(checkout_path, True, dry_run)  # the merge keeps the edits: nothing is lost
     module_name = _module_name(target, name)
     record = checkout.record(module_name)
     if record is None:
@@ -161,14 +160,14 @@ def update_checkout(
             f"{checkout.root} has no generation record for {module_name}: update works in the checkout `new "
             "--peft-checkout` patched (the records stay out of git there, and so out of fresh clones)"
         )
-    return _patch(record.request.updated(**change), checkout, recovered, force=True, conflicts=conflicts)
+    return _patch(record.request.updated(**change), checkout, run, conflicts)
 
 
-def _open_checkout(checkout_path: str, dry_run: bool) -> tuple[PeftCheckout, tuple[str, ...]]:
-    """The checkout, read after what an interrupted run left in it is completed or undone (its records and sources
-    are only whole then), and the note of that recovery."""
-    recovered = recover_interrupted(checkout_root(checkout_path), dry_run)
-    return read_checkout(checkout_path), recovered
+def _open_checkout(checkout_path: str, force: bool, dry_run: bool) -> tuple[PeftCheckout, Run]:
+    """The checkout, read once the run has completed or undone what an interrupted one left in it (its records and
+    sources are only whole then)."""
+    run = Run.start(checkout_root(checkout_path), force, dry_run)
+    return read_checkout(checkout_path), run
 
 
 def _module_name(target: str, name: str | None) -> str:
@@ -195,9 +194,7 @@ def _refuse_taking_over(checkout: PeftCheckout, layer_class: str, paths: list[st
         raise PatchError(f"PEFT already exports a {layer_class}; pick another name with --name")
 
 
-def _checkout_changes(checkout: PeftCheckout, files, force: bool, updatable) -> tuple[FileChange, ...]:
+def _checkout_changes(checkout: PeftCheckout, run: Run, files, updatable) -> tuple[FileChange, ...]:
     for generated in files:
         checkout.path(generated.path)  # refuses paths outside the checkout and symbolic links
-    changes = plan_changes(files, checkout.root, force=force, updatable=frozenset(updatable))
-    refuse_conflicts(changes)
-    return changes
+    return run.changes(files, updatable)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lora_scaffold import __version__, workflow
 from lora_scaffold.errors import NotCalled, ScaffoldError, WeightUnused, WriteError
-from lora_scaffold.files import FileChange, GeneratedFile, plan_changes, refuse_conflicts
+from lora_scaffold.files import GeneratedFile
 from lora_scaffold.layout import layout
 from lora_scaffold.names import layer_names
 from lora_scaffold.record import RECORD_DIR, digest
@@ -122,13 +122,6 @@ def package_files(model: str, layers: list[str]) -> tuple[GeneratedFile, ...]:
     return files + (GeneratedFile(PACKAGE_RECORD, json.dumps(record, indent=2) + "\n"),)
 
 
-def package_changes(model: str, layers: list[str], output: Path, force: bool) -> tuple[FileChange, ...]:
-    files = package_files(model, layers)
-    changes = plan_changes(files, output, force=force, updatable=frozenset(_unedited(output)))
-    refuse_conflicts(changes)
-    return changes
-
-
 def _unedited(output: Path) -> set[str]:
     path = output / PACKAGE_RECORD
     try:
@@ -154,7 +147,7 @@ def generate(
     many classes of the model hold weights."""
     if output.exists() and not output.is_dir():
         raise WriteError(f"-o {output}: exists and is not a folder")
-    recovered = workflow.recover_interrupted(output, dry_run)
+    run = workflow.Run.start(output, force, dry_run)
     every = workflow.scan_model(model, model_input)
     scanned = [s for s in every if s.command]
     taken: set[str] = set()
@@ -175,5 +168,5 @@ def generate(
         changes += outcome.changes
     layers = [r.module_name for r in results if r.module_name]
     if layers:
-        changes += package_changes(model, layers, output, force)
-    return Outcome(output, tuple(changes), Report(notes=recovered)), tuple(results), len(every)
+        changes += run.changes(package_files(model, layers), _unedited(output))
+    return Outcome(output, tuple(changes), Report(notes=run.recovered)), tuple(results), len(every)

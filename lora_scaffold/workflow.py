@@ -53,6 +53,28 @@ class Outcome:
         apply_changes(self.changes, self.root)
 
 
+@dataclass(frozen=True)
+class Run:
+    """What every command that writes does first and last: complete or undo what an interrupted run left in `root`
+    (before anything reads it: `recovered` says what was done), and plan its files against the disk, refusing to
+    replace a file someone edited unless `force`."""
+
+    root: Path
+    force: bool = False
+    dry_run: bool = False
+    recovered: tuple[str, ...] = ()
+
+    @classmethod
+    def start(cls, root: Path, force: bool = False, dry_run: bool = False) -> Run:
+        return cls(root, force, dry_run, recover_interrupted(root, dry_run))
+
+    def changes(self, files: tuple[GeneratedFile, ...], updatable=frozenset()) -> tuple[FileChange, ...]:
+        """Paths in `updatable` (files this run edits, or wrote earlier and nobody edited since) may change."""
+        changes = plan_changes(files, self.root, force=self.force, updatable=frozenset(updatable))
+        refuse_conflicts(changes)
+        return changes
+
+
 def inspect_target(request: Request) -> TargetSpec:
     return introspect(resolve_target(request.target), parse_arg_overrides(list(request.args)), request.init)
 
@@ -119,15 +141,14 @@ def new_plugin(
     """`new -o DIR`: the layer, its tests and its record, for the installed peft (or the one given)."""
     if output.exists() and not output.is_dir():
         raise WriteError(f"-o {output}: exists and is not a folder")
-    recovered = recover_interrupted(output, dry_run)
+    run = Run.start(output, force, dry_run)
     peft = peft or installed_peft(PLUGIN)
     spec, plan = plan_layer(request)
     rendered = render(plan, peft)
     files = (*rendered, record_file(rendered, request, plan, peft))
     previous = _read_record(output / record_path(plan.names.module_name))
-    changes = plan_changes(files, output, force=force, updatable=unedited(output, previous))
-    refuse_conflicts(changes)
-    notes = recovered + tuple(note for note in (low_rank_note(plan),) if note)
+    changes = run.changes(files, unedited(output, previous))
+    notes = run.recovered + tuple(note for note in (low_rank_note(plan),) if note)
     if spec.target.from_file is not None:
         notes += (
             f"the generated code imports {plan.target.module}; put {spec.target.from_file.parent} on PYTHONPATH",
@@ -138,7 +159,7 @@ def new_plugin(
 def update_plugin(layer_file: Path, change: dict, conflicts: str = "stop", dry_run: bool = False) -> Outcome:
     """`update FILE`: the layer rendered again (with the changed options, by this lora-scaffold), your edits merged."""
     root, module_name = layer_file.parent, layer_file.stem
-    recovered = recover_interrupted(root, dry_run)
+    run = Run.start(root, force=True, dry_run=dry_run)  # the merge keeps the edits: nothing is lost
     record = _read_record(root / record_path(module_name))
     if record is None or record.mode != PLUGIN:
         raise ScaffoldError(
@@ -152,8 +173,7 @@ def update_plugin(layer_file: Path, change: dict, conflicts: str = "stop", dry_r
     rendered = render(plan, peft)
     merged, notes = merged_edits(root, rendered, record, conflicts)
     files = (*merged, record_file(rendered, request, plan, peft))
-    changes = plan_changes(files, root, force=True, updatable=frozenset())
-    return Outcome(root, changes, Report(spec, plan, peft, recovered + notes))
+    return Outcome(root, run.changes(files), Report(spec, plan, peft, run.recovered + notes))
 
 
 def _refuse_renaming(new_module: str, module_name: str) -> None:
