@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
+from suite_process import run_pytest
 
 from lora_scaffold.cli import main
 
@@ -71,17 +72,9 @@ def pytest_env(*paths: Path) -> dict:
 
 
 def run_suites(folders: list[Path], junit: Path, extra_paths: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        f"--junitxml={junit}",
-        *map(str, folders),
-    ]
-    return subprocess.run(command, capture_output=True, text=True, env=pytest_env(*extra_paths), cwd=junit.parent)
+    """The suites in `folders` run by pytest in a process of their own (see suite_process.py)."""
+    arguments = ["-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *map(str, folders)]
+    return run_pytest(arguments, junit.parent, pytest_env(*extra_paths))
 
 
 def suite_counts(junit: Path) -> dict[str, dict[str, int]]:
