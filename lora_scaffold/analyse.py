@@ -69,12 +69,14 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         find_sample_input(module, [example_input], given=True)
     else:
         candidates = candidate_inputs(weight.shape, spec.forward_arity, attributes)
-        example_input = find_sample_input(module, candidates, responds=lambda inputs: responds(module, weight, inputs))
+        # A quantized weight cannot be moved a little to see the output respond: the first input that runs.
+        moves = None if weight.quantized else (lambda inputs: responds(module, weight, inputs))
+        example_input = find_sample_input(module, candidates, responds=moves)
     make_call = example_call(example_input, options.model_call)
     asked = strategies.asked_for(options.strategy) if options.strategy != strategies.AUTO else ()
-    needs_probe = not asked or any(strategy.needs_probe for strategy in asked)
+    needs_probe = not weight.quantized and (not asked or any(strategy.needs_probe for strategy in asked))
     probe = run_probe(module, weight, make_call, example_input) if needs_probe else None
-    evidence = Evidence(module, weight, attributes, probe)
+    evidence = Evidence(module, weight, attributes, probe, make_call)
     choice = choose_strategy(evidence, options.strategy)
     if probe is not None and probe.train_mode_note:
         choice = dataclasses.replace(
@@ -126,7 +128,8 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
             inputs=inputs,
             output_features=output_features,
             output_is_tuple=output_is_tuple,
-            battery_blocker=battery_blocker(module, len(inputs) != len(args), tuple(kwargs)),
+            battery_blocker=battery_blocker(module, len(inputs) != len(args), tuple(kwargs))
+            or strategy.battery_blocker(evidence),
         ),
         names=LayerNames(layer_class, module_name, f"test_{module_name}"),
     )
@@ -139,6 +142,15 @@ def choose_strategy(evidence: Evidence, choice: str) -> Choice:
         candidates = [s for s in strategies.REGISTRY if s.tried_by_auto and s.fits(evidence)]
     else:
         candidates = list(strategies.asked_for(choice))
+    if evidence.weight.quantized:
+        unfit = [s.name for s in candidates if not s.adapts_quantized]
+        candidates = [s for s in candidates if s.adapts_quantized]
+        if not candidates:
+            raise AnalysisError(
+                f"--strategy {choice} cannot adapt {evidence.weight.name}, stored as {evidence.weight.dtype} "
+                f"({', '.join(unfit)} write W + dW into the weight, which its storage would lose); use --strategy "
+                f"{' or '.join(s.family for s in strategies.REGISTRY if s.adapts_quantized)}"
+            )
     if evidence.weight.computed:
         unfit = [s.name for s in candidates if not s.adapts_computed_weights]
         candidates = [s for s in candidates if s.adapts_computed_weights]

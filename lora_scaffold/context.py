@@ -118,6 +118,7 @@ class LayerContext:
     verify: bool = False
     weight_cache: bool = False
     computed_weight: bool = False
+    merges: bool = True
     read_by_fused_parents: bool = False
     uninitialised: tuple[JsonText, ...] = ()
     model_call: bool = False

@@ -53,8 +53,16 @@ class TensorInfo:
     dtype: str
     requires_grad: bool
     computed: bool = False  # computed by a parametrization (weight_norm, ...) from parametrizations.NAME.original*
+    # A matrix stored quantized (integer or float8 data, a parameter or a buffer): the base's forward reads it,
+    # nothing can write W + dW back into it exactly, and the probe cannot move it by a small float change.
+    quantized: bool = False
 
 
+# Storage a quantized base keeps its weight in: integers (int8 values, or int4/ternary values packed into bytes
+# or words) and float8. A float of 16 bits or more is a weight like any other.
+QUANTIZED_DTYPES = frozenset(
+    {"int8", "uint8", "int16", "int32", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"}
+)
 # Above this many parameter elements, size-like defaults are scaled down: the probe and the generated tests build
 # the target for real, and a 50 000 x 8 192 embedding would cost 1.6 GB each time.
 ELEMENT_BUDGET = 1_000_000
@@ -236,7 +244,11 @@ def computed_weights(module: nn.Module) -> tuple[TensorInfo, ...]:
 
 
 def _tensor_info(name: str, tensor: torch.Tensor) -> TensorInfo:
-    return TensorInfo(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), tensor.requires_grad)
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    matrix = sum(size > 1 for size in tensor.shape) >= 2
+    return TensorInfo(
+        name, tuple(tensor.shape), dtype, tensor.requires_grad, quantized=matrix and dtype in QUANTIZED_DTYPES
+    )
 
 
 def _peft_attributes(module: nn.Module) -> tuple[tuple[str, str], ...]:

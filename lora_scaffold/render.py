@@ -67,7 +67,7 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "record_path": record_path(plan.names.module_name),
             "strategy": plan.decision.strategy,
             "strategy_summary": strategy.summary,
-            "layer_partial": strategy.partial if strategy.peft_own_layer else "partials/full_layer.jinja",
+            "layer_partial": strategy.layer_partial,
             "strategy_partial": strategy.partial,
             "weight_name": _literal(plan.weight.name),
             "weight_shape": str(plan.weight.shape),
@@ -80,6 +80,7 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "flat_rnn_weights": plan.weight.flat_rnn,
             "read_by_fused_parents": plan.weight.read_by_fused_parents,
             "computed_weight": plan.weight.computed,
+            "merges": strategy.merges,
             "refused_options": {
                 option: refusal_message(option, why) for option, why in strategy.refused_options.items()
             },

@@ -14,26 +14,19 @@ from lora_scaffold.introspect import TargetSpec, TensorInfo
 
 
 def choose_weight(spec: TargetSpec, requested: str | None) -> TensorInfo:
-    if not spec.parameters:
+    quantized = [t for t in (*spec.parameters, *spec.buffers) if t.quantized]
+    if not spec.parameters and not quantized:
         what = "only buffers" if spec.buffers else "no parameters"
         raise AnalysisError(f"{spec.target.class_name} has {what}: there is no trainable weight for LoRA to adapt")
     if requested is not None:
-        found = spec.parameter(requested)
-        if found is None:
-            names = ", ".join(p.name for p in spec.parameters)
-            raise AnalysisError(f"{spec.target.class_name} has no parameter {requested!r}; its parameters: {names}")
-        if not found.shape or 0 in found.shape:
-            raise AnalysisError(
-                f"{spec.target.class_name}.{requested} has shape {list(found.shape)}: no low-rank adapter fits it"
-            )
-        return found
+        return _requested(spec, requested, quantized)
     # A per-channel scale such as `gain [C, 1, 1]` is not a weight LoRA would adapt: two real dimensions needed.
     # The pieces a parametrization computes a weight from (weight_norm's original0/1) stand behind that weight.
     candidates = [
         p
         for p in spec.parameters
-        if sum(size > 1 for size in p.shape) >= 2 and "parametrizations" not in p.name.split(".")
-    ]
+        if sum(size > 1 for size in p.shape) >= 2 and "parametrizations" not in p.name.split(".") and not p.quantized
+    ] or quantized
     named_weight = [p for p in candidates if p.name == "weight"]
     if len(candidates) == 1 or len(named_weight) == 1:
         return (named_weight or candidates)[0]
@@ -44,6 +37,18 @@ def choose_weight(spec: TargetSpec, requested: str | None) -> TensorInfo:
         )
     names = ", ".join(f"{p.name} {list(p.shape)}" for p in candidates)
     raise AnalysisError(f"{spec.target.class_name} has several weights ({names}); pick one with --weight NAME")
+
+
+def _requested(spec: TargetSpec, requested: str, quantized: list[TensorInfo]) -> TensorInfo:
+    found = next((t for t in quantized if t.name == requested), None) or spec.parameter(requested)
+    if found is None:
+        names = ", ".join(p.name for p in (*spec.parameters, *quantized))
+        raise AnalysisError(f"{spec.target.class_name} has no parameter {requested!r}; its parameters: {names}")
+    if not found.shape or 0 in found.shape:
+        raise AnalysisError(
+            f"{spec.target.class_name}.{requested} has shape {list(found.shape)}: no low-rank adapter fits it"
+        )
+    return found
 
 
 def require_invertible(spec: TargetSpec, built: nn.Module, name: str) -> None:

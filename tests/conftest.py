@@ -29,7 +29,7 @@ GROUPS = {
     # A layer generated, then its suite or PEFT's numbers run on it.
     "generated": (
         *("test_end_to_end", "test_experts", "test_parity", "test_real_layers", "test_random_modules"),
-        *("test_rnn_weights", "test_verify"),
+        *("test_rnn_weights", "test_verify", "test_quantized"),
     ),
     # Patch mode on a real peft source tree.
     "patch": ("test_patch_checkout", "test_update", "test_crash_safety"),

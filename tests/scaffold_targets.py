@@ -384,3 +384,32 @@ class ReluPair(nn.Module):
     def forward(self, x):
         hidden = F.relu(self.lin(x))
         return hidden, hidden.sum(-1)
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """Weight-only int8 quantization in its common layout: an int8 `qweight` buffer and a float scale per row."""
+
+    def __init__(self, in_features: int = 6, out_features: int = 5, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        weight = torch.randn(out_features, in_features) * 0.2
+        scale = weight.abs().amax(dim=1) / 127
+        self.register_buffer("qweight", torch.round(weight / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = nn.Parameter(torch.randn(out_features) * 0.1) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.qweight.to(x.dtype) * self.scale[:, None].to(x.dtype), self.bias)
+
+
+class Float8Linear(nn.Module):
+    """A frozen float8 weight, computed in the input's dtype."""
+
+    def __init__(self, in_features: int = 6, out_features: int = 5):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        weight = (torch.randn(out_features, in_features) * 0.2).to(torch.float8_e4m3fn)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight.to(x.dtype))

@@ -78,6 +78,7 @@ def test_inspect_json(capsys):
         "dtype": "float32",
         "requires_grad": True,
         "computed": False,
+        "quantized": False,
     }
 
 

@@ -299,10 +299,10 @@ def register(config: LoraConfig) -> LoraConfig:
 
 
 def _layer_or_param_wrapper(target: nn.Module, adapter_name: str, parameter_name: Optional[str] = None, **kwargs):
-    """`LoraGpt2Conv1d` for the module a config names; PEFT's own ParamWrapper, as its `dispatch_default` builds
-    it, for one parameter of it PEFT is asked to wrap (`target_parameters`, or PEFT's transformers-v5 MoE conversion
-    of `gate_proj`/`up_proj`/`down_proj` names into the experts' parameters): registering this layer changes
-    nothing for configs PEFT takes alone."""
+    """The layer above for the module a config names; PEFT's own ParamWrapper, as its `dispatch_default` builds it,
+    for one parameter of it PEFT is asked to wrap (`target_parameters`, or PEFT's transformers-v5 MoE conversion of
+    `gate_proj`/`up_proj`/`down_proj` names into the experts' parameters): registering this layer changes nothing
+    for configs PEFT takes alone."""
     if parameter_name is not None:
         return ParamWrapper(target, adapter_name, parameter_name=parameter_name, **kwargs)
     return LoraGpt2Conv1d(target, adapter_name, **kwargs)

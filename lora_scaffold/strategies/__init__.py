@@ -7,6 +7,7 @@ entry below, and its tests. Nothing else names strategies.
 from __future__ import annotations
 
 from lora_scaffold.strategies.base import Evidence, Strategy, Verdict
+from lora_scaffold.strategies.beside import BESIDE
 from lora_scaffold.strategies.conv import CONV
 from lora_scaffold.strategies.conv_transpose import CONV_TRANSPOSE
 from lora_scaffold.strategies.delta import DELTA
@@ -18,7 +19,7 @@ from lora_scaffold.strategies.stub import STUB
 
 
 # `auto` takes the first that fits the target and that the probe confirms; delta, last, is exact for any forward.
-REGISTRY: tuple[Strategy, ...] = (REUSE, LINEAR, EMBEDDING, CONV, CONV_TRANSPOSE, EXPERTS, DELTA, STUB)
+REGISTRY: tuple[Strategy, ...] = (REUSE, LINEAR, EMBEDDING, CONV, CONV_TRANSPOSE, EXPERTS, BESIDE, DELTA, STUB)
 AUTO = "auto"
 FALLBACK = next(strategy for strategy in REGISTRY if strategy.fallback)  # what works where nothing factored does
 CHOICES = (AUTO, *dict.fromkeys(strategy.family for strategy in REGISTRY))

@@ -15,6 +15,7 @@ which subclasses PEFT's own layer. The partial implements these hooks, which ful
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ class Evidence:
     weight: TensorInfo
     attributes: dict
     probe: Probe | None
+    call: Callable[[int], tuple[tuple, dict]] | None = None  # seed -> the (args, kwargs) the target is called with
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,10 @@ class Strategy:
     # Merges into a weight a parametrization computes (weight_norm's `weight`), through the parametrization's
     # right_inverse; the others write the weight's `.data`, which such a weight does not keep.
     adapts_computed_weights = False
+    # Adapts a weight stored quantized (int8, float8, packed), which the others would write W + dW into and lose.
+    adapts_quantized = False
+    merges = True  # merge() writes the adapter into the base weight; otherwise it refuses, saying why
+    layer_partial = "partials/full_layer.jinja"  # the layer class its partial goes into
 
     def fits(self, evidence: Evidence) -> bool:
         """Whether `auto` tries it on this target."""
@@ -109,6 +115,10 @@ class Strategy:
 
     def reason(self, evidence: Evidence, verdict: Verdict) -> str:
         return f"the probe shows the weight acts as {verdict.label} ({verdict.error_text})"
+
+    def battery_blocker(self, evidence: Evidence) -> str:
+        """Why PEFT's custom-model battery cannot run on the generated layer, for the strategy's sake ("" if it can)."""
+        return ""
 
     def dora_blocker(self, evidence: Evidence, verdict: Verdict) -> str:
         """Why PEFT's DoRA variant cannot serve the generated layer ("" when it can)."""
@@ -177,6 +187,10 @@ class AffineStrategy(Strategy):
             return probe.output_error(predict), ""
         except Exception as exc:
             return NOT_ONE_TENSOR, f"{type(exc).__name__}: {exc}"
+
+    def battery_blocker(self, evidence: Evidence) -> str:
+        """Why PEFT's custom-model battery cannot run on the generated layer, for the strategy's sake ("" if it can)."""
+        return ""
 
     def dora_blocker(self, evidence: Evidence, verdict: Verdict) -> str:
         name = type(evidence.module).__name__

@@ -32,7 +32,7 @@ class Reuse(Strategy):
     name = family = "reuse"
     help = "a subclass of nn.Linear/nn.ConvNd whose math is its parent's: a thin subclass of PEFT's own layer"
     summary = "PEFT's own layer for the parent class."
-    partial = "partials/reuse_layer.jinja"
+    partial = layer_partial = "partials/reuse_layer.jinja"
     peft_own_layer = True
     refines = True
 

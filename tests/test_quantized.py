@@ -1,0 +1,100 @@
+"""Bases that keep their weight quantized (int8 values with a scale, float8): LoRA beside the base, merging refused."""
+
+import importlib
+
+import pytest
+import torch
+from peft import LoraConfig
+from peft.tuners import lora
+from scaffold_targets import Float8Linear, Int8WeightOnlyLinear
+from test_end_to_end import run_suites
+from torch import nn
+
+from lora_scaffold.analyse import analyse
+from lora_scaffold.cli import main
+from lora_scaffold.errors import AnalysisError
+from lora_scaffold.introspect import introspect
+from lora_scaffold.request import Options
+from lora_scaffold.resolve import resolve_target
+from lora_scaffold.weight_choice import choose_weight
+
+
+QUANTIZED = {
+    "int8": ("scaffold_targets.Int8WeightOnlyLinear", "qweight", "int8"),
+    "float8": ("scaffold_targets.Float8Linear", "weight", "float8_e4m3fn"),
+}
+
+
+class ReluAfterInt8(Int8WeightOnlyLinear):
+    """Quantized, but not a linear map of its input: nothing may go beside it as if it were."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def plan_for(target, **options):
+    return analyse(introspect(resolve_target(target), {}), Options(**options))
+
+
+@pytest.mark.parametrize("key", list(QUANTIZED))
+def test_the_stored_weight_is_found_and_the_base_gets_lora_beside_it(key):
+    target, weight, dtype = QUANTIZED[key]
+    chosen = choose_weight(introspect(resolve_target(target), {}), None)
+    assert (chosen.name, chosen.dtype, chosen.quantized) == (weight, dtype, True)
+    plan = plan_for(target)
+    assert plan.decision.strategy == "beside"
+    assert f"stored as {dtype}" in plan.decision.reason and "linear map of the input" in plan.decision.reason
+    assert dict(plan.decision.answers)["in_features_attribute"] == '"in_features"'
+
+
+def test_a_quantized_base_that_is_not_linear_in_its_input_is_refused_with_the_cause():
+    with pytest.raises(AnalysisError, match="beside: the output is not linear in the input"):
+        plan_for("test_quantized.ReluAfterInt8")
+
+
+def test_strategies_that_write_into_the_weight_are_refused_on_quantized_storage():
+    with pytest.raises(AnalysisError, match="stored as int8 .*use --strategy beside"):
+        plan_for("scaffold_targets.Int8WeightOnlyLinear", strategy="delta")
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantized")
+    for key, (target, _, _) in QUANTIZED.items():
+        assert main(["new", target, "--name", f"quantized_{key}", "-o", str(root / key)]) == 0
+    return root
+
+
+def test_generated_suites_pass(generated):
+    result = run_suites([generated / key for key in QUANTIZED], generated / "report.xml")
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+def dequantized(base) -> nn.Linear:
+    """The float nn.Linear computing what the quantized base computes."""
+    linear = nn.Linear(base.in_features, base.out_features, bias=getattr(base, "bias", None) is not None)
+    with torch.no_grad():
+        offset = base(torch.zeros(1, base.in_features))
+        linear.weight.copy_((base(torch.eye(base.in_features)) - offset).T)
+        if linear.bias is not None:
+            linear.bias.copy_(base.bias)
+    return linear
+
+
+@pytest.mark.parametrize(("key", "make_base"), [("int8", Int8WeightOnlyLinear), ("float8", Float8Linear)])
+def test_output_and_delta_equal_peft_linear_on_the_dequantized_weight(key, make_base, generated, import_path):
+    import_path(generated / key)
+    module = importlib.import_module(f"lora_quantized_{key}")
+    layer_class = next(v for k, v in vars(module).items() if k.startswith("LoraQuantized"))
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False)
+    torch.manual_seed(0)
+    base = make_base()
+    ours = layer_class(base, "default", config=config, r=4, lora_alpha=8)
+    peft_layer = lora.Linear(dequantized(base), "default", config=config, r=4, lora_alpha=8)
+    ours.load_state_dict({k: v for k, v in peft_layer.state_dict().items() if "lora_" in k}, strict=False)
+    x = torch.randn(3, base.in_features)
+    torch.testing.assert_close(ours(x), peft_layer(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.get_delta_weight("default"), peft_layer.get_delta_weight("default"))
+    assert ours.lora_A["default"].weight.dtype == torch.float32  # the dtype the base computes in, not its storage
+    with pytest.raises(ValueError, match=f"cannot merge into {make_base.__name__}"):
+        ours.merge()
