@@ -243,12 +243,27 @@ def computed_weights(module: nn.Module) -> tuple[TensorInfo, ...]:
     return tuple(found)
 
 
+def _quantized_subclass(tensor: torch.Tensor) -> bool:
+    """A tensor subclass holding quantized data behind a float dtype (quanto's WeightQBytesTensor, torchao's
+    Int8Tensor): any subclass but a parameter's own kinds (bitsandbytes' Int8Params has an int dtype anyway)."""
+    kind = type(tensor)
+    return (
+        kind not in (torch.Tensor, nn.Parameter, nn.Buffer)
+        and not isinstance(tensor, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer))
+        and type(tensor.data) is not torch.Tensor
+    )
+
+
 def _tensor_info(name: str, tensor: torch.Tensor) -> TensorInfo:
     dtype = str(tensor.dtype).removeprefix("torch.")
     matrix = sum(size > 1 for size in tensor.shape) >= 2
-    return TensorInfo(
-        name, tuple(tensor.shape), dtype, tensor.requires_grad, quantized=matrix and dtype in QUANTIZED_DTYPES
+    subclass = _quantized_subclass(tensor)
+    # bitsandbytes' 4-bit weight is a column of packed bytes: a matrix only to the parameter class holding it.
+    holder = type(tensor) not in (torch.Tensor, nn.Parameter, nn.Buffer)  # Params4bit, Int8Params
+    packed = (dtype in QUANTIZED_DTYPES and (matrix or holder) and tensor.numel() > 1) or (
+        subclass and tensor.numel() > 1
     )
+    return TensorInfo(name, tuple(tensor.shape), dtype, tensor.requires_grad, quantized=packed)
 
 
 def _peft_attributes(module: nn.Module) -> tuple[tuple[str, str], ...]:

@@ -31,10 +31,19 @@ class EmptyTracker(TorchFunctionMode):
         # nn.init's functions arrive with the tensor as a keyword (`tensor=`), Tensor methods with it first.
         written = args[0] if args else kwargs.get("tensor")
         if func in EMPTY_FACTORIES and isinstance(result, torch.Tensor):
-            self.unwritten.add(result.untyped_storage().data_ptr())
+            self.unwritten.add(_storage_address(result))
         elif isinstance(written, torch.Tensor) and _writes_in_place(func):
-            self.unwritten.discard(written.untyped_storage().data_ptr())
+            self.unwritten.discard(_storage_address(written))
         return result
+
+
+def _storage_address(tensor: torch.Tensor) -> int | None:
+    """Where a tensor's data lives; None for a tensor subclass without storage of its own (quanto's quantized
+    weights wrap other tensors), which torch.empty never made."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
 
 
 def _writes_in_place(func) -> bool:
@@ -53,7 +62,7 @@ def build_noting_empty(build: Callable[[], nn.Module]) -> tuple[nn.Module, tuple
         for name, parameter in module.named_parameters()
         if not isinstance(parameter, nn.parameter.UninitializedParameter)  # a lazy module's: refused later
         and parameter.numel()
-        and parameter.untyped_storage().data_ptr() in tracker.unwritten
+        and _storage_address(parameter) in tracker.unwritten - {None}
     )
     return module, names
 

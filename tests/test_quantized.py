@@ -98,3 +98,53 @@ def test_output_and_delta_equal_peft_linear_on_the_dequantized_weight(key, make_
     assert ours.lora_A["default"].weight.dtype == torch.float32  # the dtype the base computes in, not its storage
     with pytest.raises(ValueError, match=f"cannot merge into {make_base.__name__}"):
         ours.merge()
+
+
+# Real libraries: (target class, --init, what the weight is stored as).
+LIBRARIES = {
+    "quanto_int8": ("optimum.quanto.nn.QLinear", "quantized_layers.quanto_linear(8)", "WeightQBytesTensor"),
+    "quanto_int4": ("optimum.quanto.nn.QLinear", "quantized_layers.quanto_linear(4)", "WeightQBitsTensor"),
+    "hqq_8bit": ("hqq.core.quantize.HQQLinear", "quantized_layers.hqq_linear(8)", "uint8"),
+    "hqq_4bit": ("hqq.core.quantize.HQQLinear", "quantized_layers.hqq_linear(4)", "uint8"),
+}
+
+
+@pytest.fixture(scope="module")
+def library_layers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("libraries")
+    for key, (target, init, _) in LIBRARIES.items():
+        assert main(["new", target, "--init", init, "--name", key, "-o", str(root / key)]) == 0
+    return root
+
+
+@pytest.mark.parametrize("key", list(LIBRARIES))
+def test_library_layers_get_lora_beside_with_the_measure_and_its_precision(key):
+    target, init, storage = LIBRARIES[key]
+    plan = analyse(introspect(resolve_target(target), {}, init), Options())
+    assert plan.decision.strategy == "beside"
+    # Neither library's layer runs in float64 (it cannot even be copied): measured in float32, and said so.
+    assert f"stored as {storage} and the output is a linear map" in plan.decision.reason
+    assert "measured in float32: it does not run in float64" in plan.decision.reason
+
+
+def test_library_layers_generated_suites_pass(library_layers):
+    result = run_suites([library_layers / key for key in LIBRARIES], library_layers / "report.xml")
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_hqq_layer_equals_peft_own_hqq_layer(library_layers, import_path):
+    from peft.tuners.lora.hqq import HqqLoraLinear
+    from quantized_layers import hqq_linear
+
+    import_path(library_layers / "hqq_8bit")
+    module = importlib.import_module("lora_hqq_8bit")
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False)
+    torch.manual_seed(0)
+    base = hqq_linear(8)
+    peft_layer = HqqLoraLinear(base, "default", config=config, r=4, lora_alpha=8)
+    ours = module.LoraHqq8bit(base, "default", config=config, r=4, lora_alpha=8)
+    ours.load_state_dict({k: v for k, v in peft_layer.state_dict().items() if "lora_" in k}, strict=False)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(ours(x), peft_layer(x), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot merge into HQQLinear.W_q, stored as uint8"):
+        ours.merge()

@@ -1,0 +1,23 @@
+"""Real quantized layers from libraries PEFT users meet, built small on the CPU (`new --init` takes these)."""
+
+import torch
+from torch import nn
+
+
+def quanto_linear(bits: int = 8) -> nn.Module:
+    """optimum-quanto's QLinear, frozen: its weight a WeightQBytesTensor (int8) or WeightQBitsTensor (int4)."""
+    from optimum.quanto import freeze, qint4, qint8, quantize
+
+    model = nn.Sequential(nn.Linear(16, 8))
+    quantize(model, weights=qint8 if bits == 8 else qint4)
+    freeze(model)
+    return model[0]
+
+
+def hqq_linear(bits: int = 8) -> nn.Module:
+    """hqq's HQQLinear on its pytorch backend: a uint8 `W_q` (4-bit values packed two a byte) and its metadata."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
+
+    HQQLinear.set_backend(HQQBackend.PYTORCH)
+    config = BaseQuantizeConfig(nbits=bits, group_size=8)
+    return HQQLinear(nn.Linear(16, 8), config, compute_dtype=torch.float32, device="cpu")
