@@ -109,7 +109,8 @@ def base_weight(layer: LoraMyConv) -> torch.Tensor:
 
 
 def base_state(model: PeftModel) -> dict[str, torch.Tensor]:
-    return copy.deepcopy(lora_layer(model).get_base_layer().state_dict())
+    # Cloned, not deep-copied: some bases hold tensors that refuse deepcopy (hqq's quantization metadata).
+    return {name: tensor.detach().clone() for name, tensor in lora_layer(model).get_base_layer().state_dict().items()}
 
 
 def test_dispatch_picks_the_lora_layer():
@@ -242,7 +243,7 @@ def test_bf16_forward_is_finite():
     try:
         with torch.no_grad():
             expected = tensors(make_base(torch.bfloat16)(*inputs))
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:  # a quantized base may refuse another dtype (quanto's)
         pytest.skip(f"the plain MyConv cannot run in bfloat16 here: {exc}")
     with torch.no_grad():
         outputs = tensors(make_model(dtype=torch.bfloat16, init_lora_weights=False)(*inputs))
