@@ -97,6 +97,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
             uninitialised=spec.uninitialised,
             peft_builtin=strategies.peft_builtin(spec.target.cls),
             peft_builtin_exact=strategies.peft_builtin(spec.target.cls, exact=True) is not None,
+            parameterless=not spec.parameters,
         ),
         weight=WeightFacts(
             name=weight.name,

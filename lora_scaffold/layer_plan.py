@@ -26,6 +26,7 @@ class TargetFacts:
     uninitialised: tuple[str, ...]  # parameters the tests fill after building the target (left torch.empty)
     peft_builtin: str | None  # PEFT's own layer for the class or a base of it
     peft_builtin_exact: bool  # ... for the class itself
+    parameterless: bool  # no parameters at all (BitNet's BitLinear keeps its weight in buffers)
 
     @property
     def in_torch(self) -> bool:

@@ -63,17 +63,18 @@ class Beside(Strategy):
             return (Verdict(self, False, measured.error, note),)
         matched = measured.error <= NEARLY_LINEAR
         note = "" if matched else "the output is not linear in the input"
-        if matched and measured.error > RELATIVE_TOLERANCE[torch.float32]:
-            note = "linear only so far: the base quantizes its input too"
         if measured.why_not_float64:
             note = f"{note}{'; ' if note else ''}measured in float32: it does not run in float64 ({measured.why_not_float64})"
         return (Verdict(self, matched, measured.error, note),)
 
     def reason(self, evidence: Evidence, verdict: Verdict) -> str:
-        note = f"; {verdict.note}" if verdict.note else ""
+        nearly = verdict.relative_error > RELATIVE_TOLERANCE[torch.float32]
+        how = "nearly a linear map of the input" if nearly else "a linear map of the input"
+        figure = f"off by {verdict.relative_error:.0e}: it quantizes the input too" if nearly else verdict.error_text
+        details = "; ".join(filter(None, (figure, verdict.note)))  # the note: measured in float32, and why
         return (
-            f"{evidence.weight.name} is stored as {_storage(evidence)} and the output is a linear map of the input "
-            f"({verdict.error_text}{note}): LoRA goes beside the base, whose weight stays as it is"
+            f"{evidence.weight.name} is stored as {_storage(evidence)} and the output is {how} ({details}): LoRA goes "
+            "beside the base, whose weight stays as it is"
         )
 
     def template_answers(self, evidence: Evidence) -> dict:
