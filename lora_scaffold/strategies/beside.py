@@ -28,6 +28,8 @@ SEEDS = (0, 1, 2)
 # rounding; bases that quantize their input too (BitNet's absmax per token, 8 bits) only to about 1e-2. A relu
 # after the map is off by far more.
 NEARLY_LINEAR = 5e-2
+# Below this the gradient a base passes to its input is not its map's (BitNet's straight-through estimate).
+GRADIENT_COSINE = 0.99
 SCALES = (1.0, -0.5, 3.0)
 FEATURE_NAMES = (("in_features", "in_dim", "input_size"), ("out_features", "out_dim", "output_size"))
 
@@ -62,10 +64,13 @@ class Beside(Strategy):
             )
             return (Verdict(self, False, measured.error, note),)
         matched = measured.error <= NEARLY_LINEAR
-        note = "" if matched else "the output is not linear in the input"
-        if measured.why_not_float64:
-            note = f"{note}{'; ' if note else ''}measured in float32: it does not run in float64 ({measured.why_not_float64})"
-        return (Verdict(self, matched, measured.error, note),)
+        float32 = f"measured in float32: it does not run in float64 ({measured.why_not_float64})"
+        notes = (
+            "" if matched else "the output is not linear in the input",
+            float32 if measured.why_not_float64 else "",
+            measured.gradient_note() if matched else "",
+        )
+        return (Verdict(self, matched, measured.error, "; ".join(filter(None, notes))),)
 
     def reason(self, evidence: Evidence, verdict: Verdict) -> str:
         nearly = verdict.relative_error > RELATIVE_TOLERANCE[torch.float32]
@@ -111,7 +116,19 @@ class LinearResponse:
     out_features: int
     error: float
     dtype: torch.dtype
+    gradient_cosine: float | None  # the input gradient's against the map's (None: no gradient reaches the input)
     why_not_float64: str = ""
+
+    def gradient_note(self) -> str:
+        """What is wrong with the gradient the base passes to its input ("" when it is the map's)."""
+        if self.gradient_cosine is None:
+            return "it passes no gradient to its input: adapters before it get none through it"
+        if self.gradient_cosine < GRADIENT_COSINE:
+            return (
+                f"the gradient it passes to its input is not its map's (cosine {self.gradient_cosine:.3f}): "
+                "adapters before it train on that"
+            )
+        return ""
 
 
 def linear_response(evidence: Evidence) -> LinearResponse | str:
@@ -126,7 +143,8 @@ def linear_response(evidence: Evidence) -> LinearResponse | str:
         why = _first_sentence(f"{type(exc).__name__}: {exc}")
     try:
         # The module as built: nothing below changes it (hqq's layer cannot be deep-copied at all).
-        return replace(_measured(evidence.module, args[0], torch.float32), why_not_float64=why)
+        measured = _measured(evidence.module, args[0], torch.float32)
+        return measured if isinstance(measured, str) else replace(measured, why_not_float64=why)
     except USER_CODE_ERRORS as exc:
         return f"the base does not run on basis inputs ({type(exc).__name__}: {exc})"
 
@@ -145,7 +163,22 @@ def _measured(module, x: torch.Tensor, dtype: torch.dtype) -> LinearResponse | s
                 got = module(sample * scale) - bias
                 expected = (sample * scale) @ matrix
                 errors.append(float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30)))
-    return LinearResponse(in_features, matrix.shape[-1], max(errors), dtype)
+    return LinearResponse(in_features, matrix.shape[-1], max(errors), dtype, _gradient_cosine(module, x, matrix))
+
+
+def _gradient_cosine(module, x: torch.Tensor, matrix: torch.Tensor) -> float | None:
+    """How the gradient the base passes back to its input lines up with its map's, `g @ M.T` (1: exactly)."""
+    generator = torch.Generator().manual_seed(len(SEEDS))
+    sample = torch.randn(x.shape, generator=generator).to(matrix.dtype).requires_grad_(True)
+    output = module(sample)
+    if not output.requires_grad:
+        return None
+    direction = torch.randn(output.shape, generator=generator).to(output.dtype)
+    (gradient,) = torch.autograd.grad((output * direction).sum(), sample, allow_unused=True)
+    if gradient is None or not gradient.abs().sum() > 0:
+        return None
+    expected = direction @ matrix.T
+    return float(torch.nn.functional.cosine_similarity(gradient.flatten(), expected.flatten(), dim=0))
 
 
 def feature_attributes(module, in_features: int, out_features: int) -> tuple[str, str] | None:
