@@ -143,23 +143,26 @@ def choose_strategy(evidence: Evidence, choice: str) -> Choice:
         candidates = [s for s in strategies.REGISTRY if s.tried_by_auto and s.fits(evidence)]
     else:
         candidates = list(strategies.asked_for(choice))
-    if evidence.weight.quantized:
-        unfit = [s.name for s in candidates if not s.adapts_quantized]
-        candidates = [s for s in candidates if s.adapts_quantized]
-        if not candidates:
-            raise AnalysisError(
-                f"--strategy {choice} cannot adapt {evidence.weight.name}, stored as {evidence.weight.dtype} "
-                f"({', '.join(unfit)} write W + dW into the weight, which its storage would lose); use --strategy "
-                f"{' or '.join(s.family for s in strategies.REGISTRY if s.adapts_quantized)}"
-            )
-    if evidence.weight.computed:
-        unfit = [s.name for s in candidates if not s.adapts_computed_weights]
-        candidates = [s for s in candidates if s.adapts_computed_weights]
-        if not candidates:
-            raise AnalysisError(
-                f"--strategy {choice} cannot merge into {evidence.weight.name}, which a parametrization computes "
-                f"({', '.join(unfit)} write the weight itself); use --strategy {strategies.FALLBACK.family}"
-            )
+    weight = evidence.weight
+    if weight.quantized:
+        able = [s.family for s in strategies.REGISTRY if s.adapts_quantized]
+        candidates = _narrowed(
+            candidates,
+            lambda s: s.adapts_quantized,
+            lambda unfit: (
+                f"--strategy {choice} cannot adapt {weight.name}, stored as {weight.dtype} ({unfit} write "
+                f"W + dW into the weight, which its storage would lose); use --strategy {' or '.join(able)}"
+            ),
+        )
+    if weight.computed:
+        candidates = _narrowed(
+            candidates,
+            lambda s: s.adapts_computed_weights,
+            lambda unfit: (
+                f"--strategy {choice} cannot merge into {weight.name}, which a parametrization computes "
+                f"({unfit} write the weight itself); use --strategy {strategies.FALLBACK.family}"
+            ),
+        )
     tried: list[Verdict] = []
     for strategy in candidates:
         verdicts = strategy.judge(evidence)
@@ -172,6 +175,14 @@ def choose_strategy(evidence: Evidence, choice: str) -> Choice:
     raise AnalysisError(
         f"--strategy {choice} does not fit {target} ({failed}); use --strategy auto or {strategies.FALLBACK.family}"
     )
+
+
+def _narrowed(candidates: list[Strategy], able, refusal) -> list[Strategy]:
+    """The candidates `able` accepts; none: an error saying which were refused (`refusal(their names)`)."""
+    kept = [strategy for strategy in candidates if able(strategy)]
+    if not kept:
+        raise AnalysisError(refusal(", ".join(s.name for s in candidates if not able(s))))
+    return kept
 
 
 def _reason(evidence: Evidence, verdict: Verdict, tried: list[Verdict], auto: bool) -> str:
