@@ -117,6 +117,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
             verdicts=choice.verdicts,
             answers=tuple(strategy.template_answers(evidence).items()),
             dora_blocker=strategy.dora_blocker(evidence, verdict),
+            tolerant_merge=strategy.tolerant_merge(evidence),
             eval_only=probe.train_mode_note if probe else "",
             test_rank=strategy.test_rank(groups),
         ),

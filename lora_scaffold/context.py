@@ -119,6 +119,7 @@ class LayerContext:
     weight_cache: bool = False
     computed_weight: bool = False
     merges: bool = True
+    tolerant_merge: bool = False
     parameterless_target: bool = False
     read_by_fused_parents: bool = False
     uninitialised: tuple[JsonText, ...] = ()

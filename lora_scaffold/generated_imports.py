@@ -60,7 +60,6 @@ def test_imports(
 ) -> list[tuple[str, tuple[str, ...]]]:
     """The test module's imports; `layer_import` (verify) brings in another layer class than the generated one."""
     imports = [
-        ("copy", ()),
         ("math", ()),
         ("pytest", ()),
         ("torch", ()),
@@ -74,7 +73,7 @@ def test_imports(
     else:
         imports.append((f"peft.tuners.lora.{plan.names.module_name}", (plan.names.layer_class,)))
     if plan.call.model_call is not None:
-        imports += [("contextlib", ()), ("functools", ()), ("inspect", ())]
+        imports += [("contextlib", ()), ("copy", ()), ("functools", ()), ("inspect", ())]
     sure, _ = split_imports(plan, peft)
     return imports + sure
 

@@ -81,6 +81,7 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "read_by_fused_parents": plan.weight.read_by_fused_parents,
             "computed_weight": plan.weight.computed,
             "merges": strategy.merges,
+            "tolerant_merge": plan.decision.tolerant_merge,
             "parameterless_target": plan.target.parameterless,
             "refused_options": {
                 option: refusal_message(option, why) for option, why in strategy.refused_options.items()

@@ -1,6 +1,7 @@
 """Bases that keep their weight quantized (int8 values with a scale, float8): LoRA beside the base, merging refused."""
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -175,3 +176,28 @@ def test_hqq_layer_equals_peft_own_hqq_layer(library_layers, import_path):
     torch.testing.assert_close(ours(x), peft_layer(x), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="cannot merge into HQQLinear.W_q, stored as uint8"):
         ours.merge()
+
+
+def test_float8_merges_only_within_its_tolerance_and_says_what_it_would_lose(generated, import_path):
+    assert (
+        "casts W + dW back to float8_e4m3fn, which keeps 0% of a typical dW"
+        in plan_for("scaffold_targets.Float8Linear").decision.reason
+    )
+    assert (
+        "merging is refused: no way to write W + dW back into int8"
+        in plan_for("scaffold_targets.Int8WeightOnlyLinear").decision.reason
+    )
+    import_path(generated / "float8")
+    module = importlib.import_module("lora_quantized_float8")
+    torch.manual_seed(0)
+    base = Float8Linear()
+    stored = base.weight.detach().clone()
+    layer = module.LoraQuantizedFloat8(base, "default", config=LoraConfig(init_lora_weights=False), r=4, lora_alpha=8)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.mul_(1e-3)  # a small dW: float8 rounds most of it away
+    with pytest.raises(ValueError, match=r"would lose \d+% of dW, more than merge_tolerance \(1%\)"):
+        layer.merge()
+    assert torch.equal(base.weight.view(torch.uint8), stored.view(torch.uint8)) and not layer.merged
+    layer.merge_tolerance = math.inf
+    layer.merge()
+    assert layer.merged and base.weight.dtype == torch.float8_e4m3fn

@@ -44,6 +44,7 @@ VARIETY = [
     ("scaffold_targets.NestedConv", {}, {"weight": "conv.weight"}),
     ("torch.nn.Linear", {}, {"strategy": "stub", "name": "linear_stub"}),
     ("scaffold_targets.Int8WeightOnlyLinear", {}, {}),
+    ("scaffold_targets.Float8Linear", {}, {}),
 ]
 
 

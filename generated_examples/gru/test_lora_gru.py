@@ -3,7 +3,6 @@
 They need only torch, peft and pytest.
 """
 
-import copy
 import math
 
 import pytest
@@ -39,7 +38,9 @@ class Wrapper(nn.Module):
 
 def make_base(dtype: torch.dtype = torch.float32) -> Wrapper:
     torch.manual_seed(0)
-    return Wrapper().to(dtype)
+    # As built for float32 (`.to` would turn a float8 weight into float32 too), cast for another dtype.
+    base = Wrapper() if dtype == torch.float32 else Wrapper().to(dtype)
+    return base
 
 
 def make_config(**kwargs) -> LoraConfig:

@@ -116,6 +116,11 @@ class Strategy:
     def reason(self, evidence: Evidence, verdict: Verdict) -> str:
         return f"the probe shows the weight acts as {verdict.label} ({verdict.error_text})"
 
+    def tolerant_merge(self, evidence: Evidence) -> bool:
+        """Whether a layer that does not merge exactly (`merges = False`) merges where the loss is within a
+        tolerance the user can raise, rather than refusing always."""
+        return False
+
     def battery_blocker(self, evidence: Evidence) -> str:
         """Why PEFT's custom-model battery cannot run on the generated layer, for the strategy's sake ("" if it can)."""
         return ""
@@ -187,6 +192,11 @@ class AffineStrategy(Strategy):
             return probe.output_error(predict), ""
         except Exception as exc:
             return NOT_ONE_TENSOR, f"{type(exc).__name__}: {exc}"
+
+    def tolerant_merge(self, evidence: Evidence) -> bool:
+        """Whether a layer that does not merge exactly (`merges = False`) merges where the loss is within a
+        tolerance the user can raise, rather than refusing always."""
+        return False
 
     def battery_blocker(self, evidence: Evidence) -> str:
         """Why PEFT's custom-model battery cannot run on the generated layer, for the strategy's sake ("" if it can)."""

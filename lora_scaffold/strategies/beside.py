@@ -30,6 +30,8 @@ SEEDS = (0, 1, 2)
 NEARLY_LINEAR = 5e-2
 # Below this the gradient a base passes to its input is not its map's (BitNet's straight-through estimate).
 GRADIENT_COSINE = 0.99
+# A typical trained dW, relative to the weight's spread: what the merge figure at generation is measured on.
+TYPICAL_DELTA = 1e-2
 SCALES = (1.0, -0.5, 3.0)
 FEATURE_NAMES = (("in_features", "in_dim", "input_size"), ("out_features", "out_dim", "output_size"))
 
@@ -79,16 +81,48 @@ class Beside(Strategy):
         details = "; ".join(filter(None, (figure, verdict.note)))  # the note: measured in float32, and why
         return (
             f"{evidence.weight.name} is stored as {_storage(evidence)} and the output is {how} ({details}): LoRA goes "
-            "beside the base, whose weight stays as it is"
+            f"beside the base, whose weight stays as it is; {merge_outlook(evidence)}"
         )
 
     def template_answers(self, evidence: Evidence) -> dict:
         measured = linear_response(evidence)
         in_name, out_name = feature_attributes(evidence.module, measured.in_features, measured.out_features)
-        return {"in_features_attribute": json.dumps(in_name), "out_features_attribute": json.dumps(out_name)}
+        return {
+            "in_features_attribute": json.dumps(in_name),
+            "out_features_attribute": json.dumps(out_name),
+        }
+
+    def tolerant_merge(self, evidence: Evidence) -> bool:
+        return merges_by_cast(evidence)
 
     def battery_blocker(self, evidence: Evidence) -> str:
         return f"PEFT's battery merges every layer, and merging into {_storage(evidence)} storage is refused"
+
+
+def merges_by_cast(evidence: Evidence) -> bool:
+    """A plain float8 parameter is its own round trip: W + dW cast back to float8 is the merged weight."""
+    tensor = _stored(evidence)
+    return type(tensor) is torch.nn.Parameter and tensor.dtype.is_floating_point
+
+
+def merge_outlook(evidence: Evidence) -> str:
+    """What merging will do, with how much of a typical dW (TYPICAL_DELTA of the weight's spread) survives."""
+    storage = _storage(evidence)
+    if not merges_by_cast(evidence):
+        return f"merging is refused: no way to write W + dW back into {storage} storage is known for this class"
+    weight = _stored(evidence).detach().float()
+    delta = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * TYPICAL_DELTA * weight.std()
+    lost = float(((weight + delta).to(_stored(evidence).dtype).float() - weight - delta).norm() / delta.norm())
+    return (
+        f"merging casts W + dW back to {storage}, which keeps {max(0.0, 1 - lost):.0%} of a typical dW ({TYPICAL_DELTA:.0e} "
+        "of the weight's spread); the layer merges only where it loses at most its merge_tolerance (1%)"
+    )
+
+
+def _stored(evidence: Evidence) -> torch.Tensor:
+    parameters = dict(evidence.module.named_parameters())
+    name = evidence.weight.name
+    return parameters[name] if name in parameters else evidence.module.get_buffer(name)
 
 
 def _first_sentence(text: str, limit: int = 100) -> str:
@@ -98,12 +132,7 @@ def _first_sentence(text: str, limit: int = 100) -> str:
 
 def _storage(evidence: Evidence) -> str:
     """The weight's storage: its dtype, or the tensor subclass holding quantized data behind a float dtype."""
-    tensor = (
-        evidence.module.get_parameter(evidence.weight.name)
-        if evidence.weight.name in dict(evidence.module.named_parameters())
-        else evidence.module.get_buffer(evidence.weight.name)
-    )
-    kind = type(tensor)
+    kind = type(_stored(evidence))
     return evidence.weight.dtype if kind in (torch.Tensor, torch.nn.Parameter) else kind.__name__
 
 
