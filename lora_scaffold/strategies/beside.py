@@ -96,7 +96,10 @@ class Beside(Strategy):
         return merges_by_cast(evidence)
 
     def battery_blocker(self, evidence: Evidence) -> str:
-        return f"PEFT's battery merges every layer, and merging into {_storage(evidence)} storage is refused"
+        return (
+            f"PEFT's battery expects every merged output to equal the unmerged one, which {_storage(evidence)} "
+            "storage cannot hold"
+        )
 
 
 def merges_by_cast(evidence: Evidence) -> bool:
