@@ -68,7 +68,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         example_input = expression_source(options.example_input, "--example-input")
         find_sample_input(module, [example_input], given=True)
     else:
-        candidates = candidate_inputs(weight.shape, spec.forward_arity, attributes)
+        candidates = candidate_inputs(weight.shape, spec.forward_arity, attributes, storage_shaped=weight.quantized)
         # A quantized weight cannot be moved a little to see the output respond: the first input that runs.
         moves = None if weight.quantized else (lambda inputs: responds(module, weight, inputs))
         example_input = find_sample_input(module, candidates, responds=moves)
@@ -118,7 +118,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
             answers=tuple(strategy.template_answers(evidence).items()),
             dora_blocker=strategy.dora_blocker(evidence, verdict),
             tolerant_merge=strategy.tolerant_merge(evidence),
-            eval_only=probe.train_mode_note if probe else "",
+            eval_only=probe.train_mode_note if probe else strategy.eval_only(evidence),
             test_rank=strategy.test_rank(groups),
         ),
         call=CallFacts(
@@ -173,6 +173,8 @@ def choose_strategy(evidence: Evidence, choice: str) -> Choice:
         tried += verdicts
     failed = "; ".join(f"{verdict.label}: {verdict.describe()}" for verdict in tried)
     target = f"{type(evidence.module).__name__}.{evidence.weight.name}"
+    if evidence.weight.quantized:  # nothing else adapts quantized storage: the cause is what to act on
+        raise AnalysisError(f"--strategy {choice} does not fit {target} ({failed})")
     raise AnalysisError(
         f"--strategy {choice} does not fit {target} ({failed}); use --strategy auto or {strategies.FALLBACK.family}"
     )

@@ -28,13 +28,16 @@ def evaluate_input(expression: str, seed: int = SEED) -> tuple:
     return value if isinstance(value, tuple) else (value,)
 
 
-def candidate_inputs(weight_shape: tuple[int, ...], arity: int, attributes: dict) -> list[str]:
-    """Plausible layouts, most likely first, for a module whose chosen weight has this shape."""
+def candidate_inputs(
+    weight_shape: tuple[int, ...], arity: int, attributes: dict, storage_shaped: bool = False
+) -> list[str]:
+    """Plausible layouts, most likely first, for a module whose chosen weight has this shape. A weight stored
+    quantized is shaped by its storage (4-bit values packed in a column of bytes): its size attributes go first."""
     if len(weight_shape) >= 3 and arity == 2:
         pairs = [f"(torch.randn(2, {weight_shape[1]}), torch.randn(2, {weight_shape[2]}))"]
     else:
         pairs = []
-    singles = _single_inputs(weight_shape, attributes)
+    singles = _single_inputs(weight_shape, attributes, storage_shaped)
     repeated = ["(" + ", ".join([single] * arity) + ")" for single in singles] if arity > 1 else singles
     return list(dict.fromkeys(pairs + repeated))
 
@@ -43,9 +46,9 @@ def candidate_inputs(weight_shape: tuple[int, ...], arity: int, attributes: dict
 INPUT_SIZE_ATTRIBUTES = ("in_features", "input_size", "in_channels", "embed_dim")
 
 
-def _single_inputs(shape: tuple[int, ...], attributes: dict) -> list[str]:
+def _single_inputs(shape: tuple[int, ...], attributes: dict, named_first: bool = False) -> list[str]:
     named = [attributes[name] for name in INPUT_SIZE_ATTRIBUTES if isinstance(attributes.get(name), int)]
-    dims = list(dict.fromkeys([*shape[:2], *named]))
+    dims = list(dict.fromkeys([*named, *shape[:2]] if named_first else [*shape[:2], *named]))
     floats = [f"torch.randn(2, {d})" for d in dims] + [f"torch.randn(2, 3, {d})" for d in dims]
     if len(shape) >= 3:
         floats = _spatial_inputs(shape, attributes) + floats

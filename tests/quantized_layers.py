@@ -32,3 +32,13 @@ def bit_linear() -> nn.Module:
     layer.weight.copy_(packed)
     layer.weight_scale.fill_(8.0)  # the weights are divided by it: outputs of about unit size, as once trained
     return layer
+
+
+def bnb_linear8() -> nn.Module:
+    """bitsandbytes' Linear8bitLt (LLM.int8 without outliers) on the CPU: an Int8Params weight; its training-mode
+    kernel gives other outputs than its eval one."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
+    layer.load_state_dict(nn.Linear(64, 64).state_dict())
+    return layer.to("cpu")

@@ -116,6 +116,10 @@ class Strategy:
     def reason(self, evidence: Evidence, verdict: Verdict) -> str:
         return f"the probe shows the weight acts as {verdict.label} ({verdict.error_text})"
 
+    def eval_only(self, evidence: Evidence) -> str:
+        """Why the tests must compare outputs in eval mode only, where the strategy runs no probe to say so."""
+        return ""
+
     def tolerant_merge(self, evidence: Evidence) -> bool:
         """Whether a layer that does not merge exactly (`merges = False`) merges where the loss is within a
         tolerance the user can raise, rather than refusing always."""
@@ -192,6 +196,10 @@ class AffineStrategy(Strategy):
             return probe.output_error(predict), ""
         except Exception as exc:
             return NOT_ONE_TENSOR, f"{type(exc).__name__}: {exc}"
+
+    def eval_only(self, evidence: Evidence) -> str:
+        """Why the tests must compare outputs in eval mode only, where the strategy runs no probe to say so."""
+        return ""
 
     def tolerant_merge(self, evidence: Evidence) -> bool:
         """Whether a layer that does not merge exactly (`merges = False`) merges where the loss is within a

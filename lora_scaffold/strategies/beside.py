@@ -95,6 +95,23 @@ class Beside(Strategy):
     def tolerant_merge(self, evidence: Evidence) -> bool:
         return merges_by_cast(evidence)
 
+    def eval_only(self, evidence: Evidence) -> str:
+        """bitsandbytes' 8-bit layer takes another kernel in training mode, which gives other outputs."""
+        args, kwargs = evidence.call(0)
+        module, state = evidence.module, {n: t.clone() for n, t in evidence.module.state_dict().items()}
+        try:
+            with torch.no_grad():
+                outputs = [module.train(training)(*args, **kwargs) for training in (True, False)]
+        except USER_CODE_ERRORS:
+            return ""  # the tests' own training-mode runs say what fails
+        finally:
+            module.eval()
+        if any(not torch.equal(state[name], t) for name, t in module.state_dict().items()):
+            return "its forward changes the module's state in training mode"
+        if not torch.equal(*outputs):
+            return "its forward in training mode is not its forward in eval mode"
+        return ""
+
     def battery_blocker(self, evidence: Evidence) -> str:
         return (
             f"PEFT's battery expects every merged output to equal the unmerged one, which {_storage(evidence)} "
@@ -202,11 +219,22 @@ def _gradient_cosine(module, x: torch.Tensor, matrix: torch.Tensor) -> float | N
     """How the gradient the base passes back to its input lines up with its map's, `g @ M.T` (1: exactly)."""
     generator = torch.Generator().manual_seed(len(SEEDS))
     sample = torch.randn(x.shape, generator=generator).to(matrix.dtype).requires_grad_(True)
-    output = module(sample)
+    training = module.training
+    try:
+        # In training mode, where gradients are taken (bitsandbytes' 4-bit layer repacks its weight for an
+        # eval-only CPU kernel, through which no gradient passes).
+        output = module.train()(sample)
+    except USER_CODE_ERRORS:
+        return None
+    finally:
+        module.train(training)
     if not output.requires_grad:
         return None
     direction = torch.randn(output.shape, generator=generator).to(output.dtype)
-    (gradient,) = torch.autograd.grad((output * direction).sum(), sample, allow_unused=True)
+    try:
+        (gradient,) = torch.autograd.grad((output * direction).sum(), sample, allow_unused=True)
+    except USER_CODE_ERRORS:
+        return None  # a backward that fails passes nothing back either
     if gradient is None or not gradient.abs().sum() > 0:
         return None
     expected = direction @ matrix.T
