@@ -5,8 +5,10 @@ The usual probe moves the weight a little and watches the output; a quantized we
 adapter's own output is exact whatever the base computes; what makes it a low-rank change of the base's weight is
 the base being a linear map of its input (plus a bias). The probe measures that map in float64 (basis inputs give
 its matrix; in float32 where the base does not run in float64, saying why) and checks it on random inputs at several
-scales, and says how far from linear the base is when it quantizes its input too. Merging would write W + dW back
-into the quantized storage, which keeps little of dW: the layer refuses to merge, saying so.
+scales, and says how far from linear the base is when it quantizes its input too, and whether the gradient it
+passes back to its input is its map's. Merging would write W + dW back into the quantized storage, which keeps
+little of dW: the layer refuses to merge, saying so, except for a plain float8 weight, whose round trip is a cast:
+it merges where the cast loses at most `merge_tolerance` of dW.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Beside(Strategy):
     name = family = "beside"
     help = (
         "a weight stored quantized (int8, float8, packed) in a base linear in its input: adds "
-        "lora_B(lora_A(dropout(x))) * scaling beside the base's forward; merging refused"
+        "lora_B(lora_A(dropout(x))) * scaling beside the base's forward; merging refused (float8: within a tolerance)"
     )
     summary = (
         "The adapter adds `lora_B(lora_A(dropout(x))) * scaling` beside the base's forward, which it never changes."
