@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -121,8 +120,8 @@ def test_file_path_target_works_end_to_end(tmp_path):
         "    def forward(self, x):\n        return torch.sigmoid(x @ self.proj.T)\n"
     )
     assert main(["new", f"{tmp_path / 'src' / 'my_layers.py'}:Gate", "-o", str(tmp_path / "out")]) == 0
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "out")]
-    result = subprocess.run(command, capture_output=True, text=True, env=pytest_env(tmp_path / "src"), cwd=tmp_path)
+    arguments = ["-q", "-p", "no:cacheprovider", str(tmp_path / "out")]
+    result = run_pytest(arguments, tmp_path, pytest_env(tmp_path / "src"))
     assert result.returncode == 0, result.stdout[-3000:]
 
 

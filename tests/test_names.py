@@ -1,10 +1,9 @@
 """Names in generated code: every name it binds is known, and a target named like one of them still works."""
 
 import ast
-import subprocess
-import sys
 
 import pytest
+from suite_process import run_pytest
 from test_end_to_end import pytest_env
 from test_render import plan_for
 
@@ -68,8 +67,7 @@ def test_targets_named_like_generated_names_get_working_suites(tmp_path):
     built_tests = (tmp_path / "test_lora_built.py").read_text()
     assert "from colliding_names import Wrapper as WrapperTarget\n" in built_tests
     assert "return WrapperTarget(4, 6, 3)\n" in built_tests
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, env=pytest_env(tmp_path), cwd=tmp_path)
+    result = run_pytest(["-q", "-p", "no:cacheprovider", str(tmp_path)], tmp_path, pytest_env(tmp_path))
     assert result.returncode == 0, result.stdout[-4000:]
     assert " 0 failed" not in result.stdout and "passed" in result.stdout
 
@@ -89,11 +87,5 @@ def test_hostile_paths_and_parameter_names_never_become_code(tmp_path):
         text = path.read_text()
         ast.parse(text)
         assert "boom" not in text and "qzdir" not in text  # markers no generated word contains
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(out)],
-        capture_output=True,
-        text=True,
-        env=pytest_env(folder),
-        cwd=tmp_path,
-    )
+    result = run_pytest(["-q", "-p", "no:cacheprovider", str(out)], tmp_path, pytest_env(folder))
     assert result.returncode == 0, result.stdout[-3000:]
