@@ -197,19 +197,6 @@ class AffineStrategy(Strategy):
         except Exception as exc:
             return NOT_ONE_TENSOR, f"{type(exc).__name__}: {exc}"
 
-    def eval_only(self, evidence: Evidence) -> str:
-        """Why the tests must compare outputs in eval mode only, where the strategy runs no probe to say so."""
-        return ""
-
-    def tolerant_merge(self, evidence: Evidence) -> bool:
-        """Whether a layer that does not merge exactly (`merges = False`) merges where the loss is within a
-        tolerance the user can raise, rather than refusing always."""
-        return False
-
-    def battery_blocker(self, evidence: Evidence) -> str:
-        """Why PEFT's custom-model battery cannot run on the generated layer, for the strategy's sake ("" if it can)."""
-        return ""
-
     def dora_blocker(self, evidence: Evidence, verdict: Verdict) -> str:
         name = type(evidence.module).__name__
         if evidence.weight.name != "weight":
