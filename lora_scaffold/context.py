@@ -9,6 +9,7 @@ statement is refused here, naming the answer, rather than found by the parse of 
 from __future__ import annotations
 
 import ast
+import functools
 import keyword
 import typing
 from collections.abc import Callable
@@ -140,18 +141,22 @@ class LayerContext:
     output_is_tuple: bool = False
 
     def __post_init__(self):
-        hints = typing.get_type_hints(LayerContext, include_extras=True)
-        for answer in fields(self):
-            kind = kind_of(hints[answer.name])
-            if kind is None:
-                continue
-            for text in _texts(getattr(self, answer.name)):
+        for name, kind in _answer_kinds().items():
+            for text in _texts(getattr(self, name)):
                 if text and not kind.holds(text):
-                    raise RenderError(f"answer {answer.name} should be {kind.name}, got {text!r}")
+                    raise RenderError(f"answer {name} should be {kind.name}, got {text!r}")
 
     def answers(self) -> dict:
         """The answers as jinja2 and copier take them (sequences as lists, as YAML gives them)."""
         return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
+
+
+@functools.cache
+def _answer_kinds() -> dict[str, Kind]:
+    """Each text answer's kind, read from the annotations once (every render builds several contexts)."""
+    hints = typing.get_type_hints(LayerContext, include_extras=True)
+    kinds = {answer.name: kind_of(hints[answer.name]) for answer in fields(LayerContext)}
+    return {name: kind for name, kind in kinds.items() if kind is not None}
 
 
 def kind_of(hint) -> Kind | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -183,7 +184,17 @@ class LinearResponse:
 
 
 def linear_response(evidence: Evidence) -> LinearResponse | str:
-    """The base on its own input, measured in float64 where it runs so, else in float32; or why it cannot be."""
+    """The base on its own input, measured in float64 where it runs so, else in float32; or why it cannot be.
+    Measured once per built module (judging, the reason and the template answers all ask)."""
+    if evidence.module not in _MEASURED:
+        _MEASURED[evidence.module] = _linear_response(evidence)
+    return _MEASURED[evidence.module]
+
+
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _linear_response(evidence: Evidence) -> LinearResponse | str:
     args, kwargs = evidence.call(0)
     if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
         return "the base takes more than one floating tensor"
