@@ -26,6 +26,7 @@ from lora_scaffold.layer_plan import (
 from lora_scaffold.names import expression_source, layer_names
 from lora_scaffold.probe import responds, run_probe
 from lora_scaffold.request import Options
+from lora_scaffold.rounding import rounding
 from lora_scaffold.sample_input import (
     SEED,
     candidate_inputs,
@@ -73,16 +74,22 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
         moves = None if weight.quantized else (lambda inputs: responds(module, weight, inputs))
         example_input = find_sample_input(module, candidates, responds=moves)
     make_call = example_call(example_input, options.model_call)
+    if not weight.quantized and (rounded := rounding(module, weight.name, make_call)):
+        weight = dataclasses.replace(weight, quantized=True, rounded=rounded)
     asked = strategies.asked_for(options.strategy) if options.strategy != strategies.AUTO else ()
     needs_probe = not weight.quantized and (not asked or any(strategy.needs_probe for strategy in asked))
     probe = run_probe(module, weight, make_call, example_input) if needs_probe else None
-    evidence = Evidence(module, weight, attributes, probe, make_call)
+    evidence = Evidence(module, weight, attributes, probe, make_call, spec.build)
     choice = choose_strategy(evidence, options.strategy)
-    if probe is not None and probe.train_mode_note:
-        choice = dataclasses.replace(
-            choice, reason=f"{choice.reason} (compared in eval mode: {probe.train_mode_note})"
-        )
     strategy, verdict = choice.strategy, choice.verdict
+    eval_only = probe.train_mode_note if probe else strategy.eval_only(evidence)
+    settles = strategy.settles(evidence)
+    if settles:
+        choice = dataclasses.replace(
+            choice, reason=f"{choice.reason} (its first forward in eval mode changes its state: {settles})"
+        )
+    if eval_only:
+        choice = dataclasses.replace(choice, reason=f"{choice.reason} (compared in eval mode: {eval_only})")
     groups = strategy.groups(attributes)
     args, kwargs = make_call(SEED)
     inputs, output_features, output_is_tuple = describe_io(module, args, kwargs)
@@ -108,6 +115,8 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
             computed=weight.computed,
             flat_rnn=isinstance(module.get_submodule(weight.name.rpartition(".")[0]), nn.RNNBase),
             read_by_fused_parents=isinstance(module, FUSED_PATH_MODULES),
+            quantized=weight.quantized,
+            stored_in=weight.holder if strategies.peft_builtin(spec.target.cls) else "",
         ),
         decision=Decision(
             strategy=strategy.name,
@@ -118,7 +127,8 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
             answers=tuple(strategy.template_answers(evidence).items()),
             dora_blocker=strategy.dora_blocker(evidence, verdict),
             tolerant_merge=strategy.tolerant_merge(evidence),
-            eval_only=probe.train_mode_note if probe else strategy.eval_only(evidence),
+            settles=settles,
+            eval_only=eval_only,
             test_rank=strategy.test_rank(groups),
         ),
         call=CallFacts(
@@ -202,6 +212,8 @@ def _reason(evidence: Evidence, verdict: Verdict, tried: list[Verdict], auto: bo
 
 def low_rank_note(plan: LayerPlan) -> str:
     """A warning when a rank-r adapter is no smaller than the weight itself ("" otherwise)."""
+    if plan.weight.quantized:
+        return ""  # packed storage's shape is not the matrix's (bitsandbytes' 4-bit weight is a column of bytes)
     out_size = plan.weight.shape[0]
     in_size = math.prod(plan.weight.shape[1:])
     if len(plan.weight.shape) >= 2 and plan.decision.test_rank * (in_size + out_size) < in_size * out_size:

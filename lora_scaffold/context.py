@@ -115,12 +115,15 @@ class LayerContext:
     inputs_expression: Expression
     test_rank: int
     eval_only: Prose
+    settles: Prose = ""
     param_wrapper: bool = False
     verify: bool = False
     weight_cache: bool = False
     computed_weight: bool = False
     merges: bool = True
     tolerant_merge: bool = False
+    quantized_weight: bool = False
+    stored_in: Identifier = ""
     parameterless_target: bool = False
     read_by_fused_parents: bool = False
     uninitialised: tuple[JsonText, ...] = ()

@@ -46,6 +46,8 @@ def layer_imports(plan: LayerPlan, peft: PeftRelease, dora_variant: str) -> list
     ]
     if peft.has(peft_release.PEFT_WARNING):
         imports.append(("peft.utils.warning", ("PeftWarning",)))
+    if plugin and plan.weight.stored_in:
+        imports.append(stored_in_import(plan))
     if plan.weight.computed:
         imports.append(("torch.nn.utils", ("parametrize",)))
     if peft.api == KWARGS_API:
@@ -82,6 +84,12 @@ def target_import(plan: LayerPlan) -> tuple[str, tuple[str, ...]]:
     alias = target_alias(plan.target.class_name)
     name = plan.target.class_name if alias == plan.target.class_name else f"{plan.target.class_name} as {alias}"
     return plan.target.module, (name,)
+
+
+def stored_in_import(plan: LayerPlan) -> tuple[str, tuple[str, ...]]:
+    """The tensor subclass `register` dispatches on (torchao's Int8Tensor for a quantized nn.Linear)."""
+    module, _, name = plan.weight.stored_in.rpartition(".")
+    return module, (name,)
 
 
 def optional_imports(plan: LayerPlan, peft: PeftRelease) -> list[str]:

@@ -56,6 +56,11 @@ class TensorInfo:
     # A matrix stored quantized (integer or float8 data, a parameter or a buffer): the base's forward reads it,
     # nothing can write W + dW back into it exactly, and the probe cannot move it by a small float change.
     quantized: bool = False
+    # The tensor subclass holding quantized data behind a float dtype (torchao's Int8Tensor), as module.QualName.
+    holder: str = ""
+    # How the forward rounds this float weight (compressed-tensors' fake quantization), set by analysis: it is then
+    # `quantized` too.
+    rounded: str = ""
 
 
 # Storage a quantized base keeps its weight in: integers (int8 values, or int4/ternary values packed into bytes
@@ -263,7 +268,8 @@ def _tensor_info(name: str, tensor: torch.Tensor) -> TensorInfo:
     packed = (dtype in QUANTIZED_DTYPES and (matrix or holder) and tensor.numel() > 1) or (
         subclass and tensor.numel() > 1
     )
-    return TensorInfo(name, tuple(tensor.shape), dtype, tensor.requires_grad, quantized=packed)
+    holder = f"{type(tensor).__module__}.{type(tensor).__qualname__}" if subclass else ""
+    return TensorInfo(name, tuple(tensor.shape), dtype, tensor.requires_grad, quantized=packed, holder=holder)
 
 
 def _peft_attributes(module: nn.Module) -> tuple[tuple[str, str], ...]:

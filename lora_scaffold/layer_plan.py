@@ -44,6 +44,10 @@ class WeightFacts:
     computed: bool  # a parametrization computes the weight (merging goes through its right_inverse)
     flat_rnn: bool  # an RNN's flat weight, which the layer must keep in step with its cuDNN copy
     read_by_fused_parents: bool  # models around it may read its weights in fused kernels of their own
+    quantized: bool = False  # stored quantized: the base is never written, merging refused or within a tolerance
+    # The tensor subclass the weight is stored in, where that is what sets the target apart from a class PEFT
+    # adapts itself (a torchao-quantized nn.Linear): registration dispatches on it ("" otherwise).
+    stored_in: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Decision:
     answers: tuple[tuple[str, Any], ...]  # the strategy's own template answers (its business)
     dora_blocker: str
     tolerant_merge: bool  # merges within a tolerance the user can raise (W + dW cast back into float8), else refuses
+    settles: str  # why the tests run the base once in eval mode before anything ("" when they need not)
     eval_only: str  # why the generated tests compare outputs in eval mode only ("" when they need not)
     test_rank: int
 

@@ -82,6 +82,8 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "computed_weight": plan.weight.computed,
             "merges": strategy.merges,
             "tolerant_merge": plan.decision.tolerant_merge,
+            "quantized_weight": plan.weight.quantized,
+            "stored_in": plan.weight.stored_in.rpartition(".")[2] if peft.mode == PLUGIN else "",
             "parameterless_target": plan.target.parameterless,
             "refused_options": {
                 option: refusal_message(option, why) for option, why in strategy.refused_options.items()
@@ -113,6 +115,7 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             **_captured_call(plan),
             "test_rank": plan.decision.test_rank,
             "eval_only": plan.decision.eval_only,
+            "settles": plan.decision.settles,
             "verify": False,
             "strategy_answers": dict(plan.decision.answers),
             # A weight a parametrization computes anew at each read leaves nothing stable to cache W + dW against.

@@ -42,3 +42,57 @@ def bnb_linear8() -> nn.Module:
     layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
     layer.load_state_dict(nn.Linear(64, 64).state_dict())
     return layer.to("cpu")
+
+
+def torchao_linear(kind: str = "int8") -> nn.Module:
+    """A plain nn.Linear whose weight torchao replaced by a tensor subclass: int8 or int4 (Intx, unpacked) weight-only,
+    or float8 weight-only."""
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+
+    configs = {
+        "int8": Int8WeightOnlyConfig,
+        "int4": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4),
+        "float8": Float8WeightOnlyConfig,
+    }
+    model = nn.Sequential(nn.Linear(16, 8))
+    quantize_(model, configs[kind]())
+    return model[0]
+
+
+def bnb_linear4() -> nn.Module:
+    """bitsandbytes' Linear4bit (nf4) on the CPU: a Params4bit weight of packed bytes and its quantization state."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")
+    layer.load_state_dict(nn.Linear(64, 32).state_dict())
+    return layer.to("cpu")
+
+
+def compressed_linear(bits: int = 8) -> nn.Module:
+    """compressed-tensors' frozen quantized nn.Linear: a float weight its wrapped forward fake-quantizes with a
+    per-channel int scale (calibrated here as absmax / qmax), as a checkpoint in its format loads."""
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
+
+    model = nn.Sequential(nn.Linear(16, 8))
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel")
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+    config = QuantizationConfig(config_groups={"weights": scheme}, quantization_status=QuantizationStatus.FROZEN)
+    apply_quantization_config(model, config)
+    layer = model[0]
+    with torch.no_grad():
+        layer.weight_scale.copy_(layer.weight.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1))
+    return layer
+
+
+def auto_bit_linear(online: bool = True) -> nn.Module:
+    """transformers' AutoBitLinear: a float weight its forward ternarizes on every call (online) or ternary already
+    with a scale (offline); its input is quantized to 8 bits per token either way."""
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    return AutoBitLinear(16, 8, online_quant=online)

@@ -79,6 +79,8 @@ def test_inspect_json(capsys):
         "requires_grad": True,
         "computed": False,
         "quantized": False,
+        "holder": "",
+        "rounded": "",
     }
 
 

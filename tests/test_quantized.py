@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig
 from peft.tuners import lora
+from peft.tuners.lora import LoraLayer
 from scaffold_targets import Float8Linear, Int8WeightOnlyLinear
 from test_end_to_end import run_suites
 from torch import nn
@@ -104,8 +105,11 @@ def test_output_and_delta_equal_peft_linear_on_the_dequantized_weight(key, make_
 
 # Real libraries: (target class, --init, what analysis says of the base). Neither quanto's nor hqq's layer runs in
 # float64 (neither can even be copied): measured in float32, and said so. BitNet quantizes its input per token, and
-# its straight-through gradient is nearly orthogonal to its map's: said too.
+# its straight-through gradient is nearly orthogonal to its map's: said too. torchao and compressed-tensors keep
+# nn.Linear's class (torchao swaps the weight for a tensor subclass; compressed-tensors rounds a float weight in a
+# wrapped forward); bitsandbytes' 4-bit layer rewrites its weight on its first eval-mode forward on the CPU.
 FLOAT32 = "measured in float32: it does not run in float64"
+NEARLY = "nearly a linear map of the input (off by {}, as where the input is quantized or the product taken in lower precision"
 LIBRARIES = {
     "quanto_int8": (
         "optimum.quanto.nn.QLinear",
@@ -132,16 +136,54 @@ LIBRARIES = {
     "bnb_int8": (
         "bitsandbytes.nn.Linear8bitLt",
         "quantized_layers.bnb_linear8()",
-        "stored as Int8Params and the output is nearly a linear map of the input (off by 8e-03: it quantizes the input "
-        "too)",
+        f"stored as Int8Params and the output is {NEARLY.format('8e-03')})",
+    ),
+    "bnb_4bit": (
+        "bitsandbytes.nn.Linear4bit",
+        "quantized_layers.bnb_linear4()",
+        f"stored as Params4bit and the output is {NEARLY.format('5e-03')}; it passes no gradient to its input",
+    ),
+    "torchao_int8": (
+        "torch.nn.Linear",
+        "quantized_layers.torchao_linear('int8')",
+        "stored as Int8Tensor and the output is a linear map of the input (relative error at most 1e-15)",
+    ),
+    "torchao_int4": (
+        "torch.nn.Linear",
+        "quantized_layers.torchao_linear('int4')",
+        f"stored as IntxUnpackedToInt8Tensor and the output is a linear map of the input (relative error at most "
+        f"1e-06; {FLOAT32}",
+    ),
+    "torchao_float8": (
+        "torch.nn.Linear",
+        "quantized_layers.torchao_linear('float8')",
+        f"stored as Float8Tensor and the output is a linear map of the input (relative error at most 1e-06; {FLOAT32}",
+    ),
+    "compressed_8bit": (
+        "torch.nn.Linear",
+        "quantized_layers.compressed_linear(8)",
+        "stored as float32, rounded by its forward with weight_scale and the output is a linear map of the input",
+    ),
+    "compressed_4bit": (
+        "torch.nn.Linear",
+        "quantized_layers.compressed_linear(4)",
+        "stored as float32, rounded by its forward with weight_scale and the output is a linear map of the input",
     ),
     "bitnet": (
         "transformers.integrations.bitnet.BitLinear",
         "quantized_layers.bit_linear()",
-        "stored as uint8 and the output is nearly a linear map of the input (off by 9e-03: it quantizes the input too; "
-        "the gradient it passes to its input is not its map's (cosine -0.038): adapters before it train on that)",
+        f"stored as uint8 and the output is {NEARLY.format('9e-03')}; the gradient it passes to its input is not its "
+        "map's (cosine -0.038): adapters before it train on that)",
+    ),
+    "auto_bitnet": (
+        "transformers.integrations.bitnet.AutoBitLinear",
+        "quantized_layers.auto_bit_linear()",
+        f"stored as float32, rounded by its forward and the output is {NEARLY.format('8e-03')})",
     ),
 }
+GRADIENT_NOTED = {"bitnet", "bnb_4bit"}
+# bitsandbytes' layers run another kernel in training mode: their tests compare outputs in eval mode.
+EVAL_ONLY = {"bnb_int8", "bnb_4bit"}
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +200,9 @@ def test_library_layers_get_lora_beside_with_the_measure_and_its_precision(key):
     plan = analyse(introspect(resolve_target(target), {}, init), Options())
     assert plan.decision.strategy == "beside"
     assert said in plan.decision.reason
-    assert ("gradient" in plan.decision.reason) == (key == "bitnet")
-    # bitsandbytes' int8 layer runs another kernel in training mode: its tests compare outputs in eval mode.
-    assert bool(plan.decision.eval_only) == (key == "bnb_int8")
+    assert ("gradient" in plan.decision.reason) == (key in GRADIENT_NOTED)
+    assert bool(plan.decision.eval_only) == (key in EVAL_ONLY)
+    assert bool(plan.decision.settles) == (key == "bnb_4bit")
 
 
 def test_library_layers_generated_suites_pass(library_layers):
@@ -192,7 +234,7 @@ def test_float8_merges_only_within_its_tolerance_and_says_what_it_would_lose(gen
         in plan_for("scaffold_targets.Float8Linear").decision.reason
     )
     assert (
-        "merging is refused: no way to write W + dW back into int8"
+        "merging is refused: no way to write W + dW back into qweight is known"
         in plan_for("scaffold_targets.Int8WeightOnlyLinear").decision.reason
     )
     import_path(generated / "float8")
@@ -209,3 +251,46 @@ def test_float8_merges_only_within_its_tolerance_and_says_what_it_would_lose(gen
     layer.merge_tolerance = math.inf
     layer.merge()
     assert layer.merged and base.weight.dtype == torch.float8_e4m3fn
+
+
+def test_a_torchao_layer_is_dispatched_on_its_weight_and_plain_linears_stay_peft_s(library_layers, import_path):
+    from peft import get_peft_model
+    from quantized_layers import torchao_linear
+
+    import_path(library_layers / "torchao_int8")
+    module = importlib.import_module("lora_torchao_int8")
+    torch.manual_seed(0)
+    model = nn.Sequential(torchao_linear("int8"), nn.Linear(8, 8))
+    config = module.register(LoraConfig(target_modules=["0", "1"], init_lora_weights=False))
+    peft_model = get_peft_model(model, config)
+    assert type(peft_model.base_model.model[0]) is module.LoraTorchaoInt8
+    assert type(peft_model.base_model.model[1]) is lora.Linear
+
+
+def test_library_layers_equal_peft_own_backends(library_layers, import_path):
+    """Where PEFT has a backend for the base (torchao, bitsandbytes' 4-bit), the same factors give the same output."""
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+    from peft.tuners.lora.torchao import TorchaoLoraLinear
+    from quantized_layers import bnb_linear4, torchao_linear
+
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False)
+    cases = [
+        ("torchao_int8", lambda: torchao_linear("int8"), TorchaoLoraLinear, {"get_apply_tensor_subclass": None}),
+        ("bnb_4bit", bnb_linear4, PeftLinear4bit, {}),
+    ]
+    for key, make_base, peft_class, extra in cases:
+        import_path(library_layers / key)
+        module = importlib.import_module(f"lora_{key}")
+        layer_class = next(
+            v
+            for v in vars(module).values()
+            if isinstance(v, type) and issubclass(v, LoraLayer) and v.__module__ == module.__name__
+        )
+        torch.manual_seed(0)
+        base = make_base().eval()
+        peft_layer = peft_class(base, "default", config=config, r=4, lora_alpha=8, **extra)
+        ours = layer_class(base, "default", config=config, r=4, lora_alpha=8)
+        ours.load_state_dict({k: v for k, v in peft_layer.state_dict().items() if "lora_" in k}, strict=False)
+        x = torch.randn(3, base.in_features)
+        with torch.no_grad():
+            torch.testing.assert_close(ours.eval()(x), peft_layer.eval()(x), rtol=0, atol=1e-6, msg=key)

@@ -35,6 +35,7 @@ class Evidence:
     attributes: dict
     probe: Probe | None
     call: Callable[[int], tuple[tuple, dict]] | None = None  # seed -> the (args, kwargs) the target is called with
+    build: Callable[[], nn.Module] | None = None  # a fresh module, as the tests build it
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,11 @@ class Strategy:
 
     def reason(self, evidence: Evidence, verdict: Verdict) -> str:
         return f"the probe shows the weight acts as {verdict.label} ({verdict.error_text})"
+
+    def settles(self, evidence: Evidence) -> str:
+        """Why the tests first run the base once in eval mode, whose first forward changes its state ("" when
+        nothing does)."""
+        return ""
 
     def eval_only(self, evidence: Evidence) -> str:
         """Why the tests must compare outputs in eval mode only, where the strategy runs no probe to say so."""

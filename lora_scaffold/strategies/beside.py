@@ -80,7 +80,11 @@ class Beside(Strategy):
     def reason(self, evidence: Evidence, verdict: Verdict) -> str:
         nearly = verdict.relative_error > RELATIVE_TOLERANCE[torch.float32]
         how = "nearly a linear map of the input" if nearly else "a linear map of the input"
-        figure = f"off by {verdict.relative_error:.0e}: it quantizes the input too" if nearly else verdict.error_text
+        figure = (
+            f"off by {verdict.relative_error:.0e}, as where the input is quantized or the product taken in lower precision"
+            if nearly
+            else verdict.error_text
+        )
         details = "; ".join(filter(None, (figure, verdict.note)))  # the note: measured in float32, and why
         return (
             f"{evidence.weight.name} is stored as {_storage(evidence)} and the output is {how} ({details}): LoRA goes "
@@ -98,6 +102,9 @@ class Beside(Strategy):
     def tolerant_merge(self, evidence: Evidence) -> bool:
         return merges_by_cast(evidence)
 
+    def settles(self, evidence: Evidence) -> str:
+        return settling(evidence)
+
     def eval_only(self, evidence: Evidence) -> str:
         """bitsandbytes' 8-bit layer takes another kernel in training mode, which gives other outputs."""
         args, kwargs = evidence.call(0)
@@ -109,7 +116,7 @@ class Beside(Strategy):
             return ""  # the tests' own training-mode runs say what fails
         finally:
             module.eval()
-        if any(not torch.equal(state[name], t) for name, t in module.state_dict().items()):
+        if any(not same_tensor(state[name], t) for name, t in module.state_dict().items()):
             return "its forward changes the module's state in training mode"
         if not torch.equal(*outputs):
             return "its forward in training mode is not its forward in eval mode"
@@ -122,17 +129,60 @@ class Beside(Strategy):
         )
 
 
+def settling(evidence: Evidence) -> str:
+    """What the base's first forward in eval mode (and reading its state after) changes in its state, on a fresh
+    build ("" when nothing): bitsandbytes' 4-bit layer re-packs its weight for a CPU kernel and requantizes its
+    scales when its state is read. Settles the module analysed as the tests settle theirs; once per built module."""
+    if evidence.module not in _SETTLED:
+        _SETTLED[evidence.module] = _changed_by_first_forward(evidence.build(), evidence) if evidence.build else ""
+        _changed_by_first_forward(evidence.module, evidence)
+    return _SETTLED[evidence.module]
+
+
+def _changed_by_first_forward(module, evidence: Evidence) -> str:
+    before = {name: tensor.clone() for name, tensor in module.state_dict().items()}
+    args, kwargs = evidence.call(0)
+    training = module.training
+    try:
+        with torch.no_grad():
+            module.eval()(*args, **kwargs)
+    except USER_CODE_ERRORS:
+        return ""  # analysis and the tests say what fails
+    finally:
+        module.train(training)
+    after = module.state_dict()
+    changed = sorted(set(before) ^ set(after)) + [
+        name for name in before if name in after and not same_tensor(before[name], after[name])
+    ]
+    return f"it rewrites {', '.join(changed)}" if changed else ""
+
+
+_SETTLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, also for tensor subclasses that implement no `equal` (torchao's): their inner tensors are."""
+    try:
+        return torch.equal(a, b)
+    except USER_CODE_ERRORS:
+        pass
+    if type(a) is not type(b) or a.shape != b.shape or not hasattr(a, "__tensor_flatten__"):
+        return False
+    names, _ = a.__tensor_flatten__()
+    return all(same_tensor(getattr(a, name), getattr(b, name)) for name in names)
+
+
 def merges_by_cast(evidence: Evidence) -> bool:
     """A plain float8 parameter is its own round trip: W + dW cast back to float8 is the merged weight."""
     tensor = _stored(evidence)
-    return type(tensor) is torch.nn.Parameter and tensor.dtype.is_floating_point
+    return type(tensor) is torch.nn.Parameter and tensor.dtype.is_floating_point and tensor.element_size() == 1
 
 
 def merge_outlook(evidence: Evidence) -> str:
     """What merging will do, with how much of a typical dW (TYPICAL_DELTA of the weight's spread) survives."""
     storage = _storage(evidence)
     if not merges_by_cast(evidence):
-        return f"merging is refused: no way to write W + dW back into {storage} storage is known for this class"
+        return f"merging is refused: no way to write W + dW back into {evidence.weight.name} is known for this class"
     weight = _stored(evidence).detach().float()
     delta = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * TYPICAL_DELTA * weight.std()
     lost = float(((weight + delta).to(_stored(evidence).dtype).float() - weight - delta).norm() / delta.norm())
@@ -156,6 +206,8 @@ def _first_sentence(text: str, limit: int = 100) -> str:
 def _storage(evidence: Evidence) -> str:
     """The weight's storage: its dtype, or the tensor subclass holding quantized data behind a float dtype."""
     kind = type(_stored(evidence))
+    if evidence.weight.rounded:
+        return f"{evidence.weight.dtype}, {evidence.weight.rounded}"
     return evidence.weight.dtype if kind in (torch.Tensor, torch.nn.Parameter) else kind.__name__
 
 
@@ -195,6 +247,7 @@ _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _linear_response(evidence: Evidence) -> LinearResponse | str:
+    settling(evidence)  # measured as the tests and a model will have it, after its first forward
     args, kwargs = evidence.call(0)
     if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
         return "the base takes more than one floating tensor"
