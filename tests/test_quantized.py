@@ -253,7 +253,7 @@ def test_float8_merges_only_within_its_tolerance_and_says_what_it_would_lose(gen
     assert layer.merged and base.weight.dtype == torch.float8_e4m3fn
 
 
-def test_a_torchao_layer_is_dispatched_on_its_weight_and_plain_linears_stay_peft_s(library_layers, import_path):
+def test_a_torchao_layer_is_dispatched_on_its_weight_and_exported_beside_peft_s_own(library_layers, import_path):
     from peft import get_peft_model
     from quantized_layers import torchao_linear
 
@@ -265,6 +265,13 @@ def test_a_torchao_layer_is_dispatched_on_its_weight_and_plain_linears_stay_peft
     peft_model = get_peft_model(model, config)
     assert type(peft_model.base_model.model[0]) is module.LoraTorchaoInt8
     assert type(peft_model.base_model.model[1]) is lora.Linear
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        expected = peft_model(x)
+        # PEFT merges its own layer; ours is replaced by the float layer computing the same.
+        exported = module.LoraTorchaoInt8.unload_dequantized(peft_model)
+        assert [type(m) for m in exported] == [nn.Linear, nn.Linear]
+        torch.testing.assert_close(exported(x), expected, rtol=0, atol=1e-5)
 
 
 def test_library_layers_equal_peft_own_backends(library_layers, import_path):

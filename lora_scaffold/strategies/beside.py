@@ -36,6 +36,10 @@ GRADIENT_COSINE = 0.99
 # A typical trained dW, relative to the weight's spread: what the merge figure at generation is measured on.
 TYPICAL_DELTA = 1e-2
 SCALES = (1.0, -0.5, 3.0)
+# The float export's outputs against the unmerged layer's: within this many times the base's measured distance from
+# linear, and never tighter than float32 rounding of a basis-measured matrix allows.
+EXPORT_MARGIN = 10
+EXPORT_FLOOR = 1e-5
 FEATURE_NAMES = (("in_features", "in_dim", "input_size"), ("out_features", "out_dim", "output_size"))
 
 
@@ -97,6 +101,8 @@ class Beside(Strategy):
         return {
             "in_features_attribute": json.dumps(in_name),
             "out_features_attribute": json.dumps(out_name),
+            # The float export is the base's linear part: off by what the base is from linear, and float32 rounding.
+            "export_tolerance": json.dumps(float(f"{max(EXPORT_MARGIN * measured.error, EXPORT_FLOOR):.0e}")),
         }
 
     def tolerant_merge(self, evidence: Evidence) -> bool:
@@ -182,7 +188,10 @@ def merge_outlook(evidence: Evidence) -> str:
     """What merging will do, with how much of a typical dW (TYPICAL_DELTA of the weight's spread) survives."""
     storage = _storage(evidence)
     if not merges_by_cast(evidence):
-        return f"merging is refused: no way to write W + dW back into {evidence.weight.name} is known for this class"
+        return (
+            f"merging is refused: no way to write W + dW back into {evidence.weight.name} is known for this class; "
+            "unload_dequantized exports float nn.Linear layers instead (exact where the base is linear)"
+        )
     weight = _stored(evidence).detach().float()
     delta = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * TYPICAL_DELTA * weight.std()
     lost = float(((weight + delta).to(_stored(evidence).dtype).float() - weight - delta).norm() / delta.norm())
