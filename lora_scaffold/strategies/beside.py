@@ -229,7 +229,8 @@ class LinearResponse:
     out_features: int
     error: float
     dtype: torch.dtype
-    gradient_cosine: float | None  # the input gradient's against the map's (None: no gradient reaches the input)
+    matrix: torch.Tensor | None  # the map [in, out], until the gradient check has used it
+    gradient_cosine: float | None = None  # the input gradient's against the map's (None: none reaches the input)
     why_not_float64: str = ""
 
     def gradient_note(self) -> str:
@@ -262,13 +263,16 @@ def _linear_response(evidence: Evidence) -> LinearResponse | str:
         return "the base takes more than one floating tensor"
     try:
         # Float tensors only: integer storage is kept as it is, float8 values are exact in float64.
-        return _measured(copy.deepcopy(evidence.module).double(), args[0], torch.float64)
+        measured = _measured(copy.deepcopy(evidence.module).double(), args[0], torch.float64)
+        return measured if isinstance(measured, str) else _with_gradient(measured, evidence.module, args[0])
     except USER_CODE_ERRORS as exc:
         why = _first_sentence(f"{type(exc).__name__}: {exc}")
     try:
         # The module as built: nothing below changes it (hqq's layer cannot be deep-copied at all).
         measured = _measured(evidence.module, args[0], torch.float32)
-        return measured if isinstance(measured, str) else replace(measured, why_not_float64=why)
+        if isinstance(measured, str):
+            return measured
+        return replace(_with_gradient(measured, evidence.module, args[0]), why_not_float64=why)
     except USER_CODE_ERRORS as exc:
         return f"the base does not run on basis inputs ({type(exc).__name__}: {exc})"
 
@@ -287,7 +291,14 @@ def _measured(module, x: torch.Tensor, dtype: torch.dtype) -> LinearResponse | s
                 got = module(sample * scale) - bias
                 expected = (sample * scale) @ matrix
                 errors.append(float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30)))
-    return LinearResponse(in_features, matrix.shape[-1], max(errors), dtype, _gradient_cosine(module, x, matrix))
+    return LinearResponse(in_features, matrix.shape[-1], max(errors), dtype, matrix)
+
+
+def _with_gradient(measured: LinearResponse, module, x: torch.Tensor) -> LinearResponse:
+    """The gradient check on the module as built, fed the dtype the tests feed: a base's float64 path may not be the
+    one training takes (bitsandbytes' 4-bit layer passes no gradient to a float64 input, and does to float32)."""
+    cosine = _gradient_cosine(module, x, measured.matrix.to(x.dtype))
+    return replace(measured, matrix=None, gradient_cosine=cosine)
 
 
 def _gradient_cosine(module, x: torch.Tensor, matrix: torch.Tensor) -> float | None:
