@@ -123,6 +123,7 @@ class LayerContext:
     merges: bool = True
     tolerant_merge: bool = False
     quantized_weight: bool = False
+    round_trip_source: Statements = ""
     stored_in: Identifier = ""
     parameterless_target: bool = False
     read_by_fused_parents: bool = False

@@ -12,7 +12,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from lora_scaffold import __version__, init_expression, peft_release
+from lora_scaffold import __version__, init_expression, peft_release, round_trips
 from lora_scaffold.context import LayerContext
 from lora_scaffold.errors import RenderError
 from lora_scaffold.files import GeneratedFile
@@ -83,6 +83,7 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "merges": strategy.merges,
             "tolerant_merge": plan.decision.tolerant_merge,
             "quantized_weight": plan.weight.quantized,
+            "round_trip_source": _round_trip_source(plan),
             "stored_in": plan.weight.stored_in.rpartition(".")[2] if peft.mode == PLUGIN else "",
             "parameterless_target": plan.target.parameterless,
             "refused_options": {
@@ -296,3 +297,9 @@ def _literal(text: str) -> str:
 def _as_tuple(expression: str) -> str:
     is_tuple = isinstance(ast.parse(expression, mode="eval").body, ast.Tuple)
     return expression if is_tuple else f"({expression},)"
+
+
+def _round_trip_source(plan: LayerPlan) -> str:
+    """The requantization function a quantized base merges through, as the layer module carries it."""
+    name = dict(plan.decision.answers).get("round_trip", "")
+    return round_trips.named(name).source() if name else ""

@@ -2,6 +2,7 @@
 
 import importlib
 import math
+import re
 
 import pytest
 import torch
@@ -224,8 +225,48 @@ def test_hqq_layer_equals_peft_own_hqq_layer(library_layers, import_path):
     ours.load_state_dict({k: v for k, v in peft_layer.state_dict().items() if "lora_" in k}, strict=False)
     x = torch.randn(3, 16)
     torch.testing.assert_close(ours(x), peft_layer(x), rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="cannot merge into HQQLinear.W_q, stored as uint8"):
+    with torch.no_grad():
+        ours.lora_B["default"].weight.mul_(1e-2)  # a dW as small as trained ones: requantizing loses much of it
+        peft_layer.lora_B["default"].weight.mul_(1e-2)
+    with pytest.raises(
+        ValueError, match=r"cannot merge into HQQLinear: quantizing W \+ dW again would lose \d+% of dW"
+    ):
         ours.merge()
+    assert not ours.merged and ours.get_base_layer() is base
+    # Allowed to lose what requantizing loses, it merges as PEFT's layer does: hqq's quantization of W + dW.
+    ours.merge_tolerance = math.inf
+    ours.merge()
+    peft_layer.merge()
+    peft_merged = peft_layer(x)
+    if peft_layer.get_base_layer().bias is None:  # peft 0.21's HqqLoraLinear.merge drops the base's bias
+        peft_merged = peft_merged + base.bias
+    torch.testing.assert_close(ours(x), peft_merged, rtol=0, atol=1e-5)
+    ours.unmerge()
+    assert ours.get_base_layer() is base
+
+
+# How much of a typical dW (1e-2 of the weight's spread) the library's own requantization keeps: most of it at 8
+# bits, little or nothing at 4 (the rounding error is as large as dW).
+MERGE_KEPT = {
+    "quanto_int8": (0.4, 0.9),
+    "quanto_int4": (0.0, 0.35),
+    "hqq_8bit": (0.4, 0.9),
+    "hqq_4bit": (0.0, 0.35),
+    "bnb_int8": (0.4, 0.9),
+    "bnb_4bit": (0.0, 0.35),
+}
+
+
+@pytest.mark.parametrize("key", list(MERGE_KEPT))
+def test_library_merges_go_through_the_library_and_say_what_they_keep(key):
+    target, init, _ = LIBRARIES[key]
+    plan = analyse(introspect(resolve_target(target), {}, init), Options())
+    assert plan.decision.tolerant_merge
+    found = re.search(
+        r"merging quantizes W \+ dW again with [\w-]+, which keeps (\d+)% of a typical dW", plan.decision.reason
+    )
+    low, high = MERGE_KEPT[key]
+    assert found and low <= int(found[1]) / 100 <= high, plan.decision.reason
 
 
 def test_float8_merges_only_within_its_tolerance_and_says_what_it_would_lose(generated, import_path):

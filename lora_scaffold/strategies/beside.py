@@ -22,6 +22,7 @@ import torch
 
 from lora_scaffold.errors import USER_CODE_ERRORS
 from lora_scaffold.probe import NOT_ONE_TENSOR, RELATIVE_TOLERANCE
+from lora_scaffold.round_trips import RoundTrip, round_trip_for
 from lora_scaffold.strategies.base import Evidence, Strategy, Verdict
 
 
@@ -103,10 +104,12 @@ class Beside(Strategy):
             "out_features_attribute": json.dumps(out_name),
             # The float export is the base's linear part: off by what the base is from linear, and float32 rounding.
             "export_tolerance": json.dumps(float(f"{max(EXPORT_MARGIN * measured.error, EXPORT_FLOOR):.0e}")),
+            # The library's own requantization merge goes through ("" where W + dW is cast back, or refused).
+            "round_trip": "" if merges_by_cast(evidence) else _round_trip_name(evidence),
         }
 
     def tolerant_merge(self, evidence: Evidence) -> bool:
-        return merges_by_cast(evidence)
+        return merges_by_cast(evidence) or round_trip_for(evidence.module) is not None
 
     def settles(self, evidence: Evidence) -> str:
         return settling(evidence)
@@ -184,9 +187,23 @@ def merges_by_cast(evidence: Evidence) -> bool:
     return type(tensor) is torch.nn.Parameter and tensor.dtype.is_floating_point and tensor.element_size() == 1
 
 
+def _round_trip_name(evidence: Evidence) -> str:
+    trip = round_trip_for(evidence.module)
+    return trip.requantized.__name__ if trip else ""
+
+
 def merge_outlook(evidence: Evidence) -> str:
     """What merging will do, with how much of a typical dW (TYPICAL_DELTA of the weight's spread) survives."""
     storage = _storage(evidence)
+    trip = None if merges_by_cast(evidence) else round_trip_for(evidence.module)
+    if trip is not None:
+        kept = round_trip_survival(evidence, trip)
+        kept_text = "cannot be measured here" if kept is None else f"keeps {max(0.0, kept):.0%} of a typical dW"
+        return (
+            f"merging quantizes W + dW again with {trip.library}, which {kept_text} "
+            f"({TYPICAL_DELTA:.0e} of the weight's spread); the layer merges only where it loses at most its "
+            "merge_tolerance (1%), and unload_dequantized exports float nn.Linear layers instead"
+        )
     if not merges_by_cast(evidence):
         return (
             f"merging is refused: no way to write W + dW back into {evidence.weight.name} is known for this class; "
@@ -199,6 +216,30 @@ def merge_outlook(evidence: Evidence) -> str:
         f"merging casts W + dW back to {storage}, which keeps {max(0.0, 1 - lost):.0%} of a typical dW ({TYPICAL_DELTA:.0e} "
         "of the weight's spread); the layer merges only where it loses at most its merge_tolerance (1%)"
     )
+
+
+def round_trip_survival(evidence: Evidence, trip: RoundTrip) -> float | None:
+    """The share of a typical dW the library's requantization keeps, measured on the base's map as the layer's merge
+    measures it (None where the round trip fails here)."""
+    module, measured = evidence.module, linear_response(evidence)
+    dtype = evidence.call(0)[0][0].dtype
+    try:
+        weight, bias = base_map(module, measured.in_features, dtype)
+        generator = torch.Generator().manual_seed(0)
+        delta = torch.randn(weight.shape, generator=generator).to(dtype) * TYPICAL_DELTA * weight.std()
+        has_bias = getattr(module, "bias", None) is not None
+        merged = trip.requantized(module, weight + delta, bias if has_bias else None)
+        kept, _ = base_map(merged, weight.shape[1], dtype)
+    except USER_CODE_ERRORS:
+        return None
+    return 1 - float((kept - weight - delta).norm() / delta.norm())
+
+
+def base_map(module, in_features: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base's map as the generated layer measures it: its weight [out, in] on basis inputs, and its offset."""
+    with torch.no_grad():
+        offset = module(torch.zeros(1, in_features, dtype=dtype))[0]
+        return (module(torch.eye(in_features, dtype=dtype)) - offset).T.contiguous(), offset
 
 
 def _stored(evidence: Evidence) -> torch.Tensor:

@@ -1,0 +1,112 @@
+"""Writing W + dW back into a quantized base, for the libraries whose layers the library itself can quantize again
+from a float weight: a function `(base, weight, bias) -> a new base` per library. The generated layer carries the
+function's own source (its `merge` swaps in the new base, its `unmerge` swaps the untouched old one back), and
+analysis runs the very same function to measure how much of a typical dW survives. Each function imports its
+library itself: the generated module stays importable without it."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def _float_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A float nn.Linear holding `weight` [out, in] and `bias` (None: no bias)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if linear.bias is not None:
+            linear.bias.copy_(bias)
+    return linear.to(weight.device)
+
+
+def requantized_quanto(base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """optimum-quanto's QLinear quantizing the float layer, with the base's weight and activation types, frozen."""
+    from optimum.quanto.nn import QLinear
+
+    float_layer = _float_linear(weight, bias)
+    layer = QLinear.from_module(
+        float_layer, weights=base.weight_qtype, activations=base.activation_qtype, optimizer=base.optimizer
+    )
+    layer.freeze()
+    return layer
+
+
+def requantized_hqq(base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """hqq's HQQLinear quantizing the float layer with the base's configuration (as PEFT's HqqLoraLinear merges)."""
+    import copy
+
+    from hqq.core.quantize import HQQLinear
+
+    config = {**copy.deepcopy(base.quant_config), "offload_meta": base.offload_meta}
+    return HQQLinear(_float_linear(weight, bias), config, compute_dtype=base.compute_dtype, device=base.device)
+
+
+def requantized_bnb_int8(base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """bitsandbytes' Linear8bitLt loaded from the float layer, with the base's outlier threshold."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear8bitLt(
+        weight.shape[1],
+        weight.shape[0],
+        bias=bias is not None,
+        has_fp16_weights=False,
+        threshold=base.state.threshold,
+    )
+    layer.load_state_dict(_float_linear(weight, bias).state_dict())
+    return layer.to(base.weight.device)
+
+
+def requantized_bnb_4bit(base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """bitsandbytes' Linear4bit loaded from the float layer, with the base's quantization type and statistics."""
+    import bitsandbytes as bnb
+
+    stored = base.weight
+    layer = bnb.nn.Linear4bit(
+        weight.shape[1],
+        weight.shape[0],
+        bias=bias is not None,
+        compute_dtype=base.compute_dtype,
+        compress_statistics=stored.compress_statistics,
+        quant_type=stored.quant_type,
+        quant_storage=stored.quant_storage,
+    )
+    layer.load_state_dict(_float_linear(weight, bias).state_dict())
+    return layer.to(stored.device)
+
+
+@dataclass(frozen=True)
+class RoundTrip:
+    library: str
+    package: str  # the top-level package the class comes from
+    class_name: str  # the class, or a base class of it
+    requantized: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], nn.Module]
+
+    def matches(self, module: nn.Module) -> bool:
+        return any(
+            c.__name__ == self.class_name and c.__module__.split(".")[0] == self.package for c in type(module).__mro__
+        )
+
+    def source(self) -> str:
+        """The code the generated layer carries: the float-layer helper and the function."""
+        return f"{inspect.getsource(_float_linear)}\n\n{inspect.getsource(self.requantized)}"
+
+
+ROUND_TRIPS = (
+    RoundTrip("optimum-quanto", "optimum", "QLinear", requantized_quanto),
+    RoundTrip("hqq", "hqq", "HQQLinear", requantized_hqq),
+    RoundTrip("bitsandbytes", "bitsandbytes", "Linear8bitLt", requantized_bnb_int8),
+    RoundTrip("bitsandbytes", "bitsandbytes", "Linear4bit", requantized_bnb_4bit),
+)
+
+
+def round_trip_for(module: nn.Module) -> RoundTrip | None:
+    return next((trip for trip in ROUND_TRIPS if trip.matches(module)), None)
+
+
+def named(function_name: str) -> RoundTrip:
+    return next(trip for trip in ROUND_TRIPS if trip.requantized.__name__ == function_name)
