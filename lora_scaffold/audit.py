@@ -7,6 +7,7 @@ two or more dimensions) PEFT alone adapts, and PEFT with the generated layers.""
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from lora_scaffold.peft_answer import peft_layer
 from lora_scaffold.record import RECORD_DIR, GenerationRecord
 from lora_scaffold.resolve import resolve_class
 from lora_scaffold.scan import model_expression
+from lora_scaffold.strategies.beside import input_gradient_note
 
 
 MERGE_TOLERANCE = 1e-4  # relative to the output's largest entry, in float32
@@ -37,6 +39,10 @@ class ModuleAudit:
     merge_error: float  # relative change of the model's output when it alone is merged
     tied_to: str = ""  # modules sharing its weight in the model (untied for the audit: merging writes into both)
     reached: bool = True  # the model's forward on the input calls it (an expert no token is routed to is not)
+    # A layer over a quantized base: its merge refused, as promised (the float export stands in), and what is wrong
+    # with the gradient the base passes to its input ("" when it is its map's).
+    merge_refused: bool = False
+    input_gradient: str = ""
 
     @property
     def merges(self) -> bool:
@@ -44,8 +50,9 @@ class ModuleAudit:
 
     @property
     def passed(self) -> bool:
-        """Live, trained and merged exactly; a module the input never reaches proves nothing either way."""
-        return not self.reached or (self.live and self.gradients and self.merges)
+        """Live, trained and merged exactly (or refusing to, as a quantized base's layer promises); a module the
+        input never reaches proves nothing either way."""
+        return not self.reached or (self.live and self.gradients and (self.merges or self.merge_refused))
 
 
 @dataclass(frozen=True)
@@ -141,7 +148,9 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
     for name, module in adapted.items():
         reference = run()  # anew each time: a forward may leave state behind (PEFT's MultiheadAttention does)
         live = adapter_checks.live(module, run, reference)
-        merge_error = adapter_checks.merge_error(module, run, run())
+        quantized = hasattr(module, "dequantized_linear")  # a generated `beside` layer
+        refused = quantized and _merge_refused(module)
+        merge_error = math.inf if refused else adapter_checks.merge_error(module, run, run())
         base = module.get_base_layer()
         modules.append(
             ModuleAudit(
@@ -154,10 +163,22 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
                 merge_error,
                 ", ".join(sorted(ties.get(name, ()))),
                 name in reached,
+                refused,
+                input_gradient_note(base, module.in_features) if quantized else "",
             )
         )
     total, by_peft, by_ours = _coverage(evaluate_model(expression), dispatched_by_peft, our_targets, layers)
     return Audit(expression, tuple(modules), total, by_peft, by_ours)
+
+
+def _merge_refused(layer) -> bool:
+    """Whether a quantized base's layer refuses to merge its adapter (the loss is above its tolerance)."""
+    try:
+        layer.merge()
+    except ValueError as exc:
+        return "cannot merge" in str(exc)
+    layer.unmerge()
+    return False
 
 
 @contextlib.contextmanager

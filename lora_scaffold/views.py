@@ -129,6 +129,7 @@ def audit_text(result: Audit) -> str:
     rows = [("module", "class", "layer", "live", "grads", "merge")]
     for m in result.modules:
         merge = "exact" if m.merge_error == 0 else f"{m.merge_error:.0e}" if m.merges else f"OFF {m.merge_error:.1e}"
+        merge = "refused (quantized base)" if m.merge_refused else merge
         merge += f" (tied to {m.tied_to}: untied to check)" if m.tied_to else ""
         layer = f"{m.layer} (generated)" if m.generated else m.layer
         live = ("yes" if m.live else "DEAD") if m.reached else "not reached"
@@ -147,10 +148,13 @@ def audit_text(result: Audit) -> str:
             f"unproven  {', '.join(unreached)}: the model's forward on this input never calls them "
             "(pass --model-input with an input that does)"
         )
+    lines += [f"gradient  {m.name}: {m.input_gradient}" for m in result.modules if m.input_gradient]
     failed = [m.name for m in result.modules if not m.passed]
     checked = len(result.modules) - len(unreached)
+    refused = sum(m.merge_refused for m in result.modules if m.reached)
+    merged = f"merged ({refused} refusing to, as a quantized base's layer does)" if refused else "merged"
     lines.append(
-        f"failed    {', '.join(failed)}" if failed else f"all {checked} adapters reached: live, trained, merged"
+        f"failed    {', '.join(failed)}" if failed else f"all {checked} adapters reached: live, trained, {merged}"
     )
     return "\n".join(lines)
 

@@ -342,6 +342,24 @@ def _with_gradient(measured: LinearResponse, module, x: torch.Tensor) -> LinearR
     return replace(measured, matrix=None, gradient_cosine=cosine)
 
 
+def input_gradient_note(module, in_features: int) -> str:
+    """What is wrong with the gradient a built base passes to its input ("" when it is its map's), on random
+    inputs in the dtype it computes in: what `audit` reports per quantized module."""
+    dtype = getattr(module, "compute_dtype", None)
+    if not isinstance(dtype, torch.dtype):
+        floats = [
+            t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point() and t.element_size() >= 2
+        ]
+        dtype = floats[0].dtype if floats else torch.get_default_dtype()
+    try:
+        matrix, _ = base_map(module, in_features, dtype)
+        x = torch.randn(4, in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+        cosine = _gradient_cosine(module, x, matrix.T)
+    except USER_CODE_ERRORS as exc:
+        return f"its input gradient cannot be checked ({type(exc).__name__})"
+    return LinearResponse(in_features, matrix.shape[0], 0.0, dtype, None, cosine).gradient_note()
+
+
 def _gradient_cosine(module, x: torch.Tensor, matrix: torch.Tensor) -> float | None:
     """How the gradient the base passes back to its input lines up with its map's, `g @ M.T` (1: exactly)."""
     generator = torch.Generator().manual_seed(len(SEEDS))
