@@ -60,6 +60,10 @@ class Case:
     peers: tuple[str, ...]  # "builtin" (PEFT's own layer for this module) and/or "param_wrapper"
     small: bool = False  # the per-call overhead goals differ for small layers
     delta: bool = False  # generated with the delta strategy (whose peer is ParamWrapper where it takes the weight)
+    # A quantized base (`beside`): built anew for each contender (some cannot be deep-copied), its merge is a
+    # requantization, not measured; `model_flags` are what PEFT's peer reads off the model (bitsandbytes').
+    quantized: bool = False
+    model_flags: tuple[tuple[str, object], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class Results:
 
 
 def cases(tiny: bool) -> list[Case]:
-    from benchmarks.targets import StackedExperts, WSConv2d
+    from benchmarks.targets import StackedExperts, WSConv2d, bnb_linear4, hqq_linear, torchao_int8_linear
 
     def size(full: int, small: int) -> int:
         return small if tiny else full
@@ -184,6 +188,31 @@ def cases(tiny: bool) -> list[Case]:
             ("param_wrapper",),
             delta=True,
         ),
+        Case(
+            "beside: hqq 4-bit HQQLinear 1024x1024, batch 256",
+            Request("hqq.core.quantize.HQQLinear", init="benchmarks.targets.hqq_linear()", name="hqq_beside"),
+            lambda: hqq_linear(big, big),
+            lambda: (torch.randn(batch, big),),
+            ("builtin",),
+            quantized=True,
+        ),
+        Case(
+            "beside: torchao int8 weight-only Linear 1024x1024, batch 256",
+            Request("torch.nn.Linear", init="benchmarks.targets.torchao_int8_linear()", name="torchao_beside"),
+            lambda: torchao_int8_linear(big, big),
+            lambda: (torch.randn(batch, big),),
+            ("builtin",),
+            quantized=True,
+        ),
+        Case(
+            "beside: bitsandbytes nf4 Linear4bit 1024x1024, batch 256",
+            Request("bitsandbytes.nn.Linear4bit", init="benchmarks.targets.bnb_linear4()", name="bnb4_beside"),
+            lambda: bnb_linear4(size(1024, 64), size(1024, 64)),  # its CPU kernel packs blocks of 32 and more
+            lambda: (torch.randn(batch, size(1024, 64)),),
+            ("builtin",),
+            quantized=True,
+            model_flags=(("is_loaded_in_4bit", True),),
+        ),
     ]
 
 
@@ -218,9 +247,9 @@ class Holder(nn.Module):
         return self.layer(*inputs)
 
 
-def adapted(base: nn.Module, kind: str, generated=None) -> nn.Module:
+def adapted(base: nn.Module, kind: str, generated=None, flags: tuple[tuple[str, object], ...] = ()) -> nn.Module:
     """The LoRA layer PEFT puts in place of `base` for one contender (the layer itself, not the PeftModel around it,
-    so that only the layer's own cost is measured)."""
+    so that only the layer's own cost is measured). `base` is copied, or taken as it is when a callable builds it."""
     options = {"r": RANK, "lora_alpha": 2 * RANK, "init_lora_weights": False}
     if kind == "param_wrapper":
         config = LoraConfig(target_modules=None, target_parameters=["layer.weight"], **options)
@@ -228,7 +257,10 @@ def adapted(base: nn.Module, kind: str, generated=None) -> nn.Module:
         config = LoraConfig(target_modules=["layer"], **options)
         if kind == "generated":
             generated.register(config)
-    model = get_peft_model(Holder(copy.deepcopy(base)), config)
+    holder = Holder(base() if callable(base) and not isinstance(base, nn.Module) else copy.deepcopy(base))
+    for name, value in flags:
+        setattr(holder, name, value)
+    model = get_peft_model(holder, config)
     return model.base_model.model.layer, model
 
 
@@ -331,15 +363,23 @@ PEER_NAMES = {"builtin": "PEFT's built-in layer", "param_wrapper": "PEFT's Param
 
 def measure_case(case: Case, generated, rounds: int, block: float, results: Results) -> None:
     torch.manual_seed(0)
-    base = case.build()
     inputs = case.inputs()
-    ours, _ = adapted(base, "generated", generated)
-    peers = {kind: adapted(base, kind)[0] for kind in case.peers}
+    base = _seeded(case.build) if case.quantized else case.build()
+    source = (lambda: _seeded(case.build)) if case.quantized else base
+    ours, _ = adapted(source, "generated", generated)
+    peers = {kind: adapted(source, kind, flags=case.model_flags)[0] for kind in case.peers}
     if not peers:
         results.notes.append(f"{case.name}: no PEFT peer (ParamWrapper takes 2-D and 3-D parameters only)")
-    _compare_outputs(case, ours, peers, inputs, results)
+    # Training first: bitsandbytes' 4-bit layer re-packs its weight on an eval-mode forward on the CPU, after which a
+    # training forward on an input needing a gradient raises.
     _measure_training(case, base, ours, peers, training_inputs(inputs), (rounds, block), results)
+    _compare_outputs(case, ours, peers, inputs, results)
     _measure_eval(case, base, ours, peers, inputs, (rounds, block), results)
+
+
+def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
+    torch.manual_seed(1)
+    return build()
 
 
 def _compare_outputs(case: Case, ours: nn.Module, peers: dict, inputs, results: Results) -> None:
@@ -372,7 +412,7 @@ def _measure_training(case: Case, base, ours, peers: dict, inputs, timing: tuple
 def _measure_eval(case: Case, base, ours, peers: dict, inputs, timing: tuple[int, float], results: Results):
     for layer in (ours, *peers.values()):
         layer.eval()
-    plain = copy.deepcopy(base).eval()
+    plain = (_seeded(case.build) if case.quantized else copy.deepcopy(base)).eval()
     contenders = {"ours": eval_call(ours, inputs), "plain": eval_call(plain, inputs)} | {
         kind: eval_call(peer, inputs) for kind, peer in peers.items()
     }
@@ -385,6 +425,8 @@ def _measure_eval(case: Case, base, ours, peers: dict, inputs, timing: tuple[int
             case.name, "eval (no grad) / plain module", ratios(times, "ours", "plain"), 1.05 if case.delta else None
         )
     )
+    if case.quantized:
+        return  # merging requantizes: the merged layer is the library's own, whose cost is not ours
     ours.merge()
     times = interleaved({"merged": eval_call(ours, inputs), "plain": eval_call(plain, inputs)}, *timing)
     results.figures.append(
