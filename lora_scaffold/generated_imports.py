@@ -48,6 +48,8 @@ def layer_imports(plan: LayerPlan, peft: PeftRelease, dora_variant: str) -> list
         imports.append(("peft.utils.warning", ("PeftWarning",)))
     if plugin and plan.weight.stored_in:
         imports.append(stored_in_import(plan))
+    if plan.decision.adds_quantization_backend(peft):
+        imports.append(("peft.utils.quantization_utils", ("QuantizationBackend",)))
     if plan.weight.computed:
         imports.append(("torch.nn.utils", ("parametrize",)))
     if peft.api == KWARGS_API:

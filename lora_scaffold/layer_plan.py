@@ -8,6 +8,7 @@ from typing import Any
 
 from lora_scaffold import strategies
 from lora_scaffold.capture import recorded_call
+from lora_scaffold.peft_release import PATCH, QUANTIZATION_BACKEND, PeftRelease
 from lora_scaffold.request import ModelCall
 from lora_scaffold.sample_input import SEED, evaluate_input
 from lora_scaffold.strategies import Strategy, Verdict
@@ -69,6 +70,12 @@ class Decision:
     @property
     def chosen(self) -> Strategy:
         return strategies.named(self.strategy)
+
+    def adds_quantization_backend(self, peft: PeftRelease) -> bool:
+        """Patch mode on peft 0.21 on, for a quantized base PEFT has no backend for: the layer module also holds a
+        QuantizationBackend, and resolve_quantization_backend returns it, so PEFT's other tuners adapt the base."""
+        has_backend = dict(self.answers).get("peft_backend", "True") == "True"
+        return peft.mode == PATCH and peft.has(QUANTIZATION_BACKEND) and not has_backend
 
 
 @dataclass(frozen=True)

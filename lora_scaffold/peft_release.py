@@ -26,6 +26,7 @@ CONFIG_LAYER_API = (0, 19)  # layers receive the LoraConfig instead of one keywo
 DEVICE_HOOK = (0, 19)  # PEFT asks a layer `_get_base_layer_device_and_dtype` (for any module, not only its own)
 TAGGED_VARIANTS = (0, 20)  # LoraLayer.resolve_lora_variant matches the config against `lora_variants`
 DORA_UNMERGE_TRANSPOSES = (0, 21)  # DoraLinearVariant.unmerge honours fan_in_fan_out
+QUANTIZATION_BACKEND = (0, 21)  # peft.utils.quantization_utils: QuantizationBackend, resolve_quantization_backend
 # LoraConfig options by the release that added them (older ones are in every supported peft).
 OPTION_RELEASES = {"lora_bias": LORA_BIAS}
 RELEASES = sorted(
@@ -38,6 +39,7 @@ RELEASES = sorted(
         CONFIG_LAYER_API,
         TAGGED_VARIANTS,
         DORA_UNMERGE_TRANSPOSES,
+        QUANTIZATION_BACKEND,
     }
 )
 

@@ -84,6 +84,7 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "tolerant_merge": plan.decision.tolerant_merge,
             "quantized_weight": plan.weight.quantized,
             "round_trip_source": _round_trip_source(plan),
+            "quantization_backend": plan.decision.adds_quantization_backend(peft),
             "stored_in": plan.weight.stored_in.rpartition(".")[2] if peft.mode == PLUGIN else "",
             "parameterless_target": plan.target.parameterless,
             "refused_options": {

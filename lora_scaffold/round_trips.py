@@ -93,7 +93,7 @@ class RoundTrip:
 
     def source(self) -> str:
         """The code the generated layer carries: the float-layer helper and the function."""
-        return f"{inspect.getsource(_float_linear)}\n\n{inspect.getsource(self.requantized)}"
+        return f"{inspect.getsource(_float_linear)}\n\n{inspect.getsource(self.requantized)}".rstrip("\n")
 
 
 ROUND_TRIPS = (

@@ -326,3 +326,24 @@ def test_pull_request_description_states_what_a_fresh_run_of_the_tests_gives(che
     assert f"{battery['passed']} passed, {battery['skipped']} skipped" in fresh.stdout, fresh.stdout[-2000:]
     assert main(["remove", "torch.nn.ConvTranspose2d", "--peft-checkout", str(checkout)]) == 0
     assert same_tree(checkout, pristine)
+
+
+def test_a_quantized_base_gets_a_backend_peft_s_other_tuners_merge_through(checkout, pristine):
+    """optimum-quanto's QLinear, which PEFT has no quantization backend for: patch mode adds one (in the layer's
+    module, returned by resolve_quantization_backend), through which OFT merges correctly."""
+    pytest.importorskip("optimum.quanto")
+    utils = checkout / "src/peft/utils/quantization_utils.py"
+    if not utils.is_file() or "class QuantizationBackend" not in utils.read_text():
+        pytest.skip("this peft has no QuantizationBackend (peft 0.21 on)")
+    arguments = ["optimum.quanto.nn.QLinear", "--init", "quantized_layers.quanto_linear(8)"]
+    assert main(["new", *arguments, "--peft-checkout", str(checkout)]) == 0
+    generated = run_pytest(checkout, "tests/test_lora_q_linear.py")
+    assert generated.returncode == 0 and " passed" in generated.stdout, generated.stdout[-3000:]
+    check = run_in(checkout, str(TESTS / "patched_backend_check.py"))
+    assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-3000:]
+    edited = [Path("src/peft/utils/quantization_utils.py"), LORA / "lora_q_linear.py"]
+    ruff = [sys.executable, "-m", "ruff", "format", "--check", "--config", str(PEFT_RUFF), "--no-cache"]
+    formatted = subprocess.run([*ruff, *edited], cwd=checkout, capture_output=True, text=True)
+    assert formatted.returncode == 0, formatted.stdout
+    assert main(["remove", "optimum.quanto.nn.QLinear", "--peft-checkout", str(checkout)]) == 0
+    assert same_tree(checkout, pristine)

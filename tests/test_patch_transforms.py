@@ -27,6 +27,7 @@ from lora_scaffold.patch.dispatch import (
 )
 from lora_scaffold.patch.exports import add_export, export_edit
 from lora_scaffold.patch.imports import add_import, import_edit, remove_import_if_unused
+from lora_scaffold.patch.quantization import BackendBranch, backend_edit, insert_backend, remove_backend
 
 
 def assert_edit(edit: Edit, before: str, after: str | None = None) -> str:
@@ -383,3 +384,56 @@ def test_the_not_supported_message_names_the_new_type_and_gives_it_back():
     assert remove_supported(MODEL_SOURCE, "mypkg.MyConv") == MODEL_SOURCE
     other = MODEL_SOURCE.replace("Currently, only", "Only")
     assert not message_found(other) and add_supported(other, "mypkg.MyConv") == other
+
+
+QUANTIZATION_SOURCE = dedent(
+    """\
+    import copy
+
+
+    def resolve_quantization_backend(base_layer, **kwargs):
+        \"\"\"Which backend.\"\"\"
+        if is_hqq_available():
+            if isinstance(base_layer, HQQLinear):
+                return HqqBackend()
+
+        # Not quantized
+        return None
+
+
+    def quantization_extra_repr(module):
+        return ""
+    """
+)
+QLINEAR_BACKEND = BackendBranch(
+    'isinstance(base_layer, getattr(sys.modules.get("optimum.quanto.nn"), "QLinear", ()))',
+    "from peft.tuners.lora.lora_qlinear import LoraQLinearBackend\n\nreturn LoraQLinearBackend()",
+    "LoraQLinearBackend",
+    "QLinear (lora-scaffold)",
+)
+
+
+def test_a_quantization_backend_branch_goes_after_peft_s_own_before_not_quantized():
+    assert_edit(
+        backend_edit(QLINEAR_BACKEND),
+        QUANTIZATION_SOURCE,
+        QUANTIZATION_SOURCE.replace(
+            "            return HqqBackend()\n\n",
+            "            return HqqBackend()\n\n"
+            "    # QLinear (lora-scaffold)\n"
+            '    if isinstance(base_layer, getattr(sys.modules.get("optimum.quanto.nn"), "QLinear", ())):\n'
+            "        from peft.tuners.lora.lora_qlinear import LoraQLinearBackend\n\n"
+            "        return LoraQLinearBackend()\n\n",
+        ),
+    )
+
+
+def test_an_edited_backend_branch_is_not_removed_without_force():
+    edited = insert_backend(QUANTIZATION_SOURCE, QLINEAR_BACKEND).replace(
+        "return LoraQLinearBackend()", "return LoraQLinearBackend(strict=True)"
+    )
+    with pytest.raises(PatchError, match="was edited; pass --force"):
+        remove_backend(edited, QLINEAR_BACKEND, force=False)
+    assert remove_backend(edited, QLINEAR_BACKEND, force=True) == QUANTIZATION_SOURCE
+    with pytest.raises(PatchError, match="has no module-level function resolve_quantization_backend"):
+        insert_backend("import copy\n", QLINEAR_BACKEND)

@@ -10,6 +10,7 @@ from lora_scaffold.errors import PatchError
 from lora_scaffold.patch.battery import BATTERY_FILE
 from lora_scaffold.patch.dispatch import LAYER_FILE, call_form
 from lora_scaffold.patch.exports import INIT_FILE
+from lora_scaffold.patch.quantization import QUANTIZATION_FILE
 from lora_scaffold.patch.supported import MODEL_FILE
 from lora_scaffold.peft_release import PATCH, PeftRelease, release_for
 from lora_scaffold.record import GenerationRecord, record_path
@@ -18,7 +19,7 @@ from lora_scaffold.record import GenerationRecord, record_path
 VERSION_FILE = "src/peft/__init__.py"
 LORA_PACKAGE = "src/peft/tuners/lora"
 # The files PEFT owns that patch mode edits (and never replaces or deletes).
-EDITED_FILES = (LAYER_FILE, INIT_FILE, BATTERY_FILE, MODEL_FILE)
+EDITED_FILES = (LAYER_FILE, INIT_FILE, BATTERY_FILE, MODEL_FILE, QUANTIZATION_FILE)
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,9 @@ def read_checkout(path: str | Path) -> PeftCheckout:
         if not file.is_file():
             raise PatchError(f"{root} is not a peft source checkout: {relative} ({expected}) is missing")
         sources[relative] = read_text(file)
-    if safe_path(root, MODEL_FILE).is_file():  # only its error message is edited: a checkout may lack it
-        sources[MODEL_FILE] = read_text(safe_path(root, MODEL_FILE))
+    for optional in (MODEL_FILE, QUANTIZATION_FILE):  # edited where there, for some targets: a checkout may lack it
+        if safe_path(root, optional).is_file():
+            sources[optional] = read_text(safe_path(root, optional))
     match = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', sources[VERSION_FILE], re.MULTILINE)
     if match is None:
         raise PatchError(f"{root / VERSION_FILE} sets no __version__")

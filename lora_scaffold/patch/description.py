@@ -62,6 +62,8 @@ def describe(
         else "its cases in PEFT's own style",
         "files": [{"path": path, "status": status} for path, status in files],
         "results": [result.__dict__ for result in results],
+        "backend": f"{plan.names.layer_class}Backend" if plan.decision.adds_quantization_backend(peft) else "",
+        "merges": bool(dict(plan.decision.answers).get("round_trip")),
     }
     return render_snippet("partials/pull_request.md.jinja", context)
 

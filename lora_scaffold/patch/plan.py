@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from lora_scaffold.files import GeneratedFile
 from lora_scaffold.layer_plan import LayerPlan
@@ -17,6 +17,7 @@ from lora_scaffold.patch.cst_utils import Edit, top_level_statements
 from lora_scaffold.patch.dispatch import LAYER_FILE, DispatchBranch, dispatch_edit, read_chain
 from lora_scaffold.patch.exports import export_edit
 from lora_scaffold.patch.imports import import_edit
+from lora_scaffold.patch.quantization import QUANTIZATION_FILE, BackendBranch, backend_edit
 from lora_scaffold.patch.supported import MODEL_FILE, message_found, supported_edit
 
 
@@ -30,11 +31,15 @@ class PatchEdits:
     layer_class: str
     battery: BatteryEntry | None
     supported: str = ""  # the type named in model.py's "not supported" message ("" where it has another shape)
+    backend: BackendBranch | None = None  # resolve_quantization_backend's branch for a quantized base
 
     def edits(self) -> tuple[Edit, ...]:
         edits = (import_edit("sys", LAYER_FILE),) if self.needs_sys else ()
         edits += (dispatch_edit(self.branch), export_edit(self.module_name, self.layer_class))
         edits += (supported_edit(self.supported),) if self.supported else ()
+        if self.backend is not None:
+            edits += (import_edit("sys", QUANTIZATION_FILE),) if "sys.modules" in self.backend.test else ()
+            edits += (backend_edit(self.backend),)
         return edits + ((battery_edit(self.battery),) if self.battery else ())
 
     def as_dict(self) -> dict:
@@ -44,6 +49,7 @@ class PatchEdits:
             "export": {"module": self.module_name, "class": self.layer_class},
             "battery": self.battery.as_dict() if self.battery else None,
             "supported": self.supported,
+            "backend": asdict(self.backend) if self.backend else None,
         }
 
     @classmethod
@@ -56,6 +62,7 @@ class PatchEdits:
             layer_class=data["export"]["class"],
             battery=BatteryEntry(**{**battery, "test_cases": tuple(battery["test_cases"])}) if battery else None,
             supported=data.get("supported", ""),  # records of older lora-scaffolds have none
+            backend=BackendBranch(**data["backend"]) if data.get("backend") else None,
         )
 
 
@@ -67,7 +74,28 @@ def plan_edits(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -> Pat
         layer_class=plan.names.layer_class,
         battery=None if plan.call.battery_blocker else battery_entry(plan, checkout.peft),
         supported=f"{plan.target.module}.{plan.target.class_name}" if _lists_supported(checkout) else "",
+        backend=backend_branch(plan) if plan.decision.adds_quantization_backend(checkout.peft) else None,
     )
+
+
+def backend_branch(plan: LayerPlan) -> BackendBranch:
+    """`resolve_quantization_backend`'s branch returning the layer module's backend for the target."""
+    test, _ = _isinstance_test(plan, "base_layer")
+    backend = f"{plan.names.layer_class}Backend"
+    body = f"from peft.tuners.lora.{plan.names.module_name} import {backend}\n\nreturn {backend}()"
+    first, *continued = layout(test, 4, "if ", ":").split("\n")
+    test = "\n".join([first, *(line.removeprefix("    ") for line in continued)])
+    comment = f"{plan.target.class_name} (lora-scaffold: LoRA's {plan.names.layer_class}, and merging for every tuner)"
+    return BackendBranch(test, body, backend, comment)
+
+
+def _isinstance_test(plan: LayerPlan, variable: str) -> tuple[str, str]:
+    """`isinstance(variable, Target)`, and the comment saying why it looks the class up (a target outside torch)."""
+    if plan.target.in_torch:
+        return f"isinstance({variable}, {plan.target.module}.{plan.target.class_name})", ""
+    test = f'isinstance({variable}, getattr(sys.modules.get("{plan.target.module}"), "{plan.target.class_name}", ()))'
+    why = f"Looked up in sys.modules: peft never imports {plan.target.module}, which may not be installed."
+    return test, "".join(f"# {line}\n" for line in textwrap.wrap(why, DISPATCH_BODY_WIDTH - 2))
 
 
 def _lists_supported(checkout: PeftCheckout) -> bool:
@@ -98,16 +126,7 @@ DISPATCH_BODY_WIDTH = LINE_LENGTH - 8  # the branch's body is indented twice
 
 
 def dispatch_branch(plan: LayerPlan, target_cls: type, checkout: PeftCheckout) -> DispatchBranch:
-    if plan.target.in_torch:
-        test = f"isinstance(target_base_layer, {plan.target.module}.{plan.target.class_name})"
-        comment = ""
-    else:
-        test = (
-            f'isinstance(target_base_layer, getattr(sys.modules.get("{plan.target.module}"), '
-            f'"{plan.target.class_name}", ()))'
-        )
-        why = f"Looked up in sys.modules: peft never imports {plan.target.module}, which may not be installed."
-        comment = "".join(f"# {line}\n" for line in textwrap.wrap(why, DISPATCH_BODY_WIDTH - 2))
+    test, comment = _isinstance_test(plan, "target_base_layer")
     arguments = "config=config, **kwargs" if checkout.call_form == "config" else "**kwargs"
     body = (
         f"{comment}from .{plan.names.module_name} import {plan.names.layer_class}\n\n"

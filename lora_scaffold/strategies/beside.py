@@ -106,6 +106,8 @@ class Beside(Strategy):
             "export_tolerance": json.dumps(float(f"{max(EXPORT_MARGIN * measured.error, EXPORT_FLOOR):.0e}")),
             # The library's own requantization merge goes through ("" where W + dW is cast back, or refused).
             "round_trip": "" if merges_by_cast(evidence) else _round_trip_name(evidence),
+            # Whether the installed PEFT has a QuantizationBackend for the base (patch mode writes one where not).
+            "peft_backend": repr(peft_has_backend(evidence.module)),
         }
 
     def tolerant_merge(self, evidence: Evidence) -> bool:
@@ -185,6 +187,18 @@ def merges_by_cast(evidence: Evidence) -> bool:
     """A plain float8 parameter is its own round trip: W + dW cast back to float8 is the merged weight."""
     tensor = _stored(evidence)
     return type(tensor) is torch.nn.Parameter and tensor.dtype.is_floating_point and tensor.element_size() == 1
+
+
+def peft_has_backend(module) -> bool:
+    """PEFT's own answer: whether its `resolve_quantization_backend` (peft 0.21 on) knows the base."""
+    try:
+        from peft.utils.quantization_utils import resolve_quantization_backend
+    except ImportError:
+        return False
+    try:
+        return resolve_quantization_backend(module) is not None
+    except USER_CODE_ERRORS:
+        return True  # it knows the base, and asks for more (torchao's requantization function)
 
 
 def _round_trip_name(evidence: Evidence) -> str:
