@@ -97,6 +97,12 @@ def defines(name: str) -> Callable[[ast.stmt], bool]:
     return wanted
 
 
+def if_statement(test: str, body: str) -> cst.If:
+    """`if test:` over `body` (unindented lines), as libcst parses it."""
+    indented = "".join(f"    {line}\n" if line else "\n" for line in body.splitlines())
+    return cst.parse_statement(f"if {test}:\n{indented}")
+
+
 def code(node: cst.CSTNode) -> str:
     return cst.Module(body=[]).code_for_node(node)
 

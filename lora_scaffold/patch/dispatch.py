@@ -17,6 +17,7 @@ from lora_scaffold.patch.cst_utils import (
     code,
     defines,
     excerpt,
+    if_statement,
     index_of,
     is_function,
     normalized,
@@ -37,8 +38,7 @@ class DispatchBranch:
     shadowed_by: frozenset[str] = frozenset()
 
     def statement(self) -> cst.If:
-        indented = "".join(f"    {line}\n" if line else "\n" for line in self.body.splitlines())
-        return cst.parse_statement(f"if {self.test}:\n{indented}")
+        return if_statement(self.test, self.body)
 
 
 def dispatch_edit(branch: DispatchBranch) -> Edit:

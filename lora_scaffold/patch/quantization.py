@@ -15,6 +15,7 @@ from lora_scaffold.patch.cst_utils import (
     code,
     defines,
     excerpt,
+    if_statement,
     index_of,
     is_function,
     normalized,
@@ -36,10 +37,8 @@ class BackendBranch:
     comment: str
 
     def statement(self) -> cst.If:
-        indented = "".join(f"    {line}\n" if line else "\n" for line in self.body.splitlines())
-        statement = cst.parse_statement(f"if {self.test}:\n{indented}")
         comment = cst.EmptyLine(comment=cst.Comment(f"# {self.comment}"))
-        return statement.with_changes(leading_lines=[comment])
+        return if_statement(self.test, self.body).with_changes(leading_lines=[comment])
 
 
 def backend_edit(branch: BackendBranch) -> Edit:
