@@ -79,16 +79,72 @@ def requantized_bnb_4bit(base: nn.Module, weight: torch.Tensor, bias: torch.Tens
     return layer.to(stored.device)
 
 
+def requantized_torchao(base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """The float layer with its weight quantized by torchao into the base weight's tensor class, dtype and blocks
+    (int8 and float8 per row or per tensor, intx per block)."""
+    from torchao.quantization import Float8Tensor, Int8Tensor, IntxUnpackedToInt8Tensor
+    from torchao.quantization.granularity import PerRow, PerTensor
+
+    stored = base.weight
+    layer = _float_linear(weight, bias)
+    granularity = PerRow() if list(stored.block_size) == [1, weight.shape[1]] else PerTensor()
+    if isinstance(stored, IntxUnpackedToInt8Tensor):
+        quantized = IntxUnpackedToInt8Tensor.from_hp(weight, tuple(stored.block_size), stored.target_dtype)
+    elif isinstance(stored, Int8Tensor):
+        quantized = Int8Tensor.from_hp(weight, granularity)
+    elif isinstance(stored, Float8Tensor):
+        quantized = Float8Tensor.from_hp(weight, float8_dtype=stored.qdata.dtype, granularity=granularity)
+    else:
+        raise TypeError(f"no torchao round trip for {type(stored).__name__}")
+    layer.weight = nn.Parameter(quantized, requires_grad=False)
+    return layer
+
+
+def requantized_compressed_tensors(base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A copy of the frozen layer holding `weight`, with its scale and zero point computed again by compressed-tensors
+    (`calculate_qparams`) for the base's own quantization arguments (per channel or per tensor)."""
+    import copy
+
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    arguments = base.quantization_scheme.weights
+    if str(getattr(arguments.strategy, "value", arguments.strategy)) not in ("channel", "tensor"):
+        raise TypeError(f"no compressed-tensors round trip for the {arguments.strategy} strategy")
+    per_channel = str(getattr(arguments.strategy, "value", arguments.strategy)) == "channel"
+    low = weight.amin(dim=1, keepdim=True) if per_channel else weight.amin().reshape(1)
+    high = weight.amax(dim=1, keepdim=True) if per_channel else weight.amax().reshape(1)
+    scale, zero_point = calculate_qparams(torch.clamp(low, max=0), torch.clamp(high, min=0), arguments)
+    layer = copy.deepcopy(base)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.weight_scale.copy_(scale.reshape(layer.weight_scale.shape))
+        layer.weight_zero_point.copy_(zero_point.reshape(layer.weight_zero_point.shape))
+        if bias is not None and layer.bias is not None:
+            layer.bias.copy_(bias)
+        elif bias is not None:
+            layer.bias = nn.Parameter(bias.clone(), requires_grad=False)
+    return layer
+
+
 @dataclass(frozen=True)
 class RoundTrip:
     library: str
     package: str  # the top-level package the class comes from
     class_name: str  # the class, or a base class of it
     requantized: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], nn.Module]
+    classes: tuple[str, ...] = ()  # for a round trip on the weight: the tensor classes it knows
+    on_weight: bool = False  # the class is the weight's (torchao's tensor subclasses on a plain nn.Linear)
+    attribute: str = ""  # the class is that of this attribute of the module (compressed-tensors' quantization_scheme)
 
     def matches(self, module: nn.Module) -> bool:
-        return any(
-            c.__name__ == self.class_name and c.__module__.split(".")[0] == self.package for c in type(module).__mro__
+        owner = getattr(module, self.attribute or "weight", None) if self.on_weight or self.attribute else module
+        return (
+            owner is not None
+            and any(
+                c.__name__ == self.class_name and c.__module__.split(".")[0] == self.package
+                for c in type(owner).__mro__
+            )
+            and (not self.classes or type(owner).__name__ in self.classes)
         )
 
     def source(self) -> str:
@@ -101,6 +157,22 @@ ROUND_TRIPS = (
     RoundTrip("hqq", "hqq", "HQQLinear", requantized_hqq),
     RoundTrip("bitsandbytes", "bitsandbytes", "Linear8bitLt", requantized_bnb_int8),
     RoundTrip("bitsandbytes", "bitsandbytes", "Linear4bit", requantized_bnb_4bit),
+    RoundTrip(
+        "compressed-tensors",
+        "compressed_tensors",
+        "QuantizationScheme",
+        requantized_compressed_tensors,
+        on_weight=False,
+        attribute="quantization_scheme",
+    ),
+    RoundTrip(
+        "torchao",
+        "torchao",
+        "TorchAOBaseTensor",
+        requantized_torchao,
+        ("Int8Tensor", "IntxUnpackedToInt8Tensor", "Float8Tensor"),
+        on_weight=True,
+    ),
 )
 
 

@@ -254,6 +254,11 @@ MERGE_KEPT = {
     "hqq_4bit": (0.0, 0.35),
     "bnb_int8": (0.4, 0.9),
     "bnb_4bit": (0.0, 0.35),
+    "torchao_int8": (0.4, 0.9),
+    "torchao_int4": (0.0, 0.35),
+    "torchao_float8": (0.0, 0.35),
+    "compressed_8bit": (0.4, 0.9),
+    "compressed_4bit": (0.0, 0.35),
 }
 
 
