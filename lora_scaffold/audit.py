@@ -39,9 +39,9 @@ class ModuleAudit:
     merge_error: float  # relative change of the model's output when it alone is merged
     tied_to: str = ""  # modules sharing its weight in the model (untied for the audit: merging writes into both)
     reached: bool = True  # the model's forward on the input calls it (an expert no token is routed to is not)
-    # A layer over a quantized base: its merge refused, as promised (the float export stands in), and what is wrong
-    # with the gradient the base passes to its input ("" when it is its map's).
-    merge_refused: bool = False
+    # A layer over a quantized base: its merge "refused" or "requantized" (within the layer's own merge_tolerance
+    # of dW, as it promises), and what is wrong with the gradient the base passes to its input ("" when nothing).
+    quantized_merge: str = ""
     input_gradient: str = ""
 
     @property
@@ -52,7 +52,7 @@ class ModuleAudit:
     def passed(self) -> bool:
         """Live, trained and merged exactly (or refusing to, as a quantized base's layer promises); a module the
         input never reaches proves nothing either way."""
-        return not self.reached or (self.live and self.gradients and (self.merges or self.merge_refused))
+        return not self.reached or (self.live and self.gradients and (self.merges or bool(self.quantized_merge)))
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,7 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
         quantized = hasattr(module, "dequantized_linear")  # a generated `beside` layer
         refused = quantized and _merge_refused(module)
         merge_error = math.inf if refused else adapter_checks.merge_error(module, run, run())
+        quantized_merge = ("refused" if refused else "requantized") if quantized else ""
         base = module.get_base_layer()
         modules.append(
             ModuleAudit(
@@ -163,7 +164,7 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
                 merge_error,
                 ", ".join(sorted(ties.get(name, ()))),
                 name in reached,
-                refused,
+                quantized_merge,
                 input_gradient_note(base, module.in_features) if quantized else "",
             )
         )

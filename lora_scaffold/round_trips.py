@@ -126,6 +126,25 @@ def requantized_compressed_tensors(base: nn.Module, weight: torch.Tensor, bias: 
     return layer
 
 
+def requantized_bitnet(base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A copy of BitNet's BitLinear holding `weight` ternarized on the base's own grid (`weight * weight_scale`
+    rounded to -1, 0 or 1, which gives the base's codes back for its own weight), packed by transformers'
+    `pack_weights`."""
+    import copy
+
+    from transformers.integrations.bitnet import pack_weights
+
+    ternary = (weight * base.weight_scale.to(weight.dtype)).round().clamp(-1, 1).to(torch.int8)
+    layer = copy.deepcopy(base)
+    with torch.no_grad():
+        layer.weight.copy_(pack_weights(ternary))
+        if bias is not None and layer.bias is not None:
+            layer.bias.copy_(bias)
+        elif bias is not None:
+            raise TypeError("this BitLinear has no bias for lora_bias to merge into")
+    return layer
+
+
 @dataclass(frozen=True)
 class RoundTrip:
     library: str
@@ -157,6 +176,7 @@ ROUND_TRIPS = (
     RoundTrip("hqq", "hqq", "HQQLinear", requantized_hqq),
     RoundTrip("bitsandbytes", "bitsandbytes", "Linear8bitLt", requantized_bnb_int8),
     RoundTrip("bitsandbytes", "bitsandbytes", "Linear4bit", requantized_bnb_4bit),
+    RoundTrip("transformers", "transformers", "BitLinear", requantized_bitnet),
     RoundTrip(
         "compressed-tensors",
         "compressed_tensors",

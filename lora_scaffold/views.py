@@ -129,7 +129,8 @@ def audit_text(result: Audit) -> str:
     rows = [("module", "class", "layer", "live", "grads", "merge")]
     for m in result.modules:
         merge = "exact" if m.merge_error == 0 else f"{m.merge_error:.0e}" if m.merges else f"OFF {m.merge_error:.1e}"
-        merge = "refused (quantized base)" if m.merge_refused else merge
+        merge = "refused (quantized base)" if m.quantized_merge == "refused" else merge
+        merge = f"requantized {m.merge_error:.0e}" if m.quantized_merge == "requantized" else merge
         merge += f" (tied to {m.tied_to}: untied to check)" if m.tied_to else ""
         layer = f"{m.layer} (generated)" if m.generated else m.layer
         live = ("yes" if m.live else "DEAD") if m.reached else "not reached"
@@ -151,7 +152,7 @@ def audit_text(result: Audit) -> str:
     lines += [f"gradient  {m.name}: {m.input_gradient}" for m in result.modules if m.input_gradient]
     failed = [m.name for m in result.modules if not m.passed]
     checked = len(result.modules) - len(unreached)
-    refused = sum(m.merge_refused for m in result.modules if m.reached)
+    refused = sum(m.quantized_merge == "refused" for m in result.modules if m.reached)
     merged = f"merged ({refused} refusing to, as a quantized base's layer does)" if refused else "merged"
     lines.append(
         f"failed    {', '.join(failed)}" if failed else f"all {checked} adapters reached: live, trained, {merged}"

@@ -25,11 +25,11 @@ def hqq_linear(bits: int = 8) -> nn.Module:
 
 def bit_linear() -> nn.Module:
     """transformers' BitLinear (BitNet b1.58): ternary weights packed four a byte in a uint8 buffer, and a scale."""
-    from transformers.integrations.bitnet import BitLinear
+    from transformers.integrations.bitnet import BitLinear, pack_weights
 
     layer = BitLinear(16, 8, bias=False, device="cpu", dtype=torch.float32)
-    packed = torch.randint(0, 256, layer.weight.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    layer.weight.copy_(packed)
+    ternary = torch.randint(-1, 2, (8, 16), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    layer.weight.copy_(pack_weights(ternary))
     layer.weight_scale.fill_(8.0)  # the weights are divided by it: outputs of about unit size, as once trained
     return layer
 
