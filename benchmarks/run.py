@@ -547,12 +547,19 @@ def unpack_peft(archive: Path, folder: Path) -> Path:
 # -- the report
 
 
+# Quantization libraries `import peft` imports when they are installed (the test extra installs them): they count
+# in every command's time, the CLI row's included.
+PEFT_IMPORTS_WHEN_INSTALLED = ("bitsandbytes", "hqq", "torchao")
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     model = _cpu_model()
+    present = [name for name in PEFT_IMPORTS_WHEN_INSTALLED if importlib.util.find_spec(name) is not None]
+    imported = f"; `import peft` also imports {', '.join(present)}, installed here" if present else ""
     return (
         f"{model or cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"peft {__import__('peft').__version__}, Python {platform.python_version()}, {platform.system()}"
+        f"peft {__import__('peft').__version__}, Python {platform.python_version()}, {platform.system()}{imported}"
     )
 
 

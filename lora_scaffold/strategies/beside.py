@@ -6,9 +6,11 @@ adapter's own output is exact whatever the base computes; what makes it a low-ra
 the base being a linear map of its input (plus a bias). The probe measures that map in float64 (basis inputs give
 its matrix; in float32 where the base does not run in float64, saying why) and checks it on random inputs at several
 scales, and says how far from linear the base is when it quantizes its input too, and whether the gradient it
-passes back to its input is its map's. Merging would write W + dW back into the quantized storage, which keeps
-little of dW: the layer refuses to merge, saying so, except for a plain float8 weight, whose round trip is a cast:
-it merges where the cast loses at most `merge_tolerance` of dW.
+passes back to its input is its map's. Merging writes W + dW back into the quantized storage, which keeps little
+of a small dW: through the library's own quantization where `round_trips.py` knows the class (a new base, the old
+one kept for unmerge), by a cast for a plain float8 weight, and only where that loses at most `merge_tolerance` of
+dW; `new` prints how much of a typical dW it keeps. Otherwise the layer refuses to merge, saying so. The float
+export (`unload_dequantized`) is exact wherever the base is linear.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Beside(Strategy):
     name = family = "beside"
     help = (
         "a weight stored quantized (int8, float8, packed) in a base linear in its input: adds "
-        "lora_B(lora_A(dropout(x))) * scaling beside the base's forward; merging refused (float8: within a tolerance)"
+        "lora_B(lora_A(dropout(x))) * scaling beside the base's forward; merging requantizes within a tolerance"
     )
     summary = (
         "The adapter adds `lora_B(lora_A(dropout(x))) * scaling` beside the base's forward, which it never changes."
