@@ -268,8 +268,8 @@ def _tensor_info(name: str, tensor: torch.Tensor) -> TensorInfo:
     packed = (dtype in QUANTIZED_DTYPES and (matrix or holder) and tensor.numel() > 1) or (
         subclass and tensor.numel() > 1
     )
-    holder = f"{type(tensor).__module__}.{type(tensor).__qualname__}" if subclass else ""
-    return TensorInfo(name, tuple(tensor.shape), dtype, tensor.requires_grad, quantized=packed, holder=holder)
+    holder_class = f"{type(tensor).__module__}.{type(tensor).__qualname__}" if subclass else ""
+    return TensorInfo(name, tuple(tensor.shape), dtype, tensor.requires_grad, quantized=packed, holder=holder_class)
 
 
 def _peft_attributes(module: nn.Module) -> tuple[tuple[str, str], ...]:

@@ -62,7 +62,9 @@ class Decision:
     verdicts: tuple[Verdict, ...]
     answers: tuple[tuple[str, Any], ...]  # the strategy's own template answers (its business)
     dora_blocker: str
-    tolerant_merge: bool  # merges within a tolerance the user can raise (W + dW cast back into float8), else refuses
+    # Merges within a tolerance the user can raise (W + dW requantized by the library, or cast back into float8),
+    # else refuses.
+    tolerant_merge: bool
     settles: str  # why the tests run the base once in eval mode before anything ("" when they need not)
     eval_only: str  # why the generated tests compare outputs in eval mode only ("" when they need not)
     test_rank: int
