@@ -93,9 +93,9 @@ def moved(actual: torch.Tensor, baseline: torch.Tensor) -> bool:
     return bool(change.numel()) and bool(change.max() > 1e-5 * baseline[finite].abs().max() or change.isnan().any())
 
 
-def load_saved(path) -> PeftModel:
+def load_saved(path, **options) -> PeftModel:
     config = register(LoraConfig.from_pretrained(path))
-    return PeftModel.from_pretrained(make_base(), path, config=config)
+    return PeftModel.from_pretrained(make_base(), path, config=config, **options)
 
 
 def lora_layer(model: PeftModel) -> LoraGpt2Conv1d:
@@ -184,12 +184,15 @@ def test_only_lora_parameters_train_and_all_get_gradients():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
-def test_save_and_load_roundtrip(tmp_path):
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_save_and_load_roundtrip(tmp_path, low_cpu_mem_usage):
     model = make_model(init_lora_weights=False)
     expected = run(model)
     model.save_pretrained(tmp_path)
-    loaded = load_saved(tmp_path)
+    # low_cpu_mem_usage creates the adapter on the meta device and assigns the saved tensors to it
+    loaded = load_saved(tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
     assert isinstance(lora_layer(loaded), LoraGpt2Conv1d)
+    assert not any(parameter.is_meta for parameter in loaded.parameters())
     assert_close(run(loaded), expected)
 
 
