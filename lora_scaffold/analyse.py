@@ -12,7 +12,7 @@ from torch import nn
 from lora_scaffold import strategies
 from lora_scaffold.capture import left_empty, recorded_call
 from lora_scaffold.errors import AnalysisError
-from lora_scaffold.introspect import TargetSpec
+from lora_scaffold.introspect import TargetSpec, TensorInfo
 from lora_scaffold.layer_plan import (
     CallFacts,
     Decision,
@@ -117,6 +117,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
             read_by_fused_parents=isinstance(module, FUSED_PATH_MODULES),
             quantized=weight.quantized,
             stored_in=weight.holder if strategies.peft_builtin(spec.target.cls) else "",
+            held_beside=held_beside(module, weight) if strategies.peft_builtin(spec.target.cls) else (),
         ),
         decision=Decision(
             strategy=strategy.name,
@@ -235,6 +236,19 @@ def describe_io(module: nn.Module, inputs: tuple, kwargs: dict) -> tuple[tuple[I
         if isinstance(x, torch.Tensor)
     )
     return described, int(first[0].numel()), not isinstance(output, torch.Tensor)
+
+
+def held_beside(module: nn.Module, weight: TensorInfo) -> tuple[str, ...]:
+    """The tensors a class PEFT adapts itself holds here beside its weight and bias, where its forward rounds the
+    weight (compressed-tensors' `weight_scale`, `weight_zero_point`): what tells it from the plain instances PEFT
+    keeps adapting. Empty where the weight is not rounded, or a tensor subclass tells it apart (`stored_in`)."""
+    if not weight.rounded or weight.holder:
+        return ()
+    owner_name, _, leaf = weight.name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    own = [*owner._parameters, *owner._buffers]
+    held = [name for name in own if name not in (leaf, "bias") and getattr(owner, name, None) is not None]
+    return tuple(name for name in held if name.isidentifier())
 
 
 def battery_blocker(module: nn.Module, nested_inputs: bool, keywords: tuple[str, ...] = ()) -> str:

@@ -17,11 +17,12 @@ from torch import nn
 
 from lora_scaffold import adapter_checks
 from lora_scaffold.capture import default_model_input, evaluate_model
-from lora_scaffold.errors import ScaffoldError
+from lora_scaffold.errors import USER_CODE_ERRORS, ScaffoldError
 from lora_scaffold.peft_answer import peft_layer
 from lora_scaffold.record import RECORD_DIR, GenerationRecord
 from lora_scaffold.resolve import resolve_class
 from lora_scaffold.scan import model_expression
+from lora_scaffold.stored_weights import quantized_tensors
 from lora_scaffold.strategies.beside import input_gradient_note
 
 
@@ -148,11 +149,14 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
     for name, module in adapted.items():
         reference = run()  # anew each time: a forward may leave state behind (PEFT's MultiheadAttention does)
         live = adapter_checks.live(module, run, reference)
-        quantized = hasattr(module, "dequantized_linear")  # a generated `beside` layer
+        ours_quantized = hasattr(module, "dequantized_linear")  # a generated `beside` layer
+        base = module.get_base_layer()
+        # PEFT's own layer over a quantized base may refuse too (its torchao layer, without the model's TorchAoConfig)
+        quantized = ours_quantized or bool(quantized_tensors(base))
         refused = quantized and _merge_refused(module)
         merge_error = math.inf if refused else adapter_checks.merge_error(module, run, run())
-        quantized_merge = ("refused" if refused else "requantized") if quantized else ""
-        base = module.get_base_layer()
+        # Requantized within its own tolerance, as a generated layer promises; PEFT's layers are measured as they are.
+        quantized_merge = "refused" if refused else "requantized" if ours_quantized else ""
         modules.append(
             ModuleAudit(
                 name,
@@ -173,11 +177,12 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
 
 
 def _merge_refused(layer) -> bool:
-    """Whether a quantized base's layer refuses to merge its adapter (the loss is above its tolerance)."""
+    """Whether a quantized base's layer refuses to merge its adapter, raising (a generated layer: the loss is above
+    its tolerance; PEFT's torchao layer: no requantization known)."""
     try:
         layer.merge()
-    except ValueError as exc:
-        return "cannot merge" in str(exc)
+    except USER_CODE_ERRORS as exc:
+        return "cannot merge" in str(exc) or not hasattr(layer, "dequantized_linear")
     layer.unmerge()
     return False
 

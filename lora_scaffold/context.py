@@ -126,6 +126,8 @@ class LayerContext:
     round_trip_source: Statements = ""
     quantization_backend: bool = False
     stored_in: Identifier = ""
+    held_beside: Expression = ""
+    held_beside_key: Identifier = ""
     parameterless_target: bool = False
     read_by_fused_parents: bool = False
     uninitialised: tuple[JsonText, ...] = ()

@@ -153,8 +153,8 @@ def _spec(
     spec = TargetSpec(
         target=target,
         ctor_params=params,
-        parameters=tuple(_tensor_info(name, p) for name, p in module.named_parameters()) + computed_weights(module),
-        buffers=tuple(_tensor_info(name, b) for name, b in module.named_buffers()),
+        parameters=tuple(tensor_info(name, p) for name, p in module.named_parameters()) + computed_weights(module),
+        buffers=tuple(tensor_info(name, b) for name, b in module.named_buffers()),
         attributes=_peft_attributes(module),
         forward_arity=forward_arity(target.cls),
         **{"ctor_args": (), "guessed_args": (), "scaled_args": ()} | how,
@@ -244,7 +244,7 @@ def computed_weights(module: nn.Module) -> tuple[TensorInfo, ...]:
         if parametrize.is_parametrized(owner):
             for name in owner.parametrizations:
                 full = f"{prefix}.{name}" if prefix else name
-                found.append(replace(_tensor_info(full, getattr(owner, name)), requires_grad=True, computed=True))
+                found.append(replace(tensor_info(full, getattr(owner, name)), requires_grad=True, computed=True))
     return tuple(found)
 
 
@@ -259,7 +259,7 @@ def _quantized_subclass(tensor: torch.Tensor) -> bool:
     )
 
 
-def _tensor_info(name: str, tensor: torch.Tensor) -> TensorInfo:
+def tensor_info(name: str, tensor: torch.Tensor) -> TensorInfo:
     dtype = str(tensor.dtype).removeprefix("torch.")
     matrix = sum(size > 1 for size in tensor.shape) >= 2
     subclass = _quantized_subclass(tensor)

@@ -49,6 +49,9 @@ class WeightFacts:
     # The tensor subclass the weight is stored in, where that is what sets the target apart from a class PEFT
     # adapts itself (a torchao-quantized nn.Linear): registration dispatches on it ("" otherwise).
     stored_in: str = ""
+    # The tensors the target holds beside its weight, where those set it apart from a class PEFT adapts itself (a
+    # compressed-tensors nn.Linear whose forward rounds `weight` with `weight_scale`): registration dispatches on them.
+    held_beside: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

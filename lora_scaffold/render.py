@@ -86,6 +86,7 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "round_trip_source": _round_trip_source(plan),
             "quantization_backend": plan.decision.adds_quantization_backend(peft),
             "stored_in": plan.weight.stored_in.rpartition(".")[2] if peft.mode == PLUGIN else "",
+            **_held_beside(plan, peft),
             "parameterless_target": plan.target.parameterless,
             "refused_options": {
                 option: refusal_message(option, why) for option, why in strategy.refused_options.items()
@@ -298,6 +299,18 @@ def _literal(text: str) -> str:
 def _as_tuple(expression: str) -> str:
     is_tuple = isinstance(ast.parse(expression, mode="eval").body, ast.Tuple)
     return expression if is_tuple else f"({expression},)"
+
+
+def _held_beside(plan: LayerPlan, peft: PeftRelease) -> dict[str, str]:
+    """The class `register` dispatches on where tensors beside the weight set the target apart (plugin mode)."""
+    if peft.mode != PLUGIN or not plan.weight.held_beside:
+        return {"held_beside": "", "held_beside_key": ""}
+    names = plan.weight.held_beside  # identifiers: analysis keeps no other
+    first = "".join(part.capitalize() for part in names[0].split("_"))
+    return {
+        "held_beside": "(" + ", ".join(f'"{name}"' for name in names) + ("," if len(names) == 1 else "") + ")",
+        "held_beside_key": f"{plan.target.class_name}Holding{first}",
+    }
 
 
 def _round_trip_source(plan: LayerPlan) -> str:

@@ -21,6 +21,7 @@ from lora_scaffold.init_expression import ModuleNamespace
 from lora_scaffold.peft_answer import peft_layer
 from lora_scaffold.request import ModelCall
 from lora_scaffold.resolve import resolve_callable
+from lora_scaffold.stored_weights import quantized_tensors, storage
 from lora_scaffold.strategies import peft_builtin
 
 
@@ -47,6 +48,7 @@ class ScannedClass:
     why_not: str  # why there is no command ("" when there is one, or PEFT handles the class)
     module: str = ""  # the submodule the command targets (a parametrized module's parent)
     weight: str = ""  # the weight the command adapts
+    storage: str = ""  # how its instances keep their weights, where not as plain floats ("weight stored as int8")
 
 
 def is_expression(model: str) -> bool:
@@ -125,19 +127,39 @@ def scan(model: nn.Module, model_spec: str, model_input: str | None = None) -> t
             model_input_choices(model)
         except AnalysisError as error:
             model_input = error  # no command without an input: each class says so
-    found: dict[tuple[type, bool], list[tuple[str, nn.Module, tuple]]] = {}
+    found: dict[tuple[type, bool, str], list[tuple[str, nn.Module, tuple]]] = {}
+    stored = _storage_of(model_spec, model_input)
     for name, module in model.named_modules():
         if isinstance(module, parametrize.ParametrizationList) or ".parametrizations." in f".{name}.":
             continue  # a parametrization's pieces: listed as the weight they compute, under its owner
         weights = used_weights(module)
         if weights:
-            key = (_scanned_class(module), parametrize.is_parametrized(module))
+            key = (_scanned_class(module), parametrize.is_parametrized(module), stored(name, module))
             found.setdefault(key, []).append((name or ROOT, module, weights))
     direct = set() if isinstance(model_input, AnalysisError) else _read_directly(found, model_spec, model_input)
     _add_parents_reading(found, direct, model)
     return tuple(
-        _describe(cls, instances, model, model_spec, model_input, direct) for (cls, _), instances in found.items()
+        _describe(cls, instances, model, model_spec, model_input, direct, storage_text)
+        for (cls, _, storage_text), instances in found.items()
     )
+
+
+def _storage_of(model_spec: str, model_input):
+    """`stored(name, module)`: how the module keeps its weights (`stored_weights.storage`). A rounding is measured on
+    the model built for real (once, and only where a module may round) and fed its input."""
+    real: list[nn.Module] = []
+
+    def measured_on(name: str):
+        if isinstance(model_input, AnalysisError) or not name:
+            return None
+        expression = model_expression(model_spec)
+        try:
+            real[:] = real or [built_model(expression)]
+        except ScaffoldError:
+            return None
+        return real[0], ModelCall(expression, name, model_input or default_model_input(real[0]))
+
+    return lambda name, module: storage(module, lambda: measured_on(name))
 
 
 def _read_directly(found: dict, model_spec: str, model_input: str | None) -> set[str]:
@@ -145,7 +167,7 @@ def _read_directly(found: dict, model_spec: str, model_input: str | None) -> set
     run once): PEFT's layer there would be dead."""
     names = [
         name
-        for (cls, parametrized), instances in found.items()
+        for (cls, parametrized, _), instances in found.items()
         if peft_builtin(cls, exact=True) and not parametrized
         for name, _, _ in instances
         if name != ROOT
@@ -162,7 +184,7 @@ def _read_directly(found: dict, model_spec: str, model_input: str | None) -> set
 def _add_parents_reading(found: dict, direct: set[str], model: nn.Module) -> None:
     """The parent of a module read directly adapts that module's weight (`--weight LEAF.weight`), unless its class
     has weights of its own, and so a command for one of them (one layer a class)."""
-    own = set(found)
+    own = {(cls, parametrized) for cls, parametrized, _ in found}
     for name in sorted(direct):
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else None
@@ -170,12 +192,16 @@ def _add_parents_reading(found: dict, direct: set[str], model: nn.Module) -> Non
         if key is None or key in own:
             continue
         weights = tuple((f"{leaf}.{weight}", shape) for weight, shape in used_weights(model.get_submodule(name)))
-        found.setdefault(key, []).append((parent_name, parent, weights))
+        found.setdefault((*key, ""), []).append((parent_name, parent, weights))
 
 
 def used_weights(module: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """The module's own parameters, a parametrized weight as the tensor it computes."""
+    """The module's own parameters and quantized buffers (BitNet's packed `weight`), a parametrized weight as the
+    tensor it computes."""
     own = [(name, tuple(p.shape)) for name, p in module.named_parameters(recurse=False)]
+    own += [
+        (name, tuple(b.shape)) for name, b in module.named_buffers(recurse=False) if name in quantized_tensors(module)
+    ]
     if parametrize.is_parametrized(module):
         own += [(name, tuple(getattr(module, name).shape)) for name in module.parametrizations]
     return tuple(own)
@@ -188,13 +214,13 @@ def _scanned_class(module: nn.Module) -> type:
 
 
 def _describe(
-    cls: type, instances: list, model: nn.Module, model_spec: str, model_input, direct: set[str]
+    cls: type, instances: list, model: nn.Module, model_spec: str, model_input, direct: set[str], storage_text: str
 ) -> ScannedClass:
     variants: dict[tuple, list[str]] = {}
     for name, _, weights in instances:
         variants.setdefault(weights, []).append(name)
     # The instance the command targets: the first with a weight LoRA can adapt (Swin's bias tables differ per stage).
-    name, module, weights = next((i for i in instances if _adaptable(i[2])), instances[0])
+    name, module, weights = next((i for i in instances if _adaptable(i[2], i[1])), instances[0])
     qualified = f"{cls.__module__}.{cls.__qualname__}"
     handled = peft_layer(module, name, model)
     parametrized = type(module) is not cls
@@ -202,12 +228,15 @@ def _describe(
         handled += ", as for its base class"
     if parametrized and handled:
         handled += ", whose merge is lost: it writes into a weight the parametrization computes anew"
+    kept_apart = _peft_float_layer(handled) and _weight_kept_apart(storage_text)
+    if kept_apart:
+        handled += f", whose merge cannot keep W + dW: {storage_text}"
     dead = [name for name, _, _ in instances if name in direct]
     if dead and handled.startswith("lora."):
         handled += f", dead at {', '.join(dead)}: the model reads the weight there without calling the module"
     command, why_not, target_module, weight = "", "", "", ""
-    adaptable = _adaptable(weights)
-    if peft_builtin(cls, exact=True) and not parametrized:
+    adaptable = _adaptable(weights, module)
+    if peft_builtin(cls, exact=True) and not parametrized and not kept_apart:
         pass  # PEFT's own layer type: nothing to generate
     elif not adaptable:
         why_not = "no weight with 2 or more dimensions: nothing for LoRA to adapt"
@@ -223,7 +252,7 @@ def _describe(
             "the parametrized module alone with `new ... --init EXPR`"
         )
     else:
-        target_module, weight = _target(name, adaptable, parametrized)
+        target_module, weight = _target(name, adaptable, parametrized, quantized_tensors(module))
         words = ["lora-scaffold", "new", "--from-model", model_spec, "--module", target_module, "--weight", weight]
         words += ["--model-input", model_input] if model_input else []
         command = shlex.join([*words, "-o", "lora_layers"])
@@ -238,18 +267,35 @@ def _describe(
         why_not=why_not,
         module=target_module,
         weight=weight,
+        storage=storage_text,
     )
 
 
-def _adaptable(weights: tuple[tuple[str, tuple[int, ...]], ...]) -> list[tuple[str, tuple[int, ...]]]:
-    return [(name, shape) for name, shape in weights if sum(size > 1 for size in shape) >= 2]
+def _adaptable(weights: tuple[tuple[str, tuple[int, ...]], ...], module: nn.Module) -> list[tuple[str, tuple]]:
+    """Matrices, and quantized tensors whatever their packed shape (bitsandbytes' 4-bit column of bytes)."""
+    quantized = quantized_tensors(module)
+    return [(n, shape) for n, shape in weights if sum(size > 1 for size in shape) >= 2 or n in quantized]
 
 
-def _target(name: str, adaptable: list, parametrized: bool) -> tuple[str, str]:
-    """(submodule, weight) of the command: the one named `weight`, else the largest; a parametrized module's through
-    its parent, which torch did not generate."""
+def _peft_float_layer(handled: str) -> bool:
+    """PEFT's answer is one of its layers for float weights (lora.Linear, ...), not a quantization backend's."""
+    from peft.tuners.lora import layer
+
+    name = handled.removeprefix("lora.").split(",")[0] if handled.startswith("lora.") else ""
+    return isinstance(getattr(layer, name, None), type)
+
+
+def _weight_kept_apart(storage_text: str) -> bool:
+    """The `weight` PEFT's float layers merge into is stored quantized or rounded by the forward."""
+    return any(part.startswith("weight ") for part in storage_text.split("; "))
+
+
+def _target(name: str, adaptable: list, parametrized: bool, quantized: dict[str, str]) -> tuple[str, str]:
+    """(submodule, weight) of the command: the one named `weight`, else the largest float one, else the largest
+    quantized one (as `new` chooses); a parametrized module's through its parent, which torch did not generate."""
     named = [n for n, _ in adaptable if n == "weight"]
-    weight = named[0] if named else max(adaptable, key=lambda item: math.prod(item[1]))[0]
+    floats = [item for item in adaptable if item[0] not in quantized] or adaptable
+    weight = named[0] if named else max(floats, key=lambda item: math.prod(item[1]))[0]
     if not parametrized:
         return name, weight
     parent, _, leaf = name.rpartition(".")

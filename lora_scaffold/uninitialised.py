@@ -52,7 +52,8 @@ def _writes_in_place(func) -> bool:
 
 
 def build_noting_empty(build: Callable[[], nn.Module]) -> tuple[nn.Module, tuple[str, ...]]:
-    """`build()`, and the names of its parameters that were created empty and never written."""
+    """`build()`, and the names of its floating parameters that were created empty and never written (an integer
+    one, compressed-tensors' zero point, is data a quantization library owns, and no normal draw fits it)."""
     with EmptyTracker() as tracker:
         module = build()
     if not isinstance(module, nn.Module):
@@ -62,6 +63,7 @@ def build_noting_empty(build: Callable[[], nn.Module]) -> tuple[nn.Module, tuple
         for name, parameter in module.named_parameters()
         if not isinstance(parameter, nn.parameter.UninitializedParameter)  # a lazy module's: refused later
         and parameter.numel()
+        and parameter.is_floating_point()
         and _storage_address(parameter) in tracker.unwritten - {None}
     )
     return module, names

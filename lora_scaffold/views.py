@@ -11,6 +11,7 @@ from lora_scaffold.files import FileChange
 from lora_scaffold.generate import Generated
 from lora_scaffold.introspect import TargetSpec
 from lora_scaffold.patch.description import description_path
+from lora_scaffold.peft_release import PLUGIN
 from lora_scaffold.render import dora_refusal
 from lora_scaffold.scan import ScannedClass
 from lora_scaffold.verify import Verification
@@ -82,10 +83,21 @@ def plan_text(report: Report) -> str:
             f"note      PEFT's own {plan.target.peft_builtin} layer would catch this subclass; this layer takes precedence"
         )
     elif plan.target.peft_builtin:
-        lines.append(
-            f"note      PEFT has its own {plan.target.peft_builtin} layer for this type; registering this one overrides it"
-        )
+        lines.append(f"note      PEFT has its own {plan.target.peft_builtin} layer for this type; {_taken(report)}")
     return "\n".join(lines)
+
+
+def _taken(report: Report) -> str:
+    """Which modules of a class PEFT adapts itself the new layer takes from it."""
+    weight = report.plan.weight
+    if report.peft.mode != PLUGIN or not (weight.stored_in or weight.held_beside):
+        return "registering this one overrides it"
+    which = (
+        f"whose weight is stored as {weight.stored_in.rpartition('.')[2]}"
+        if weight.stored_in
+        else f"holding {', '.join(weight.held_beside)}"
+    )
+    return f"register() takes only those {which}, and leaves PEFT the others"
 
 
 def dora_text(report: Report) -> str:
@@ -98,7 +110,8 @@ def dora_text(report: Report) -> str:
 def scan_text(found: tuple[ScannedClass, ...]) -> str:
     lines = []
     for scanned in found:
-        where = f"{scanned.qualified_name}  x{scanned.instances} ({scanned.example})"
+        stored = f" ({scanned.storage})" if scanned.storage else ""
+        where = f"{scanned.qualified_name}{stored}  x{scanned.instances} ({scanned.example})"
         lines.append(where)
         if len(scanned.variants) > 1:
             for variant in scanned.variants:

@@ -96,3 +96,26 @@ def auto_bit_linear(online: bool = True) -> nn.Module:
     from transformers.integrations.bitnet import AutoBitLinear
 
     return AutoBitLinear(16, 8, online_quant=online)
+
+
+class _MixedBlock(nn.Module):
+    """A float nn.Linear, then four quantized layers of four libraries side by side."""
+
+    def __init__(self):
+        super().__init__()
+        self.plain = nn.Linear(16, 16)
+        self.quanto = quanto_linear(8)
+        self.compressed = compressed_linear(8)
+        self.ao = torchao_linear("int8")
+        self.bit = bit_linear()
+
+    def forward(self, x):
+        x = self.plain(x)
+        return self.quanto(x) + self.compressed(x) + self.ao(x) + self.bit(x)
+
+
+def mixed_model() -> nn.Module:
+    """What `scan` must tell apart: plain nn.Linear and compressed-tensors' (same class), quanto's and torchao's
+    (PEFT has a backend for torchao's only), BitNet's (its weight a buffer)."""
+    torch.manual_seed(0)
+    return nn.Sequential(_MixedBlock(), nn.Linear(8, 4))

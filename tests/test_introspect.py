@@ -9,6 +9,7 @@ from lora_scaffold.constructor import parse_arg_overrides
 from lora_scaffold.errors import TargetError
 from lora_scaffold.introspect import introspect
 from lora_scaffold.resolve import resolve_target
+from lora_scaffold.uninitialised import build_noting_empty
 
 
 def spec_of(target, **overrides):
@@ -77,6 +78,18 @@ def test_parameters_left_torch_empty_are_found_and_filled_when_built():
     assert spec_of("torch.nn.Linear", in_features=4, out_features=3).uninitialised == ()
     first, second = spec.build().weight, spec.build().weight
     assert torch.equal(first, second) and 0.01 < first.std() < 0.04
+
+
+def test_an_integer_parameter_left_empty_is_not_drawn_from_a_normal():
+    """compressed-tensors leaves its symmetric zero point `torch.empty` (int8): no normal draw fits it, and the
+    model's own forward never reads it."""
+
+    def build():
+        module = torch.nn.Linear(4, 3)
+        module.zero_point = torch.nn.Parameter(torch.empty(3, dtype=torch.int8), requires_grad=False)
+        return module
+
+    assert build_noting_empty(build)[1] == ()
 
 
 def test_scaling_keeps_sizes_divisible_by_groups_and_leaves_given_arguments_alone():

@@ -1,8 +1,10 @@
 """Bases that keep their weight quantized (int8 values with a scale, float8): LoRA beside the base, merging refused."""
 
 import importlib
+import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -300,23 +302,33 @@ def test_float8_merges_only_within_its_tolerance_and_says_what_it_would_lose(gen
     assert layer.merged and base.weight.dtype == torch.float8_e4m3fn
 
 
-def test_a_torchao_layer_is_dispatched_on_its_weight_and_exported_beside_peft_s_own(library_layers, import_path):
+@pytest.mark.parametrize(
+    "key, layer_class, build",
+    [
+        ("torchao_int8", "LoraTorchaoInt8", "torchao_linear('int8')"),  # told apart by its weight's tensor subclass
+        ("compressed_8bit", "LoraCompressed8bit", "compressed_linear(8)"),  # by weight_scale beside a float weight
+    ],
+)
+def test_a_quantized_nn_linear_is_dispatched_apart_and_exported_beside_peft_s_own(
+    key, layer_class, build, library_layers, import_path
+):
+    import quantized_layers
     from peft import get_peft_model
-    from quantized_layers import torchao_linear
 
-    import_path(library_layers / "torchao_int8")
-    module = importlib.import_module("lora_torchao_int8")
+    import_path(library_layers / key)
+    module = importlib.import_module(f"lora_{key}")
+    ours = getattr(module, layer_class)
     torch.manual_seed(0)
-    model = nn.Sequential(torchao_linear("int8"), nn.Linear(8, 8))
+    model = nn.Sequential(eval(build, vars(quantized_layers)), nn.Linear(8, 8))  # noqa: S307 - a literal above
     config = module.register(LoraConfig(target_modules=["0", "1"], init_lora_weights=False))
     peft_model = get_peft_model(model, config)
-    assert type(peft_model.base_model.model[0]) is module.LoraTorchaoInt8
+    assert type(peft_model.base_model.model[0]) is ours
     assert type(peft_model.base_model.model[1]) is lora.Linear
     x = torch.randn(4, 16)
     with torch.no_grad():
         expected = peft_model(x)
         # PEFT merges its own layer; ours is replaced by the float layer computing the same.
-        exported = module.LoraTorchaoInt8.unload_dequantized(peft_model)
+        exported = ours.unload_dequantized(peft_model)
         assert [type(m) for m in exported] == [nn.Linear, nn.Linear]
         torch.testing.assert_close(exported(x), expected, rtol=0, atol=1e-5)
 
@@ -365,3 +377,43 @@ def test_library_layers_equal_peft_own_backends(library_layers, import_path):
             expected = peft_layer(x)
             atol = merged_within * float(expected.abs().max())
             torch.testing.assert_close(ours(x), expected, rtol=0, atol=atol, msg=key)
+
+
+MIXED = f"{Path(__file__).resolve().parent / 'quantized_layers.py'}:mixed_model"
+
+
+def test_scan_tells_quantized_storage_apart_and_says_what_peft_s_merge_cannot_keep(capsys):
+    assert main(["scan", MIXED, "--model-input", "torch.randn(2, 16)", "--json"]) == 0
+    found = {(c["qualified_name"], c["example"]): c for c in json.loads(capsys.readouterr().out)["classes"]}
+    by_module = {example: c for (_, example), c in found.items()}
+    # Plain nn.Linear: PEFT's, nothing to generate. compressed-tensors' nn.Linear of the same class: listed apart.
+    assert by_module["0.plain"]["storage"] == "" and by_module["0.plain"]["handled_by"] == "lora.Linear"
+    assert not by_module["0.plain"]["command"] and by_module["0.plain"]["instances"] == 2
+    rounded = "weight rounded by its forward with weight_scale"
+    assert by_module["0.compressed"]["storage"] == rounded
+    assert by_module["0.compressed"]["handled_by"] == f"lora.Linear, whose merge cannot keep W + dW: {rounded}"
+    assert by_module["0.quanto"]["handled_by"].endswith(
+        "whose merge cannot keep W + dW: weight stored as WeightQBytesTensor"
+    )
+    # torchao's: PEFT's own backend layer, which says of its merge what it does.
+    assert by_module["0.ao"]["handled_by"] == "lora.TorchaoLoraLinear" and not by_module["0.ao"]["command"]
+    # BitNet's weight is a uint8 buffer: listed, and not supported by PEFT.
+    assert by_module["0.bit"]["weights"] == {"weight": [2, 16]} and by_module["0.bit"]["handled_by"] == ""
+    for module in ("0.compressed", "0.quanto", "0.bit"):
+        assert f"--module {module} --weight weight" in by_module[module]["command"]
+
+
+@pytest.mark.slow  # three layers generated from the model and their suites, then the audit
+def test_scan_generate_then_audit_on_quantized_layers_of_four_libraries(capsys, tmp_path):
+    out = tmp_path / "layers"
+    assert main(["scan", MIXED, "--model-input", "torch.randn(2, 16)", "--generate", "-o", str(out)]) == 0
+    result = run_suites([out], tmp_path / "junit.xml", extra_paths=(Path(__file__).resolve().parent,))
+    assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-3000:]
+    capsys.readouterr()
+    assert main(["audit", MIXED, "--model-input", "torch.randn(2, 16)", "--layers", str(out), "--json"]) == 0
+    modules = {m["name"]: m for m in json.loads(capsys.readouterr().out)["modules"]}
+    assert {name for name, m in modules.items() if m["generated"]} == {"0.quanto", "0.compressed", "0.bit"}
+    assert modules["0.plain"]["layer"] == "Linear" and not modules["0.plain"]["generated"]  # PEFT keeps plain ones
+    # Every quantized base's merge refused (PEFT's torchao layer too: no requantization known without a
+    # TorchAoConfig), and said so: not a failure.
+    assert all(modules[name]["quantized_merge"] == "refused" for name in ("0.quanto", "0.compressed", "0.ao", "0.bit"))

@@ -161,7 +161,11 @@ def test_a_model_that_does_not_build_on_the_meta_device_is_built_for_real(capsys
     """Reproduction 8: a layer that quantizes in its constructor (`.item()` of its scale) cannot be built on meta."""
     model = f"{TESTS / 'scan_models.py'}:quantized_model"
     quantized = scanned(capsys, model, "--model-input", "torch.randn(3, 6)")["scan_models.Int8Linear"]
-    assert quantized["weights"] == {"up": [5, 5]}
+    # Its int8 buffer is listed too, and the command adapts the float weight, as `new` would choose.
+    assert (
+        quantized["weights"] == {"up": [5, 5], "qweight": [5, 8]} and quantized["storage"] == "qweight stored as int8"
+    )
+    assert "--weight up" in quantized["command"]
     run_command(quantized["command"], tmp_path / "int8")
 
 
