@@ -46,7 +46,7 @@ def patch_checkout(
 
 def _patch(request: Request, checkout: PeftCheckout, run: Run, conflicts: str | None) -> Outcome:
     spec, plan = plan_layer(request)
-    if plan.target.peft_builtin_exact and not run.force:
+    if plan.target.peft_builtin_exact and not plan.weight.held_beside and not run.force:
         raise PatchError(
             f"PEFT already supports {plan.target.module}.{plan.target.class_name} with its own {plan.target.peft_builtin} layer; "
             "pass --force to put a branch for the generated layer before PEFT's"

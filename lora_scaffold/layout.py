@@ -46,6 +46,8 @@ def _lines(node: ast.expr, indent: int, head: str, tail: str, inside_brackets: b
     flat = head + ast.unparse(node) + tail
     if _fits(indent, flat):
         return [flat]
+    if isinstance(node, ast.BoolOp) and not inside_brackets and not any(isinstance(v, ast.BoolOp) for v in node.values):
+        return _boolean_lines(node, indent, head, tail)
     links = _fluent_links(node)
     if links is not None:
         return _fluent_lines(links, indent, head, tail, inside_brackets)
@@ -55,6 +57,26 @@ def _lines(node: ast.expr, indent: int, head: str, tail: str, inside_brackets: b
         if (index == 0 or _fits(indent, split.closing + tail)) and _fits(indent, head + split.opening):
             return _split_lines(split, indent, head, tail)
     return _split_lines(candidates[0], indent, head, tail) if candidates else [flat]
+
+
+def _boolean_lines(node: ast.BoolOp, indent: int, head: str, tail: str) -> list[str]:
+    """`a and b and c` too long for its line (an `if` test): in parentheses of its own, on one line there if it
+    fits, else an operand a line, each after the first led by its operator. Two operands split at the last one's
+    last brackets instead, where its opening and closing lines fit (one operator: ruff omits the parentheses)."""
+    inner = indent + INDENT
+    word = "and " if isinstance(node.op, ast.And) else "or "
+    last = _splits(node.values[-1])[:1] if len(node.values) == 2 else []
+    before = head + ast.unparse(node.values[0]) + " " + word
+    if last and _fits(indent, before + last[0].opening) and _fits(indent, last[0].closing + tail):
+        return _split_lines(last[0], indent, before, tail)
+    if _fits(inner, ast.unparse(node)):
+        return [head + "(", " " * inner + ast.unparse(node), " " * indent + ")" + tail]
+    body = [
+        line
+        for index, value in enumerate(node.values)
+        for line in _indented(_lines(value, inner, word if index else "", ""), inner)
+    ]
+    return [head + "(", *body, " " * indent + ")" + tail]
 
 
 def _split_lines(split: Brackets, indent: int, head: str, tail: str) -> list[str]:

@@ -90,14 +90,15 @@ def plan_text(report: Report) -> str:
 def _taken(report: Report) -> str:
     """Which modules of a class PEFT adapts itself the new layer takes from it."""
     weight = report.plan.weight
-    if report.peft.mode != PLUGIN or not (weight.stored_in or weight.held_beside):
+    if not weight.held_beside and not (weight.stored_in and report.peft.mode == PLUGIN):
         return "registering this one overrides it"
     which = (
         f"whose weight is stored as {weight.stored_in.rpartition('.')[2]}"
         if weight.stored_in
         else f"holding {', '.join(weight.held_beside)}"
     )
-    return f"register() takes only those {which}, and leaves PEFT the others"
+    taker = "register()" if report.peft.mode == PLUGIN else "the dispatch branch"
+    return f"{taker} takes only those {which}, and leaves PEFT the others"
 
 
 def dora_text(report: Report) -> str:

@@ -96,6 +96,22 @@ def test_layout_is_what_ruff_writes(expressions):
     assert not differing, "\n\n".join(f"ours:\n{a}\nruff:\n{b}" for a, b in differing[:3])
 
 
+@pytest.mark.parametrize(
+    "names", [("weight_scale",), ("weight_scale", "weight_zero_point"), ("s" * 40, "z" * 40), ("q" * 90,)]
+)
+def test_an_if_test_too_long_for_its_line_is_laid_out_as_ruff_writes_it(names):
+    """Patch mode's dispatch branch for an nn.Linear told apart by the tensors it holds: `isinstance(...) and
+    hasattr(...)`, in dispatch_default's chain and in resolve_quantization_backend."""
+    variable = "target_base_layer_with_a_long_name"
+    test = f"isinstance({variable}, torch.nn.Linear)" + "".join(f' and hasattr({variable}, "{n}")' for n in names)
+    source = "".join(
+        f"{' ' * indent}{head}{layout(test, indent, head, ':')}:\n{' ' * (indent + 4)}pass\n"
+        for indent, head in [(4, "if "), (4, "elif "), (8, "if ")]
+    ).replace("    elif", "    if x:\n        pass\n    elif", 1)
+    source = "def f():\n" + source.replace("        if ", "    if y:\n        if ", 1)
+    assert ruff_formatted(source) == source
+
+
 def test_a_short_expression_stays_on_its_line():
     assert layout("Linear(4, 5)", 4, "return ") == "Linear(4, 5)"
 

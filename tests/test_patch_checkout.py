@@ -347,3 +347,41 @@ def test_a_quantized_base_gets_a_backend_peft_s_other_tuners_merge_through(check
     assert formatted.returncode == 0, formatted.stdout
     assert main(["remove", "optimum.quanto.nn.QLinear", "--peft-checkout", str(checkout)]) == 0
     assert same_tree(checkout, pristine)
+
+
+COMPRESSED_CHECK = """
+import torch
+from torch import nn
+from peft import LoraConfig, get_peft_model
+from peft.utils.quantization_utils import resolve_quantization_backend
+from quantized_layers import compressed_linear
+
+model = nn.Sequential(compressed_linear(8), nn.Linear(8, 4))
+assert type(resolve_quantization_backend(model[0])).__name__ == "LoraCompressedBackend"
+assert resolve_quantization_backend(model[1]) is None
+peft_model = get_peft_model(model, LoraConfig(target_modules=["0", "1"]))
+layers = [type(peft_model.base_model.model[index]).__name__ for index in (0, 1)]
+assert layers == ["LoraCompressed", "Linear"], layers
+"""
+
+
+def test_an_nn_linear_told_apart_by_its_tensors_gets_a_branch_for_those_only(checkout, pristine):
+    """compressed-tensors' frozen nn.Linear, a class PEFT adapts itself: no --force needed, since the dispatch
+    branch (and the quantization backend's) test the tensors it holds beside its weight; plain nn.Linear stay PEFT's."""
+    pytest.importorskip("compressed_tensors")
+    arguments = ["torch.nn.Linear", "--init", "quantized_layers.compressed_linear(8)", "--name", "compressed"]
+    assert main(["new", *arguments, "--peft-checkout", str(checkout)]) == 0
+    layer_py = (checkout / "src/peft/tuners/lora/layer.py").read_text()
+    assert 'and hasattr(target_base_layer, "weight_scale")' in layer_py
+    generated = run_pytest(checkout, "tests/test_lora_compressed.py")
+    assert generated.returncode == 0 and " passed" in generated.stdout, generated.stdout[-3000:]
+    utils = (checkout / "src/peft/utils/quantization_utils.py").read_text()
+    if "class QuantizationBackend" in utils:  # peft 0.21 on
+        check = run_in(checkout, "-c", COMPRESSED_CHECK)
+        assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-3000:]
+    edited = ["src/peft/tuners/lora/layer.py", "src/peft/utils/quantization_utils.py"]
+    ruff = [sys.executable, "-m", "ruff", "format", "--check", "--config", str(PEFT_RUFF), "--no-cache"]
+    formatted = subprocess.run([*ruff, *edited], cwd=checkout, capture_output=True, text=True)
+    assert formatted.returncode == 0, formatted.stdout
+    assert main(["remove", "torch.nn.Linear", "--name", "compressed", "--peft-checkout", str(checkout)]) == 0
+    assert same_tree(checkout, pristine)

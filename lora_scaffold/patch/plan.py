@@ -90,12 +90,23 @@ def backend_branch(plan: LayerPlan) -> BackendBranch:
 
 
 def _isinstance_test(plan: LayerPlan, variable: str) -> tuple[str, str]:
-    """`isinstance(variable, Target)`, and the comment saying why it looks the class up (a target outside torch)."""
+    """`isinstance(variable, Target)`, and the comment saying why it looks the class up (a target outside torch).
+    A class PEFT adapts itself is taken only where it holds the target's tensors beside its weight."""
     if plan.target.in_torch:
-        return f"isinstance({variable}, {plan.target.module}.{plan.target.class_name})", ""
+        return f"isinstance({variable}, {plan.target.module}.{plan.target.class_name}){_holding(plan, variable)}", ""
     test = f'isinstance({variable}, getattr(sys.modules.get("{plan.target.module}"), "{plan.target.class_name}", ()))'
     why = f"Looked up in sys.modules: peft never imports {plan.target.module}, which may not be installed."
-    return test, "".join(f"# {line}\n" for line in textwrap.wrap(why, DISPATCH_BODY_WIDTH - 2))
+    return test + _holding(plan, variable), "".join(
+        f"# {line}\n" for line in textwrap.wrap(why, DISPATCH_BODY_WIDTH - 2)
+    )
+
+
+def _holding(plan: LayerPlan, variable: str) -> str:
+    """` and` the tensors beside the weight that set the target apart (compressed-tensors' weight_scale), or ""."""
+    names = plan.weight.held_beside  # identifiers: analysis keeps no other
+    if not names:
+        return ""
+    return "".join(f' and hasattr({variable}, "{name}")' for name in names)
 
 
 def _lists_supported(checkout: PeftCheckout) -> bool:

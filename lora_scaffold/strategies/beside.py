@@ -137,8 +137,8 @@ class Beside(Strategy):
 
     def battery_blocker(self, evidence: Evidence) -> str:
         return (
-            f"PEFT's battery expects every merged output to equal the unmerged one, which {_storage(evidence)} "
-            "storage cannot hold"
+            f"PEFT's battery expects every merged output to equal the unmerged one, which a weight stored as "
+            f"{_storage(evidence)} cannot hold"
         )
 
 
