@@ -128,6 +128,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
             answers=tuple(strategy.template_answers(evidence).items()),
             dora_blocker=strategy.dora_blocker(evidence, verdict),
             tolerant_merge=strategy.tolerant_merge(evidence),
+            lacks_quantization_backend=strategy.lacks_quantization_backend(evidence),
             settles=settles,
             eval_only=eval_only,
             test_rank=strategy.test_rank(groups),

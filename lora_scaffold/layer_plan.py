@@ -69,6 +69,7 @@ class Decision:
     # else refuses.
     tolerant_merge: bool
     settles: str  # why the tests run the base once in eval mode before anything ("" when they need not)
+    lacks_quantization_backend: bool  # a quantized base the installed PEFT has no QuantizationBackend for
     eval_only: str  # why the generated tests compare outputs in eval mode only ("" when they need not)
     test_rank: int
 
@@ -79,8 +80,7 @@ class Decision:
     def adds_quantization_backend(self, peft: PeftRelease) -> bool:
         """Patch mode on peft 0.21 on, for a quantized base PEFT has no backend for: the layer module also holds a
         QuantizationBackend, and resolve_quantization_backend returns it, so PEFT's other tuners adapt the base."""
-        has_backend = dict(self.answers).get("peft_backend", "True") == "True"
-        return peft.mode == PATCH and peft.has(QUANTIZATION_BACKEND) and not has_backend
+        return peft.mode == PATCH and peft.has(QUANTIZATION_BACKEND) and self.lacks_quantization_backend
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,11 @@ class Strategy:
         tolerance the user can raise, rather than refusing always."""
         return False
 
+    def lacks_quantization_backend(self, evidence: Evidence) -> bool:
+        """Whether the base is quantized and PEFT has no QuantizationBackend for it (patch mode on peft 0.21 then
+        writes one)."""
+        return False
+
     def battery_blocker(self, evidence: Evidence) -> str:
         """Why PEFT's custom-model battery cannot run on the generated layer, for the strategy's sake ("" if it can)."""
         return ""

@@ -108,9 +108,10 @@ class Beside(Strategy):
             "export_tolerance": json.dumps(float(f"{max(EXPORT_MARGIN * measured.error, EXPORT_FLOOR):.0e}")),
             # The library's own requantization merge goes through ("" where W + dW is cast back, or refused).
             "round_trip": "" if merges_by_cast(evidence) else _round_trip_name(evidence),
-            # Whether the installed PEFT has a QuantizationBackend for the base (patch mode writes one where not).
-            "peft_backend": repr(peft_has_backend(evidence.module)),
         }
+
+    def lacks_quantization_backend(self, evidence: Evidence) -> bool:
+        return not peft_has_backend(evidence.module)
 
     def tolerant_merge(self, evidence: Evidence) -> bool:
         return merges_by_cast(evidence) or round_trip_for(evidence.module) is not None
