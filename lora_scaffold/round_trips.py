@@ -81,19 +81,44 @@ def requantized_bnb_4bit(base: nn.Module, weight: torch.Tensor, bias: torch.Tens
 
 def requantized_torchao(base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """The float layer with its weight quantized by torchao into the base weight's tensor class, dtype and blocks
-    (int8 and float8 per row or per tensor, intx per block)."""
+    (int8 and float8 per row or per tensor, intx per block), with the base's mapping (asymmetric where it has zero
+    points) and activation quantization (the dynamic-activation kinds), so that the merged layer computes as the
+    base does."""
     from torchao.quantization import Float8Tensor, Int8Tensor, IntxUnpackedToInt8Tensor
     from torchao.quantization.granularity import PerRow, PerTensor
+    from torchao.quantization.quant_primitives import MappingType
 
     stored = base.weight
     layer = _float_linear(weight, bias)
     granularity = PerRow() if list(stored.block_size) == [1, weight.shape[1]] else PerTensor()
+    zero_point = getattr(stored, "zero_point", None)
+    asymmetric = zero_point is not None and bool((zero_point != 0).any())
+    mapping = MappingType.ASYMMETRIC if asymmetric else MappingType.SYMMETRIC
     if isinstance(stored, IntxUnpackedToInt8Tensor):
-        quantized = IntxUnpackedToInt8Tensor.from_hp(weight, tuple(stored.block_size), stored.target_dtype)
+        quantized = IntxUnpackedToInt8Tensor.from_hp(
+            weight,
+            tuple(stored.block_size),
+            stored.target_dtype,
+            mapping_type=mapping,
+            activation_quantization=stored.activation_quantization,
+        )
     elif isinstance(stored, Int8Tensor):
-        quantized = Int8Tensor.from_hp(weight, granularity)
+        quantized = Int8Tensor.from_hp(
+            weight,
+            granularity,
+            mapping_type=mapping,
+            act_quant_kwargs=stored.act_quant_kwargs,
+            reduce_range=stored.reduce_range,
+        )
     elif isinstance(stored, Float8Tensor):
-        quantized = Float8Tensor.from_hp(weight, float8_dtype=stored.qdata.dtype, granularity=granularity)
+        quantized = Float8Tensor.from_hp(
+            weight,
+            float8_dtype=stored.qdata.dtype,
+            granularity=granularity,
+            mm_config=stored.mm_config,
+            kernel_preference=stored.kernel_preference,
+            act_quant_kwargs=stored.act_quant_kwargs,
+        )
     else:
         raise TypeError(f"no torchao round trip for {type(stored).__name__}")
     layer.weight = nn.Parameter(quantized, requires_grad=False)
@@ -102,17 +127,23 @@ def requantized_torchao(base: nn.Module, weight: torch.Tensor, bias: torch.Tenso
 
 def requantized_compressed_tensors(base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A copy of the frozen layer holding `weight`, with its scale and zero point computed again by compressed-tensors
-    (`calculate_qparams`) for the base's own quantization arguments (per channel or per tensor)."""
+    (`calculate_qparams`) for the base's own quantization arguments (per channel, per tensor or per group of
+    columns)."""
     import copy
 
     from compressed_tensors.quantization.utils import calculate_qparams
 
     arguments = base.quantization_scheme.weights
-    if str(getattr(arguments.strategy, "value", arguments.strategy)) not in ("channel", "tensor"):
-        raise TypeError(f"no compressed-tensors round trip for the {arguments.strategy} strategy")
-    per_channel = str(getattr(arguments.strategy, "value", arguments.strategy)) == "channel"
-    low = weight.amin(dim=1, keepdim=True) if per_channel else weight.amin().reshape(1)
-    high = weight.amax(dim=1, keepdim=True) if per_channel else weight.amax().reshape(1)
+    strategy = str(getattr(arguments.strategy, "value", arguments.strategy))
+    if strategy not in ("channel", "tensor", "group"):
+        raise TypeError(f"no compressed-tensors round trip for the {strategy} strategy")
+    # What each scale covers: a row, the whole weight, or `group_size` columns of a row.
+    blocks = {
+        "channel": weight.reshape(weight.shape[0], 1, -1),
+        "tensor": weight.reshape(1, 1, -1),
+        "group": weight.reshape(weight.shape[0], -1, arguments.group_size or weight.shape[1]),
+    }[strategy]
+    low, high = blocks.amin(dim=-1), blocks.amax(dim=-1)
     scale, zero_point = calculate_qparams(torch.clamp(low, max=0), torch.clamp(high, min=0), arguments)
     layer = copy.deepcopy(base)
     with torch.no_grad():

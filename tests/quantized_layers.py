@@ -46,13 +46,30 @@ def bnb_linear8() -> nn.Module:
 
 def torchao_linear(kind: str = "int8") -> nn.Module:
     """A plain nn.Linear whose weight torchao replaced by a tensor subclass: int8 or int4 (Intx, unpacked) weight-only,
-    or float8 weight-only."""
-    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+    float8 weight-only, and the CPU's dynamic-activation kinds (int8 weights, int4 in groups of 8) and asymmetric
+    int4 in groups of 8."""
+    from torchao.quantization import (
+        Float8WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8DynamicActivationIntxWeightConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        quantize_,
+    )
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
 
     configs = {
         "int8": Int8WeightOnlyConfig,
         "int4": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4),
         "float8": Float8WeightOnlyConfig,
+        "int8_dynamic": Int8DynamicActivationInt8WeightConfig,
+        "int4_dynamic": lambda: Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4, weight_granularity=PerGroup(8)
+        ),
+        "int4_asymmetric": lambda: IntxWeightOnlyConfig(
+            weight_dtype=torch.int4, mapping_type=MappingType.ASYMMETRIC, granularity=PerGroup(8)
+        ),
     }
     model = nn.Sequential(nn.Linear(16, 8))
     quantize_(model, configs[kind]())
@@ -68,9 +85,10 @@ def bnb_linear4() -> nn.Module:
     return layer.to("cpu")
 
 
-def compressed_linear(bits: int = 8) -> nn.Module:
-    """compressed-tensors' frozen quantized nn.Linear: a float weight its wrapped forward fake-quantizes with a
-    per-channel int scale (calibrated here as absmax / qmax), as a checkpoint in its format loads."""
+def compressed_linear(bits: int = 8, group_size: int | None = None) -> nn.Module:
+    """compressed-tensors' frozen quantized nn.Linear: a float weight its wrapped forward fake-quantizes with an int
+    scale per channel, or per `group_size` columns of a row (calibrated here as absmax / qmax), as a checkpoint in its
+    format loads."""
     from compressed_tensors.quantization import (
         QuantizationArgs,
         QuantizationConfig,
@@ -80,13 +98,15 @@ def compressed_linear(bits: int = 8) -> nn.Module:
     )
 
     model = nn.Sequential(nn.Linear(16, 8))
-    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel")
+    strategy = {"strategy": "group", "group_size": group_size} if group_size else {"strategy": "channel"}
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, **strategy)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
     config = QuantizationConfig(config_groups={"weights": scheme}, quantization_status=QuantizationStatus.FROZEN)
     apply_quantization_config(model, config)
     layer = model[0]
     with torch.no_grad():
-        layer.weight_scale.copy_(layer.weight.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1))
+        blocks = layer.weight.reshape(layer.weight.shape[0], -1, group_size or layer.weight.shape[1])
+        layer.weight_scale.copy_(blocks.abs().amax(dim=-1).reshape(layer.weight_scale.shape) / (2 ** (bits - 1) - 1))
     return layer
 
 

@@ -162,6 +162,18 @@ LIBRARIES = {
         "quantized_layers.torchao_linear('float8')",
         f"stored as Float8Tensor and the output is a linear map of the input (relative error at most 1e-06; {FLOAT32}",
     ),
+    "torchao_int8_dynamic": (
+        "torch.nn.Linear",
+        "quantized_layers.torchao_linear('int8_dynamic')",
+        f"stored as Int8Tensor and the output is {NEARLY.format('1e-02')}; {FLOAT32} (AssertionError: Unsupported "
+        "input dtype: torch.float64); it passes no gradient to its input: adapters before it get none through it)",
+    ),
+    "torchao_int4_asymmetric": (
+        "torch.nn.Linear",
+        "quantized_layers.torchao_linear('int4_asymmetric')",
+        f"stored as IntxUnpackedToInt8Tensor and the output is a linear map of the input (relative error at most "
+        f"1e-06; {FLOAT32}",
+    ),
     "compressed_8bit": (
         "torch.nn.Linear",
         "quantized_layers.compressed_linear(8)",
@@ -170,6 +182,11 @@ LIBRARIES = {
     "compressed_4bit": (
         "torch.nn.Linear",
         "quantized_layers.compressed_linear(4)",
+        "stored as float32, rounded by its forward with weight_scale and the output is a linear map of the input",
+    ),
+    "compressed_4bit_group": (
+        "torch.nn.Linear",
+        "quantized_layers.compressed_linear(4, group_size=8)",
         "stored as float32, rounded by its forward with weight_scale and the output is a linear map of the input",
     ),
     "bitnet": (
@@ -184,7 +201,7 @@ LIBRARIES = {
         f"stored as float32, rounded by its forward and the output is {NEARLY.format('8e-03')})",
     ),
 }
-GRADIENT_NOTED = {"bitnet"}
+GRADIENT_NOTED = {"bitnet", "torchao_int8_dynamic"}  # BitNet: not its map's; the dynamic kind: none at all
 # bitsandbytes' layers run another kernel in training mode: their tests compare outputs in eval mode.
 EVAL_ONLY = {"bnb_int8", "bnb_4bit"}
 
@@ -259,8 +276,11 @@ MERGE_KEPT = {
     "torchao_int8": (0.4, 0.9),
     "torchao_int4": (0.0, 0.35),
     "torchao_float8": (0.0, 0.35),
+    "torchao_int8_dynamic": (0.3, 0.9),
+    "torchao_int4_asymmetric": (0.0, 0.35),
     "compressed_8bit": (0.4, 0.9),
     "compressed_4bit": (0.0, 0.35),
+    "compressed_4bit_group": (0.0, 0.35),
     "bitnet": (0.0, 0.35),
 }
 
@@ -417,3 +437,29 @@ def test_scan_generate_then_audit_on_quantized_layers_of_four_libraries(capsys, 
     # Every quantized base's merge refused (PEFT's torchao layer too: no requantization known without a
     # TorchAoConfig), and said so: not a failure.
     assert all(modules[name]["quantized_merge"] == "refused" for name in ("0.quanto", "0.compressed", "0.ao", "0.bit"))
+
+
+TORCHAO_KINDS = ["int8", "int4", "float8", "int8_dynamic", "int4_dynamic", "int4_asymmetric"]
+
+
+@pytest.mark.parametrize("kind", TORCHAO_KINDS)
+def test_torchao_s_round_trip_gives_a_layer_of_the_base_s_own_kind(kind):
+    """Blocks, mapping (asymmetric where the base has zero points) and activation quantization (the dynamic kinds)
+    carried over: the merged layer computes as the base does, and an asymmetric base's own weight comes back exact."""
+    from quantized_layers import torchao_linear
+
+    from lora_scaffold.round_trips import requantized_torchao
+
+    torch.manual_seed(0)
+    base = torchao_linear(kind)
+    again = requantized_torchao(base, base.weight.dequantize(), base.bias).weight
+    assert type(again) is type(base.weight)
+    for attribute in ("act_quant_kwargs", "activation_quantization", "reduce_range", "target_dtype"):
+        assert repr(getattr(again, attribute, None)) == repr(getattr(base.weight, attribute, None)), attribute
+    assert list(again.block_size) == list(base.weight.block_size)
+    zero_points = [getattr(t, "zero_point", None) for t in (base.weight, again)]
+    assert [z is not None and bool((z != 0).any()) for z in zero_points] == [kind == "int4_asymmetric"] * 2
+    if kind == "int4_asymmetric":
+        x = torch.randn(4, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(requantized_torchao(base, base.weight.dequantize(), base.bias)(x), base(x))
