@@ -124,6 +124,7 @@ class LayerContext:
     tolerant_merge: bool = False
     quantized_weight: bool = False
     round_trip_source: Statements = ""
+    factored_source: Statements = ""
     quantization_backend: bool = False
     stored_in: Identifier = ""
     held_beside: Expression = ""

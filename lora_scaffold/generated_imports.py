@@ -41,7 +41,7 @@ def layer_imports(plan: LayerPlan, peft: PeftRelease, dora_variant: str) -> list
         (f"{package}layer", ("LoraLayer",)),
         *target,
         *(config if peft.api == CONFIG_API or plugin else []),
-        *plan.decision.chosen.imports(),
+        *plan.decision.chosen.imports(dict(plan.decision.answers)),
         *param_wrapper,
     ]
     if peft.has(peft_release.PEFT_WARNING):

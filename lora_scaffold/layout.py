@@ -46,7 +46,11 @@ def _lines(node: ast.expr, indent: int, head: str, tail: str, inside_brackets: b
     flat = head + ast.unparse(node) + tail
     if _fits(indent, flat):
         return [flat]
-    if isinstance(node, ast.BoolOp) and not inside_brackets and not any(isinstance(v, ast.BoolOp) for v in node.values):
+    if (
+        isinstance(node, ast.BoolOp)
+        and not inside_brackets
+        and not any(isinstance(v, ast.BoolOp) for v in node.values)
+    ):
         return _boolean_lines(node, indent, head, tail)
     links = _fluent_links(node)
     if links is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from lora_scaffold import __version__, init_expression, peft_release, round_trips
+from lora_scaffold import __version__, factored, init_expression, peft_release, round_trips
 from lora_scaffold.context import LayerContext
 from lora_scaffold.errors import RenderError
 from lora_scaffold.files import GeneratedFile
@@ -84,6 +84,7 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "tolerant_merge": plan.decision.tolerant_merge,
             "quantized_weight": plan.weight.quantized,
             "round_trip_source": _round_trip_source(plan),
+            "factored_source": factored.layer_source() if dict(plan.decision.answers).get("factored_uses") else "",
             "quantization_backend": plan.decision.adds_quantization_backend(peft),
             "stored_in": plan.weight.stored_in.rpartition(".")[2] if peft.mode == PLUGIN else "",
             **_held_beside(plan, peft),

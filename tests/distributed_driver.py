@@ -51,6 +51,12 @@ def _normalized_linear():
     return NormalizedLinear(6, 5)
 
 
+def _relu_linear():
+    from scaffold_targets import ReluLinear
+
+    return ReluLinear(6, 5)
+
+
 def _experts():
     from benchmarks.targets import StackedExperts
 
@@ -64,6 +70,10 @@ CASES = {
         ("in_features=6", "out_features=5"),
         _normalized_linear,
         lambda: torch.randn(4, 6),
+    ),
+    # delta whose training forward takes the factored path (F.linear of the weight, then relu)
+    "delta_factored": Case(
+        "scaffold_targets.ReluLinear", ("in_features=6", "out_features=5"), _relu_linear, lambda: torch.randn(4, 6)
     ),
     "experts": Case(
         "benchmarks.targets.StackedExperts",

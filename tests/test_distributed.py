@@ -1,6 +1,7 @@
 """Generated layers under DDP and FSDP2 in two processes (gloo, CPU, 127.0.0.1), compared with one process taking
-the same step on the same global batch: a factored layer (conv), a delta layer (a non-linear use of the weight)
-and a delta layer on a stacked `[experts, in, out]` weight. tests/distributed_driver.py runs the processes."""
+the same step on the same global batch: a factored layer (conv), a delta layer (a non-linear use of the weight),
+a delta layer whose training forward takes the factored path (F.linear of the weight, then relu) and a delta layer
+on a stacked `[experts, in, out]` weight. tests/distributed_driver.py runs the processes."""
 
 import os
 import socket

@@ -171,8 +171,8 @@ class Strategy:
         and carried by the plan as they are: nothing outside the strategy and its partials reads them."""
         return {}
 
-    def imports(self) -> list[tuple[str, tuple[str, ...]]]:
-        """What its partial needs imported, beyond what every full layer imports."""
+    def imports(self, answers: dict[str, Any]) -> list[tuple[str, tuple[str, ...]]]:
+        """What its partial needs imported, beyond what every full layer imports, given its template answers."""
         return []
 
     def verdict(self, error: float, note: str = "", fan_in_fan_out: bool = False, probe: Probe | None = None):

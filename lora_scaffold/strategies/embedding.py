@@ -36,7 +36,7 @@ class Embedding(Strategy):
         """PEFT's DoRA for embeddings keeps one magnitude per embedding dimension: the norm runs over the rows."""
         return "(0,)"
 
-    def imports(self):
+    def imports(self, answers):
         return [("torch.nn.functional as F", ())]
 
 
