@@ -24,7 +24,7 @@ GROUPS = {
     "unit": (
         *("test_analyse", "test_introspect", "test_resolve", "test_render", "test_files", "test_names"),
         *("test_import_blocks", "test_layout", "test_patch_transforms", "test_installed_peft_api", "test_workflow"),
-        *("test_cli", "test_json_output", "test_bad_inputs"),
+        *("test_cli", "test_json_output", "test_bad_inputs", "test_factored"),
     ),
     # A layer generated, then its suite or PEFT's numbers run on it.
     "generated": (
