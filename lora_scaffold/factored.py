@@ -1,8 +1,9 @@
 """`delta` at factored cost: the base module's own forward runs with its weight as it is, and each product with that
 weight or its transpose (`F.linear(x, W)`, `x @ W.T`, `W @ x`) gets LoRA's low-rank path added (`x A^T B^T * s` per
 adapter) instead of reading `W + dW`. Any other use of the weight (a slice, a convolution, a norm) reads `W + dW`,
-built once per call, so the output stays exact whatever the forward does. The generated layer carries `FactoredWeightUses` as written here (its source), and
-`factored_proof` is what analysis runs before a layer takes that path."""
+built once per call, so the output stays exact whatever the forward does. The generated layer carries
+`FactoredWeightUses` as written here (its source), and `factored_proof` is what analysis runs before a layer takes
+that path."""
 
 from __future__ import annotations
 
