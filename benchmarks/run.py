@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -45,6 +46,8 @@ from lora_scaffold.workflow import new_plugin
 
 
 HERE = Path(__file__).resolve().parent
+# What generation feeds a small expert bank (16 wide, 4 experts): six tokens, two experts each, and their weights.
+ROUTED = "(torch.randn(6, 16), torch.randint(0, 4, (6, 2)), torch.softmax(torch.randn(6, 2), -1))"
 RANK = 8
 PEFT_SDIST_VERSION = "0.21.2"
 
@@ -57,13 +60,18 @@ class Case:
     request: Request
     build: Callable[[], nn.Module]
     inputs: Callable[[], tuple[torch.Tensor, ...]]
-    peers: tuple[str, ...]  # "builtin" (PEFT's own layer for this module) and/or "param_wrapper"
+    # "builtin" (PEFT's own layer for this module), "param_wrapper", "materialised" (ours without the factored path)
+    peers: tuple[str, ...]
     small: bool = False  # the per-call overhead goals differ for small layers
     delta: bool = False  # generated with the delta strategy (whose peer is ParamWrapper where it takes the weight)
     # A quantized base (`beside`): built anew for each contender (some cannot be deep-copied), its merge is a
     # requantization, not measured; `model_flags` are what PEFT's peer reads off the model (bitsandbytes').
     quantized: bool = False
     model_flags: tuple[tuple[str, object], ...] = ()
+    weight: str = "weight"  # the adapted weight, from the module built
+    target: str = ""  # the submodule the generated layer replaces ("": the module built)
+    rank: int = RANK
+    moe: bool = False  # an expert bank at issue 22's shapes, with its goals
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,16 @@ class Results:
 
 
 def cases(tiny: bool) -> list[Case]:
-    from benchmarks.targets import StackedExperts, WSConv2d, bnb_linear4, hqq_linear, torchao_int8_linear
+    from benchmarks.targets import (
+        StackedExperts,
+        WSConv2d,
+        bnb_linear4,
+        hqq_linear,
+        mixtral_experts,
+        qwen3_moe_block,
+        routed_tokens,
+        torchao_int8_linear,
+    )
 
     def size(full: int, small: int) -> int:
         return small if tiny else full
@@ -107,6 +124,11 @@ def cases(tiny: bool) -> list[Case]:
     channels, side = size(64, 4), size(32, 6)
     vocab, dim = size(32000, 50), size(512, 8)
     experts, expert_dim, tokens = size(8, 2), size(256, 8), size(64, 4)
+    # issue 22's MoE shapes: 32 experts, hidden 512, intermediate 1024, 512 tokens routed top-2, rank 16
+    moe_experts, moe_hidden, moe_intermediate, moe_tokens = size(32, 4), size(512, 16), size(1024, 32), size(512, 6)
+    moe = (
+        f"{moe_experts} experts, hidden {moe_hidden}, intermediate {moe_intermediate}, {moe_tokens} tokens top-2, r 16"
+    )
     linear = Request("torch.nn.Linear", args=("in_features=16", "out_features=12"))
     conv = Request("torch.nn.Conv2d", args=("in_channels=4", "out_channels=6", "kernel_size=3"))
     return [
@@ -152,7 +174,7 @@ def cases(tiny: bool) -> list[Case]:
             _delta(linear, "linear_delta"),
             lambda: nn.Linear(big, big),
             lambda: (torch.randn(batch, big),),
-            ("builtin", "param_wrapper"),
+            ("builtin", "param_wrapper", "materialised"),
             delta=True,
         ),
         Case(
@@ -187,6 +209,39 @@ def cases(tiny: bool) -> list[Case]:
             lambda: (torch.randn(experts, tokens, expert_dim),),
             ("param_wrapper",),
             delta=True,
+        ),
+        Case(
+            f"experts: Mixtral's expert bank (grouped_mm), gate_up_proj; {moe}",
+            Request(
+                "transformers.models.mixtral.modeling_mixtral.MixtralExperts",
+                init="benchmarks.targets.mixtral_experts()",
+                weight="gate_up_proj",
+                example_input=ROUTED,
+            ),
+            lambda: mixtral_experts(moe_hidden, moe_intermediate, moe_experts),
+            lambda: routed_tokens(moe_tokens, moe_hidden, moe_experts),
+            ("param_wrapper", "materialised"),
+            delta=True,
+            weight="gate_up_proj",
+            rank=16,
+            moe=True,
+        ),
+        Case(
+            f"experts: Qwen3-MoE's sparse block (router and grouped_mm experts), gate_up_proj; {moe}",
+            Request(
+                "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts",
+                init="benchmarks.targets.qwen3_moe_block().experts",
+                weight="gate_up_proj",
+                example_input=ROUTED,
+            ),
+            lambda: qwen3_moe_block(moe_hidden, moe_intermediate, moe_experts),
+            lambda: (torch.randn(1, moe_tokens, moe_hidden),),
+            ("param_wrapper", "materialised"),
+            delta=True,
+            weight="experts.gate_up_proj",
+            target="experts",
+            rank=16,
+            moe=True,
         ),
         Case(
             "beside: hqq 4-bit HQQLinear 1024x1024, batch 256",
@@ -247,21 +302,38 @@ class Holder(nn.Module):
         return self.layer(*inputs)
 
 
-def adapted(base: nn.Module, kind: str, generated=None, flags: tuple[tuple[str, object], ...] = ()) -> nn.Module:
-    """The LoRA layer PEFT puts in place of `base` for one contender (the layer itself, not the PeftModel around it,
-    so that only the layer's own cost is measured). `base` is copied, or taken as it is when a callable builds it."""
-    options = {"r": RANK, "lora_alpha": 2 * RANK, "init_lora_weights": False}
+def adapted(base: nn.Module, kind: str, case: Case, generated=None) -> nn.Module:
+    """The module PEFT adapts for one contender (the module itself, not the PeftModel around it, so that only its own
+    cost is measured), with the generated layer, PEFT's, or ParamWrapper on `case.target`. `base` is copied, or taken
+    as it is when a callable builds it."""
+    options = {"r": case.rank, "lora_alpha": 2 * case.rank, "init_lora_weights": False}
     if kind == "param_wrapper":
-        config = LoraConfig(target_modules=None, target_parameters=["layer.weight"], **options)
+        config = LoraConfig(target_modules=None, target_parameters=[f"layer.{case.weight}"], **options)
     else:
-        config = LoraConfig(target_modules=["layer"], **options)
+        config = LoraConfig(target_modules=[".".join(filter(None, ("layer", case.target)))], **options)
         if kind == "generated":
             generated.register(config)
     holder = Holder(base() if callable(base) and not isinstance(base, nn.Module) else copy.deepcopy(base))
-    for name, value in flags:
+    for name, value in case.model_flags if kind != "generated" else ():
         setattr(holder, name, value)
     model = get_peft_model(holder, config)
     return model.base_model.model.layer, model
+
+
+def without_factored_path(adapted_module: nn.Module, generated) -> nn.Module:
+    """The generated layers in the module with their factored path turned off: the base runs with W + dW in training
+    too, as where the proof does not hold."""
+    owner_name, _, attribute = generated.WEIGHT_NAME.rpartition(".")
+    for layer in adapted_module.modules():
+        if isinstance(layer, LoraLayer):
+            owner = layer.get_base_layer().get_submodule(owner_name)
+
+            def materialised(weight, adapters, *args, layer=layer, owner=owner, **kwargs):
+                effective = layer._effective_weight(weight, adapters)
+                return layer._forward_with_weight(owner, attribute, effective, *args, **kwargs)
+
+            layer._forward_factored = materialised
+    return adapted_module
 
 
 # -- measuring
@@ -358,7 +430,11 @@ def training_inputs(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...
     return tuple(x.clone().requires_grad_(True) if x.is_floating_point() else x for x in inputs)
 
 
-PEER_NAMES = {"builtin": "PEFT's built-in layer", "param_wrapper": "PEFT's ParamWrapper (target_parameters)"}
+PEER_NAMES = {
+    "builtin": "PEFT's built-in layer",
+    "param_wrapper": "PEFT's ParamWrapper (target_parameters)",
+    "materialised": "the same layer materialising W + dW",
+}
 
 
 def measure_case(case: Case, generated, rounds: int, block: float, results: Results) -> None:
@@ -366,8 +442,13 @@ def measure_case(case: Case, generated, rounds: int, block: float, results: Resu
     inputs = case.inputs()
     base = _seeded(case.build) if case.quantized else case.build()
     source = (lambda: _seeded(case.build)) if case.quantized else base
-    ours, _ = adapted(source, "generated", generated)
-    peers = {kind: adapted(source, kind, flags=case.model_flags)[0] for kind in case.peers}
+    ours, _ = adapted(source, "generated", case, generated)
+    peers = {
+        kind: without_factored_path(adapted(source, "generated", case, generated)[0], generated)
+        if kind == "materialised"
+        else adapted(source, kind, case)[0]
+        for kind in case.peers
+    }
     if not peers:
         results.notes.append(f"{case.name}: no PEFT peer (ParamWrapper takes 2-D and 3-D parameters only)")
     # Training first: bitsandbytes' 4-bit layer re-packs its weight on an eval-mode forward on the CPU, after which a
@@ -405,8 +486,9 @@ def _measure_training(case: Case, base, ours, peers: dict, inputs, timing: tuple
             Figure(case.name, f"train fwd+bwd / {PEER_NAMES[kind]}", ratios(times, "ours", kind), goal)
         )
         memory = peak_train_memory(ours, inputs) / peak_train_memory(peer, inputs)
-        goal = 1.0 if kind == "param_wrapper" else None
-        results.figures.append(Figure(case.name, f"peak train-step memory / {PEER_NAMES[kind]}", (memory,), goal))
+        results.figures.append(
+            Figure(case.name, f"peak train-step memory / {PEER_NAMES[kind]}", (memory,), _memory_goal(case, kind))
+        )
 
 
 def _measure_eval(case: Case, base, ours, peers: dict, inputs, timing: tuple[int, float], results: Results):
@@ -422,12 +504,17 @@ def _measure_eval(case: Case, base, ours, peers: dict, inputs, timing: tuple[int
         results.figures.append(Figure(case.name, f"eval / {PEER_NAMES[kind]}", ratios(times, "ours", kind), goal))
     results.figures.append(
         Figure(
-            case.name, "eval (no grad) / plain module", ratios(times, "ours", "plain"), 1.05 if case.delta else None
+            case.name,
+            "eval (no grad) / plain module",
+            ratios(times, "ours", "plain"),
+            1.2 if case.moe else 1.05 if case.delta else None,
         )
     )
     if case.quantized:
         return  # merging requantizes: the merged layer is the library's own, whose cost is not ours
-    ours.merge()
+    for layer in ours.modules():
+        if isinstance(layer, LoraLayer):
+            layer.merge()
     times = interleaved({"merged": eval_call(ours, inputs), "plain": eval_call(plain, inputs)}, *timing)
     results.figures.append(
         Figure(case.name, "merged / plain module", ratios(times, "merged", "plain"), 1.10 if case.small else None)
@@ -435,11 +522,19 @@ def _measure_eval(case: Case, base, ours, peers: dict, inputs, timing: tuple[int
 
 
 def _train_goal(case: Case, kind: str) -> float | None:
+    if kind == "materialised":
+        return None
     if not case.delta:
         return 0.9 if case.small else 1.0
     if kind == "param_wrapper":
-        return 1.0
-    return None if case.small else 1.6
+        return 0.6 if case.moe else 1.0
+    return None if case.small else 1.1  # issue 22: delta on a Linear-like use, factored
+
+
+def _memory_goal(case: Case, kind: str) -> float | None:
+    if kind == "param_wrapper":
+        return 0.5 if case.moe else 1.0
+    return 1.1 if kind == "builtin" and case.delta and not case.small else None
 
 
 def _same_adapter_shapes(ours: nn.Module, peer: nn.Module) -> bool:
@@ -604,12 +699,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, default=HERE / "RESULTS.md", help="the Markdown table to write")
     parser.add_argument("--peft-sdist", help="a peft 0.21.2 sdist for the patch-mode timing (default: download once)")
     parser.add_argument("--skip-cli", action="store_true", help="leave out the command-line timings")
+    parser.add_argument(
+        "--only", metavar="TEXT", help="only the cases whose name holds TEXT (with --skip-cli: a quick look)"
+    )
     options = parser.parse_args(argv)
     rounds = options.rounds or (1 if options.tiny else 15)
     block = 0.002 if options.tiny else 0.1
     started = time.perf_counter()
     results = Results()
-    all_cases = cases(options.tiny)
+    all_cases = [case for case in cases(options.tiny) if options.only is None or options.only in case.name]
     with tempfile.TemporaryDirectory() as folder:
         generated = generate([case.request for case in all_cases], Path(folder))
         for case in all_cases:

@@ -57,3 +57,45 @@ def bnb_linear4(in_features: int = 64, out_features: int = 32) -> nn.Module:
     layer = bnb.nn.Linear4bit(in_features, out_features, compute_dtype=torch.float32, quant_type="nf4")
     layer.load_state_dict(nn.Linear(in_features, out_features).state_dict())
     return layer.to("cpu")
+
+
+# MoE modules of transformers at given sizes, with the experts implementation transformers' models pick on the CPU
+# (`grouped_mm`, which a module built outside a model would not get); constructors leave the weights torch.empty.
+
+
+def _moe_config(config_class, hidden: int, experts: tuple[str, int], **sizes):
+    config = config_class(hidden_size=hidden, num_experts_per_tok=2, **dict([experts]), **sizes)
+    config._experts_implementation = "grouped_mm"
+    return config
+
+
+def _filled(module: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.normal_(std=0.02)
+    return module
+
+
+def mixtral_experts(hidden: int = 16, intermediate: int = 32, experts: int = 4) -> nn.Module:
+    """Mixtral's expert bank: gate_up_proj [experts, 2 * intermediate, hidden], down_proj [experts, hidden,
+    intermediate]; called with (hidden_states [tokens, hidden], top_k_index, top_k_weights)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    config = _moe_config(MixtralConfig, hidden, ("num_local_experts", experts), intermediate_size=intermediate)
+    return _filled(MixtralExperts(config))
+
+
+def qwen3_moe_block(hidden: int = 16, intermediate: int = 32, experts: int = 4) -> nn.Module:
+    """Qwen3-MoE's sparse block: its router (`gate`) and expert bank (`experts`), on [batch, tokens, hidden]."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    config = _moe_config(Qwen3MoeConfig, hidden, ("num_experts", experts), moe_intermediate_size=intermediate)
+    return _filled(Qwen3MoeSparseMoeBlock(config))
+
+
+def routed_tokens(tokens: int, hidden: int, experts: int) -> tuple[torch.Tensor, ...]:
+    """What a top-2 router hands an expert bank: the tokens, two experts each and their weights."""
+    top_k_index = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)])
+    return torch.randn(tokens, hidden), top_k_index, torch.softmax(torch.randn(tokens, 2), -1)

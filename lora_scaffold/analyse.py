@@ -131,6 +131,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
             lacks_quantization_backend=strategy.lacks_quantization_backend(evidence),
             settles=settles,
             eval_only=eval_only,
+            factored_dtype=strategy.factored_dtype(evidence),
             test_rank=strategy.test_rank(groups),
         ),
         call=CallFacts(

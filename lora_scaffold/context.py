@@ -125,6 +125,7 @@ class LayerContext:
     quantized_weight: bool = False
     round_trip_source: Statements = ""
     factored_source: Statements = ""
+    factored_dtype: Identifier = ""
     quantization_backend: bool = False
     stored_in: Identifier = ""
     held_beside: Expression = ""

@@ -1,7 +1,8 @@
-"""`delta` at factored cost: the base module's own forward runs with its weight as it is, and each product with that
-weight or its transpose (`F.linear(x, W)`, `x @ W.T`, `W @ x`) gets LoRA's low-rank path added (`x A^T B^T * s` per
-adapter) instead of reading `W + dW`. Any other use of the weight (a slice, a convolution, a norm) reads `W + dW`,
-built once per call, so the output stays exact whatever the forward does. The generated layer carries
+"""`delta` and `experts` at factored cost: the base module's own forward runs with its weight as it is, and each
+product of an input with that weight, its transpose or an expert's slice of it (`F.linear(x, W)`, `x @ W.T`,
+`F.linear(x, W[e])`, `torch.bmm`, `grouped_mm`) gets LoRA's low-rank path added (`x L R` per adapter, the change of the
+weight being `L @ R`) instead of reading `W + dW`. Any other use of the weight (a norm, a convolution, `W^T W`) reads
+`W + dW`, built once per call, so the output stays exact whatever the forward does. The generated layer carries
 `FactoredWeightUses` as written here (its source), and `factored_proof` is what analysis runs before a layer takes
 that path."""
 
@@ -17,9 +18,10 @@ from lora_scaffold.errors import USER_CODE_ERRORS
 
 
 class FactoredWeightUses(TorchFunctionMode):
-    """Active for one call of the base module. `weight` is the tensor the module reads; `terms` are (A with
-    lora_dropout applied, B, scaling) per active adapter; `effective()` builds W + dW. Each F.linear or matmul of the
-    weight, or of its transpose, gets the low-rank path added; any other use of either reads it plus its change."""
+    """Active for one call of the base module. `weight` is the tensor the module reads; `pairs` are (L, R) per active
+    adapter, the change of the weight being the sum of `L @ R` (batched over experts for a bank of them, scaling and
+    dropout already in them); `effective()` builds W + dW. Each product of an input with the weight, its transpose
+    or an expert's slice gets the low-rank path added; any other use of any of them reads it plus its change."""
 
     # What reading the weight's metadata asks: the same for W and W + dW, so nothing is built for it.
     METADATA = frozenset(
@@ -34,17 +36,22 @@ class FactoredWeightUses(TorchFunctionMode):
             torch.Tensor.is_contiguous,
         ]
     )
-    TRANSPOSES = frozenset([torch.Tensor.t, torch.t, torch.Tensor.T.__get__, torch.Tensor.mT.__get__])
+    MATRIX_TRANSPOSES = frozenset([torch.Tensor.t, torch.t, torch.Tensor.T.__get__])
+    TRANSPOSES = frozenset([torch.Tensor.transpose, torch.transpose, torch.Tensor.swapaxes, torch.swapaxes])
+    VIEWS = frozenset([torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.unflatten])
     MATMULS = frozenset([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__])  # `@` arrives as Tensor.matmul
+    BATCHED = frozenset([torch.bmm, torch.Tensor.bmm])
+    GROUPED = frozenset(
+        getattr(module, name) for module, name in ((F, "grouped_mm"), (torch, "_grouped_mm")) if hasattr(module, name)
+    )
 
-    def __init__(self, weight: torch.Tensor, terms: list, effective) -> None:
+    def __init__(self, weight: torch.Tensor, pairs: list, effective) -> None:
         super().__init__()
         self.weight, self.effective = weight, effective
-        # Each tensor tracked (the weight, its transposes): by id, itself and the pairs (L, R) whose products sum to
-        # its change, kept alive so that no id is reused while the mode is on.
-        self.tracked = {
-            id(weight): (weight, [(weight_B * scaling, weight_A) for weight_A, weight_B, scaling in terms])
-        }
+        # Each tensor tracked (the weight, its transposes and slices): by id, itself and the pairs (L, R) whose
+        # products sum to its change, kept alive so that no id is reused while the mode is on. The weight of a bank
+        # flattened as [experts * d1, d2] has [experts, d1, d2] pairs: only its view as that shape is factored.
+        self.tracked = {id(weight): (weight, list(pairs))}
         self.factored = self.materialised = 0  # the uses of each kind seen (what the proof reports)
         self.built = None
 
@@ -53,22 +60,80 @@ class FactoredWeightUses(TorchFunctionMode):
         if func in self.METADATA or not _holds((args, kwargs), self._is_tracked):
             return func(*args, **kwargs)
         first = args[0] if args else None
-        if (func in self.TRANSPOSES or _swaps_two_dimensions(func, args)) and self._is_tracked(first):
-            result = func(*args, **kwargs)
-            self.tracked[id(result)] = (result, [(right.mT, left.mT) for left, right in self._pairs(first)])
-            return result
-        if func is F.linear and len(args) > 1 and self._factors_only(args[1], args[:1] + args[2:], kwargs):
+        if self._is_tracked(first) and not _holds((args[1:], kwargs), self._is_tracked):
+            derive = self._derived_pairs(func, first, args[1:], kwargs)
+            if derive is not None:
+                result = func(*args, **kwargs)
+                pairs = derive(result)
+                if pairs is not None:
+                    self.tracked[id(result)] = (result, pairs)
+                    return result
+                self.materialised += 1  # `result` is W as it is: the forward must see W + dW
+                return func(*_swapped(args, self._built), **_swapped(kwargs, self._built))
+        factored = self._factored(func, args, kwargs)
+        if factored is not None:
             self.factored += 1
-            return self._plus(func(*args, **kwargs), args[0], args[1], lambda x, L, R: F.linear(F.linear(x, R), L))
-        if func in self.MATMULS and len(args) == 2 and not kwargs:
-            if self._factors_only(args[1], args[:1], {}):
-                self.factored += 1
-                return self._plus(func(*args), args[0], args[1], lambda x, L, R: (x @ L) @ R)
-            if self._factors_only(args[0], args[1:], {}):
-                self.factored += 1
-                return self._plus(func(*args), args[1], args[0], lambda x, L, R: L @ (R @ x))
+            return factored
         self.materialised += 1
         return func(*_swapped(args, self._built), **_swapped(kwargs, self._built))
+
+    def _derived_pairs(self, func, tensor: torch.Tensor, others: tuple, kwargs: dict):
+        """For a transpose, an expert's slice or a view of a tracked tensor: a function of the result giving its
+        pairs (None when its change is not theirs); None for any other function."""
+        pairs = self._pairs(tensor)
+        if func in self.VIEWS or func is torch.Tensor.contiguous:
+            # A view is factored where its shape is the pairs' own ([experts, d1, d2] of a flattened bank).
+            return lambda result: pairs if tuple(result.shape) == _changed_shape(pairs) else None
+        if not self._matches(tensor):
+            return None
+        if (
+            func in self.MATRIX_TRANSPOSES
+            and tensor.dim() == 2
+            or func is torch.Tensor.mT.__get__
+            or (func in self.TRANSPOSES and _last_two(tensor, *others[:2]))
+        ):
+            return lambda result: [(right.mT, left.mT) for left, right in pairs]
+        if func is torch.Tensor.__getitem__ and len(others) == 1 and _indexes_leading(others[0], tensor.dim() - 2):
+            return lambda result: [(left[others[0]], right[others[0]]) for left, right in pairs]
+        if func in (torch.Tensor.select, torch.select, torch.Tensor.index_select, torch.index_select) and (
+            len(others) == 2
+            and not kwargs
+            and isinstance(others[0], int)
+            and others[0] % tensor.dim() < tensor.dim() - 2
+        ):
+            dim = others[0] % tensor.dim()
+            return lambda result: [(func(left, dim, others[1]), func(right, dim, others[1])) for left, right in pairs]
+        return None
+
+    def _factored(self, func, args: tuple, kwargs: dict):
+        """The base op plus the low-rank path, for a product of an input with a tracked tensor (else None)."""
+        if func is F.linear and len(args) > 1 and self._factors_only(args[1], args[:1] + args[2:], kwargs, 2):
+            return self._plus(func(*args, **kwargs), args[0], args[1], lambda x, L, R: F.linear(F.linear(x, R), L))
+        if len(args) != 2:
+            return None
+        x_first, weight_first = (
+            self._factors_only(args[1], args[:1], kwargs),
+            self._factors_only(args[0], args[1:], kwargs),
+        )
+        if func in self.MATMULS and not kwargs and (x_first or weight_first):
+            other, tensor = args if x_first else args[::-1]
+            if tensor.dim() > 2 and other.dim() < 2:  # a vector would broadcast against the experts
+                return None
+            low_rank = (lambda x, L, R: (x @ L) @ R) if x_first else (lambda x, L, R: L @ (R @ x))
+            return self._plus(func(*args), other, tensor, low_rank)
+        if func in self.BATCHED and not kwargs and (x_first or weight_first):
+            other, tensor = args if x_first else args[::-1]
+            low_rank = (
+                (lambda x, L, R: torch.bmm(torch.bmm(x, L), R))
+                if x_first
+                else (lambda x, L, R: torch.bmm(L, torch.bmm(R, x)))
+            )
+            return self._plus(func(*args), other, tensor, low_rank)
+        unset = all(value is None for key, value in kwargs.items() if key != "offs")  # no bias, no out_dtype
+        if func in self.GROUPED and x_first and unset and args[1].dim() == 3:
+            offs = kwargs.get("offs")
+            return self._plus(func(*args, **kwargs), args[0], args[1], lambda x, L, R: _grouped(func, x, L, R, offs))
+        return None
 
     def _is_tracked(self, value) -> bool:
         return isinstance(value, torch.Tensor) and self.tracked.get(id(value), (None,))[0] is value
@@ -76,9 +141,18 @@ class FactoredWeightUses(TorchFunctionMode):
     def _pairs(self, tensor: torch.Tensor) -> list:
         return self.tracked[id(tensor)][1]
 
-    def _factors_only(self, tensor, others: tuple, kwargs: dict) -> bool:
-        """A tracked matrix used once, with no other tracked tensor beside it."""
-        return self._is_tracked(tensor) and tensor.dim() == 2 and not _holds((others, kwargs), self._is_tracked)
+    def _matches(self, tensor: torch.Tensor) -> bool:
+        """Whether the pairs' products are the tensor's change as laid out (not so for a flattened bank itself)."""
+        return all(_changed_shape([pair]) == tuple(tensor.shape) for pair in self._pairs(tensor))
+
+    def _factors_only(self, tensor, others: tuple, kwargs: dict, dims: int | None = None) -> bool:
+        """A tracked tensor whose pairs are its change, used once, with no other tracked tensor beside it."""
+        return (
+            self._is_tracked(tensor)
+            and (tensor.dim() == dims if dims else tensor.dim() >= 2)
+            and self._matches(tensor)
+            and not _holds((others, kwargs), self._is_tracked)
+        )
 
     def _plus(self, output: torch.Tensor, x: torch.Tensor, tensor: torch.Tensor, low_rank) -> torch.Tensor:
         for left, right in self._pairs(tensor):
@@ -94,6 +168,44 @@ class FactoredWeightUses(TorchFunctionMode):
                 self.built = self.effective()
             return self.built
         return value + sum(left @ right for left, right in self._pairs(value)).to(value.dtype)
+
+
+def _changed_shape(pairs: list) -> tuple[int, ...]:
+    """The shape of the change the pairs' products make (batched over their leading dimensions)."""
+    left, right = pairs[0]
+    return (*torch.broadcast_shapes(left.shape[:-2], right.shape[:-2]), left.shape[-2], right.shape[-1])
+
+
+def _last_two(tensor: torch.Tensor, *dims) -> bool:
+    """`transpose(-2, -1)` (or its positive dims): the tensor's matrices transposed."""
+    if len(dims) != 2 or not all(isinstance(dim, int) for dim in dims):
+        return False
+    return sorted(dim % tensor.dim() for dim in dims) == [tensor.dim() - 2, tensor.dim() - 1]
+
+
+def _indexes_leading(index, leading: int) -> bool:
+    """Whether `tensor[index]` picks among the leading `leading` dimensions only (experts), never in a matrix."""
+    items = index if isinstance(index, tuple) else (index,)
+    used = 0
+    for item in items:
+        if isinstance(item, torch.Tensor) and not item.is_floating_point() and item.dim() > 0:
+            used += item.dim() if item.dtype == torch.bool else 1
+        elif isinstance(item, torch.Tensor) and item.dtype != torch.bool and not item.is_floating_point():
+            used += 1  # a 0-dim integer tensor, as a loop over `nonzero()` gives
+        elif isinstance(item, (int, slice)) and not isinstance(item, bool):
+            used += 1
+        else:  # None, Ellipsis, a bool or a list: not a plain pick among experts
+            return False
+    return used <= leading
+
+
+def _grouped(func, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, offs) -> torch.Tensor:
+    """x's groups of rows through their expert's L then R, with the grouped product the forward used: it asks
+    strides of 16 bytes, so the rank is padded with zeros (exact)."""
+    pad = -left.shape[-1] % max(1, 16 // left.element_size())
+    left = F.pad(left, (0, pad)).contiguous()
+    right = F.pad(right, (0, 0, 0, pad)).mT.contiguous().mT  # column-major: its stride is the padded rank
+    return func(func(x, left, offs=offs), right, offs=offs)
 
 
 def _holds(value, found) -> bool:
@@ -114,58 +226,64 @@ def _swapped(value, replace):
     return replace(value)
 
 
-def _swaps_two_dimensions(func, args: tuple) -> bool:
-    """`transpose(0, 1)` (or -1, -2) of a matrix: its transpose."""
-    if func not in (torch.Tensor.transpose, torch.transpose) or len(args) != 3:
-        return False
-    tensor, first, second = args
-    return isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and {first % 2, second % 2} == {0, 1}
-
-
-# The proof: float64, random factors, several inputs; outputs and the factors' gradients must agree to this.
-PROOF_TOLERANCE = 1e-9
+# The proof: random factors, several inputs; outputs and the factors' gradients must agree to this, in float64, or in
+# float32 for a forward that does not run in float64 (torch's grouped_mm).
+PROOF_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 PROOF_SEEDS = (0, 1, 2)
 PROOF_RANK = 2
+LINEAR_USES = "F.linear, matmul, bmm, grouped_mm"
 
 
-def factored_proof(module: nn.Module, weight_name: str, call) -> tuple[bool, str]:
-    """(whether the factored path equals `W + dW` on the target, what the proof found), in float64 on a copy, for
-    each of the probe's inputs (`call(seed)`) with random factors: the outputs, and the gradients of A and B."""
+def factored_proof(
+    module: nn.Module, weight_name: str, call, changed_shape: tuple[int, ...] | None = None, dtype=torch.float64
+) -> tuple[bool, str]:
+    """(whether the factored path equals `W + dW` on the target, what the proof found), in `dtype` on a copy, for
+    each of the probe's inputs (`call(seed)`) with random factors: the outputs, and the gradients of A and B.
+    `changed_shape` is how the layer lays out the change: [d1, d2] (the weight itself, the default) or
+    [experts, d1, d2], one pair per expert."""
     import copy
 
     try:
-        copied = copy.deepcopy(module).double()
+        copied = copy.deepcopy(module).to(dtype)
         weight = copied.get_parameter(weight_name)
     except (*USER_CODE_ERRORS, AttributeError) as exc:
         return False, f"not proven: {type(exc).__name__}"
-    if weight.dim() != 2:
+    if changed_shape is None and weight.dim() != 2:
         return False, "its weight is not a matrix"
+    changed_shape = tuple(changed_shape or weight.shape)
     worst, uses = 0.0, 0
     for seed in PROOF_SEEDS:
         generator = torch.Generator().manual_seed(seed)
         scale = float(weight.detach().abs().mean()) or 1.0
-        shape_A, shape_B = (PROOF_RANK, weight.shape[1]), (weight.shape[0], PROOF_RANK)
-        weight_A = (torch.randn(shape_A, generator=generator, dtype=torch.float64) * scale).requires_grad_()
-        weight_B = (torch.randn(shape_B, generator=generator, dtype=torch.float64)).requires_grad_()
+        *experts, rows, columns = changed_shape
+        shape_A, shape_B = (*experts, PROOF_RANK, columns), (*experts, rows, PROOF_RANK)
+        weight_A = (torch.randn(shape_A, generator=generator, dtype=dtype) * scale).requires_grad_()
+        weight_B = (torch.randn(shape_B, generator=generator, dtype=dtype)).requires_grad_()
         args, kwargs = call(seed)
-        args = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+        def effective() -> torch.Tensor:
+            return weight + (weight_B @ weight_A).reshape(weight.shape)
+
         try:
-            materialised = _outputs(functional_call(copied, {weight_name: weight + weight_B @ weight_A}, args, kwargs))
-            mode = FactoredWeightUses(weight, [(weight_A, weight_B, 1.0)], lambda: weight + weight_B @ weight_A)
+            materialised = _outputs(functional_call(copied, {weight_name: effective()}, args, kwargs))
+            mode = FactoredWeightUses(weight, [(weight_B, weight_A)], effective)
             with mode:
                 factored = _outputs(copied(*args, **kwargs))
         except USER_CODE_ERRORS as exc:
             return False, f"not proven: the forward failed under it ({type(exc).__name__})"
         uses = max(uses, mode.factored)
         if mode.factored == 0:
-            return False, "its forward multiplies no input by the weight (F.linear, matmul)"
+            return False, f"its forward multiplies no input by the weight ({LINEAR_USES})"
         worst = max(worst, _relative_error(materialised, factored, weight_A, weight_B))
-    if worst > PROOF_TOLERANCE:
+    if worst > PROOF_TOLERANCE[dtype]:
         return False, f"not proven: the factored path is off by {worst:.0e}"
     products = "its product" if uses == 1 else f"each of its {uses} products"
+    precision = "" if dtype == torch.float64 else " in float32, as its forward does not run in float64"
+    of = "an expert's slice of W" if len(changed_shape) == 3 else "W or its transpose"
     return True, (
-        f"it runs with W as it is and adds the low-rank term to {products} (F.linear or matmul, of W or its "
-        f"transpose; equal to W + dW within {worst:.0e})"
+        f"it runs with W as it is and adds the low-rank term to {products} with {of} (equal to W + dW within "
+        f"{worst:.0e}{precision})"
     )
 
 
@@ -201,5 +319,5 @@ def layer_source() -> str:
     """What a generated layer module carries: the mode and its helpers."""
     import inspect
 
-    helpers = (FactoredWeightUses, _holds, _swapped, _swaps_two_dimensions)
+    helpers = (FactoredWeightUses, _changed_shape, _last_two, _indexes_leading, _grouped, _holds, _swapped)
     return "\n\n\n".join(inspect.getsource(item).rstrip("\n") for item in helpers)

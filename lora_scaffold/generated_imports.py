@@ -42,6 +42,11 @@ def layer_imports(plan: LayerPlan, peft: PeftRelease, dora_variant: str) -> list
         *target,
         *(config if peft.api == CONFIG_API or plugin else []),
         *plan.decision.chosen.imports(dict(plan.decision.answers)),
+        *(
+            [("torch.overrides", ("TorchFunctionMode",)), ("torch.nn.functional as F", ())]
+            if plan.decision.factored_dtype
+            else []
+        ),
         *param_wrapper,
     ]
     if peft.has(peft_release.PEFT_WARNING):

@@ -71,6 +71,9 @@ class Decision:
     settles: str  # why the tests run the base once in eval mode before anything ("" when they need not)
     lacks_quantization_backend: bool  # a quantized base the installed PEFT has no QuantizationBackend for
     eval_only: str  # why the generated tests compare outputs in eval mode only ("" when they need not)
+    # The dtype ("float64", or "float32" for a forward that does not run in float64) in which the proof showed the
+    # factored path equal to the forward with W + dW: the layer's training forward takes it ("" where it does not).
+    factored_dtype: str
     test_rank: int
 
     @property

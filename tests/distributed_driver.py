@@ -75,6 +75,7 @@ CASES = {
     "delta_factored": Case(
         "scaffold_targets.ReluLinear", ("in_features=6", "out_features=5"), _relu_linear, lambda: torch.randn(4, 6)
     ),
+    # experts whose training forward takes the factored path (bmm of the dispatched tokens with the bank)
     "experts": Case(
         "benchmarks.targets.StackedExperts",
         ("num_experts=3", "in_features=6", "out_features=5"),

@@ -1,7 +1,7 @@
 """Generated layers under DDP and FSDP2 in two processes (gloo, CPU, 127.0.0.1), compared with one process taking
 the same step on the same global batch: a factored layer (conv), a delta layer (a non-linear use of the weight),
-a delta layer whose training forward takes the factored path (F.linear of the weight, then relu) and a delta layer
-on a stacked `[experts, in, out]` weight. tests/distributed_driver.py runs the processes."""
+a delta layer whose training forward takes the factored path (F.linear of the weight, then relu) and an experts layer
+on a stacked `[experts, in, out]` weight, whose training forward takes it too (bmm with the bank). tests/distributed_driver.py runs the processes."""
 
 import os
 import socket

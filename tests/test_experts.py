@@ -3,6 +3,7 @@ compared with PEFT's own `LoraConfig(target_parameters=[...])` (ParamWrapper) on
 layout, so the same adapter gives the same outputs at init, after a step and merged."""
 
 import importlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,6 +68,13 @@ def test_auto_chooses_experts_because_of_num_experts(generated):
     plan, _ = generated
     assert plan.decision.strategy == "experts"
     assert "stacking 3 experts (`num_experts` = 3)" in plan.decision.reason
+
+
+def test_trains_on_the_factored_path_proven_in_float64(generated):
+    plan, module = generated
+    assert plan.decision.factored_dtype == "float64"
+    assert "adds the low-rank term to each of its" in plan.decision.reason
+    assert "class FactoredWeightUses(TorchFunctionMode):" in Path(module.__file__).read_text()
 
 
 def test_same_factor_layout_as_paramwrapper(generated):

@@ -136,6 +136,11 @@ class Strategy:
         writes one)."""
         return False
 
+    def factored_dtype(self, evidence: Evidence) -> str:
+        """Where the layer runs its base with W as it is and adds the low-rank term to each product with W
+        (lora_scaffold/factored.py): the dtype the proof held in; "" where it runs without that proof."""
+        return ""
+
     def battery_blocker(self, evidence: Evidence) -> str:
         """Why PEFT's custom-model battery cannot run on the generated layer, for the strategy's sake ("" if it can)."""
         return ""

@@ -1,19 +1,20 @@
 """`delta`: any weight, any forward: the module's own forward runs with `W + (B @ A).reshape(W.shape) * scaling`,
 or, where the proof in lora_scaffold/factored.py holds, with W as it is and LoRA's low-rank path added to each
-F.linear of it."""
+product of an input with it."""
 
 from __future__ import annotations
 
 import weakref
 
+import torch
 from torch import nn
 
 from lora_scaffold import factored
 from lora_scaffold.strategies.base import Evidence, Strategy, Verdict
 
 
-# One proof per built module: analysis asks for the reason and the template answers.
-_PROOFS: weakref.WeakKeyDictionary[nn.Module, tuple[bool, str]] = weakref.WeakKeyDictionary()
+# The proofs run per built module and strategy: analysis asks for the reason and the dtype.
+_PROOFS: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[bool, str]]] = weakref.WeakKeyDictionary()
 
 
 class Delta(Strategy):
@@ -32,7 +33,7 @@ class Delta(Strategy):
         return (Verdict(self, True, 0.0, "exact for any forward"),)
 
     def reason(self, evidence: Evidence, verdict: Verdict) -> str:
-        proven, found = factored_path(evidence)
+        proven, found = self.factored_path(evidence)
         if proven:
             return f"the forward runs with W + dW, exact for any forward; in training {found}"
         return (
@@ -41,24 +42,40 @@ class Delta(Strategy):
             else ("the forward runs with W + dW, exact for any forward")
         )
 
-    def template_answers(self, evidence: Evidence) -> dict:
-        # The mode's source goes in the layer module (render's `factored_source`) where this is set.
-        return {"factored_uses": "True" if factored_path(evidence)[0] else ""}
+    def factored_dtype(self, evidence: Evidence) -> str:
+        return str(proof_dtype(evidence)).removeprefix("torch.") if self.factored_path(evidence)[0] else ""
 
-    def imports(self, answers: dict) -> list[tuple[str, tuple[str, ...]]]:
-        if not answers.get("factored_uses"):
-            return []
-        return [("torch.overrides", ("TorchFunctionMode",)), ("torch.nn.functional as F", ())]
+    def changed_shape(self, evidence: Evidence) -> tuple[int, ...] | None:
+        """How the layer lays out the change of the weight (B @ A, per expert for a bank of them) for the factored
+        path; None: as the weight, which must then be a matrix."""
+        return None
+
+    def unfactored(self, evidence: Evidence) -> str:
+        """Why the factored path is not tried for this weight ("" when it is)."""
+        return ""
+
+    def factored_path(self, evidence: Evidence) -> tuple[bool, str]:
+        """(whether the layer takes the factored path, what the proof found; "" where it was not tried: a computed
+        weight, which the forward never reads as the parameter itself, or a quantized one)."""
+        if evidence.call is None or evidence.weight.computed or evidence.weight.quantized:
+            return False, ""
+        if self.unfactored(evidence):
+            return False, self.unfactored(evidence)
+        proofs = _PROOFS.setdefault(evidence.module, {})
+        if self.name not in proofs:
+            proofs[self.name] = factored.factored_proof(
+                evidence.module,
+                evidence.weight.name,
+                evidence.call,
+                self.changed_shape(evidence),
+                proof_dtype(evidence),
+            )
+        return proofs[self.name]
 
 
-def factored_path(evidence: Evidence) -> tuple[bool, str]:
-    """(whether the layer takes the factored path, what the proof found; "" where it was not tried: a computed
-    weight, which the forward never reads as the parameter itself)."""
-    if evidence.call is None or evidence.weight.computed or evidence.weight.quantized:
-        return False, ""
-    if evidence.module not in _PROOFS:
-        _PROOFS[evidence.module] = factored.factored_proof(evidence.module, evidence.weight.name, evidence.call)
-    return _PROOFS[evidence.module]
+def proof_dtype(evidence: Evidence) -> torch.dtype:
+    """The probe's: float64 where the module runs in it, else float32."""
+    return evidence.probe.weight.dtype if evidence.probe is not None else torch.float64
 
 
 DELTA = Delta()

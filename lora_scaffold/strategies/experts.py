@@ -69,10 +69,27 @@ class Experts(Delta):
             )
         else:
             found = f"{shape[0]} experts ({expert_evidence(evidence.module, shape[0]) or 'asked for'})"
+        proven, proof = self.factored_path(evidence)
+        if proven:
+            how = f"; in training {proof}"
+        else:
+            how = f" ({proof}: no factored path)" if proof else ""
         return (
             f"a weight stacking {found}: one rank-r pair per expert, and the forward runs with W + dW, exact for "
-            "any forward"
+            f"any forward{how}"
         )
+
+    def changed_shape(self, evidence: Evidence) -> tuple[int, ...] | None:
+        shape = evidence.weight.shape
+        if len(shape) == 3:
+            return tuple(shape)
+        count = dotted_attribute(evidence.module, row_view(evidence)[0])
+        return (count, shape[0] // count, shape[1])
+
+    def unfactored(self, evidence: Evidence) -> str:
+        if len(evidence.weight.shape) == 2 and not row_view(evidence)[0]:
+            return "its experts are rows, which the forward views as matrices"
+        return ""
 
     def template_answers(self, evidence: Evidence) -> dict:
         attribute, view = row_view(evidence) if len(evidence.weight.shape) == 2 else ("", None)
