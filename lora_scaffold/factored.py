@@ -41,6 +41,7 @@ class FactoredWeightUses(TorchFunctionMode):
     VIEWS = frozenset([torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.unflatten])
     MATMULS = frozenset([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__])  # `@` arrives as Tensor.matmul
     BATCHED = frozenset([torch.bmm, torch.Tensor.bmm])
+    CONVOLUTIONS = frozenset([F.conv1d, F.conv2d, F.conv3d])
     GROUPED = frozenset(
         getattr(module, name) for module, name in ((F, "grouped_mm"), (torch, "_grouped_mm")) if hasattr(module, name)
     )
@@ -109,6 +110,12 @@ class FactoredWeightUses(TorchFunctionMode):
         """The base op plus the low-rank path, for a product of an input with a tracked tensor (else None)."""
         if func is F.linear and len(args) > 1 and self._factors_only(args[1], args[:1] + args[2:], kwargs, 2):
             return self._plus(func(*args, **kwargs), args[0], args[1], lambda x, L, R: F.linear(F.linear(x, R), L))
+        if func in self.CONVOLUTIONS:
+            return self._convolution(func, args, kwargs)
+        if func is F.embedding:
+            return self._embedding(func, args, kwargs)
+        if func is F.bilinear:
+            return self._bilinear(func, args, kwargs)
         if len(args) != 2:
             return None
         x_first, weight_first = (
@@ -135,6 +142,65 @@ class FactoredWeightUses(TorchFunctionMode):
             return self._plus(func(*args, **kwargs), args[0], args[1], lambda x, L, R: _grouped(func, x, L, R, offs))
         return None
 
+    def _convolution(self, func, args: tuple, kwargs: dict):
+        """conv(x, W + dW) for a kernel W [out, in, *k] whose change is [out, in * k...] (`delta`'s layout), ungrouped:
+        conv(x, W), plus a 1x1 convolution by L of the convolution of x by R's r kernels."""
+        bound = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args)) | kwargs
+        weight, rest = bound.get("weight"), {k: v for k, v in bound.items() if k not in ("input", "weight", "bias")}
+        if rest.get("groups", 1) != 1 or not self._flat_change_only(weight, (bound["input"], bound.get("bias"), rest)):
+            return None
+        ones = (1,) * (weight.dim() - 2)
+
+        def low_rank(x, left, right):
+            kernels = func(x, right.reshape(-1, *weight.shape[1:]), None, **rest)
+            return func(kernels, left.reshape(*left.shape, *ones))
+
+        return self._plus(func(*args, **kwargs), bound["input"], weight, low_rank)
+
+    def _bilinear(self, func, args: tuple, kwargs: dict):
+        """bilinear(x1, x2, W + dW) for W [out, in1, in2] whose change is [out, in1 * in2]: bilinear(x1, x2, W),
+        plus the bilinear form of x1 and x2 with R's r matrices, times L^T."""
+        bound = dict(zip(("input1", "input2", "weight", "bias"), args)) | kwargs
+        weight, second = bound.get("weight"), bound["input2"]
+        if not self._flat_change_only(weight, (bound["input1"], second, bound.get("bias"))):
+            return None
+
+        def low_rank(x, left, right):
+            return func(x, second.to(right.dtype), right.reshape(-1, *weight.shape[1:])) @ left.T
+
+        return self._plus(func(*args, **kwargs), bound["input1"], weight, low_rank)
+
+    def _flat_change_only(self, weight, others) -> bool:
+        """A tracked kernel of 3 or more dimensions whose pairs change it as [out, in * ...] (`delta`'s layout),
+        with no other tracked tensor beside it."""
+        return (
+            self._is_tracked(weight)
+            and weight.dim() >= 3
+            and all(_changed_shape([pair]) == (weight.shape[0], weight[0].numel()) for pair in self._pairs(weight))
+            and not _holds(others, self._is_tracked)
+        )
+
+    def _embedding(self, func, args: tuple, kwargs: dict):
+        """embedding(ids, W + L R) = embedding(ids, W) + embedding(ids, L) @ R; the padding row's term gets no
+        gradient, as that row of W + dW would not. Not where max_norm rewrites W in place, nor where the gradient of
+        each row is scaled by its frequency (which would scale L's rows, not R)."""
+        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+        bound = dict(zip(names, args)) | kwargs
+        ids, weight = bound["input"], bound.get("weight")
+        if bound.get("max_norm") is not None or bound.get("scale_grad_by_freq") or bound.get("sparse"):
+            return None
+        if not self._factors_only(weight, (ids,), {k: v for k, v in bound.items() if k not in names[:2]}, 2):
+            return None
+        padding = bound.get("padding_idx")
+
+        def low_rank(ids, left, right):
+            term = func(ids, left) @ right
+            if padding is None:
+                return term
+            return torch.where((ids == padding % weight.shape[0]).unsqueeze(-1), term.detach(), term)
+
+        return self._plus(func(*args, **kwargs), ids, weight, low_rank)
+
     def _is_tracked(self, value) -> bool:
         return isinstance(value, torch.Tensor) and self.tracked.get(id(value), (None,))[0] is value
 
@@ -156,7 +222,8 @@ class FactoredWeightUses(TorchFunctionMode):
 
     def _plus(self, output: torch.Tensor, x: torch.Tensor, tensor: torch.Tensor, low_rank) -> torch.Tensor:
         for left, right in self._pairs(tensor):
-            output = output + low_rank(x.to(right.dtype), left, right).to(output.dtype)
+            x = x.to(right.dtype) if x.is_floating_point() else x  # an embedding's ids stay integers
+            output = output + low_rank(x, left, right).to(output.dtype)
         return output
 
     def _built(self, value):
@@ -231,7 +298,10 @@ def _swapped(value, replace):
 PROOF_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 PROOF_SEEDS = (0, 1, 2)
 PROOF_RANK = 2
-LINEAR_USES = "F.linear, matmul, bmm, grouped_mm"
+LINEAR_USES = (
+    "F.linear, matmul, bmm, grouped_mm, bilinear, an ungrouped conv, an embedding without max_norm or "
+    "scale_grad_by_freq"
+)
 
 
 def factored_proof(
@@ -239,8 +309,8 @@ def factored_proof(
 ) -> tuple[bool, str]:
     """(whether the factored path equals `W + dW` on the target, what the proof found), in `dtype` on a copy, for
     each of the probe's inputs (`call(seed)`) with random factors: the outputs, and the gradients of A and B.
-    `changed_shape` is how the layer lays out the change: [d1, d2] (the weight itself, the default) or
-    [experts, d1, d2], one pair per expert."""
+    `changed_shape` is how the layer lays out the change: [out, in * ...] (`delta`'s B @ A, reshaped to the
+    weight's shape; the default) or [experts, d1, d2], one pair per expert."""
     import copy
 
     try:
@@ -248,9 +318,7 @@ def factored_proof(
         weight = copied.get_parameter(weight_name)
     except (*USER_CODE_ERRORS, AttributeError) as exc:
         return False, f"not proven: {type(exc).__name__}"
-    if changed_shape is None and weight.dim() != 2:
-        return False, "its weight is not a matrix"
-    changed_shape = tuple(changed_shape or weight.shape)
+    changed_shape = tuple(changed_shape or (weight.shape[0], weight[0].numel()))
     worst, uses = 0.0, 0
     for seed in PROOF_SEEDS:
         generator = torch.Generator().manual_seed(seed)
@@ -274,13 +342,13 @@ def factored_proof(
             return False, f"not proven: the forward failed under it ({type(exc).__name__})"
         uses = max(uses, mode.factored)
         if mode.factored == 0:
-            return False, f"its forward multiplies no input by the weight ({LINEAR_USES})"
+            return False, f"its forward uses the weight in no way the factored path takes ({LINEAR_USES})"
         worst = max(worst, _relative_error(materialised, factored, weight_A, weight_B))
     if worst > PROOF_TOLERANCE[dtype]:
         return False, f"not proven: the factored path is off by {worst:.0e}"
     products = "its product" if uses == 1 else f"each of its {uses} products"
     precision = "" if dtype == torch.float64 else " in float32, as its forward does not run in float64"
-    of = "an expert's slice of W" if len(changed_shape) == 3 else "W or its transpose"
+    of = "an expert's slice of W" if len(changed_shape) == 3 else "W"
     return True, (
         f"it runs with W as it is and adds the low-rank term to {products} with {of} (equal to W + dW within "
         f"{worst:.0e}{precision})"

@@ -61,17 +61,63 @@ def test_products_with_the_weight_or_its_transpose_are_factored_and_proven(modul
 
 @pytest.mark.parametrize("module", [Gram(6, 6), Standardised(6, 4)], ids=["Gram", "Standardised"])
 def test_a_forward_multiplying_no_input_by_the_weight_keeps_w_plus_dw(module):
-    assert factored_proof(module, "weight", call) == (
-        False,
-        "its forward multiplies no input by the weight (F.linear, matmul, bmm, grouped_mm)",
-    )
+    proven, found = factored_proof(module, "weight", call)
+    assert not proven and found.startswith("its forward uses the weight in no way the factored path takes (F.linear")
 
 
-def test_a_weight_that_is_not_a_matrix_is_not_tried():
-    assert factored_proof(nn.Conv2d(3, 4, 3), "weight", lambda seed: ((torch.randn(1, 3, 5, 5),), {})) == (
-        False,
-        "its weight is not a matrix",
-    )
+class ReluConv2d(nn.Conv2d):
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class ReluEmbedding(nn.Embedding):
+    def forward(self, ids):
+        return torch.relu(super().forward(ids))
+
+
+def images(seed, channels=3):
+    return (torch.randn(2, channels, 7, 7, generator=torch.Generator().manual_seed(seed)),), {}
+
+
+def ids(seed):
+    return (torch.randint(0, 10, (3, 5), generator=torch.Generator().manual_seed(seed)),), {}
+
+
+@pytest.mark.parametrize(
+    "module, inputs",
+    [
+        (ReluConv2d(3, 4, 3, stride=2, padding=1), images),
+        (ReluConv2d(3, 4, 3, padding=1, dilation=2, padding_mode="circular"), images),
+        (
+            nn.Conv1d(3, 4, 3),
+            lambda seed: ((torch.randn(2, 3, 9, generator=torch.Generator().manual_seed(seed)),), {}),
+        ),
+        (ReluEmbedding(10, 6), ids),
+        (ReluEmbedding(10, 6, padding_idx=0), ids),  # the padding row's term gets no gradient, as W + dW's would not
+        (ReluEmbedding(10, 6, padding_idx=-3), ids),
+        (nn.Bilinear(5, 3, 6), lambda seed: ((torch.randn(4, 5), torch.randn(4, 3)), {})),
+    ],
+    ids=[
+        *("conv2d_strided", "conv2d_circular_dilated", "conv1d"),
+        *("embedding", "embedding_padding", "padding_negative", "bilinear"),
+    ],
+)
+def test_convolutions_embeddings_and_bilinear_forms_of_the_weight_are_factored_and_proven(module, inputs):
+    proven, found = factored_proof(module, "weight", inputs)
+    assert proven and "adds the low-rank term to its product with W " in found, found
+
+
+@pytest.mark.parametrize(
+    "module, inputs",
+    [
+        (ReluConv2d(4, 4, 3, groups=2), lambda seed: images(seed, channels=4)),
+        (ReluEmbedding(10, 6, scale_grad_by_freq=True), ids),  # would scale L's rows, not R's
+        (ReluEmbedding(10, 6, max_norm=1.0), ids),  # rewrites W in place
+    ],
+    ids=["grouped_conv", "scale_grad_by_freq", "max_norm"],
+)
+def test_grouped_convolutions_and_rewriting_embeddings_keep_w_plus_dw(module, inputs):
+    assert factored_proof(module, "weight", inputs)[0] is False
 
 
 def test_other_uses_read_w_plus_dw_built_once_and_metadata_builds_nothing():

@@ -196,6 +196,26 @@ def test_save_and_load_roundtrip(tmp_path, low_cpu_mem_usage):
     assert_close(run(loaded), expected)
 
 
+def test_factored_path_equals_the_forward_with_w_plus_dw():
+    """In training the layer runs its base with W as it is and adds the low-rank term to each product of an input
+    with W or a slice of it: in float64, its outputs and the factors' gradients are those of the base run
+    with W + dW."""
+    model = make_model(dtype=torch.float64, autocast_adapter_dtype=False, init_lora_weights=False).train()
+    layer = lora_layer(model)
+    inputs = cast(make_inputs(), torch.float64)
+    factors = [p for name, p in layer.named_parameters() if "lora_" in name]
+    factored = flatten(layer(*inputs))
+    weight = {"weight": base_weight(layer) + layer.get_delta_weight("default")}
+    materialised = flatten(torch.func.functional_call(layer.get_base_layer(), weight, inputs))
+    torch.testing.assert_close(factored, materialised)
+    readout = torch.randn(factored.shape, dtype=factored.dtype, generator=torch.Generator().manual_seed(0))
+    for got, expected in zip(
+        torch.autograd.grad((factored * readout).sum(), factors),
+        torch.autograd.grad((materialised * readout).sum(), factors),
+    ):
+        torch.testing.assert_close(got, expected)
+
+
 def test_two_adapters_switch_and_one_deletes():
     model = make_model(init_lora_weights=False)
     first = run(model)
