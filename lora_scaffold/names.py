@@ -34,6 +34,9 @@ GENERATED_NAMES = frozenset(
         *("base_state", "nudge", "moved"),
         *("contextlib", "functools", "inspect", "Captured", "recorded_call", "captured_call"),
         "LayerUnderTest",  # the layer `verify` checks
+        # the factored path's mode and helpers (lora_scaffold/factored.py's layer_source)
+        *("TorchFunctionMode", "FactoredWeightUses", "_changed_shape", "_last_two", "_indexes_leading", "_grouped"),
+        *("_holds", "_swapped"),
     }
 )
 
