@@ -24,12 +24,12 @@ GROUPS = {
     "unit": (
         *("test_analyse", "test_introspect", "test_resolve", "test_render", "test_files", "test_names"),
         *("test_import_blocks", "test_layout", "test_patch_transforms", "test_installed_peft_api", "test_workflow"),
-        *("test_cli", "test_json_output", "test_bad_inputs", "test_factored"),
+        *("test_cli", "test_json_output", "test_bad_inputs", "test_factored", "test_mutants"),
     ),
     # A layer generated, then its suite or PEFT's numbers run on it.
     "generated": (
         *("test_end_to_end", "test_experts", "test_parity", "test_real_layers", "test_random_modules"),
-        *("test_rnn_weights", "test_verify", "test_quantized"),
+        *("test_rnn_weights", "test_verify", "test_quantized", "test_mutation"),
     ),
     # Patch mode on a real peft source tree.
     "patch": ("test_patch_checkout", "test_update", "test_crash_safety"),

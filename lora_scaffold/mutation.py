@@ -1,0 +1,147 @@
+"""Mutation testing of generated suites (issue 23): each one-change mutant of a generated layer (lora_scaffold/mutants.py)
+runs against the layer's own suite, and must make it fail.
+
+    python -m lora_scaffold.mutation generated_examples/bilinear [more example folders] [--jobs 2]
+
+Mutants run in processes forked from a server that imported torch, peft and pytest once (a fresh interpreter per
+mutant costs seconds), one mutant per process so that each imports its own layer module, and pytest stops at the
+first failure (`-x`). A mutant that runs past the time limit is stopped by an alarm inside its process: a hanging
+suite fails a user's CI too, so it counts as caught. Prints the score and every surviving mutant; exits 1 when one
+survives that the example's `EQUIVALENT_MUTANTS` list (mutation.json beside the layer) does not explain."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import shutil
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_scaffold.mutants import OPERATORS, Mutant, mutants, watched_classes
+
+
+TIME_LIMIT = 120  # seconds per mutant; the unmutated suites take a few
+PRELOAD = ["torch", "peft", "pytest", "lora_scaffold.mutants"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    mutant: Mutant
+    caught: bool
+    how: str  # "failed", "timed out", "survived"
+
+
+def example_files(folder: Path) -> tuple[Path, Path]:
+    """The layer module and its suite in a generated folder."""
+    suites = sorted(folder.glob("test_lora_*.py"))
+    if len(suites) != 1:
+        raise SystemExit(f"{folder}: expected one test_lora_*.py, found {len(suites)}")
+    layer = folder / suites[0].name.removeprefix("test_")
+    if not layer.is_file():
+        raise SystemExit(f"{folder}: {layer.name} is missing")
+    return layer, suites[0]
+
+
+def is_layer_class(source: str):
+    """The classes mutated: the LoRA layer (a LoraLayer subclass). The factored path's mode is lora_scaffold's own
+    code, carried verbatim (lora_scaffold/factored.py): tests/test_factored.py answers for it, across the uses no one
+    layer's forward reaches."""
+    import libcst as cst
+
+    module = cst.parse_module(source)
+    names = set()
+    for statement in module.body:
+        if isinstance(statement, cst.ClassDef):
+            bases = {cst.Module([]).code_for_node(base.value) for base in statement.bases}
+            if "LoraLayer" in bases:
+                names.add(statement.name.value)
+    return names.__contains__
+
+
+def run_suite(folder: str) -> int:
+    """In a forked process: the suite in `folder`, quiet, stopping at the first failure; pytest's exit code."""
+    import os
+    import signal
+
+    import pytest
+
+    def out_of_time(signum, frame):
+        raise TimeoutError("the mutant's suite ran past the time limit")
+
+    signal.signal(signal.SIGALRM, out_of_time)
+    signal.alarm(TIME_LIMIT)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.chdir(folder)
+    sys.path.insert(0, folder)
+    try:
+        return int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", folder]))
+    except TimeoutError:
+        return -1
+
+
+def run(example: Path, jobs: int, operators: tuple[str, ...] = OPERATORS) -> tuple[list[Outcome], int]:
+    """Every mutant the operators make of the example's layer, against its suite; also the number made."""
+    layer, suite = example_files(example)
+    source = layer.read_text()
+    made = mutants(source, watched_classes(source, is_layer_class(source)), operators)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    with tempfile.TemporaryDirectory() as scratch:
+        folders = []
+        for number, mutant in enumerate([None, *made]):
+            folder = Path(scratch) / f"mutant{number}"
+            folder.mkdir()
+            shutil.copy(suite, folder / suite.name)
+            (folder / layer.name).write_text(source if mutant is None else mutant.source)
+            folders.append(str(folder))
+        with ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
+            codes = list(pool.map(run_suite, folders))
+    if codes[0] != 0:
+        raise SystemExit(f"{example}: the unmutated suite fails (pytest exit {codes[0]}): nothing can be measured")
+    outcomes = [
+        Outcome(mutant, code != 0, "timed out" if code == -1 else "failed" if code else "survived")
+        for mutant, code in zip(made, codes[1:])
+    ]
+    return outcomes, len(made)
+
+
+def equivalent_mutants(example: Path) -> dict[str, str]:
+    """The example's surviving mutants shown equivalent: `where` + change -> why (mutation.json, optional)."""
+    path = example / "mutation.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lora_scaffold.mutation", description=__doc__.split("\n\n")[0])
+    parser.add_argument("examples", nargs="+", type=Path, help="folders holding a generated layer and its suite")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants run at once (default 2)")
+    parser.add_argument("--operator", action="append", choices=OPERATORS, help="only these operators (repeatable)")
+    options = parser.parse_args(argv)
+    unexplained = 0
+    for example in options.examples:
+        outcomes, made = run(example, options.jobs, tuple(options.operator or OPERATORS))
+        known = equivalent_mutants(example)
+        survivors = [o for o in outcomes if not o.caught]
+        explained = [o for o in survivors if f"{o.mutant.where}: {o.mutant.change}" in known]
+        scored = made - len(explained)
+        caught = sum(o.caught for o in outcomes)
+        print(f"{example}: {caught} of {scored} non-equivalent mutants caught ({len(explained)} equivalent)")
+        for outcome in survivors:
+            key = f"{outcome.mutant.where}: {outcome.mutant.change}"
+            why = known.get(key)
+            print(
+                f"  {'equivalent' if why else 'SURVIVED'} [{outcome.mutant.operator}] {key}"
+                + (f" ({why})" if why else "")
+            )
+            unexplained += why is None
+    return 1 if unexplained else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
