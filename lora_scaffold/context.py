@@ -126,6 +126,7 @@ class LayerContext:
     round_trip_source: Statements = ""
     factored_source: Statements = ""
     factored_dtype: Identifier = ""
+    factored_tolerance: float = 0.0
     quantization_backend: bool = False
     stored_in: Identifier = ""
     held_beside: Expression = ""

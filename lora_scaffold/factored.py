@@ -297,6 +297,11 @@ def _swapped(value, replace):
 # float32 for a forward that does not run in float64 (torch's grouped_mm).
 PROOF_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 PROOF_SEEDS = (0, 1, 2)
+
+
+def proof_tolerance(dtype_name: str) -> float:
+    """The tolerance for a dtype named as the plan names it ("float64"); 0.0 for "" (no factored path)."""
+    return PROOF_TOLERANCE[getattr(torch, dtype_name)] if dtype_name else 0.0
 PROOF_RANK = 2
 LINEAR_USES = (
     "F.linear, matmul, bmm, grouped_mm, bilinear, an ungrouped conv, an embedding without max_norm or "

@@ -207,13 +207,14 @@ def test_factored_path_equals_the_forward_with_w_plus_dw():
     factored = flatten(layer(*inputs))
     weight = {"weight": base_weight(layer) + layer.get_delta_weight("default")}
     materialised = flatten(torch.func.functional_call(layer.get_base_layer(), weight, inputs))
-    torch.testing.assert_close(factored, materialised)
     readout = torch.randn(factored.shape, dtype=factored.dtype, generator=torch.Generator().manual_seed(0))
-    for got, expected in zip(
+    gradients = zip(
         torch.autograd.grad((factored * readout).sum(), factors),
         torch.autograd.grad((materialised * readout).sum(), factors),
-    ):
-        torch.testing.assert_close(got, expected)
+    )
+    # Within the proof's tolerance of each tensor's scale: long sums in another order differ in their last bits.
+    for got, expected in [(factored, materialised), *gradients]:
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-09 * float(expected.abs().max()))
 
 
 def test_two_adapters_switch_and_one_deletes():
