@@ -302,6 +302,8 @@ PROOF_SEEDS = (0, 1, 2)
 def proof_tolerance(dtype_name: str) -> float:
     """The tolerance for a dtype named as the plan names it ("float64"); 0.0 for "" (no factored path)."""
     return PROOF_TOLERANCE[getattr(torch, dtype_name)] if dtype_name else 0.0
+
+
 PROOF_RANK = 2
 LINEAR_USES = (
     "F.linear, matmul, bmm, grouped_mm, bilinear, an ungrouped conv, an embedding without max_norm or "

@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_scaffold.mutants import OPERATORS, Mutant, mutants, watched_classes
+from lora_scaffold.mutants import OPERATORS, Mutant, layer_classes, mutants
 
 
 TIME_LIMIT = 120  # seconds per mutant; the unmutated suites take a few
@@ -44,22 +44,6 @@ def example_files(folder: Path) -> tuple[Path, Path]:
     if not layer.is_file():
         raise SystemExit(f"{folder}: {layer.name} is missing")
     return layer, suites[0]
-
-
-def is_layer_class(source: str):
-    """The classes mutated: the LoRA layer (a LoraLayer subclass). The factored path's mode is lora_scaffold's own
-    code, carried verbatim (lora_scaffold/factored.py): tests/test_factored.py answers for it, across the uses no one
-    layer's forward reaches."""
-    import libcst as cst
-
-    module = cst.parse_module(source)
-    names = set()
-    for statement in module.body:
-        if isinstance(statement, cst.ClassDef):
-            bases = {cst.Module([]).code_for_node(base.value) for base in statement.bases}
-            if "LoraLayer" in bases:
-                names.add(statement.name.value)
-    return names.__contains__
 
 
 def run_suite(folder: str) -> int:
@@ -89,7 +73,7 @@ def run(example: Path, jobs: int, operators: tuple[str, ...] = OPERATORS) -> tup
     """Every mutant the operators make of the example's layer, against its suite; also the number made."""
     layer, suite = example_files(example)
     source = layer.read_text()
-    made = mutants(source, watched_classes(source, is_layer_class(source)), operators)
+    made = mutants(source, layer_classes(source), operators)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     with tempfile.TemporaryDirectory() as scratch:

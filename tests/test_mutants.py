@@ -4,7 +4,7 @@ import ast
 
 import pytest
 
-from lora_scaffold.mutants import OPERATORS, mutants, watched_classes
+from lora_scaffold.mutants import OPERATORS, layer_classes, mutants
 
 
 SOURCE = """\
@@ -93,6 +93,6 @@ def test_a_negated_condition_keeps_its_parentheses():
     assert "if not (safe_merge and not torch.isfinite(delta).all()):" in negated[1].source
 
 
-def test_every_operator_is_known_and_watched_classes_are_picked_by_name():
+def test_every_operator_is_known_and_only_lora_layer_classes_are_mutated():
     assert len(set(OPERATORS)) == len(OPERATORS) == 8
-    assert watched_classes(SOURCE, lambda name: name.startswith("Lora")) == {"LoraThing"}
+    assert layer_classes(SOURCE) == {"LoraThing"}
