@@ -7,7 +7,8 @@ Mutants run in processes forked from a server that imported torch, peft and pyte
 mutant costs seconds), one mutant per process so that each imports its own layer module, and pytest stops at the
 first failure (`-x`). A mutant that runs past the time limit is stopped by an alarm inside its process: a hanging
 suite fails a user's CI too, so it counts as caught. Prints the score and every surviving mutant; exits 1 when one
-survives that the example's `EQUIVALENT_MUTANTS` list (mutation.json beside the layer) does not explain."""
+survives that the example's `mutation.json` (beside the layer: {"Class.method, line N: change": "why it changes no
+behaviour"}) does not explain."""
 
 from __future__ import annotations
 
