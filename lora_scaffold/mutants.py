@@ -1,7 +1,6 @@
 """One-change mutants of a generated layer module, made with libcst: what the generated suite must catch (issue 23).
 
-Each operator finds its sites in the layer class (and the factored path's mode, where the layer carries one) and
-makes one mutant per site: a sign flipped, the scaling dropped or squared, a call or `del` left out (an adapter not
+Each operator finds its sites in the layer class and makes one mutant per site: a sign flipped, the scaling dropped or squared, a call or `del` left out (an adapter not
 recorded, not removed, a warning not given), a check that raises dropped, a condition negated, a comparison or a
 boolean flipped. Docstrings, messages and `__repr__` are left alone: changing them changes no behaviour."""
 
@@ -19,6 +18,11 @@ class Mutant:
     where: str  # "LoraBilinear.merge, line 560"
     change: str  # what the site was, and what it became
     source: str  # the whole mutated module
+
+    @property
+    def key(self) -> str:
+        """How an equivalence list names it: its function and change, not its line, which moves as templates do."""
+        return f"{self.where.partition(', line ')[0]}: {self.change}"
 
 
 # Methods whose behaviour no contract test should see.

@@ -7,7 +7,7 @@ Mutants run in processes forked from a server that imported torch, peft and pyte
 mutant costs seconds), one mutant per process so that each imports its own layer module, and pytest stops at the
 first failure (`-x`). A mutant that runs past the time limit is stopped by an alarm inside its process: a hanging
 suite fails a user's CI too, so it counts as caught. Prints the score and every surviving mutant; exits 1 when one
-survives that the example's `mutation.json` (beside the layer: {"Class.method, line N: change": "why it changes no
+survives that the example's `mutation.json` (beside the layer: {"Class.method: change": "why it changes no
 behaviour"}) does not explain."""
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def run(example: Path, jobs: int, operators: tuple[str, ...] = OPERATORS) -> tup
 
 
 def equivalent_mutants(example: Path) -> dict[str, str]:
-    """The example's surviving mutants shown equivalent: `where` + change -> why (mutation.json, optional)."""
+    """The example's surviving mutants shown equivalent: `Mutant.key` -> why (mutation.json, optional)."""
     path = example / "mutation.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -113,13 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         outcomes, made = run(example, options.jobs, tuple(options.operator or OPERATORS))
         known = equivalent_mutants(example)
         survivors = [o for o in outcomes if not o.caught]
-        explained = [o for o in survivors if f"{o.mutant.where}: {o.mutant.change}" in known]
+        explained = [o for o in survivors if o.mutant.key in known]
         scored = made - len(explained)
         caught = sum(o.caught for o in outcomes)
         print(f"{example}: {caught} of {scored} non-equivalent mutants caught ({len(explained)} equivalent)")
         for outcome in survivors:
             key = f"{outcome.mutant.where}: {outcome.mutant.change}"
-            why = known.get(key)
+            why = known.get(outcome.mutant.key)
             print(
                 f"  {'equivalent' if why else 'SURVIVED'} [{outcome.mutant.operator}] {key}"
                 + (f" ({why})" if why else "")

@@ -90,6 +90,7 @@ def test_each_operator_changes_one_site(operator, expected):
 def test_a_negated_condition_keeps_its_parentheses():
     negated = mutants(SOURCE, frozenset({"LoraThing"}), ("condition negated",))
     assert [m.where for m in negated] == ["LoraThing.merge, line 12", "LoraThing.merge, line 15"]
+    assert negated[0].key == "LoraThing.merge: if adapter not in self.r -> if not (...)"
     assert "if not (safe_merge and not torch.isfinite(delta).all()):" in negated[1].source
 
 
