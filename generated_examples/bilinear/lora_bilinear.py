@@ -74,9 +74,8 @@ class FactoredWeightUses(TorchFunctionMode):
     MATMULS = frozenset([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__])  # `@` arrives as Tensor.matmul
     BATCHED = frozenset([torch.bmm, torch.Tensor.bmm])
     CONVOLUTIONS = frozenset([F.conv1d, F.conv2d, F.conv3d])
-    GROUPED = frozenset(
-        getattr(module, name) for module, name in ((F, "grouped_mm"), (torch, "_grouped_mm")) if hasattr(module, name)
-    )
+    # torch's grouped products, where this torch has them (transformers' grouped_mm experts call one)
+    GROUPED = frozenset(filter(None, [getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)]))
 
     def __init__(self, weight: torch.Tensor, pairs: list, effective) -> None:
         super().__init__()
