@@ -46,8 +46,8 @@ class Delta(Strategy):
         return str(proof_dtype(evidence)).removeprefix("torch.") if self.factored_path(evidence)[0] else ""
 
     def changed_shape(self, evidence: Evidence) -> tuple[int, ...] | None:
-        """How the layer lays out the change of the weight (B @ A, per expert for a bank of them) for the factored
-        path; None: as the weight, which must then be a matrix."""
+        """How the layer lays out the change of the weight for the factored path's proof: None for `delta`'s own
+        [out, in * ...] (B @ A, reshaped to the weight's shape), or [experts, d1, d2] (one pair per expert)."""
         return None
 
     def unfactored(self, evidence: Evidence) -> str:
