@@ -86,7 +86,7 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "round_trip_source": _round_trip_source(plan),
             "factored_source": factored.layer_source() if plan.decision.factored_dtype else "",
             "factored_dtype": plan.decision.factored_dtype,
-            "factored_tolerance": factored.proof_tolerance(plan.decision.factored_dtype),
+            "factored_tolerance": factored.test_tolerance(plan.decision.factored_dtype),
             "quantization_backend": plan.decision.adds_quantization_backend(peft),
             "stored_in": plan.weight.stored_in.rpartition(".")[2] if peft.mode == PLUGIN else "",
             **_held_beside(plan, peft),

@@ -59,8 +59,8 @@ class Delta(Strategy):
         weight, which the forward never reads as the parameter itself, or a quantized one)."""
         if evidence.call is None or evidence.weight.computed or evidence.weight.quantized:
             return False, ""
-        if self.unfactored(evidence):
-            return False, self.unfactored(evidence)
+        if why_not := self.unfactored(evidence):
+            return False, why_not
         proofs = _PROOFS.setdefault(evidence.module, {})
         if self.name not in proofs:
             proofs[self.name] = factored.factored_proof(
