@@ -105,6 +105,7 @@ def analyse(spec: TargetSpec, options: Options) -> LayerPlan:
             peft_builtin=strategies.peft_builtin(spec.target.cls),
             peft_builtin_exact=strategies.peft_builtin(spec.target.cls, exact=True) is not None,
             parameterless=not spec.parameters,
+            children=tuple(name for name, _ in module.named_children()),
         ),
         weight=WeightFacts(
             name=weight.name,

@@ -82,6 +82,7 @@ class LayerContext:
     strategy: Identifier
     strategy_summary: Prose
     layer_partial: Template
+    peft_own_layer: bool
     strategy_partial: Template
     weight_name: Expression
     weight_shape: Expression
@@ -94,6 +95,8 @@ class LayerContext:
     flat_rnn_weights: bool
     refused_options: dict[str, tuple[Expression, ...]]
     refusal_cases: tuple[Expression, ...]
+    merges_lora_bias: bool
+    bias_attribute: Identifier
     lora_bias_option: bool
     dora_variant: Identifier
     tests_dora: bool
@@ -104,6 +107,8 @@ class LayerContext:
     tagged_variants: bool
     set_adapter_inference_mode: bool
     device_hook: bool
+    weight_name_differs: bool
+    base_has_children: bool
     cast_input_dtype: bool
     missing_dicts: tuple[Identifier, ...]
     peft_warning: bool

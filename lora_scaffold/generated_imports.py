@@ -69,10 +69,12 @@ def test_imports(
 ) -> list[tuple[str, tuple[str, ...]]]:
     """The test module's imports; `layer_import` (verify) brings in another layer class than the generated one."""
     imports = [
+        ("inspect", ()),
         ("math", ()),
         ("pytest", ()),
         ("torch", ()),
         ("torch", ("nn",)),
+        ("warnings", ()),
         ("peft", ("LoraConfig", "PeftModel", "get_peft_model")),
     ]
     if layer_import is not None:
@@ -82,7 +84,7 @@ def test_imports(
     else:
         imports.append((f"peft.tuners.lora.{plan.names.module_name}", (plan.names.layer_class,)))
     if plan.call.model_call is not None:
-        imports += [("contextlib", ()), ("copy", ()), ("functools", ()), ("inspect", ())]
+        imports += [("contextlib", ()), ("copy", ()), ("functools", ())]
     sure, _ = split_imports(plan, peft)
     return imports + sure
 

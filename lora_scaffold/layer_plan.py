@@ -28,6 +28,7 @@ class TargetFacts:
     peft_builtin: str | None  # PEFT's own layer for the class or a base of it
     peft_builtin_exact: bool  # ... for the class itself
     parameterless: bool  # no parameters at all (BitNet's BitLinear keeps its weight in buffers)
+    children: tuple[str, ...] = ()  # its child modules, which PEFT may wrap through the layer
 
     @property
     def in_torch(self) -> bool:

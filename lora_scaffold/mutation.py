@@ -8,7 +8,7 @@ mutant costs seconds), one mutant per process so that each imports its own layer
 first failure (`-x`). A mutant that runs past the time limit is stopped by an alarm inside its process: a hanging
 suite fails a user's CI too, so it counts as caught. Prints the score and every surviving mutant; exits 1 when one
 survives that the example's `mutation.json` (beside the layer: {"Class.method: change": "why it changes no
-behaviour"}) does not explain."""
+behaviour"}) does not explain, or when that file lists a mutant the suite catches or the mutator no longer makes."""
 
 from __future__ import annotations
 
@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
                 + (f" ({why})" if why else "")
             )
             unexplained += why is None
+        # A listed mutant the suite now catches, or one no longer made, means the list no longer tells the truth.
+        for key in sorted(set(known) - {outcome.mutant.key for outcome in survivors}):
+            print(f"  STALE {key} is listed in mutation.json but was caught, or not made")
+            unexplained += 1
     return 1 if unexplained else 0
 
 

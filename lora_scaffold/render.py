@@ -20,7 +20,7 @@ from lora_scaffold.generated_imports import layer_imports, optional_imports, tes
 from lora_scaffold.import_blocks import format_imports
 from lora_scaffold.layer_plan import LayerPlan
 from lora_scaffold.layout import LINE_LENGTH, assigned_string, layout, string_lines
-from lora_scaffold.names import target_alias
+from lora_scaffold.names import is_name, target_alias
 from lora_scaffold.peft_release import LICENSE_HEADER, PLUGIN, PeftRelease
 from lora_scaffold.record import record_path
 from lora_scaffold.uninitialised import INIT_STD
@@ -68,6 +68,7 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "strategy": plan.decision.strategy,
             "strategy_summary": strategy.summary,
             "layer_partial": strategy.layer_partial,
+            "peft_own_layer": strategy.peft_own_layer,
             "strategy_partial": strategy.partial,
             "weight_name": _literal(plan.weight.name),
             "weight_shape": str(plan.weight.shape),
@@ -95,6 +96,11 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
                 option: refusal_message(option, why) for option, why in strategy.refused_options.items()
             },
             "refusal_cases": _refusal_cases(plan, refusal, peft),
+            # PEFT's own layers (reuse) are tested as PEFT wrote them: with lora_bias on a base without a bias, its
+            # Linear writes the weight before it fails on the bias.
+            "merges_lora_bias": "lora_bias" not in strategy.refused_options and not plan.decision.chosen.peft_own_layer,
+            # The bias as an attribute of the target the tests can set to None (not one of a child module).
+            "bias_attribute": plan.weight.bias_name if is_name(plan.weight.bias_name or "") else "",
             "lora_bias_option": peft.has_option("lora_bias"),
             "dora_variant": dora_variant,
             "tests_dora": bool(dora_variant),
@@ -108,6 +114,9 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "set_adapter_inference_mode": peft.has(peft_release.SET_ADAPTER_INFERENCE_MODE),
             "cast_input_dtype": peft.has(peft_release.CAST_INPUT_DTYPE),
             "device_hook": peft.has(peft_release.DEVICE_HOOK),
+            # PEFT moves an adapter to the device and dtype of `weight` (or `qweight`): another one needs a word.
+            "weight_name_differs": plan.weight.name != "weight",
+            "base_has_children": bool(plan.target.children),
             "param_wrapper": peft.mode == peft_release.PLUGIN and peft.has(peft_release.TARGET_PARAMETERS),
             "missing_dicts": _missing_dicts(peft),
             "peft_warning": peft.has(peft_release.PEFT_WARNING),
@@ -191,6 +200,7 @@ def context_for_verify(
         weight_cache=False,
         uses_dropout=uses_dropout,
         lora_bias_option=lora_bias,
+        merges_lora_bias=lora_bias,
         tests_dora=dora,
         mixed_batch=mixed_batch,
         refusal_cases=refusal_entries([(options, "", case_id) for options, case_id in refusals]),
@@ -265,7 +275,8 @@ def _refusal_cases(plan: LayerPlan, dora_refused: str, peft: PeftRelease) -> tup
     if plan.decision.chosen.peft_own_layer:
         return ()
     cases = [('{"use_dora": True}', "no DoRA", "use_dora")] if dora_refused else []
-    cases.append(('{"init_lora_weights": "pissa"}', "init_lora_weights", "pissa"))
+    # Our message, not PEFT's ("Unknown initialization"): PEFT checks inits only for factors other than an embedding's.
+    cases.append(('{"init_lora_weights": "pissa"}', "supports init_lora_weights", "pissa"))
     cases += [
         (f'{{"{option}": True}}', option, option)
         for option in plan.decision.chosen.refused_options

@@ -144,7 +144,11 @@ LIBRARIES = {
     "bnb_4bit": (
         "bitsandbytes.nn.Linear4bit",
         "quantized_layers.bnb_linear4()",
-        f"stored as Params4bit and the output is {NEARLY.format('5e-03')})",
+        # bitsandbytes' CPU kernels take the product in lower precision, or (0.50.2 here) in float32.
+        (
+            f"stored as Params4bit and the output is {NEARLY.format('5e-03')})",
+            "stored as Params4bit and the output is a linear map of the input (relative error at most 1e-06)",
+        ),
     ),
     "torchao_int8": (
         "torch.nn.Linear",
@@ -219,10 +223,13 @@ def test_library_layers_get_lora_beside_with_the_measure_and_its_precision(key):
     target, init, said = LIBRARIES[key]
     plan = analyse(introspect(resolve_target(target), {}, init), Options())
     assert plan.decision.strategy == "beside"
-    assert said in plan.decision.reason
+    assert any(measure in plan.decision.reason for measure in ((said,) if isinstance(said, str) else said))
     assert ("gradient" in plan.decision.reason) == (key in GRADIENT_NOTED)
-    assert bool(plan.decision.eval_only) == (key in EVAL_ONLY)
-    assert bool(plan.decision.settles) == (key == "bnb_4bit")
+    # Where bitsandbytes' 4-bit CPU path takes its product in float32 (the machine's and the version's choice), it
+    # neither repacks the weight on its first eval forward nor differs in training mode.
+    exact_4bit = key == "bnb_4bit" and "nearly" not in plan.decision.reason
+    assert bool(plan.decision.eval_only) == (key in EVAL_ONLY and not exact_4bit)
+    assert bool(plan.decision.settles) == (key == "bnb_4bit" and not exact_4bit)  # that kernel repacks the weight
 
 
 def test_library_layers_generated_suites_pass(library_layers):

@@ -62,7 +62,7 @@ class LoraProjection(nn.Module, LoraLayer):
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
         self.reset_lora_parameters(adapter_name, config.init_lora_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     @staticmethod
     def make_dropout(p: float) -> nn.Module:
@@ -70,7 +70,10 @@ class LoraProjection(nn.Module, LoraLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         weight_B, weight_A = self.lora_B[adapter_name].weight, self.lora_A[adapter_name].weight
-        return (weight_B @ weight_A) * self.scaling[adapter_name]
+        dtype = weight_A.dtype
+        if weight_A.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):  # as PEFT: float32 on CPU
+            weight_B, weight_A = weight_B.float(), weight_A.float()
+        return ((weight_B @ weight_A) * self.scaling[adapter_name]).to(dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         base = self.get_base_layer()
@@ -99,6 +102,7 @@ class LoraProjection(nn.Module, LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
+        self._check_forward_args(x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -224,5 +228,5 @@ MUTANTS = {
     IgnoresAdapterNames: "mixed batch gives each sample its adapter",
     DefaultInitNotZero: "default init keeps output",
     AdapterAGetsNoGradient: "only lora parameters train and all get gradients",
-    OutputLeftInAdapterDtype: "bf16 forward is finite",
+    OutputLeftInAdapterDtype: "bf16 forward is finite and near float32",
 }

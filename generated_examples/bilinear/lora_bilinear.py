@@ -361,25 +361,11 @@ class LoraBilinear(nn.Module, LoraLayer):
     def _base_bias(self) -> Optional[torch.Tensor]:
         return _get_attribute(self.get_base_layer(), BIAS_NAME) if BIAS_NAME else None
 
-    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
-        # PEFT moves adapters to the device and dtype of `base_layer.weight`; this layer adapts WEIGHT_NAME. PEFT
-        # asks about other modules too (MultiheadAttention's out_proj), which keep PEFT's answer.
-        if base_layer is not self.get_base_layer():
-            return super()._get_base_layer_device_and_dtype(base_layer)
-        weight = _get_attribute(base_layer, WEIGHT_NAME)
-        return weight.device, weight.dtype
-
     def _set_up_adapter(self, adapter_name: str, r: int, lora_alpha: int, options: Any) -> None:
         """What update_layer does once the API's arguments are read: `options` has LoraConfig's attribute names."""
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         self._check_options(options)
-        if options.lora_bias and self._base_bias() is None:
-            warnings.warn(
-                f"`lora_bias=True` was passed but {type(self.get_base_layer()).__name__} has no bias "
-                f"named {BIAS_NAME or 'bias'}. This means that merging LoRA weights won't be possible.",
-                PeftWarning,
-            )
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if options.use_rslora else lora_alpha / r
@@ -396,6 +382,7 @@ class LoraBilinear(nn.Module, LoraLayer):
         return ValueError(f"lora.{type(self).__name__} cannot apply {requested}: it supports {VARIANT_SUPPORT}.")
 
     def _check_options(self, options: Any) -> None:
+        # Before PEFT's reset_lora_parameters, which takes any init for an embedding's factors.
         init = options.init_lora_weights
         if not any(init is option or init == option for option in SUPPORTED_INITS):
             raise ValueError(
@@ -559,12 +546,9 @@ class LoraBilinear(nn.Module, LoraLayer):
                     continue
                 weight = self._base_weight()
                 new_weight = self._merged_weight(adapter)
-                new_bias = self._shifted_bias(adapter, sign=1)
-                if safe_merge and not all(torch.isfinite(t).all() for t in (new_weight, new_bias) if t is not None):
+                if safe_merge and not torch.isfinite(new_weight).all():
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
                 self._write_base_weight(weight, new_weight)
-                if new_bias is not None:
-                    self._base_bias().data = new_bias
                 self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -578,9 +562,6 @@ class LoraBilinear(nn.Module, LoraLayer):
                 if adapter not in self.r:
                     continue
                 self._write_base_weight(self._base_weight(), self._unmerged_weight(adapter))
-                new_bias = self._shifted_bias(adapter, sign=-1)
-                if new_bias is not None:
-                    self._base_bias().data = new_bias
 
     def _write_base_weight(self, weight: torch.Tensor, value: torch.Tensor) -> None:
         weight.data = value
@@ -593,14 +574,6 @@ class LoraBilinear(nn.Module, LoraLayer):
         weight = self._base_weight()
         return weight.data - self.get_delta_weight(adapter).to(weight.dtype)
 
-    def _shifted_bias(self, adapter: str, sign: int) -> Optional[torch.Tensor]:
-        if not self.lora_bias[adapter]:
-            return None
-        bias = self._base_bias()
-        if bias is None:
-            raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
-        return bias.data + sign * (self.lora_B[adapter].bias * self.scaling[adapter]).to(bias.dtype)
-
     def __getattr__(self, name: str) -> Any:
         # What the model around reads off the module this layer replaced (TransformerEncoderLayer reads
         # MultiheadAttention's batch_first and num_heads) comes from that module, as with PEFT's own layers.
@@ -609,19 +582,9 @@ class LoraBilinear(nn.Module, LoraLayer):
             return nn.Module.__getattr__(self, name)
         except AttributeError:
             modules = self.__dict__.get("_modules", {})
-            if "base_layer" not in modules:  # still being built: nothing to forward to yet
-                raise
-            return getattr(modules["base_layer"], name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # A submodule of the base module is read through this layer (above), so it is replaced there too: PEFT wraps
-        # a targeted child of the base module (an expert bank's own norm) by setting it on the parent it looked up.
-        modules = self.__dict__.get("_modules", {})
-        base_layer = modules.get("base_layer")
-        if base_layer is not None and name not in modules and name in base_layer._modules:
-            setattr(base_layer, name, value)
-        else:
-            super().__setattr__(name, value)
+            if "base_layer" in modules:  # else still being built: nothing to forward to yet
+                return getattr(modules["base_layer"], name)
+            raise
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

@@ -3,7 +3,9 @@
 They need only torch, peft and pytest.
 """
 
+import inspect
 import math
+import warnings
 
 import pytest
 import torch
@@ -85,6 +87,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
 
 
+LAYER_FILE = inspect.getfile(LoraEmbeddingBag)
+
+
+def layer_warnings(action) -> list[str]:
+    """The warnings the layer's own module gives while `action` runs."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        action()
+    return [str(warning.message) for warning in caught if warning.filename == LAYER_FILE]
+
+
 def moved(actual: torch.Tensor, baseline: torch.Tensor) -> bool:
     """Whether an output moved beyond float32 rounding, at its own scale (a module whose outputs are tiny), where
     the baseline is finite (a mask's -inf stays -inf)."""
@@ -117,12 +130,24 @@ def base_state(model: PeftModel) -> dict[str, torch.Tensor]:
 def test_dispatch_picks_the_lora_layer():
     layer = lora_layer(make_model())
     assert isinstance(layer, LoraEmbeddingBag)
-    assert isinstance(layer.get_base_layer(), EmbeddingBag)
+    base = layer.get_base_layer()
+    assert isinstance(base, EmbeddingBag)
+    # What the model around reads off the module the layer replaced is still there, and a child PEFT wraps later is
+    # set on the module it belongs to.
+    for name, value in vars(base).items():
+        if not name.startswith("_") and name not in vars(layer) and not hasattr(type(layer), name):
+            assert getattr(layer, name) is value, name
+    for name, child in list(base.named_children()):
+        assert getattr(layer, name) is child
+        setattr(layer, name, child)
+        assert name not in layer._modules, name
     assert repr(layer).startswith("lora.LoraEmbeddingBag(")
 
 
 def test_default_init_keeps_output():
-    assert torch.equal(run(make_model()), run(make_base()))
+    outputs = []
+    assert layer_warnings(lambda: outputs.append(run(make_model()))) == []  # and there is nothing to warn of
+    assert torch.equal(outputs[0], run(make_base()))
 
 
 def test_random_init_changes_output():
@@ -145,6 +170,8 @@ def test_unmerge_restores_base_weights():
     assert not lora_layer(model).merged
     for name, tensor in base_state(model).items():
         assert_close(tensor, before[name])
+    with pytest.warns(UserWarning, match="Already unmerged"):
+        lora_layer(model).unmerge()
 
 
 def test_merge_and_unload_returns_plain_target():
@@ -171,8 +198,16 @@ def test_safe_merge_rejects_nan_adapter():
 
 def test_disable_adapter_gives_base_output():
     model = make_model(init_lora_weights=False)
+    expected, before = run(make_base()), base_state(model)
     with model.disable_adapter():
-        assert torch.equal(run(model), run(make_base()))
+        assert torch.equal(run(model), expected)
+    # Merged, the adapter comes out of the base first.
+    model.merge_adapter()
+    with model.disable_adapter():
+        assert_close(run(model), expected)
+    assert not lora_layer(model).merged
+    for name, tensor in base_state(model).items():
+        assert_close(tensor, before[name])
 
 
 def test_only_lora_parameters_train_and_all_get_gradients():
@@ -182,6 +217,10 @@ def test_only_lora_parameters_train_and_all_get_gradients():
     flatten(model(*make_inputs())).pow(2).sum().backward()
     for name, parameter in trainable.items():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    # Built alone (as PEFT's lower-level API may), an adapter made for inference does not train.
+    config = make_config(inference_mode=True)
+    alone = LoraEmbeddingBag(make_target(), "default", config=config, r=RANK, lora_alpha=8)
+    assert not any(p.requires_grad for name, p in alone.named_parameters() if "lora_" in name)
 
 
 @pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
@@ -201,14 +240,16 @@ def test_two_adapters_switch_and_one_deletes():
     first = run(model)
     model.add_adapter("other", make_config(init_lora_weights=False))
     assert_close(run(model), first)  # adding an adapter leaves the active one as it was
+    layer = lora_layer(model)
+    assert not any(p.requires_grad for name, p in layer.named_parameters() if ".other" in name)  # it is not active
     model.set_adapter("other")
     second = run(model)
     assert moved(first, second)
     model.set_adapter("default")
     assert_close(run(model), first)
     model.delete_adapter("other")
-    layer = lora_layer(model)
-    assert "other" not in layer.r and "other" not in layer.scaling
+    for name in layer.adapter_layer_names + layer.other_param_names:
+        assert "other" not in getattr(layer, name), name
     assert_close(run(model), first)
 
 
@@ -265,6 +306,8 @@ def test_eval_weight_cache_follows_every_change():
 
 
 def test_lora_dropout_acts_in_training_only():
+    # No dropout is an Identity, which PEFT's DoRA reads as "reuse the base output".
+    assert isinstance(lora_layer(make_model()).lora_dropout["default"], nn.Identity)
     model = make_model(init_lora_weights=False, lora_dropout=0.5)
     model.train()
     inputs = make_inputs()
@@ -281,20 +324,30 @@ def test_rslora_scaling():
     assert lora_layer(make_model(lora_alpha=8)).scaling["default"] == pytest.approx(8 / RANK)
 
 
-def test_bf16_forward_is_finite():
+def test_bf16_forward_is_finite_and_near_float32():
     inputs = cast(make_inputs(), torch.bfloat16)
     try:
         with torch.no_grad():
             expected = tensors(make_base(torch.bfloat16)(*inputs))
     except (RuntimeError, ValueError) as exc:  # a quantized base may refuse another dtype (quanto's)
         pytest.skip(f"the plain EmbeddingBag cannot run in bfloat16 here: {exc}")
-    with torch.no_grad():
-        outputs = tensors(make_model(dtype=torch.bfloat16, init_lora_weights=False)(*inputs))
-    # Each output in the dtype the plain module gives it (a router's scores may stay in float32).
-    assert [tensor.dtype for tensor in outputs] == [tensor.dtype for tensor in expected]
-    # Finite wherever the plain module's output is (a mask's -inf is the module's own).
-    pairs = [(ours, plain) for ours, plain in zip(outputs, expected) if ours.is_floating_point()]
-    assert all((torch.isfinite(ours) | ~torch.isfinite(plain)).all() for ours, plain in pairs)
+    model, reference = make_model(dtype=torch.bfloat16, init_lora_weights=False), make_model(init_lora_weights=False)
+    for mode in ("train", "eval"):
+        with torch.no_grad():
+            outputs = tensors(getattr(model, mode)()(*inputs))
+            plain = flatten(getattr(make_base(torch.bfloat16), mode)()(*inputs)).float()
+            change = flatten(outputs).float() - plain
+            reference_output = flatten(getattr(reference, mode)()(*make_inputs()))
+            reference_change = reference_output - flatten(getattr(make_base(), mode)()(*make_inputs()))
+        # Each output in the dtype the plain module gives it (a router's scores may stay in float32).
+        assert [tensor.dtype for tensor in outputs] == [tensor.dtype for tensor in expected]
+        # Finite wherever the plain module's output is (a mask's -inf is the module's own).
+        pairs = [(ours, plain) for ours, plain in zip(outputs, expected) if ours.is_floating_point()]
+        assert all((torch.isfinite(ours) | ~torch.isfinite(plain)).all() for ours, plain in pairs)
+        # What the adapter changes is what it changes in float32, within bfloat16's rounding of the outputs.
+        finite = torch.isfinite(reference_change) & torch.isfinite(change)
+        error = (change - reference_change)[finite].norm()
+        assert error <= 0.1 * reference_change[finite].norm() + 2**-6 * reference_output[finite].norm(), mode
 
 
 def test_fp16_merge_on_cpu():
@@ -305,6 +358,31 @@ def test_fp16_merge_on_cpu():
     merged = base_weight(layer)
     assert merged.dtype == torch.float16
     torch.testing.assert_close(merged.float(), expected, rtol=1e-2, atol=1e-2)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = lora_layer(make_model(dtype=dtype, autocast_adapter_dtype=False, init_lora_weights=False))
+        # The adapter takes the base's dtype; its change is computed in float32 on CPU, then rounded once.
+        assert all(p.dtype == dtype for name, p in half.named_parameters() if "lora_" in name)
+        half.scaling["default"] = 0.3  # not a power of two: rounding the product before scaling it would show
+        delta = half.get_delta_weight("default")
+        assert torch.equal(delta, half.float().get_delta_weight("default").to(dtype))
+
+
+def test_a_partitioned_or_sharded_weight_is_refused():
+    # W + dW is built before the base module runs: a weight DeepSpeed ZeRO-3 keeps partitioned (ds_id), or FSDP
+    # sharded (device_mesh), at that point is refused, when the layer is built and at each forward.
+    for marker, message in (("ds_id", "DeepSpeed"), ("device_mesh", "sharded")):
+        base = make_base()
+        weight = base.target
+        for name in ["weight"]:
+            weight = getattr(weight, name)
+        setattr(weight, marker, 0)
+        with pytest.raises(ValueError, match=message):
+            get_peft_model(base, make_config())
+        model = make_model(init_lora_weights=False)
+        setattr(base_weight(lora_layer(model)), marker, 0)
+        for mode in ("train", "eval"):
+            with pytest.raises(ValueError, match=message), torch.set_grad_enabled(mode == "train"):
+                getattr(model, mode)()(*make_inputs())
 
 
 def test_rank_must_be_positive():
@@ -316,7 +394,7 @@ def test_rank_must_be_positive():
     "options, message",
     [
         pytest.param({"use_dora": True}, "no DoRA", id="use_dora"),
-        pytest.param({"init_lora_weights": "pissa"}, "init_lora_weights", id="pissa"),
+        pytest.param({"init_lora_weights": "pissa"}, "supports init_lora_weights", id="pissa"),
         pytest.param({"lora_bias": True}, "lora_bias", id="lora_bias"),
     ],
 )

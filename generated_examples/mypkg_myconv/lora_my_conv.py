@@ -89,14 +89,6 @@ class LoraMyConv(nn.Module, LoraLayer):
     def _base_bias(self) -> Optional[torch.Tensor]:
         return _get_attribute(self.get_base_layer(), BIAS_NAME) if BIAS_NAME else None
 
-    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
-        # PEFT moves adapters to the device and dtype of `base_layer.weight`; this layer adapts WEIGHT_NAME. PEFT
-        # asks about other modules too (MultiheadAttention's out_proj), which keep PEFT's answer.
-        if base_layer is not self.get_base_layer():
-            return super()._get_base_layer_device_and_dtype(base_layer)
-        weight = _get_attribute(base_layer, WEIGHT_NAME)
-        return weight.device, weight.dtype
-
     def _set_up_adapter(self, adapter_name: str, r: int, lora_alpha: int, options: Any) -> None:
         """What update_layer does once the API's arguments are read: `options` has LoraConfig's attribute names."""
         if r <= 0:
@@ -124,6 +116,7 @@ class LoraMyConv(nn.Module, LoraLayer):
         return ValueError(f"lora.{type(self).__name__} cannot apply {requested}: it supports {VARIANT_SUPPORT}.")
 
     def _check_options(self, options: Any) -> None:
+        # Before PEFT's reset_lora_parameters, which takes any init for an embedding's factors.
         init = options.init_lora_weights
         if not any(init is option or init == option for option in SUPPORTED_INITS):
             raise ValueError(
@@ -293,19 +286,9 @@ class LoraMyConv(nn.Module, LoraLayer):
             return nn.Module.__getattr__(self, name)
         except AttributeError:
             modules = self.__dict__.get("_modules", {})
-            if "base_layer" not in modules:  # still being built: nothing to forward to yet
-                raise
-            return getattr(modules["base_layer"], name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # A submodule of the base module is read through this layer (above), so it is replaced there too: PEFT wraps
-        # a targeted child of the base module (an expert bank's own norm) by setting it on the parent it looked up.
-        modules = self.__dict__.get("_modules", {})
-        base_layer = modules.get("base_layer")
-        if base_layer is not None and name not in modules and name in base_layer._modules:
-            setattr(base_layer, name, value)
-        else:
-            super().__setattr__(name, value)
+            if "base_layer" in modules:  # else still being built: nothing to forward to yet
+                return getattr(modules["base_layer"], name)
+            raise
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
