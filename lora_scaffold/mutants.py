@@ -1,8 +1,10 @@
 """One-change mutants of a generated layer module, made with libcst: what the generated suite must catch (issue 23).
 
-Each operator finds its sites in the layer class and makes one mutant per site: a sign flipped, the scaling dropped or squared, a call or `del` left out (an adapter not
-recorded, not removed, a warning not given), a check that raises dropped, a condition negated, a comparison or a
-boolean flipped. Docstrings, messages and `__repr__` are left alone: changing them changes no behaviour."""
+Each operator finds its sites in the layer class and makes one mutant per site: a sign flipped, the scaling dropped or
+squared, a call, a `del` or an adapter's dict entry left out (an adapter not recorded, not removed, a warning not
+given), a check that raises dropped, a condition (of an `if` or a conditional expression) negated, a comparison or a
+boolean flipped, a tensor's cast (`.float()`, `.to(...)`) left out. Docstrings, messages and `__repr__` are left
+alone: changing them changes no behaviour."""
 
 from __future__ import annotations
 
@@ -68,6 +70,22 @@ def _raises_only(node: cst.If) -> bool:
     last = body[-1] if body else None
     raises = isinstance(last, cst.SimpleStatementLine) and any(isinstance(s, cst.Raise) for s in last.body)
     return node.orelse is None and raises
+
+
+CASTS = frozenset({"float", "half", "bfloat16", "double", "to"})
+
+
+def _is_cast(node: cst.Call) -> bool:
+    return isinstance(node.func, cst.Attribute) and node.func.attr.value in CASTS
+
+
+def _records_an_entry(statement: cst.BaseSmallStatement) -> bool:
+    """`self.r[adapter_name] = r`: an adapter's entry in one of the layer's dicts."""
+    return (
+        isinstance(statement, cst.Assign)
+        and len(statement.targets) == 1
+        and isinstance(statement.targets[0].target, cst.Subscript)
+    )
 
 
 class _Sites(cst.CSTTransformer):
@@ -160,10 +178,25 @@ class _Sites(cst.CSTTransformer):
         if not (
             isinstance(statement, cst.Del)
             or (isinstance(statement, cst.Expr) and isinstance(statement.value, cst.Call))
+            or _records_an_entry(statement)
         ):
             return updated
         mutated = updated.with_changes(body=[cst.Pass()])
         return self._site(original, mutated, f"{_code(original)} -> pass") or updated
+
+    def leave_IfExp(self, original: cst.IfExp, updated: cst.IfExp):
+        if self.operator != "condition negated":
+            return updated
+        test = updated.test.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()])
+        mutated = updated.with_changes(test=cst.UnaryOperation(cst.Not(), test))
+        return self._site(original, mutated, f"{_code(original)} -> (... if not (...) else ...)") or updated
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call):
+        """A tensor's cast (`.float()`, `.to(...)`, ...) left out: the tensor as it was."""
+        if self.operator != "cast dropped" or not _is_cast(original):
+            return updated
+        mutated = updated.func.value.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()])
+        return self._site(original, mutated, f"{_code(original)} -> {_code(original.func.value)}") or updated
 
     def leave_If(self, original: cst.If, updated: cst.If):
         if self.operator == "check dropped" and _raises_only(original):
@@ -205,6 +238,7 @@ OPERATORS = (
     "condition negated",
     "comparison",
     "boolean flipped",
+    "cast dropped",
 )
 
 

@@ -30,7 +30,7 @@ GENERATED_NAMES = frozenset(
         *("WEIGHT_NAME", "BIAS_NAME", "SUPPORTED_INITS", "VARIANT_SUPPORT", "FLAT_WEIGHTS_WARNING", "_get_attribute"),
         *("_computes_in_fp32", "_weight_shape", "gather_params_ctx", "_no_fused_path", "parametrize"),
         *("RANK", "RTOL", "ATOL", "Wrapper", "make_target", "make_inputs", "make_base", "make_config", "make_model"),
-        *("cast", "tensors", "flatten", "run", "assert_close", "load_saved", "lora_layer", "base_weight"),
+        *("cast", "tensors", "flatten", "floating", "run", "assert_close", "load_saved", "lora_layer", "base_weight"),
         *("base_state", "nudge", "moved", "LAYER_FILE", "layer_warnings", "warnings"),
         *("contextlib", "functools", "inspect", "Captured", "recorded_call", "captured_call"),
         "LayerUnderTest",  # the layer `verify` checks

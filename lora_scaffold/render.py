@@ -98,7 +98,8 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "refusal_cases": _refusal_cases(plan, refusal, peft),
             # PEFT's own layers (reuse) are tested as PEFT wrote them: with lora_bias on a base without a bias, its
             # Linear writes the weight before it fails on the bias.
-            "merges_lora_bias": "lora_bias" not in strategy.refused_options and not plan.decision.chosen.peft_own_layer,
+            "merges_lora_bias": "lora_bias" not in strategy.refused_options
+            and not plan.decision.chosen.peft_own_layer,
             # The bias as an attribute of the target the tests can set to None (not one of a child module).
             "bias_attribute": plan.weight.bias_name if is_name(plan.weight.bias_name or "") else "",
             "lora_bias_option": peft.has_option("lora_bias"),

@@ -30,6 +30,10 @@ class LoraThing(nn.Module, LoraLayer):
     def delete(self, adapter):
         del self.r[adapter]
         return self.lora_bias.get(adapter, False)
+
+    def record(self, adapter, r, rslora):
+        self.r[adapter] = r
+        return (self.weight.float() if rslora else self.weight).to(self.dtype)
 """
 
 
@@ -65,6 +69,7 @@ def test_only_the_watched_class_is_mutated_and_never_its_repr_defaults_or_messag
             [
                 ("LoraThing.merge, line 18", "self.merged_adapters.append(adapter) -> pass"),
                 ("LoraThing.delete, line 21", "del self.r[adapter] -> pass"),
+                ("LoraThing.record, line 25", "self.r[adapter] = r -> pass"),
             ],
         ),
         (
@@ -81,6 +86,17 @@ def test_only_the_watched_class_is_mutated_and_never_its_repr_defaults_or_messag
             [("LoraThing.merge, line 12", "adapter not in self.r -> adapter in self.r")],
         ),
         ("boolean flipped", [("LoraThing.delete, line 22", "False -> True")]),
+        (
+            "cast dropped",
+            [
+                ("LoraThing.record, line 26", "self.weight.float() -> self.weight"),
+                (
+                    "LoraThing.record, line 26",
+                    "(self.weight.float() if rslora else self.weight).to(self.dtype) -> "
+                    "(self.weight.float() if rslora else self.weight)",
+                ),
+            ],
+        ),
     ],
 )
 def test_each_operator_changes_one_site(operator, expected):
@@ -89,11 +105,16 @@ def test_each_operator_changes_one_site(operator, expected):
 
 def test_a_negated_condition_keeps_its_parentheses():
     negated = mutants(SOURCE, frozenset({"LoraThing"}), ("condition negated",))
-    assert [m.where for m in negated] == ["LoraThing.merge, line 12", "LoraThing.merge, line 15"]
+    assert [m.where for m in negated] == [
+        "LoraThing.merge, line 12",
+        "LoraThing.merge, line 15",
+        "LoraThing.record, line 26",
+    ]
     assert negated[0].key == "LoraThing.merge: if adapter not in self.r -> if not (...)"
     assert "if not (safe_merge and not torch.isfinite(delta).all()):" in negated[1].source
+    assert "(self.weight.float() if not (rslora) else self.weight)" in negated[2].source
 
 
 def test_every_operator_is_known_and_only_lora_layer_classes_are_mutated():
-    assert len(set(OPERATORS)) == len(OPERATORS) == 8
+    assert len(set(OPERATORS)) == len(OPERATORS) == 9
     assert layer_classes(SOURCE) == {"LoraThing"}

@@ -81,9 +81,6 @@ class LoraEmbeddingBag(nn.Module, LoraLayer):
     def _base_weight(self) -> torch.Tensor:
         return _get_attribute(self.get_base_layer(), WEIGHT_NAME)
 
-    def _base_bias(self) -> Optional[torch.Tensor]:
-        return _get_attribute(self.get_base_layer(), BIAS_NAME) if BIAS_NAME else None
-
     def _set_up_adapter(self, adapter_name: str, r: int, lora_alpha: int, options: Any) -> None:
         """What update_layer does once the API's arguments are read: `options` has LoraConfig's attribute names."""
         if r <= 0:
@@ -93,7 +90,6 @@ class LoraEmbeddingBag(nn.Module, LoraLayer):
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if options.use_rslora else lora_alpha / r
         self.use_rslora[adapter_name] = options.use_rslora
-        self.use_dora[adapter_name] = bool(options.use_dora)
         self.lora_bias[adapter_name] = options.lora_bias
         dropout = nn.Dropout(p=options.lora_dropout) if options.lora_dropout > 0.0 else nn.Identity()
         self.lora_dropout[adapter_name] = dropout

@@ -176,7 +176,7 @@ class LoraGpt2Conv1d(nn.Module, LoraLayer):
             if adapter not in self.r:
                 continue
             rows = [index for index, name in enumerate(adapter_names) if name == adapter]
-            result[rows] = self._add_lora_output(adapter, x[rows], result[rows]).to(result.dtype)
+            result[rows] = self._add_lora_output(adapter, x[rows], result[rows])  # cast to result's dtype
         return result
 
     def _add_lora_output(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

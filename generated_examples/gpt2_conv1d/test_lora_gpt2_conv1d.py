@@ -66,6 +66,11 @@ def flatten(output) -> torch.Tensor:
     return torch.cat([tensor.flatten() for tensor in tensors(output)])
 
 
+def floating(output) -> torch.Tensor:
+    """Every floating tensor of an output as one vector (a router's expert indices left out)."""
+    return torch.cat([tensor.flatten() for tensor in tensors(output) if tensor.is_floating_point()])
+
+
 def cast(value, dtype: torch.dtype):
     """Floating tensors of an input (a tensor, or tuples and lists of them as LSTMCell takes) to `dtype`."""
     if isinstance(value, torch.Tensor):
@@ -282,7 +287,12 @@ def test_lora_dropout_acts_in_training_only():
 def test_rslora_scaling():
     rslora = lora_layer(make_model(lora_alpha=8, use_rslora=True))
     assert rslora.scaling["default"] == pytest.approx(8 / math.sqrt(RANK))
-    assert lora_layer(make_model(lora_alpha=8)).scaling["default"] == pytest.approx(8 / RANK)
+    rslora.set_scale("default", 0.5)  # PEFT's set_scale reads the layer's use_rslora
+    assert rslora.scaling["default"] == pytest.approx(0.5 * 8 / math.sqrt(RANK))
+    plain = lora_layer(make_model(lora_alpha=8))
+    assert plain.scaling["default"] == pytest.approx(8 / RANK)
+    plain.set_scale("default", 0.5)  # as PEFT's LoRA model scales an adapter: from its lora_alpha and r
+    assert plain.scaling["default"] == pytest.approx(0.5 * 8 / RANK)
 
 
 def test_bf16_forward_is_finite_and_near_float32():
@@ -296,19 +306,21 @@ def test_bf16_forward_is_finite_and_near_float32():
     for mode in ("train", "eval"):
         with torch.no_grad():
             outputs = tensors(getattr(model, mode)()(*inputs))
-            plain = flatten(getattr(make_base(torch.bfloat16), mode)()(*inputs)).float()
-            change = flatten(outputs).float() - plain
-            reference_output = flatten(getattr(reference, mode)()(*make_inputs()))
-            reference_change = reference_output - flatten(getattr(make_base(), mode)()(*make_inputs()))
+            plain = floating(getattr(make_base(torch.bfloat16), mode)()(*inputs)).float()
+            reference_output = floating(getattr(reference, mode)()(*make_inputs()))
+            reference_change = reference_output - floating(getattr(make_base(), mode)()(*make_inputs()))
         # Each output in the dtype the plain module gives it (a router's scores may stay in float32).
         assert [tensor.dtype for tensor in outputs] == [tensor.dtype for tensor in expected]
         # Finite wherever the plain module's output is (a mask's -inf is the module's own).
         pairs = [(ours, plain) for ours, plain in zip(outputs, expected) if ours.is_floating_point()]
         assert all((torch.isfinite(ours) | ~torch.isfinite(plain)).all() for ours, plain in pairs)
-        # What the adapter changes is what it changes in float32, within bfloat16's rounding of the outputs.
+        # What the adapter changes is what it changes in float32, within bfloat16's rounding, nearly everywhere (a
+        # router's top-k may pick another expert where two scores are within rounding of each other).
+        change = floating(outputs).float() - plain
         finite = torch.isfinite(reference_change) & torch.isfinite(change)
-        error = (change - reference_change)[finite].norm()
-        assert error <= 0.1 * reference_change[finite].norm() + 2**-6 * reference_output[finite].norm(), mode
+        tolerance = 0.1 * reference_change[finite].abs() + 2**-6 * reference_output[finite].abs().max()
+        near = (change - reference_change)[finite].abs() <= tolerance
+        assert near.float().mean() >= 0.9, (mode, float(near.float().mean()))
 
 
 def test_fp16_merge_on_cpu():
@@ -320,6 +332,12 @@ def test_fp16_merge_on_cpu():
     assert merged.dtype == torch.float16
     torch.testing.assert_close(merged.float(), expected, rtol=1e-2, atol=1e-2)
     for dtype in (torch.float16, torch.bfloat16):
+        # Merging a float32 adapter (PEFT's autocast) into a half-precision base keeps every base tensor's dtype.
+        model = make_model(dtype=dtype, init_lora_weights=False, lora_bias=True)
+        dtypes = {name: tensor.dtype for name, tensor in base_state(model).items()}
+        for step in (model.merge_adapter, model.unmerge_adapter):
+            step()
+            assert {name: tensor.dtype for name, tensor in base_state(model).items()} == dtypes
         half = lora_layer(make_model(dtype=dtype, autocast_adapter_dtype=False, init_lora_weights=False))
         # The adapter takes the base's dtype; its change is computed in float32 on CPU, then rounded once.
         assert all(p.dtype == dtype for name, p in half.named_parameters() if "lora_" in name)
@@ -359,6 +377,8 @@ def test_mixed_batch_gives_each_sample_its_adapter():
         assert_close(mixed[row], expected[name].reshape(batch, -1)[row])
     with pytest.raises(ValueError):  # a name too many for the batch
         run(model, adapter_names=[*names, "default"])
+    with pytest.raises(ValueError):  # PEFT mixes no DoRA adapters in a batch
+        run(make_model(init_lora_weights=False, use_dora=True).eval(), adapter_names=["default"] * batch)
 
 
 def test_dora_keeps_output_at_init():

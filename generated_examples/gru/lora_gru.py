@@ -82,9 +82,6 @@ class LoraGRU(nn.Module, LoraLayer):
     def _base_weight(self) -> torch.Tensor:
         return _get_attribute(self.get_base_layer(), WEIGHT_NAME)
 
-    def _base_bias(self) -> Optional[torch.Tensor]:
-        return _get_attribute(self.get_base_layer(), BIAS_NAME) if BIAS_NAME else None
-
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
         # PEFT moves adapters to the device and dtype of `base_layer.weight`; this layer adapts WEIGHT_NAME. PEFT
         # asks about other modules too (MultiheadAttention's out_proj), which keep PEFT's answer.
@@ -102,7 +99,6 @@ class LoraGRU(nn.Module, LoraLayer):
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if options.use_rslora else lora_alpha / r
         self.use_rslora[adapter_name] = options.use_rslora
-        self.use_dora[adapter_name] = bool(options.use_dora)
         self.lora_bias[adapter_name] = options.lora_bias
         dropout = nn.Dropout(p=options.lora_dropout) if options.lora_dropout > 0.0 else nn.Identity()
         self.lora_dropout[adapter_name] = dropout

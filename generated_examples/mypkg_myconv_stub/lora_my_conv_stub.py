@@ -96,7 +96,6 @@ class LoraMyConvStub(nn.Module, LoraLayer):
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if options.use_rslora else lora_alpha / r
         self.use_rslora[adapter_name] = options.use_rslora
-        self.use_dora[adapter_name] = bool(options.use_dora)
         self.lora_bias[adapter_name] = options.lora_bias
         dropout = nn.Dropout(p=options.lora_dropout) if options.lora_dropout > 0.0 else nn.Identity()
         self.lora_dropout[adapter_name] = dropout
@@ -167,7 +166,7 @@ class LoraMyConvStub(nn.Module, LoraLayer):
             if adapter not in self.r:
                 continue
             rows = [index for index, name in enumerate(adapter_names) if name == adapter]
-            result[rows] = self._add_lora_output(adapter, x[rows], result[rows]).to(result.dtype)
+            result[rows] = self._add_lora_output(adapter, x[rows], result[rows])  # cast to result's dtype
         return result
 
     def _add_lora_output(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
