@@ -92,10 +92,13 @@ class LayerContext:
     fan_in_fan_out: bool
     mixed_batch: bool
     uses_dropout: bool
+    dropout_unapplied: bool
     flat_rnn_weights: bool
     refused_options: dict[str, tuple[Expression, ...]]
     refusal_cases: tuple[Expression, ...]
     merges_lora_bias: bool
+    never_merged: bool
+    tests_lora_bias_without_base_bias: bool
     bias_attribute: Identifier
     lora_bias_option: bool
     dora_variant: Identifier
@@ -104,6 +107,9 @@ class LayerContext:
     variant_support: Expression
     dora_norm_dims: Expression
     api: Identifier
+    checks_inference_mode_alone: bool
+    inference_mode_in_config: bool
+    rslora_set_scale: bool
     tagged_variants: bool
     set_adapter_inference_mode: bool
     device_hook: bool
@@ -120,6 +126,7 @@ class LayerContext:
     inputs_expression: Expression
     test_rank: int
     eval_only: Prose
+    compared_modes: Expression
     settles: Prose = ""
     param_wrapper: bool = False
     verify: bool = False

@@ -50,6 +50,10 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
     dora_variant = "" if refusal or strategy.peft_own_layer else strategy.dora_variant(plan.weight.shape)
     support = f"plain LoRA only (no DoRA: {refusal})" if refusal else "plain LoRA and DoRA"
     make_target_head = "target = " if plan.target.uninitialised else "return "
+    # PEFT's own layers (reuse) are tested as PEFT wrote them: with lora_bias on a base without a bias, its Linear
+    # writes the weight before it fails on the bias.
+    merges_lora_bias = strategy.merges and "lora_bias" not in strategy.refused_options and not strategy.peft_own_layer
+    bias_attribute = plan.weight.bias_name if is_name(plan.weight.bias_name or "") else ""
     return LayerContext(
         **{
             "version": __version__,
@@ -78,6 +82,7 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "fan_in_fan_out": plan.decision.fan_in_fan_out,
             "mixed_batch": strategy.mixed_batch,
             "uses_dropout": strategy.uses_dropout,
+            "dropout_unapplied": not strategy.uses_dropout,
             "flat_rnn_weights": plan.weight.flat_rnn,
             "read_by_fused_parents": plan.weight.read_by_fused_parents,
             "computed_weight": plan.weight.computed,
@@ -96,12 +101,15 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
                 option: refusal_message(option, why) for option, why in strategy.refused_options.items()
             },
             "refusal_cases": _refusal_cases(plan, refusal, peft),
-            # PEFT's own layers (reuse) are tested as PEFT wrote them: with lora_bias on a base without a bias, its
-            # Linear writes the weight before it fails on the bias.
-            "merges_lora_bias": "lora_bias" not in strategy.refused_options
-            and not plan.decision.chosen.peft_own_layer,
+            "merges_lora_bias": merges_lora_bias,
+            # A layer whose merge is always refused is never merged: it carries no code for a merged state.
+            "never_merged": not strategy.merges and not plan.decision.tolerant_merge,
             # The bias as an attribute of the target the tests can set to None (not one of a child module).
-            "bias_attribute": plan.weight.bias_name if is_name(plan.weight.bias_name or "") else "",
+            "bias_attribute": bias_attribute,
+            # lora_bias on a base without a bias: one made so (its bias set to None), or one built without.
+            "tests_lora_bias_without_base_bias": merges_lora_bias
+            and peft.has_option("lora_bias")
+            and bool(bias_attribute or not plan.weight.bias_name),
             "lora_bias_option": peft.has_option("lora_bias"),
             "dora_variant": dora_variant,
             "tests_dora": bool(dora_variant),
@@ -111,6 +119,11 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "variant_support": assigned_string("VARIANT_SUPPORT = ", support),
             "dora_norm_dims": strategy.dora_norm_dims(plan.weight.shape, plan.decision.fan_in_fan_out),
             "api": peft.api,
+            # A layer built alone with inference_mode: from the config (peft >= 0.18) or a keyword (set_adapter's).
+            "checks_inference_mode_alone": peft.api == "config" or peft.has(peft_release.SET_ADAPTER_INFERENCE_MODE),
+            "inference_mode_in_config": peft.api == "config",
+            # PEFT's set_scale recomputes rsLoRA's scaling where the layer keeps use_rslora in a dict of its own.
+            "rslora_set_scale": peft.has(peft_release.USE_RSLORA_DICT),
             "tagged_variants": peft.has(peft_release.TAGGED_VARIANTS),
             "set_adapter_inference_mode": peft.has(peft_release.SET_ADAPTER_INFERENCE_MODE),
             "cast_input_dtype": peft.has(peft_release.CAST_INPUT_DTYPE),
@@ -131,6 +144,7 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             **_captured_call(plan),
             "test_rank": plan.decision.test_rank,
             "eval_only": plan.decision.eval_only,
+            "compared_modes": '("eval",)' if plan.decision.eval_only else '("train", "eval")',
             "settles": plan.decision.settles,
             "verify": False,
             "strategy_answers": dict(plan.decision.answers),
@@ -202,6 +216,7 @@ def context_for_verify(
         uses_dropout=uses_dropout,
         lora_bias_option=lora_bias,
         merges_lora_bias=lora_bias,
+        tests_lora_bias_without_base_bias=False,  # its warning and error are a generated layer's own words
         tests_dora=dora,
         mixed_batch=mixed_batch,
         refusal_cases=refusal_entries([(options, "", case_id) for options, case_id in refusals]),

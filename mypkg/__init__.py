@@ -1,6 +1,6 @@
-"""A small demo package for the README: a layer type PEFT does not know."""
+"""A small demo package for the README: layer types PEFT does not know (a convolution, a lookup table, an int8 linear)."""
 
-from mypkg.layers import MyConv
+from mypkg.layers import Int8WeightOnlyLinear, MyConv, TokenEmbedding
 
 
-__all__ = ["MyConv"]
+__all__ = ["Int8WeightOnlyLinear", "MyConv", "TokenEmbedding"]

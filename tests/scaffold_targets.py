@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mypkg.layers import Int8WeightOnlyLinear  # noqa: F401  (the README's quantized example; the tests' too)
+
 
 class SquaredConv(nn.Conv2d):
     """Subclasses nn.Conv2d, but its forward is not linear in the weight: no factored path may be chosen."""
@@ -384,22 +386,6 @@ class ReluPair(nn.Module):
     def forward(self, x):
         hidden = F.relu(self.lin(x))
         return hidden, hidden.sum(-1)
-
-
-class Int8WeightOnlyLinear(nn.Module):
-    """Weight-only int8 quantization in its common layout: an int8 `qweight` buffer and a float scale per row."""
-
-    def __init__(self, in_features: int = 6, out_features: int = 5, bias: bool = True):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        weight = torch.randn(out_features, in_features) * 0.2
-        scale = weight.abs().amax(dim=1) / 127
-        self.register_buffer("qweight", torch.round(weight / scale[:, None]).to(torch.int8))
-        self.register_buffer("scale", scale)
-        self.bias = nn.Parameter(torch.randn(out_features) * 0.1) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.qweight.to(x.dtype) * self.scale[:, None].to(x.dtype), self.bias)
 
 
 class Float8Linear(nn.Module):

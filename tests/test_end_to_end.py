@@ -58,6 +58,9 @@ EXAMPLE_STRATEGIES = {
     "gpt2_conv1d": "linear",
     "mypkg_myconv": "conv",
     "mypkg_myconv_stub": "stub",
+    "mypkg_token_embedding": "embedding",
+    "mypkg_int8_linear": "beside",
+    "qwen2_moe_experts": "experts",
 }
 
 

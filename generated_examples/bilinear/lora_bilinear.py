@@ -439,10 +439,7 @@ class LoraBilinear(nn.Module, LoraLayer):
         weight = getattr(owner, attribute)
         if self.training or torch.is_grad_enabled():
             return self._forward_factored(weight, adapters, *args, **kwargs)
-        if self.training or torch.is_grad_enabled():
-            effective = self._effective_weight(weight, adapters)
-        else:
-            effective = self._cached_effective_weight(weight, adapters)
+        effective = self._cached_effective_weight(weight, adapters)
         # The base module's own forward runs with W + dW, so the adapter is exact whatever that forward computes.
         return self._forward_with_weight(owner, attribute, effective, *args, **kwargs)
 

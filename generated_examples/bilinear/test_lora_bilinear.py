@@ -137,15 +137,18 @@ def test_dispatch_picks_the_lora_layer():
     assert isinstance(layer, LoraBilinear)
     base = layer.get_base_layer()
     assert isinstance(base, Bilinear)
-    # What the model around reads off the module the layer replaced is still there, and a child PEFT wraps later is
-    # set on the module it belongs to.
+    # What the model around reads off the module the layer replaced is still there (one set later too), and a child
+    # PEFT wraps later is set on the module it belongs to.
+    base.set_after_wrapping = object()
     for name, value in vars(base).items():
         if not name.startswith("_") and name not in vars(layer) and not hasattr(type(layer), name):
             assert getattr(layer, name) is value, name
     for name, child in list(base.named_children()):
         assert getattr(layer, name) is child
+        stand_in = nn.Module()
+        setattr(layer, name, stand_in)
+        assert base._modules[name] is stand_in and name not in layer._modules, name
         setattr(layer, name, child)
-        assert name not in layer._modules, name
     assert repr(layer).startswith("lora.LoraBilinear(")
 
 
@@ -312,6 +315,7 @@ def test_eval_weight_cache_follows_every_change():
         lambda: layer.lora_B["default"].weight.mul_(2),  # an optimizer step writes in place
         lambda: nudge(base_weight(layer)),
         lambda: layer.set_scale("default", 0.5),
+        lambda: layer.set_scale("default", -0.5),  # the adapter negated (task arithmetic's "forget")
         lambda: model.base_model.set_adapter("other"),
         lambda: model.base_model.set_adapter(["default", "other"]),
     ]
@@ -380,6 +384,8 @@ def test_bf16_forward_is_finite_and_near_float32():
         tolerance = 0.1 * reference_change[finite].abs() + 2**-6 * reference_output[finite].abs().max()
         near = (change - reference_change)[finite].abs() <= tolerance
         assert near.float().mean() >= 0.9, (mode, float(near.float().mean()))
+    # The eval forward kept W + dW of the float32 adapter (PEFT's autocast) in the bfloat16 weight's dtype.
+    assert lora_layer(model)._weight_cache[1].dtype == base_weight(lora_layer(model)).dtype
 
 
 def test_fp16_merge_on_cpu():
@@ -397,12 +403,20 @@ def test_fp16_merge_on_cpu():
         for step in (model.merge_adapter, model.unmerge_adapter):
             step()
             assert {name: tensor.dtype for name, tensor in base_state(model).items()} == dtypes
-        half = lora_layer(make_model(dtype=dtype, autocast_adapter_dtype=False, init_lora_weights=False))
-        # The adapter takes the base's dtype; its change is computed in float32 on CPU, then rounded once.
-        assert all(p.dtype == dtype for name, p in half.named_parameters() if "lora_" in name)
-        half.scaling["default"] = 0.3  # not a power of two: rounding the product before scaling it would show
-        delta = half.get_delta_weight("default")
-        assert torch.equal(delta, half.float().get_delta_weight("default").to(dtype))
+
+
+def test_half_precision_adapter_computes_its_change_in_float32():
+    for dtype in (torch.float16, torch.bfloat16):
+        layer = lora_layer(make_model(dtype=dtype, autocast_adapter_dtype=False, init_lora_weights=False))
+        expected_dtype = dtype  # the adapter takes the base's dtype
+        factors = [p for name, p in layer.named_parameters() if "lora_" in name]
+        assert all(p.dtype == expected_dtype for p in factors)
+        # On CPU its change is computed in float32, then rounded once.
+        layer.scaling["default"] = 0.3  # not a power of two: rounding the product before scaling it would show
+        delta = layer.get_delta_weight("default")
+        for factor in factors:
+            factor.data = factor.data.float()
+        assert torch.equal(delta, layer.get_delta_weight("default").to(expected_dtype))
 
 
 def test_a_partitioned_or_sharded_weight_is_refused():

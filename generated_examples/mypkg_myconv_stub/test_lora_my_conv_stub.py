@@ -137,15 +137,18 @@ def test_dispatch_picks_the_lora_layer():
     assert isinstance(layer, LoraMyConvStub)
     base = layer.get_base_layer()
     assert isinstance(base, MyConv)
-    # What the model around reads off the module the layer replaced is still there, and a child PEFT wraps later is
-    # set on the module it belongs to.
+    # What the model around reads off the module the layer replaced is still there (one set later too), and a child
+    # PEFT wraps later is set on the module it belongs to.
+    base.set_after_wrapping = object()
     for name, value in vars(base).items():
         if not name.startswith("_") and name not in vars(layer) and not hasattr(type(layer), name):
             assert getattr(layer, name) is value, name
     for name, child in list(base.named_children()):
         assert getattr(layer, name) is child
+        stand_in = nn.Module()
+        setattr(layer, name, stand_in)
+        assert base._modules[name] is stand_in and name not in layer._modules, name
         setattr(layer, name, child)
-        assert name not in layer._modules, name
     assert repr(layer).startswith("lora.LoraMyConvStub(")
 
 
@@ -338,12 +341,20 @@ def test_fp16_merge_on_cpu():
         for step in (model.merge_adapter, model.unmerge_adapter):
             step()
             assert {name: tensor.dtype for name, tensor in base_state(model).items()} == dtypes
-        half = lora_layer(make_model(dtype=dtype, autocast_adapter_dtype=False, init_lora_weights=False))
-        # The adapter takes the base's dtype; its change is computed in float32 on CPU, then rounded once.
-        assert all(p.dtype == dtype for name, p in half.named_parameters() if "lora_" in name)
-        half.scaling["default"] = 0.3  # not a power of two: rounding the product before scaling it would show
-        delta = half.get_delta_weight("default")
-        assert torch.equal(delta, half.float().get_delta_weight("default").to(dtype))
+
+
+def test_half_precision_adapter_computes_its_change_in_float32():
+    for dtype in (torch.float16, torch.bfloat16):
+        layer = lora_layer(make_model(dtype=dtype, autocast_adapter_dtype=False, init_lora_weights=False))
+        expected_dtype = dtype  # the adapter takes the base's dtype
+        factors = [p for name, p in layer.named_parameters() if "lora_" in name]
+        assert all(p.dtype == expected_dtype for p in factors)
+        # On CPU its change is computed in float32, then rounded once.
+        layer.scaling["default"] = 0.3  # not a power of two: rounding the product before scaling it would show
+        delta = layer.get_delta_weight("default")
+        for factor in factors:
+            factor.data = factor.data.float()
+        assert torch.equal(delta, layer.get_delta_weight("default").to(expected_dtype))
 
 
 def test_rank_must_be_positive():

@@ -1,0 +1,361 @@
+"""Tests for `LoraInt8WeightOnlyLinear`, written by lora-scaffold 0.1.0 for peft >= 0.21.
+
+They need only torch, peft and pytest.
+"""
+
+import inspect
+import math
+import warnings
+
+import pytest
+import torch
+from mypkg import Int8WeightOnlyLinear
+from torch import nn
+
+from lora_int8_weight_only_linear import LoraInt8WeightOnlyLinear, register
+from peft import LoraConfig, PeftModel, get_peft_model
+
+
+RANK = 4
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def make_target() -> nn.Module:
+    return Int8WeightOnlyLinear()
+
+
+def make_inputs() -> tuple:
+    torch.manual_seed(0)
+    return (torch.randn(2, 6),)
+
+
+class Wrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.target = make_target()
+
+    def forward(self, *inputs, **kwargs):
+        return self.target(*inputs, **kwargs)
+
+
+def make_base(dtype: torch.dtype = torch.float32) -> Wrapper:
+    torch.manual_seed(0)
+    # As built for float32 (`.to` would turn a float8 weight into float32 too), cast for another dtype.
+    base = Wrapper() if dtype == torch.float32 else Wrapper().to(dtype)
+    return base
+
+
+def make_config(**kwargs) -> LoraConfig:
+    return register(LoraConfig(target_modules=["target"], r=RANK, **kwargs))
+
+
+def make_model(dtype: torch.dtype = torch.float32, autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
+    return get_peft_model(make_base(dtype), make_config(**kwargs), autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def tensors(output) -> list[torch.Tensor]:
+    """Every tensor of an output: a tensor, or tuples and dicts of them (as RNNs and routers return)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    items = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    return [tensor for item in items for tensor in tensors(item)]
+
+
+def flatten(output) -> torch.Tensor:
+    """Every tensor of an output as one vector."""
+    return torch.cat([tensor.flatten() for tensor in tensors(output)])
+
+
+def floating(output) -> torch.Tensor:
+    """Every floating tensor of an output as one vector (a router's expert indices left out)."""
+    return torch.cat([tensor.flatten() for tensor in tensors(output) if tensor.is_floating_point()])
+
+
+def cast(value, dtype: torch.dtype):
+    """Floating tensors of an input (a tensor, or tuples and lists of them as LSTMCell takes) to `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(cast(item, dtype) for item in value)
+    return value
+
+
+def run(model: nn.Module, dtype: torch.dtype | None = None, **kwargs) -> torch.Tensor:
+    inputs = make_inputs()
+    if dtype is not None:
+        inputs = cast(inputs, dtype)
+    with torch.no_grad():
+        return flatten(model(*inputs, **kwargs))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+LAYER_FILE = inspect.getfile(LoraInt8WeightOnlyLinear)
+
+
+def layer_warnings(action) -> list[str]:
+    """The warnings the layer's own module gives while `action` runs."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        action()
+    return [str(warning.message) for warning in caught if warning.filename == LAYER_FILE]
+
+
+def moved(actual: torch.Tensor, baseline: torch.Tensor) -> bool:
+    """Whether an output moved beyond float32 rounding, at its own scale (a module whose outputs are tiny), where
+    the baseline is finite (a mask's -inf stays -inf)."""
+    finite = torch.isfinite(baseline)
+    change = (actual - baseline)[finite].abs()
+    return bool(change.numel()) and bool(change.max() > 1e-5 * baseline[finite].abs().max() or change.isnan().any())
+
+
+def load_saved(path, **options) -> PeftModel:
+    config = register(LoraConfig.from_pretrained(path))
+    return PeftModel.from_pretrained(make_base(), path, config=config, **options)
+
+
+def lora_layer(model: PeftModel) -> LoraInt8WeightOnlyLinear:
+    return model.base_model.model.target
+
+
+def base_weight(layer: LoraInt8WeightOnlyLinear) -> torch.Tensor:
+    module = layer.get_base_layer()
+    for name in ["qweight"]:
+        module = getattr(module, name)
+    return module
+
+
+def base_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    # Cloned, not deep-copied: some bases hold tensors that refuse deepcopy (hqq's quantization metadata).
+    state = lora_layer(model).get_base_layer().state_dict()
+    return {name: plain.detach().clone() for name, tensor in state.items() for name, plain in _plain(name, tensor)}
+
+
+def _plain(name: str, tensor: torch.Tensor):
+    """A tensor subclass holding quantized data (torchao's) as the plain tensors it holds, which torch.equal takes."""
+    if type(tensor) in (torch.Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        yield name, tensor
+        return
+    for inner in tensor.__tensor_flatten__()[0]:
+        yield from _plain(f"{name}.{inner}", getattr(tensor, inner))
+
+
+def test_dispatch_picks_the_lora_layer():
+    layer = lora_layer(make_model())
+    assert isinstance(layer, LoraInt8WeightOnlyLinear)
+    base = layer.get_base_layer()
+    assert isinstance(base, Int8WeightOnlyLinear)
+    # What the model around reads off the module the layer replaced is still there (one set later too), and a child
+    # PEFT wraps later is set on the module it belongs to.
+    base.set_after_wrapping = object()
+    for name, value in vars(base).items():
+        if not name.startswith("_") and name not in vars(layer) and not hasattr(type(layer), name):
+            assert getattr(layer, name) is value, name
+    for name, child in list(base.named_children()):
+        assert getattr(layer, name) is child
+        stand_in = nn.Module()
+        setattr(layer, name, stand_in)
+        assert base._modules[name] is stand_in and name not in layer._modules, name
+        setattr(layer, name, child)
+    assert repr(layer).startswith("lora.LoraInt8WeightOnlyLinear(")
+
+
+def test_default_init_keeps_output():
+    outputs = []
+    assert layer_warnings(lambda: outputs.append(run(make_model()))) == []  # and there is nothing to warn of
+    assert torch.equal(outputs[0], run(make_base()))
+
+
+def test_random_init_changes_output():
+    assert moved(run(make_model(init_lora_weights=False)), run(make_base()))
+
+
+def test_merging_is_refused_and_changes_nothing():
+    model = make_model(init_lora_weights=False)
+    before, expected = base_state(model), run(model)
+    for merge in (model.merge_adapter, model.merge_and_unload, lambda: lora_layer(model).merge(safe_merge=True)):
+        with pytest.raises(ValueError, match="cannot merge"):
+            merge()
+        assert not lora_layer(model).merged
+        assert_close(run(model), expected)
+    for name, tensor in base_state(model).items():
+        assert torch.equal(tensor, before[name])
+    with pytest.warns(UserWarning, match="Already unmerged"):
+        lora_layer(model).unmerge()
+
+
+def test_unload_dequantized_exports_float_layers_computing_the_unmerged_output():
+    model = make_model(init_lora_weights=False, lora_bias=True)
+    with torch.no_grad():
+        lora_layer(model).lora_B["default"].bias.normal_()
+    expected = run(model)
+    exported = LoraInt8WeightOnlyLinear.unload_dequantized(model)
+    assert type(exported.target) is nn.Linear
+    # The base's linear part: off by what the base is from linear (measured at generation), and float32 rounding.
+    tolerance = 1e-05 * float(expected.abs().max())
+    torch.testing.assert_close(run(exported), expected, rtol=0, atol=tolerance)
+
+
+def test_disable_adapter_gives_base_output():
+    model = make_model(init_lora_weights=False)
+    expected, before = run(make_base()), base_state(model)
+    with model.disable_adapter():
+        assert torch.equal(run(model), expected)
+
+
+def test_only_lora_parameters_train_and_all_get_gradients():
+    model = make_model(init_lora_weights=False)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    flatten(model(*make_inputs())).pow(2).sum().backward()
+    for name, parameter in trainable.items():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    # Built alone (as PEFT's lower-level API may), an adapter made for inference does not train.
+    config = make_config(inference_mode=True)
+    alone = LoraInt8WeightOnlyLinear(make_target(), "default", config=config, r=RANK, lora_alpha=8)
+    assert not any(p.requires_grad for name, p in alone.named_parameters() if "lora_" in name)
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_save_and_load_roundtrip(tmp_path, low_cpu_mem_usage):
+    model = make_model(init_lora_weights=False)
+    expected = run(model)
+    model.save_pretrained(tmp_path)
+    # low_cpu_mem_usage creates the adapter on the meta device and assigns the saved tensors to it
+    loaded = load_saved(tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+    assert isinstance(lora_layer(loaded), LoraInt8WeightOnlyLinear)
+    assert not any(parameter.is_meta for parameter in loaded.parameters())
+    assert_close(run(loaded), expected)
+
+
+def test_two_adapters_switch_and_one_deletes():
+    model = make_model(init_lora_weights=False)
+    first = run(model)
+    model.add_adapter("other", make_config(init_lora_weights=False))
+    assert_close(run(model), first)  # adding an adapter leaves the active one as it was
+    layer = lora_layer(model)
+    assert not any(p.requires_grad for name, p in layer.named_parameters() if ".other" in name)  # it is not active
+    model.set_adapter("other")
+    second = run(model)
+    assert moved(first, second)
+    model.set_adapter("default")
+    assert_close(run(model), first)
+    model.delete_adapter("other")
+    for name in layer.adapter_layer_names + layer.other_param_names:
+        assert "other" not in getattr(layer, name), name
+    assert_close(run(model), first)
+
+
+def test_two_active_adapters_apply_together():
+    model = make_model(init_lora_weights=False)
+    model.add_adapter("other", make_config(init_lora_weights=False))
+    singles = [run(model)]
+    model.set_adapter("other")
+    singles.append(run(model))
+    model.base_model.set_adapter(["default", "other"])
+    both = run(model)
+    assert all(moved(both, single) for single in singles)
+
+
+def test_lora_dropout_acts_in_training_only():
+    # No dropout is an Identity, which PEFT's DoRA reads as "reuse the base output".
+    assert isinstance(lora_layer(make_model()).lora_dropout["default"], nn.Identity)
+    model = make_model(init_lora_weights=False, lora_dropout=0.5)
+    model.train()
+    inputs = make_inputs()
+    assert moved(flatten(model(*inputs)), flatten(model(*inputs)))
+
+
+def test_rslora_scaling():
+    rslora = lora_layer(make_model(lora_alpha=8, use_rslora=True))
+    assert rslora.scaling["default"] == pytest.approx(8 / math.sqrt(RANK))
+    rslora.set_scale("default", 0.5)  # PEFT's set_scale reads the layer's use_rslora
+    assert rslora.scaling["default"] == pytest.approx(0.5 * 8 / math.sqrt(RANK))
+    plain = lora_layer(make_model(lora_alpha=8))
+    assert plain.scaling["default"] == pytest.approx(8 / RANK)
+    plain.set_scale("default", 0.5)  # as PEFT's LoRA model scales an adapter: from its lora_alpha and r
+    assert plain.scaling["default"] == pytest.approx(0.5 * 8 / RANK)
+
+
+def test_bf16_forward_is_finite_and_near_float32():
+    inputs = cast(make_inputs(), torch.bfloat16)
+    try:
+        with torch.no_grad():
+            expected = tensors(make_base(torch.bfloat16)(*inputs))
+    except (RuntimeError, ValueError) as exc:  # a quantized base may refuse another dtype (quanto's)
+        pytest.skip(f"the plain Int8WeightOnlyLinear cannot run in bfloat16 here: {exc}")
+    model, reference = make_model(dtype=torch.bfloat16, init_lora_weights=False), make_model(init_lora_weights=False)
+    for mode in ("train", "eval"):
+        with torch.no_grad():
+            outputs = tensors(getattr(model, mode)()(*inputs))
+            plain = floating(getattr(make_base(torch.bfloat16), mode)()(*inputs)).float()
+            reference_output = floating(getattr(reference, mode)()(*make_inputs()))
+            reference_change = reference_output - floating(getattr(make_base(), mode)()(*make_inputs()))
+        # Each output in the dtype the plain module gives it (a router's scores may stay in float32).
+        assert [tensor.dtype for tensor in outputs] == [tensor.dtype for tensor in expected]
+        # Finite wherever the plain module's output is (a mask's -inf is the module's own).
+        pairs = [(ours, plain) for ours, plain in zip(outputs, expected) if ours.is_floating_point()]
+        assert all((torch.isfinite(ours) | ~torch.isfinite(plain)).all() for ours, plain in pairs)
+        # What the adapter changes is what it changes in float32, within bfloat16's rounding, nearly everywhere (a
+        # router's top-k may pick another expert where two scores are within rounding of each other).
+        change = floating(outputs).float() - plain
+        finite = torch.isfinite(reference_change) & torch.isfinite(change)
+        tolerance = 0.1 * reference_change[finite].abs() + 2**-6 * reference_output[finite].abs().max()
+        near = (change - reference_change)[finite].abs() <= tolerance
+        assert near.float().mean() >= 0.9, (mode, float(near.float().mean()))
+
+
+def test_half_precision_adapter_computes_its_change_in_float32():
+    for dtype in (torch.float16, torch.bfloat16):
+        try:
+            make_base(dtype)
+        except (RuntimeError, ValueError) as exc:  # a quantized base may refuse another dtype (quanto's)
+            pytest.skip(f"the plain Int8WeightOnlyLinear cannot be cast to {dtype} here: {exc}")
+        layer = lora_layer(make_model(dtype=dtype, autocast_adapter_dtype=False, init_lora_weights=False))
+        # The adapter takes the dtype the base computes in: the one it says (bitsandbytes', hqq's), else the cast's.
+        compute_dtype = getattr(layer.get_base_layer(), "compute_dtype", None)
+        expected_dtype = compute_dtype if isinstance(compute_dtype, torch.dtype) else dtype
+        factors = [p for name, p in layer.named_parameters() if "lora_" in name]
+        assert all(p.dtype == expected_dtype for p in factors)
+        # On CPU its change is computed in float32, then rounded once.
+        layer.scaling["default"] = 0.3  # not a power of two: rounding the product before scaling it would show
+        delta = layer.get_delta_weight("default")
+        for factor in factors:
+            factor.data = factor.data.float()
+        assert torch.equal(delta, layer.get_delta_weight("default").to(expected_dtype))
+
+
+def test_rank_must_be_positive():
+    with pytest.raises(ValueError, match="positive"):
+        LoraInt8WeightOnlyLinear(make_target(), "default", config=make_config(), r=0, lora_alpha=1)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        pytest.param({"use_dora": True}, "no DoRA", id="use_dora"),
+        pytest.param({"init_lora_weights": "pissa"}, "supports init_lora_weights", id="pissa"),
+    ],
+)
+def test_unsupported_options_raise(options, message):
+    with pytest.raises(ValueError, match=message):
+        make_model(**options)
+
+
+def test_mixed_batch_gives_each_sample_its_adapter():
+    model = make_model(init_lora_weights=False).eval()
+    model.add_adapter("other", make_config(init_lora_weights=False))
+    batch = make_inputs()[0].shape[0]
+    names = (["default", "other", "__base__"] * batch)[:batch]
+    mixed = run(model, adapter_names=names).reshape(batch, -1)
+    expected = {"default": run(model)}
+    model.set_adapter("other")
+    expected["other"] = run(model)
+    with model.disable_adapter():
+        expected["__base__"] = run(model)
+    for row, name in enumerate(names):
+        assert_close(mixed[row], expected[name].reshape(batch, -1)[row])
+    with pytest.raises(ValueError):  # a name too many for the batch
+        run(model, adapter_names=[*names, "default"])
