@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mypkg.layers import Int8WeightOnlyLinear  # noqa: F401  (the README's quantized example; the tests' too)
-
 
 class SquaredConv(nn.Conv2d):
     """Subclasses nn.Conv2d, but its forward is not linear in the weight: no factored path may be chosen."""

@@ -84,6 +84,10 @@ PLUGIN_CASES = [
         ["torch.nn.Conv2d", "--example-input", "torch.randn(2, 3)"],
         "Conv2d fails on --example-input torch.randn(2, 3): RuntimeError",
     ),
+    (
+        ["torch.nn.Linear", "--example-input", "torch.randn(2, 5)"],  # Linear(8, ...): the given input is named
+        "Linear fails on --example-input torch.randn(2, 5): RuntimeError: mat1 and mat2 shapes cannot be multiplied",
+    ),
     (["torch.nn.Linear", "--example-input", "1/0"], "ZeroDivisionError"),
     (["torch.nn.Linear", "--example-input", "torch.randn(2, 8)\nimport os"], "is not one Python expression"),
     (["torch.nn.Linear", "--example-input", "'text'"], "Linear fails on --example-input"),

@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners import lora
 from peft.tuners.lora import LoraLayer
-from scaffold_targets import Float8Linear, Int8WeightOnlyLinear
+from scaffold_targets import Float8Linear
 from test_end_to_end import run_suites
 from torch import nn
 
@@ -22,10 +22,11 @@ from lora_scaffold.introspect import introspect
 from lora_scaffold.request import Options
 from lora_scaffold.resolve import resolve_target
 from lora_scaffold.weight_choice import choose_weight
+from mypkg import Int8WeightOnlyLinear
 
 
 QUANTIZED = {
-    "int8": ("scaffold_targets.Int8WeightOnlyLinear", "qweight", "int8"),
+    "int8": ("mypkg.Int8WeightOnlyLinear", "qweight", "int8"),
     "float8": ("scaffold_targets.Float8Linear", "weight", "float8_e4m3fn"),
 }
 
@@ -60,7 +61,7 @@ def test_a_quantized_base_that_is_not_linear_in_its_input_is_refused_with_the_ca
 
 def test_strategies_that_write_into_the_weight_are_refused_on_quantized_storage():
     with pytest.raises(AnalysisError, match="stored as int8 .*use --strategy beside"):
-        plan_for("scaffold_targets.Int8WeightOnlyLinear", strategy="delta")
+        plan_for("mypkg.Int8WeightOnlyLinear", strategy="delta")
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +312,7 @@ def test_float8_merges_only_within_its_tolerance_and_says_what_it_would_lose(gen
     )
     assert (
         "merging is refused: no way to write W + dW back into qweight is known"
-        in plan_for("scaffold_targets.Int8WeightOnlyLinear").decision.reason
+        in plan_for("mypkg.Int8WeightOnlyLinear").decision.reason
     )
     import_path(generated / "float8")
     module = importlib.import_module("lora_quantized_float8")

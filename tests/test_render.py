@@ -43,7 +43,7 @@ VARIETY = [
     ("torch.nn.Bilinear", {}, {}),
     ("scaffold_targets.NestedConv", {}, {"weight": "conv.weight"}),
     ("torch.nn.Linear", {}, {"strategy": "stub", "name": "linear_stub"}),
-    ("scaffold_targets.Int8WeightOnlyLinear", {}, {}),
+    ("mypkg.Int8WeightOnlyLinear", {}, {}),
     ("scaffold_targets.Float8Linear", {}, {}),
 ]
 
