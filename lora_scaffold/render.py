@@ -119,7 +119,7 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "variant_support": assigned_string("VARIANT_SUPPORT = ", support),
             "dora_norm_dims": strategy.dora_norm_dims(plan.weight.shape, plan.decision.fan_in_fan_out),
             "api": peft.api,
-            # A layer built alone with inference_mode: from the config (peft >= 0.18) or a keyword (set_adapter's).
+            # A layer built alone with inference_mode: from the config (the config API, peft >= 0.19) or a keyword (0.18).
             "checks_inference_mode_alone": peft.api == "config" or peft.has(peft_release.SET_ADAPTER_INFERENCE_MODE),
             "inference_mode_in_config": peft.api == "config",
             # PEFT's set_scale recomputes rsLoRA's scaling where the layer keeps use_rslora in a dict of its own.
