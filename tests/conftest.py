@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,9 @@ GROUPS = {
     ),
 }
 GROUP_OF = {stem: group for group, stems in GROUPS.items() for stem in stems}
+# With pytest-xdist (`-n 2 --dist loadgroup`, as CI runs), a file's tests go to one worker, so that what a module
+# fixture builds is built once; these files' tests share nothing and take minutes each: they are handed out singly.
+SPREAD = ("test_model_zoo", "test_mutation")
 
 
 def pytest_collection_modifyitems(items):
@@ -47,6 +51,8 @@ def pytest_collection_modifyitems(items):
         if item.path.stem not in GROUP_OF:
             raise pytest.UsageError(f"{item.path.name} is in no group: add it to tests/conftest.py:GROUPS")
         item.add_marker(GROUP_OF[item.path.stem])
+        if item.path.stem not in SPREAD:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 @pytest.fixture
@@ -82,9 +88,13 @@ def pristine(tmp_path_factory) -> Path:
     else:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora-scaffold"
         archive = cache / f"peft-{PEFT_VERSION}.tar.gz"
-        if not archive.exists():
+        if not archive.exists():  # downloaded aside, then moved: test workers may both get here first
             command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
-            subprocess.run([*command, f"peft=={PEFT_VERSION}", "-d", str(cache)], check=True)
+            cache.mkdir(parents=True, exist_ok=True)
+            aside = Path(tempfile.mkdtemp(dir=cache))
+            subprocess.run([*command, f"peft=={PEFT_VERSION}", "-d", str(aside)], check=True)
+            os.replace(aside / archive.name, archive)
+            shutil.rmtree(aside)
         with tarfile.open(archive) as tar:
             tar.extractall(root, filter="data")
         (root / f"peft-{PEFT_VERSION}").rename(root / "peft")
