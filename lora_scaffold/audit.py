@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from lora_scaffold import adapter_checks
-from lora_scaffold.capture import default_model_input, evaluate_model
+from lora_scaffold.capture import check_runs, default_model_input, evaluate_model
 from lora_scaffold.errors import USER_CODE_ERRORS, ScaffoldError
 from lora_scaffold.peft_answer import peft_layer
 from lora_scaffold.record import RECORD_DIR, GenerationRecord
@@ -111,6 +111,7 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
     if hasattr(getattr(built, "config", None), "use_cache"):
         built.config.use_cache = False  # one forward after another, as in training
     model_input = model_input or default_model_input(built)
+    check_runs(built, model_input)
     ours = tuple(layer.target for layer in layers)
     ties = _ties(built)
     _untie(built)  # each module's merge is checked on its own, not through the weight a tied head shares

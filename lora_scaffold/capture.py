@@ -54,10 +54,7 @@ def _recorded(call: ModelCall, seed: int) -> tuple[tuple, dict]:
     except Captured:
         pass
     except USER_CODE_ERRORS as exc:
-        raise AnalysisError(
-            f"the model's forward on --model-input {call.model_input} failed: {type(exc).__name__}: {exc}; pass "
-            "--model-input EXPR with the input the model takes"
-        ) from None
+        raise _input_failure(call.model_input, exc) from None
     finally:
         handle.remove()
     if not calls:
@@ -66,6 +63,24 @@ def _recorded(call: ModelCall, seed: int) -> tuple[tuple, dict]:
             "with an input that reaches it"
         )
     return calls[0]
+
+
+def check_runs(model: nn.Module, model_input: str) -> None:
+    """Raises, naming the input, where the plain model's forward fails on it: what fails later, on the adapted model,
+    is then the adapters' doing, not the input's."""
+    args, kwargs = model_arguments(model_input, MODEL_SEED)
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except USER_CODE_ERRORS as exc:
+        raise _input_failure(model_input, exc) from None
+
+
+def _input_failure(model_input: str, exc: BaseException) -> AnalysisError:
+    return AnalysisError(
+        f"the model's forward fails on its input {model_input}: {type(exc).__name__}: {exc}; pass --model-input EXPR "
+        "with what the model is fed"
+    )
 
 
 def evaluate_model(model: str):
@@ -156,7 +171,8 @@ _CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def model_input_choices(model: nn.Module) -> tuple[str, ...]:
     """Inputs for a transformers model from its config: token ids, pixel values, audio values or features, decoder
     ids for an encoder-decoder; then embeddings for a decoder that takes them (Qwen3-Omni's talker is fed embeddings
-    by its parent and fails on ids). Raises for a model that gives no clue; the user then passes --model-input."""
+    by its parent and fails on ids), and audio laid out the other way (AST's spectrogram, frames first). Raises for a
+    model that gives no clue; the user then passes --model-input."""
     config = getattr(model, "config", None)
     main = getattr(model, "main_input_name", None)
     if config is None or main is None:
@@ -164,17 +180,19 @@ def model_input_choices(model: nn.Module) -> tuple[str, ...]:
             f"{type(model).__name__} has no transformers config to make its input from: pass --model-input EXPR, what "
             "the model is fed ('torch.randn(2, 16)', or a dict of keyword inputs)"
         )
-    entries = {main: _main_input(config, main, type(model).__name__)}
+    takes = inspect.signature(model.forward).parameters
+    extra = {}
     if getattr(config, "is_encoder_decoder", False):
-        entries["decoder_input_ids"] = f"torch.randint(0, {_vocab_size(config)}, ({BATCH}, 4))"
+        extra["decoder_input_ids"] = f"torch.randint(0, {_vocab_size(config)}, ({BATCH}, 4))"
+    choices = []
+    for value, frames in _main_inputs(config, main, type(model).__name__):
+        # A mask the forward needs beside its features (AudioFlamingo3's encoder sums it): every frame is real.
+        mask = {f"{main}_mask": f"torch.ones({BATCH}, {frames}, dtype=torch.long)"} if f"{main}_mask" in takes else {}
+        choices.append(_listed({main: value} | mask | extra))
     hidden = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "hidden_size", None)
-    takes_embeddings = "inputs_embeds" in inspect.signature(model.forward).parameters
-    if main != "input_ids" or not takes_embeddings or not isinstance(hidden, int):
-        return (_listed(entries),)
-    embedded = {"inputs_embeds": f"torch.randn({BATCH}, {TOKENS}, {hidden})"} | {
-        key: value for key, value in entries.items() if key != main
-    }
-    return _listed(entries), _listed(embedded)
+    if main == "input_ids" and "inputs_embeds" in takes and isinstance(hidden, int):
+        choices.append(_listed({"inputs_embeds": f"torch.randn({BATCH}, {TOKENS}, {hidden})"} | extra))
+    return tuple(choices)
 
 
 def _listed(entries: dict[str, str]) -> str:
@@ -191,23 +209,33 @@ def _runs(model: nn.Module, model_input: str) -> bool:
     return True
 
 
-def _main_input(config, main: str, model_name: str) -> str:
+def _main_inputs(config, main: str, model_name: str) -> list[tuple[str, int]]:
+    """(expression, frames) of each layout the main input may take, most common first (frames: its time steps)."""
     if main == "input_ids":
-        return f"torch.randint(0, {_vocab_size(config)}, ({BATCH}, {TOKENS}))"
+        return [(f"torch.randint(0, {_vocab_size(config)}, ({BATCH}, {TOKENS}))", TOKENS)]
     if main == "pixel_values":
         vision = getattr(config, "vision_config", None) or config
         channels = getattr(vision, "num_channels", 3)
         size = getattr(vision, "image_size", 32)
         height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
-        return f"torch.randn({BATCH}, {channels}, {height}, {width})"
+        return [(f"torch.randn({BATCH}, {channels}, {height}, {width})", 1)]
+    bins = getattr(config, "num_mel_bins", None) or getattr(config, "feature_size", None)
     if main == "input_values":
         strides = getattr(config, "conv_stride", None) or (1,)
         kernels = getattr(config, "conv_kernel", None) or (1,)
-        return f"torch.randn({BATCH}, {math.prod(strides) * TOKENS + sum(kernels)})"
+        samples = math.prod(strides) * TOKENS + sum(kernels)
+        layouts = [(f"torch.randn({BATCH}, {samples})", samples)]
+        frames = getattr(config, "max_length", None)
+        if isinstance(bins, int) and isinstance(frames, int):  # a spectrogram, frames first (AST)
+            layouts.append((f"torch.randn({BATCH}, {frames}, {bins})", frames))
+        return layouts
     if main == "input_features":
-        bins = getattr(config, "num_mel_bins", None) or getattr(config, "feature_size", None) or 80
+        bins = bins if isinstance(bins, int) else 80
         frames = 2 * getattr(config, "max_source_positions", TOKENS * 4)
-        return f"torch.randn({BATCH}, {bins}, {frames})"
+        return [
+            (f"torch.randn({BATCH}, {bins}, {frames})", frames),
+            (f"torch.randn({BATCH}, {frames}, {bins})", frames),
+        ]
     raise AnalysisError(
         f"{model_name} takes {main!r}, for which lora-scaffold has no default: pass --model-input EXPR"
     )

@@ -145,3 +145,20 @@ def test_a_quantized_base_s_layer_refuses_to_merge_as_promised_and_its_input_gra
     assert main(["audit", model, "--layers", str(layers), "--model-input", "torch.randn(2, 16)"]) == 0
     text = capsys.readouterr().out
     assert "refused (quantized base)" in text and "gradient  0: the gradient it passes to its input" in text
+
+
+def test_an_input_the_plain_model_fails_on_is_said_to_be_the_input(capsys):
+    """Before any adapter: LXMERT's forward needs `visual_feats`, which nothing in its config makes; a wrong
+    --model-input likewise. Neither is reported as the adapted model's failure."""
+    lxmert = (
+        "transformers.AutoModel.from_config(transformers.LxmertConfig(hidden_size=16, intermediate_size=32, "
+        "num_hidden_layers=1, num_attention_heads=2, vocab_size=64, max_position_embeddings=64))"
+    )
+    for arguments, given in (
+        ([lxmert], "{'input_ids': torch.randint(0, 64, (2, 8))}"),
+        ([ENCODER, "--model-input", "torch.randn(2, 5, 7)"], "torch.randn(2, 5, 7)"),
+    ):
+        assert main(["audit", *arguments]) == 2
+        error = capsys.readouterr().err
+        assert f"the model's forward fails on its input {given}: " in error and "adapted" not in error, error
+        assert error.count("\n") == 1 and "pass --model-input EXPR" in error

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_end_to_end import run_suites
 
-from lora_scaffold.capture import recorded_call
+from lora_scaffold.capture import default_model_input, evaluate_model, recorded_call
 from lora_scaffold.cli import main
 from lora_scaffold.constructor import ctor_params
 from lora_scaffold.request import ModelCall, Request
@@ -279,7 +279,7 @@ def test_a_model_input_that_fails_is_said_to_be_the_input(capsys, tmp_path):
     bad = ["new", "--from-model", MIXTRAL, "--module", "model.layers.0.mlp.experts", "--weight", "gate_up_proj"]
     assert main([*bad, "--model-input", "{'input_ids': torch.randn(2, 3)}", "-o", str(tmp_path)]) == 2
     error = capsys.readouterr().err
-    assert "the model's forward on --model-input {'input_ids': torch.randn(2, 3)} failed" in error
+    assert "the model's forward fails on its input {'input_ids': torch.randn(2, 3)}: " in error
     assert not list(tmp_path.iterdir())
 
 
@@ -318,3 +318,19 @@ def test_a_decoder_fed_embeddings_by_its_parent_gets_embeddings():
     request = request_from_model(TALKER, "layers.0.mlp.experts", None, weight="gate_up_proj")
     assert request.model_call.model_input == "{'inputs_embeds': torch.randn(2, 8, 16)}"
     assert recorded_call(request.model_call, 0)[0][0].shape == (16, 16)
+
+
+def test_audio_is_laid_out_as_the_model_reads_it():
+    # AST reads a spectrogram, frames first (wav2vec2 a waveform); AudioFlamingo3's encoder needs its features' mask.
+    ast = evaluate_model(
+        "transformers.AutoModel.from_config(transformers.ASTConfig(hidden_size=16, intermediate_size=32, "
+        "num_hidden_layers=1, num_attention_heads=2))"
+    )
+    assert default_model_input(ast) == "{'input_values': torch.randn(2, 1024, 128)}"
+    encoder = evaluate_model(
+        "transformers.AutoModel.from_config(transformers.AudioFlamingo3EncoderConfig(hidden_size=16, "
+        "intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))"
+    )
+    assert default_model_input(encoder) == (
+        "{'input_features': torch.randn(2, 128, 3000), 'input_features_mask': torch.ones(2, 3000, dtype=torch.long)}"
+    )
