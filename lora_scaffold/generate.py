@@ -5,7 +5,11 @@ for all of them. The whole folder is one change: written all at once, or not at 
 from __future__ import annotations
 
 import json
+import keyword
+import re
+import sys
 from dataclasses import dataclass, replace
+from importlib.machinery import PathFinder
 from pathlib import Path
 
 from lora_scaffold import __version__, workflow
@@ -140,6 +144,28 @@ def _digest_on_disk(path: Path) -> str | None:
         return None
 
 
+def _check_package_name(output: Path) -> None:
+    """DIR becomes a package the user imports (`from DIR import register`) and the suites import through: its name
+    must be one Python can import, and must not hide an installed module of that name (`peft`, `test`)."""
+    name = output.resolve().name
+    if not name.isidentifier() or keyword.iskeyword(name):
+        usable = re.sub(r"\W", "_", name)
+        usable = (
+            f"layers_{usable}" if usable[:1].isdigit() else f"{usable}_layers" if keyword.iskeyword(usable) else usable
+        )
+        raise WriteError(
+            f"-o {output}: --generate writes a Python package, and {name!r} is not a name Python imports "
+            f"(`from {name} import register`); name the folder like {usable!r}"
+        )
+    spec = PathFinder.find_spec(name)  # on sys.path, whatever this process has imported
+    locations = {Path(path).resolve() for path in (spec.submodule_search_locations or ())} if spec else set()
+    if name in sys.stdlib_module_names or spec and output.resolve() not in locations:
+        raise WriteError(
+            f"-o {output}: a package named {name!r} would hide the installed module {name!r} from the generated "
+            "suites and from your code; name the folder otherwise"
+        )
+
+
 def generate(
     model: str, output: Path, model_input: str | None = None, force: bool = False, dry_run: bool = False
 ) -> tuple[Outcome, tuple[Generated, ...], int]:
@@ -147,6 +173,7 @@ def generate(
     many classes of the model hold weights."""
     if output.exists() and not output.is_dir():
         raise WriteError(f"-o {output}: exists and is not a folder")
+    _check_package_name(output)
     run = workflow.Run.start(output, force, dry_run)
     every = workflow.scan_model(model, model_input)
     scanned = [s for s in every if s.command]

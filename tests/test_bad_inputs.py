@@ -312,3 +312,22 @@ def test_remove_with_a_broken_record_names_it(tmp_path, capsys):
 def test_the_corpus_is_large():
     total = len(PLUGIN_CASES) + len(PREPARED_CASES) + len(MANIFEST_CASES) + len(PATCH_CASES) + len(CHECKOUT_CASES)
     assert total >= 60
+
+
+PACKAGE_NAMES = [
+    ("my-layers", "is not a name Python imports (`from my-layers import register`); name the folder like 'my_layers'"),
+    ("3d", "name the folder like 'layers_3d'"),
+    ("class", "name the folder like 'class_layers'"),
+    ("peft", "a package named 'peft' would hide the installed module 'peft'"),
+    ("test", "a package named 'test' would hide the installed module 'test'"),
+]
+
+
+@pytest.mark.parametrize("name, message", PACKAGE_NAMES, ids=[name for name, _ in PACKAGE_NAMES])
+def test_generate_refuses_a_folder_no_package_can_be_named_after(name, message, tmp_path, capsys):
+    """`scan --generate -o DIR` writes a package (`from DIR import register`), whose suites import through it."""
+    model = f"{Path(__file__).parent / 'scan_models.py'}:small_model"
+    before = snapshot(tmp_path)
+    assert main(["scan", model, "--generate", "-o", str(tmp_path / name)]) == 2
+    assert_one_line_error(capsys, message)
+    assert snapshot(tmp_path) == before
