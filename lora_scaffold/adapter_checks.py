@@ -35,10 +35,18 @@ def runner(model: nn.Module, model_input: str):
             with torch.no_grad():
                 output = model(*args, **kwargs)
         except USER_CODE_ERRORS as exc:
-            raise AnalysisError(f"the adapted model's forward failed: {type(exc).__name__}: {exc}") from None
+            raise _adapted_failure("forward", exc) from None
         return _floating(output)
 
     return run
+
+
+def _adapted_failure(step: str, exc: BaseException) -> AnalysisError:
+    # `audit` ran the plain model on the same input first (capture.check_runs): the LoRA layers are the difference.
+    return AnalysisError(
+        f"the adapted model's {step} failed: {type(exc).__name__}: {exc} (the plain model runs on this input: a LoRA "
+        "layer lacks something the model uses of the module it wraps)"
+    )
 
 
 def _floating(output) -> torch.Tensor:
@@ -158,13 +166,15 @@ def _gradients_in(model: nn.Module, adapted: dict, model_input: str, training: b
     model.zero_grad(set_to_none=True)
     args, kwargs = model_arguments(model_input, 0)
     model.train(training)
+    step = "forward"
     try:
         output = _floating_with_grad(model(*args, **kwargs))
         if not output.requires_grad:  # a fused path that never reads an adapter: none of them gets a gradient
             return dict.fromkeys(adapted, False)
+        step = "backward"
         output.pow(2).sum().backward()
     except USER_CODE_ERRORS as exc:
-        raise AnalysisError(f"the adapted model's backward failed: {type(exc).__name__}: {exc}") from None
+        raise _adapted_failure(f"{step} in {'training' if training else 'eval'} mode", exc) from None
     finally:
         model.eval()
     found = {

@@ -224,7 +224,9 @@ def _main_inputs(config, main: str, model_name: str) -> list[tuple[str, int]]:
         strides = getattr(config, "conv_stride", None) or (1,)
         kernels = getattr(config, "conv_kernel", None) or (1,)
         samples = math.prod(strides) * TOKENS + sum(kernels)
-        layouts = [(f"torch.randn({BATCH}, {samples})", samples)]
+        # A waveform sized by the feature encoder's convolutions, else a second of 16 kHz audio (Moonshine's
+        # kernel of 127 samples is in no config field).
+        layouts = [(f"torch.randn({BATCH}, {samples})", samples), (f"torch.randn({BATCH}, 16000)", 16000)]
         frames = getattr(config, "max_length", None)
         if isinstance(bins, int) and isinstance(frames, int):  # a spectrogram, frames first (AST)
             layouts.append((f"torch.randn({BATCH}, {frames}, {bins})", frames))

@@ -158,3 +158,18 @@ class ReadsLinearWeight(nn.Module):
 
 def direct_read_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 8), ReadsLinearWeight())
+
+
+class ReadsConvStride(nn.Module):
+    """Reads an attribute of its convolution that PEFT's lora.Conv1d does not pass on (MOSS's audio encoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 2, 3)
+
+    def forward(self, x):
+        return self.conv(x)[..., :: self.conv.stride[0]]
+
+
+def stride_reading_model() -> nn.Module:
+    return nn.Sequential(ReadsConvStride())

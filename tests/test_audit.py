@@ -162,3 +162,11 @@ def test_an_input_the_plain_model_fails_on_is_said_to_be_the_input(capsys):
         error = capsys.readouterr().err
         assert f"the model's forward fails on its input {given}: " in error and "adapted" not in error, error
         assert error.count("\n") == 1 and "pass --model-input EXPR" in error
+
+
+def test_a_model_failing_only_once_adapted_is_said_to_fail_through_its_lora_layers(capsys):
+    model = f"{TESTS / 'scan_models.py'}:stride_reading_model"
+    assert main(["audit", model, "--model-input", "torch.randn(2, 2, 8)"]) == 2
+    error = capsys.readouterr().err
+    assert "the adapted model's forward in eval mode failed: AttributeError: 'Conv1d' object has no attribute" in error
+    assert "(the plain model runs on this input: a LoRA layer lacks something" in error and error.count("\n") == 1
