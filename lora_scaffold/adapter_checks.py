@@ -190,14 +190,19 @@ def _floating_with_grad(output) -> torch.Tensor:
     return torch.cat([t.flatten().float() for t in floats])
 
 
-def merge_error(layer, run, reference: torch.Tensor) -> float:
+def merge_error(layer, run, reference: torch.Tensor) -> tuple[float, str]:
+    """The relative change of the model's output once the layer alone is merged (inf where merging fails), and the
+    layer's words where it refuses with NotImplementedError and leaves the output as it was ("" otherwise)."""
     try:
         layer.merge()
         merged = run()
+    except NotImplementedError as exc:
+        untouched = not layer.merged and torch.equal(run(), reference)
+        return math.inf, (str(exc) or "NotImplementedError") if untouched else ""
     except USER_CODE_ERRORS:
-        return math.inf
+        return math.inf, ""
     finally:
         if layer.merged:
             layer.unmerge()
     scale = max(float(reference.abs().max()), 1e-12)
-    return float((merged - reference).abs().max()) / scale
+    return float((merged - reference).abs().max()) / scale, ""

@@ -44,6 +44,9 @@ class ModuleAudit:
     # of dW, as it promises), and what is wrong with the gradient the base passes to its input ("" when nothing).
     quantized_merge: str = ""
     input_gradient: str = ""
+    # The layer's own words where it refuses to merge, raising NotImplementedError and leaving the model as it was
+    # (PEFT's lora.Conv2d over a grouped convolution): nothing is merged wrongly ("" when it merges).
+    merge_refused: str = ""
 
     @property
     def merges(self) -> bool:
@@ -53,7 +56,8 @@ class ModuleAudit:
     def passed(self) -> bool:
         """Live, trained and merged exactly (or refusing to, as a quantized base's layer promises); a module the
         input never reaches proves nothing either way."""
-        return not self.reached or (self.live and self.gradients and (self.merges or bool(self.quantized_merge)))
+        merged = self.merges or bool(self.quantized_merge or self.merge_refused)
+        return not self.reached or (self.live and self.gradients and merged)
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
         # PEFT's own layer over a quantized base may refuse too (its torchao layer, without the model's TorchAoConfig)
         quantized = ours_quantized or bool(quantized_tensors(base))
         refused = quantized and _merge_refused(module)
-        merge_error = math.inf if refused else adapter_checks.merge_error(module, run, run())
+        merge_error, merge_refused = (math.inf, "") if refused else adapter_checks.merge_error(module, run, run())
         # Requantized within its own tolerance, as a generated layer promises; PEFT's layers are measured as they are.
         quantized_merge = "refused" if refused else "requantized" if ours_quantized else ""
         modules.append(
@@ -171,6 +175,7 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
                 name in reached,
                 quantized_merge,
                 input_gradient_note(base, module.in_features) if quantized else "",
+                merge_refused,
             )
         )
     total, by_peft, by_ours = _coverage(evaluate_model(expression), dispatched_by_peft, our_targets, layers)

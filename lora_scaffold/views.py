@@ -145,6 +145,7 @@ def audit_text(result: Audit) -> str:
         merge = "exact" if m.merge_error == 0 else f"{m.merge_error:.0e}" if m.merges else f"OFF {m.merge_error:.1e}"
         merge = "refused (quantized base)" if m.quantized_merge == "refused" else merge
         merge = f"requantized {m.merge_error:.0e}" if m.quantized_merge == "requantized" else merge
+        merge = f"refused: {m.merge_refused}" if m.merge_refused else merge
         merge += f" (tied to {m.tied_to}: untied to check)" if m.tied_to else ""
         layer = f"{m.layer} (generated)" if m.generated else m.layer
         live = ("yes" if m.live else "DEAD") if m.reached else "not reached"
@@ -168,6 +169,8 @@ def audit_text(result: Audit) -> str:
     checked = len(result.modules) - len(unreached)
     refused = sum(m.quantized_merge == "refused" for m in result.modules if m.reached)
     merged = f"merged ({refused} refusing to, as a quantized base's layer does)" if refused else "merged"
+    said = sum(bool(m.merge_refused) for m in result.modules if m.reached)
+    merged += f", {said} refusing to merge in words of its own" if said else ""
     lines.append(
         f"failed    {', '.join(failed)}" if failed else f"all {checked} adapters reached: live, trained, {merged}"
     )
