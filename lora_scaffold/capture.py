@@ -238,6 +238,10 @@ def _main_inputs(config, main: str, model_name: str) -> list[tuple[str, int]]:
             (f"torch.randn({BATCH}, {bins}, {frames})", frames),
             (f"torch.randn({BATCH}, {frames}, {bins})", frames),
         ]
+    context = getattr(config, "context_length", None)
+    if main == "past_values" and isinstance(context, int):  # a time series: steps, then channels (PatchTST)
+        channels = getattr(config, "num_input_channels", None) or getattr(config, "input_size", None) or 1
+        return [(f"torch.randn({BATCH}, {context}, {channels})", context)]
     raise AnalysisError(
         f"{model_name} takes {main!r}, for which lora-scaffold has no default: pass --model-input EXPR"
     )

@@ -334,3 +334,11 @@ def test_audio_is_laid_out_as_the_model_reads_it():
     assert default_model_input(encoder) == (
         "{'input_features': torch.randn(2, 128, 3000), 'input_features_mask': torch.ones(2, 3000, dtype=torch.long)}"
     )
+
+
+def test_a_time_series_gets_its_context_of_past_values():
+    patchtst = evaluate_model(
+        "transformers.AutoModel.from_config(transformers.PatchTSTConfig(hidden_size=16, num_hidden_layers=1, "
+        "num_attention_heads=2, context_length=12, num_input_channels=3))"
+    )
+    assert default_model_input(patchtst) == "{'past_values': torch.randn(2, 12, 3)}"
