@@ -9,7 +9,7 @@ import keyword
 import re
 import sys
 from dataclasses import dataclass, replace
-from importlib.machinery import PathFinder
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 from lora_scaffold import __version__, workflow
@@ -157,9 +157,8 @@ def _check_package_name(output: Path) -> None:
             f"-o {output}: --generate writes a Python package, and {name!r} is not a name Python imports "
             f"(`from {name} import register`); name the folder like {usable!r}"
         )
-    spec = PathFinder.find_spec(name)  # on sys.path, whatever this process has imported
-    locations = {Path(path).resolve() for path in (spec.submodule_search_locations or ())} if spec else set()
-    if name in sys.stdlib_module_names or spec and output.resolve() not in locations:
+    # What the installed distributions provide, not whatever this process's sys.path happens to find.
+    if name in sys.stdlib_module_names or name in packages_distributions():
         raise WriteError(
             f"-o {output}: a package named {name!r} would hide the installed module {name!r} from the generated "
             "suites and from your code; name the folder otherwise"
