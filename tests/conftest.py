@@ -41,7 +41,7 @@ GROUPS = {
     ),
 }
 GROUP_OF = {stem: group for group, stems in GROUPS.items() for stem in stems}
-# With pytest-xdist (`-n 2 --dist loadgroup`, as CI runs), a file's tests go to one worker, so that what a module
+# With pytest-xdist (`-n auto --dist loadgroup`, as CI runs), a file's tests go to one worker, so that what a module
 # fixture builds is built once; these files' tests share nothing and take minutes each: they are handed out singly.
 SPREAD = ("test_model_zoo", "test_mutation")
 
