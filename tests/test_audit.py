@@ -175,20 +175,9 @@ def test_a_model_failing_only_once_adapted_is_said_to_fail_through_its_lora_laye
 def test_a_merge_refused_in_words_leaves_the_model_as_it_was_and_passes(capsys):
     """PEFT's lora.Conv2d refuses to merge into a grouped convolution (NotImplementedError, Nystromformer's
     depthwise conv): nothing is merged wrongly, so the audit passes and says why it did not merge."""
-    code, report = audited(
-        capsys, "torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2))", "--model-input", "torch.randn(2, 4, 8, 8)"
-    )
+    grouped = ["torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2))", "--model-input", "torch.randn(2, 4, 8, 8)"]
+    code, report = audited(capsys, *grouped)
     (conv,) = report["modules"]
     assert code == 0 and conv["live"] and conv["gradients"] and "groups > 1" in conv["merge_refused"], report
-    assert (
-        main(
-            [
-                "audit",
-                "torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2))",
-                "--model-input",
-                "torch.randn(2, 4, 8, 8)",
-            ]
-        )
-        == 0
-    )
+    assert main(["audit", *grouped]) == 0
     assert "refused: Merging is not supported for _ConvNd layers with groups > 1!" in capsys.readouterr().out
