@@ -150,9 +150,10 @@ def _check_package_name(output: Path) -> None:
     name = output.resolve().name
     if not name.isidentifier() or keyword.iskeyword(name):
         usable = re.sub(r"\W", "_", name)
-        usable = (
-            f"layers_{usable}" if usable[:1].isdigit() else f"{usable}_layers" if keyword.iskeyword(usable) else usable
-        )
+        if usable[:1].isdigit():
+            usable = f"layers_{usable}"
+        elif keyword.iskeyword(usable):
+            usable = f"{usable}_layers"
         raise WriteError(
             f"-o {output}: --generate writes a Python package, and {name!r} is not a name Python imports "
             f"(`from {name} import register`); name the folder like {usable!r}"
