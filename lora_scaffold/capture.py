@@ -58,11 +58,25 @@ def _recorded(call: ModelCall, seed: int) -> tuple[tuple, dict]:
     finally:
         handle.remove()
     if not calls:
-        raise NotCalled(
-            f"the model's forward on {call.model_input} never calls {call.module}; pass --model-input EXPR "
-            "with an input that reaches it"
-        )
+        raise _never_called(model, call)
     return calls[0]
+
+
+def _never_called(model: nn.Module, call: ModelCall) -> NotCalled:
+    """The cause, where the model shows it: a parent applying the module's weights itself (MultiheadAttention its
+    `out_proj`) is the target then, else another input may reach the module."""
+    from lora_scaffold.adapter_checks import read_without_call  # which imports this module
+
+    words = f"the model's forward on {call.model_input} never calls {call.module}"
+    parent, _, leaf = call.module.rpartition(".")
+    if parent and read_without_call(model, [call.module], call.model_input):
+        weights = [name for name, p in model.get_submodule(call.module).named_parameters() if p.dim() >= 2]
+        weight = "weight" if "weight" in weights else (weights or ["weight"])[0]
+        return NotCalled(
+            f"{words}: its parent reads its weights itself, so a layer on it would be dead; target the parent: "
+            f"--module {parent} --weight {leaf}.{weight}"
+        )
+    return NotCalled(f"{words}; pass --model-input EXPR with an input that reaches it")
 
 
 def check_runs(model: nn.Module, model_input: str) -> None:

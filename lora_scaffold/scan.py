@@ -22,7 +22,7 @@ from lora_scaffold.peft_answer import peft_layer
 from lora_scaffold.request import ModelCall
 from lora_scaffold.resolve import resolve_callable
 from lora_scaffold.stored_weights import quantized_tensors, storage
-from lora_scaffold.strategies import peft_builtin
+from lora_scaffold.strategies import peft_builtin, peft_layer_unchanged
 
 
 ROOT = "(the model)"  # how the model itself is listed among its modules
@@ -168,7 +168,7 @@ def _read_directly(found: dict, model_spec: str, model_input: str | None) -> set
     names = [
         name
         for (cls, parametrized, _), instances in found.items()
-        if peft_builtin(cls, exact=True) and not parametrized
+        if peft_layer_unchanged(cls) and not parametrized
         for name, _, _ in instances
         if name != ROOT
     ]
@@ -236,8 +236,8 @@ def _describe(
         handled += f", dead at {', '.join(dead)}: the model reads the weight there without calling the module"
     command, why_not, target_module, weight = "", "", "", ""
     adaptable = _adaptable(weights, module)
-    if peft_builtin(cls, exact=True) and not parametrized and not kept_apart:
-        pass  # PEFT's own layer type: nothing to generate
+    if peft_layer_unchanged(cls) and not parametrized and not kept_apart:
+        pass  # PEFT's own layer serves it: nothing to generate
     elif not adaptable:
         why_not = "no weight with 2 or more dimensions: nothing for LoRA to adapt"
     elif "." in cls.__qualname__ or cls.__module__ == "__main__":

@@ -173,3 +173,19 @@ class ReadsConvStride(nn.Module):
 
 def stride_reading_model() -> nn.Module:
     return nn.Sequential(ReadsConvStride())
+
+
+class AttentionPool(nn.Module):
+    """A query attending over the sequence (SigLIP's pooling head): nn.MultiheadAttention applies its `out_proj`, a
+    NonDynamicallyQuantizableLinear, by reading the weight, never by calling it."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(width, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attention(x[:, :1], x, x)[0]
+
+
+def attention_pool_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), AttentionPool())

@@ -283,6 +283,21 @@ def test_a_model_input_that_fails_is_said_to_be_the_input(capsys, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_subclass_keeping_peft_s_forward_is_peft_s_and_a_module_read_by_its_parent_says_so(capsys, tmp_path):
+    """MultiheadAttention's `out_proj` is a NonDynamicallyQuantizableLinear: PEFT's lora.Linear serves it as it serves
+    nn.Linear (no command), and is dead there, since the attention reads the weight; `new` on it names the parent."""
+    model = f"{TESTS / 'scan_models.py'}:attention_pool_model"
+    classes = scanned(capsys, model, "--model-input", "torch.randn(2, 5, 6)")
+    out_proj = classes["torch.nn.modules.linear.NonDynamicallyQuantizableLinear"]
+    assert out_proj["command"] == "" and out_proj["why_not"] == ""
+    assert "lora.Linear, as for its base class, dead at 1.attention.out_proj" in out_proj["handled_by"]
+    new = ["new", "--from-model", model, "--module", "1.attention.out_proj", "--model-input", "torch.randn(2, 5, 6)"]
+    assert main([*new, "-o", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "never calls 1.attention.out_proj: its parent reads its weights itself" in error, error
+    assert "--module 1.attention --weight out_proj.weight" in error and not list(tmp_path.iterdir())
+
+
 def test_a_model_call_is_plain_data():
     call = ModelCall("m()", "a.b", "{'x': 1}")
     assert call == ModelCall("m()", "a.b", "{'x': 1}") and hash(call)

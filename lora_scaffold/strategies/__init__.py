@@ -14,7 +14,7 @@ from lora_scaffold.strategies.delta import DELTA
 from lora_scaffold.strategies.embedding import EMBEDDING
 from lora_scaffold.strategies.experts import EXPERTS
 from lora_scaffold.strategies.linear import LINEAR
-from lora_scaffold.strategies.reuse import REUSE, peft_builtin
+from lora_scaffold.strategies.reuse import REUSE, peft_builtin, peft_layer_unchanged
 from lora_scaffold.strategies.stub import STUB
 
 
@@ -39,4 +39,15 @@ def help_lines() -> str:
     return "\n".join(f"  {strategy.name:<15} {strategy.help}" for strategy in REGISTRY)
 
 
-__all__ = ["AUTO", "CHOICES", "REGISTRY", "Evidence", "Strategy", "Verdict", "asked_for", "named", "peft_builtin"]
+__all__ = [
+    "AUTO",
+    "CHOICES",
+    "REGISTRY",
+    "Evidence",
+    "Strategy",
+    "Verdict",
+    "asked_for",
+    "named",
+    "peft_builtin",
+    "peft_layer_unchanged",
+]

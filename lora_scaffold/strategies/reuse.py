@@ -102,4 +102,16 @@ def peft_builtin(cls: type, exact: bool = False) -> str | None:
     return None
 
 
+def peft_layer_unchanged(cls: type) -> bool:
+    """PEFT's own layer serves `cls` exactly as it serves the PEFT type it derives from: `cls` is that type, or keeps
+    its forward (MultiheadAttention's `out_proj`, a NonDynamicallyQuantizableLinear) and, for a convolution, whose
+    LoRA factors PEFT builds by calling `type(base_layer)`, its constructor too."""
+    if peft_builtin(cls, exact=True):
+        return True
+    base = next((b for b in PEFT_BUILTINS if issubclass(cls, b)), None)
+    if base is None or cls.forward is not base.forward:
+        return False
+    return cls.__init__ is base.__init__ or REUSABLE.get(base) is not CONV
+
+
 REUSE = Reuse()
