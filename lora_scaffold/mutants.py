@@ -104,10 +104,11 @@ class _Sites(cst.CSTTransformer):
 
     # -- where we are
 
-    def visit_ClassDef(self, node: cst.ClassDef) -> None:
+    def visit_ClassDef(self, node: cst.ClassDef) -> bool:
         self.scope.append(node.name.value)
         if node.name.value in self.classes:
             self.watched_depth += 1
+        return self.watched_depth > 0  # the rest of the module holds no site: not walked, once per mutant
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef) -> cst.ClassDef:
         if original.name.value in self.classes:
@@ -115,10 +116,11 @@ class _Sites(cst.CSTTransformer):
         self.scope.pop()
         return updated
 
-    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
         self.scope.append(node.name.value)
         if node.name.value in UNWATCHED:
             self.skip_depth += 1
+        return self._watching()
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:
         if original.name.value in UNWATCHED:

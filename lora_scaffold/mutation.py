@@ -64,8 +64,12 @@ def run_suite(folder: str) -> int:
     os.dup2(devnull, 2)
     os.chdir(folder)
     sys.path.insert(0, folder)
+    # Only the exit code counts: no plugins of the environment, no rewritten asserts (their messages), no garbage
+    # collected for unraisable-exception warnings; together they cost three times the tests' own time.
+    os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    quiet = ["-x", "-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--assert=plain", "-W", "ignore"]
     try:
-        return int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", folder]))
+        return int(pytest.main([*quiet, folder]))
     except TimeoutError:
         return -1
 

@@ -41,19 +41,30 @@ GROUPS = {
     ),
 }
 GROUP_OF = {stem: group for group, stems in GROUPS.items() for stem in stems}
-# With pytest-xdist (`-n auto --dist loadgroup`, as CI runs), a file's tests go to one worker, so that what a module
-# fixture builds is built once; these files' tests share nothing and take minutes each: they are handed out singly.
-SPREAD = ("test_model_zoo", "test_mutation")
 
 
 def pytest_collection_modifyitems(config, items):
-    spreads = config.pluginmanager.hasplugin("xdist")  # CI's older-PEFT environment runs without it
     for item in items:
         if item.path.stem not in GROUP_OF:
             raise pytest.UsageError(f"{item.path.name} is in no group: add it to tests/conftest.py:GROUPS")
         item.add_marker(GROUP_OF[item.path.stem])
-        if spreads and item.path.stem not in SPREAD:
+    if config.pluginmanager.hasplugin("xdist"):  # CI's older-PEFT environment runs without it
+        _schedule_for_workers(items)
+
+
+def _schedule_for_workers(items) -> None:
+    """With pytest-xdist (`-n auto --dist loadgroup`, as CI runs): the tests sharing what a module fixture builds go
+    to one worker, so that it is built once; every other test is handed out alone. Slow tests start first, so that
+    no worker is left with one long test at the end."""
+    for item in items:
+        if _shares_a_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def _shares_a_module_fixture(item) -> bool:
+    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(chain[-1].scope in ("package", "module", "class") for chain in definitions.values() if chain)
 
 
 @pytest.fixture

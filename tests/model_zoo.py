@@ -7,12 +7,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
+
+from suite_process import run_pytest
 
 from lora_scaffold.cli import main
 
@@ -427,8 +429,7 @@ def _json(arguments: list[str]) -> dict:
 
 
 def _suites(folder: Path, junit: Path) -> tuple[int, int]:
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", str(folder)]
-    subprocess.run(command, capture_output=True, text=True, cwd=folder.parent)
+    run_pytest(["-q", "-p", "no:cacheprovider", f"--junitxml={junit}", str(folder)], folder.parent, dict(os.environ))
     cases = list(ElementTree.parse(junit).iter("testcase"))
     failed = sum(1 for case in cases if case.find("failure") is not None or case.find("error") is not None)
     return len(cases) - failed, failed
