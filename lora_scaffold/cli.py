@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit:  # --help, --version, or a usage error already printed
         return exit.code
     try:
-        return COMMANDS[args.command](args)
+        with _import_noise_hidden():
+            return COMMANDS[args.command](args)
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
@@ -32,6 +35,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"lora-scaffold: error: {error}", file=sys.stderr)
         return error.exit_code
+
+
+# PEFT imports transformers, which imports torchao where it is installed: torchao logs a line for each CUDA kernel it
+# cannot load (on every CPU machine), and torch one for each enum torchao registers. Said on import, of nothing this
+# tool does, before a command's output; their errors still show.
+IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def _import_noise_hidden():
+    loggers = [logging.getLogger(name) for name in IMPORT_NOISE]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _request(args: argparse.Namespace) -> Request:

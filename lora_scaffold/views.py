@@ -108,16 +108,20 @@ def dora_text(report: Report) -> str:
     return "PEFT's own" if report.plan.decision.chosen.peft_own_layer else "through PEFT's DoRA variant"
 
 
+def _in_brackets(name: str) -> str:
+    return name if name.startswith("(") else f"({name})"  # the model itself is "(the model)" already
+
+
 def scan_text(found: tuple[ScannedClass, ...]) -> str:
     lines = []
     for scanned in found:
         stored = f" ({scanned.storage})" if scanned.storage else ""
-        where = f"{scanned.qualified_name}{stored}  x{scanned.instances} ({scanned.example})"
+        where = f"{scanned.qualified_name}{stored}  x{scanned.instances} {_in_brackets(scanned.example)}"
         lines.append(where)
         if len(scanned.variants) > 1:
             for variant in scanned.variants:
                 shapes = ", ".join(f"{name} {list(shape)}" for name, shape in variant.weights)
-                lines.append(f"    x{len(variant.instances)} ({variant.instances[0]}): {shapes}")
+                lines.append(f"    x{len(variant.instances)} {_in_brackets(variant.instances[0])}: {shapes}")
         if scanned.handled_by:
             lines.append(f"    PEFT: {scanned.handled_by}")
         else:

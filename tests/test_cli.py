@@ -107,6 +107,15 @@ def test_console_script_and_module_entry_point_work_from_any_folder(tmp_path):
     ]
 
 
+@pytest.mark.slow  # imports peft in a subprocess
+def test_a_command_importing_peft_says_nothing_on_stderr_off_a_terminal(tmp_path):
+    # Not the lines torchao and torch log when PEFT's import reaches them, where torchao is installed (as here).
+    result = run_cli(
+        "lora-scaffold", "scan", "torch.nn.Linear(2, 3)", "--model-input", "torch.randn(1, 2)", cwd=tmp_path
+    )
+    assert result.returncode == 0 and "lora.Linear" in result.stdout and result.stderr == "", result.stderr
+
+
 def test_console_script_errors_are_one_line(tmp_path):
     result = run_cli("lora-scaffold", "new", "scaffold_targets.OnlyBuffers", cwd=tmp_path)
     assert result.returncode == 2
