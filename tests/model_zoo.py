@@ -1,6 +1,10 @@
 """The model zoo: transformers architectures from tiny configs (nothing is downloaded), each taken through
 `scan --generate`, its generated suites and `audit`. `python tests/model_zoo.py [NAME ...]` prints the README's
-table; tests/test_model_zoo.py asserts it, one architecture a test."""
+table; tests/test_model_zoo.py asserts it, one architecture a test.
+
+`python tests/model_zoo.py --sweep [TYPE ...]` takes the same path for the architectures no one chose: every model
+type of the installed transformers outside the zoo with an AutoModel whose `tiny` config builds under
+SWEEP_PARAMETERS parameters (an hour or so on two cores); its failures are where to look next."""
 
 from __future__ import annotations
 
@@ -393,8 +397,32 @@ class ZooResult:
     with_generated_share: float
 
 
-def run(name: str, root: Path) -> ZooResult:
-    model, out = ZOO[name], root / name
+SWEEP_PARAMETERS = 2_000_000
+
+
+def sweep(model_types: list[str]) -> dict[str, str]:
+    """`type -> tiny(type, "AutoModel")` for the model types given, or else every one outside the zoo, that builds
+    (counted on the meta device) under SWEEP_PARAMETERS parameters."""
+    import torch
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    found = {}
+    for model_type in model_types or sorted(set(MODEL_MAPPING_NAMES) - set(ZOO)):
+        try:
+            expression = tiny(model_type, "AutoModel")
+            with torch.device("meta"):
+                model = eval(expression, {"transformers": transformers})  # noqa: S307 - our own expression
+        except Exception as error:  # noqa: BLE001 - a config `tiny` cannot make small is skipped, and said
+            print(f"{model_type}: not built: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr)
+            continue
+        if sum(parameter.numel() for parameter in model.parameters()) <= SWEEP_PARAMETERS:
+            found[model_type] = expression
+    return found
+
+
+def run(name: str, root: Path, model: str | None = None) -> ZooResult:
+    model, out = model or ZOO[name], root / name
     generate = _json(["scan", model, "--generate", "-o", str(out)])
     layers = generate["layers"]
     passed, failed = _suites(out, root / f"{name}.xml") if any(layer["layer"] for layer in layers) else (0, 0)
@@ -456,11 +484,15 @@ def _audit_cell(result: ZooResult) -> str:
 
 
 if __name__ == "__main__":
+    names = [name for name in sys.argv[1:] if name != "--sweep"]
+    models = sweep(names) if "--sweep" in sys.argv else {name: ZOO[name] for name in names or ZOO}
     with tempfile.TemporaryDirectory() as folder:
         print("| model | classes | layers generated: strategy | suites | audit | PEFT alone | with generated |")
         print("|---|---|---|---|---|---|---|")
-        for name in sys.argv[1:] or ZOO:
+        for name, model in models.items():
             try:
-                print(table_row(run(name, Path(folder))), flush=True)
+                print(table_row(run(name, Path(folder), model)), flush=True)
             except AssertionError as error:  # the rest of the table still comes
                 print(f"| {name} | FAILED: {str(error)[:300]} |", flush=True)
+            except Exception as error:  # noqa: BLE001 - a crash of the tool is what a sweep is for: said, and on
+                print(f"| {name} | CRASHED: {type(error).__name__}: {str(error)[:300]} |", flush=True)

@@ -2,7 +2,7 @@
 `audit` with the generated layers: every adapter live, trained and merged exactly, coverage measured."""
 
 import pytest
-from model_zoo import KNOWN_FAILURES, ZOO, run
+from model_zoo import KNOWN_FAILURES, ZOO, run, sweep
 
 
 @pytest.mark.slow
@@ -16,3 +16,9 @@ def test_a_model_ends_in_working_layers(name, tmp_path):
     # Every class scan gave a command either became a layer or says in one line why not.
     assert all(": " in line and "\n" not in line for line in result.not_generated), result
     assert result.with_generated_share >= result.peft_share
+
+
+def test_the_sweep_takes_the_types_that_build_small_and_says_which_do_not(capsys):
+    found = sweep(["bert", "no_such_type"])
+    assert list(found) == ["bert"] and found["bert"].startswith("transformers.AutoModel.from_config(")
+    assert "no_such_type: not built: KeyError" in capsys.readouterr().err
