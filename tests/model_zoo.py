@@ -54,8 +54,8 @@ SMALL = {
     "qk_rope_head_dim": 4,
     "qk_nope_head_dim": 4,
     "v_head_dim": 8,
-    # Linear attention (Kimi-Linear's, GLM-5-Next's): its default 32 heads of 128 make one forward take a second where
-    # the rest of the model takes milliseconds.
+    # Linear attention (Kimi-Linear's, GLM-5-Next's): its defaults, 32 or 64 heads of 128, make a forward take a second
+    # where the rest of the model takes milliseconds.
     "linear_num_heads": 2,
     "linear_head_dim": 8,
 }
