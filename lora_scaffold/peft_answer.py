@@ -42,37 +42,41 @@ def _converted_parameters(name: str, module: nn.Module, model: nn.Module) -> tup
     leaf = name.rpartition(".")[2] or name
     everything = sorted({n.rpartition(".")[2] for n, _ in model.named_modules() if n})
 
-    def own(entries: list[str]) -> list[str]:
+    def own(entries: list[str] | None) -> list[str]:
         return [
             f"{leaf}.{parameter}"
             for parameter, _ in module.named_parameters()
-            if any(f"{name}.{parameter}".endswith(f".{entry}") for entry in entries)
+            if any(f"{name}.{parameter}".endswith(f".{entry}") for entry in entries or ())
         ]
 
     for names in ([leaf], everything):
-        converted, entries = _converted(names, model)
-        if own(entries):
-            # Less the names that alone become another module's parameters (the router's `gate`); half a fused
-            # pair alone becomes nothing.
-            alone = {n: _converted([n], model)[1] for n in converted}
-            return own(entries), [n for n, targets in alone.items() if not targets or own(targets)]
+        wrapped = own(_converted(names, model))
+        if wrapped:
+            # The names that do it are those without which the module loses a wrapped parameter. Which names PEFT
+            # also keeps as module targets differs between versions (0.22 keeps shared experts' `down_proj`), so it
+            # is asked by leaving each out. Only names PEFT converts alone, or refuses alone (half a fused pair),
+            # can matter.
+            alone = {n: _converted([n], model) for n in names}
+            candidates = [n for n, targets in alone.items() if targets is None or targets]
+            needed = [n for n in candidates if own(_converted([m for m in names if m != n], model)) != wrapped]
+            return wrapped, needed or candidates
     return [], []
 
 
-def _converted(names: list[str], model: nn.Module) -> tuple[list[str], list[str]]:
-    """(the names PEFT's conversion takes out of `target_modules`, the parameters it targets instead)."""
+def _converted(names: list[str], model: nn.Module) -> list[str] | None:
+    """The parameters PEFT's conversion targets for a config naming these modules; None when PEFT refuses the
+    names (half a fused pair: gate_proj without up_proj)."""
     try:
         from peft import LoraConfig
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
     except ImportError:  # peft before the transformers-v5 conversion
-        return [], []
+        return []
     config = LoraConfig(target_modules=list(names), r=2)
     try:
         convert_peft_config_for_transformers(config, model, None)
-    except USER_CODE_ERRORS:  # PEFT refuses half a fused pair (gate_proj without up_proj)
-        return [], []
-    kept = set(config.target_modules or ())
-    return sorted(set(names) - kept), sorted(config.target_parameters or ())
+    except USER_CODE_ERRORS:
+        return None
+    return sorted(config.target_parameters or ())
 
 
 def _check_in_model(config, model: nn.Module, leaf: str) -> None:

@@ -80,7 +80,7 @@ def test_moe_experts_get_a_command_with_the_input_the_model_feeds(capsys, tmp_pa
     """Reproduction 1: scan said "build it with --init EXPR"; the guessed input passed floats as top_k_index."""
     classes = scanned(capsys, QWEN2_MOE)
     experts = classes["transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeExperts"]
-    assert experts["handled_by"] == "" and experts["weights"]["gate_up_proj"] == [4, 16, 16]
+    assert experts["weights"]["gate_up_proj"] == [4, 16, 16]  # PEFT 0.22 wraps it too, for target_parameters only
     assert "--module model.layers.0.mlp.experts --weight gate_up_proj" in experts["command"]
     request = request_from_model(QWEN2_MOE, "model.layers.0.mlp.experts", None, weight="gate_up_proj")
     _, plan = plan_layer(request)
@@ -90,12 +90,40 @@ def test_moe_experts_get_a_command_with_the_input_the_model_feeds(capsys, tmp_pa
     run_command(experts["command"], tmp_path / "experts")
 
 
+GRANITE_MOE = (
+    f"transformers.AutoModelForCausalLM.from_config(transformers.GraniteMoeConfig({LAYERS}, num_local_experts=4, "
+    "num_experts_per_tok=2, vocab_size=64))"
+)
+
+
+def peft_wraps(model: str, target: str) -> bool:
+    """What PEFT itself does with a config naming `target` in this model: whether it builds a ParamWrapper."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    built = eval(model, {"transformers": transformers})  # noqa: S307 - the test's own expression
+    try:
+        adapted = get_peft_model(built, LoraConfig(target_modules=[target], r=2))
+    except ValueError as exc:  # "Target module ... is not supported"
+        assert "not supported" in str(exc), exc
+        return False
+    return any(type(module).__name__ == "ParamWrapper" for module in adapted.modules())
+
+
 def test_routers_peft_converts_are_reported_as_peft_handles_them(capsys):
-    """Reproduction 6: PEFT 0.21 turns a config naming Mixtral's `gate` into a ParamWrapper on `gate.weight`."""
-    router = scanned(capsys, MIXTRAL)["transformers.models.mixtral.modeling_mixtral.MixtralTopKRouter"]
-    assert router["handled_by"].startswith("lora.ParamWrapper on gate.weight (PEFT's transformers-v5 MoE conversion")
-    qwen2 = scanned(capsys, QWEN2_MOE)["transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeTopKRouter"]
-    assert qwen2["handled_by"] == ""  # qwen2_moe is not among the model types PEFT converts
+    """Reproduction 6: PEFT turns a config naming Mixtral's `gate` into a ParamWrapper on `gate.weight` (0.21 and
+    on; 0.22 does it for Qwen2-MoE too): scan says what PEFT does, which get_peft_model shows here."""
+    routers = []
+    for model in (MIXTRAL, QWEN2_MOE, GRANITE_MOE):
+        router = next(c for name, c in scanned(capsys, model).items() if name.endswith("TopKRouter"))
+        module = shlex.split(router["command"])[shlex.split(router["command"]).index("--module") + 1]
+        leaf = module.rpartition(".")[2]
+        converted = peft_wraps(model, leaf)
+        said = f"lora.ParamWrapper on {leaf}.weight (PEFT's transformers-v5 MoE conversion of '{leaf}')"
+        assert router["handled_by"] == (said if converted else ""), (model, router["handled_by"])
+        routers.append(converted)
+    # Both answers are checked: update the models if a PEFT converts all three.
+    assert routers[0] and not routers[2], routers
 
 
 def test_a_wrapped_init_is_read_through_its_decorator(capsys, tmp_path):
