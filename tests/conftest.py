@@ -1,5 +1,7 @@
 import filecmp
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,9 +15,16 @@ from lora_scaffold.peft_release import CONFIG_API, installed_peft
 
 
 REPO = Path(__file__).resolve().parent.parent
-# The peft sdist of the installed peft's API generation (0.21.2, or 0.17.1 where peft < 0.19 is installed, as in
-# CI's second environment), so that PEFT's own tests run with the packages they expect.
-PEFT_VERSION = "0.21.2" if installed_peft().api == CONFIG_API else "0.17.1"
+# The peft sdist patch mode is tested on: the installed peft's own release (CI installs the newest, which is what
+# users patch), 0.21.2 for a peft built from source, and 0.17.1 where peft < 0.19 is installed (CI's second
+# environment), so that PEFT's own tests run with the packages they expect.
+_INSTALLED = importlib.metadata.version("peft")
+if installed_peft().api != CONFIG_API:
+    PEFT_VERSION = "0.17.1"
+elif re.fullmatch(r"\d+\.\d+\.\d+", _INSTALLED):
+    PEFT_VERSION = _INSTALLED
+else:
+    PEFT_VERSION = "0.21.2"
 IGNORED = ["__pycache__", ".pytest_cache", ".benchmarks", ".ruff_cache"]
 
 
@@ -90,7 +99,7 @@ def _forget_generated_modules():
 
 @pytest.fixture(scope="session")
 def pristine(tmp_path_factory) -> Path:
-    """An unmodified peft sdist (from LORA_SCAFFOLD_PEFT_SDIST_0_21_2 and the like, else downloaded once) with
+    """An unmodified peft sdist (from LORA_SCAFFOLD_PEFT_SDIST_0_22_0 and the like, else downloaded once) with
     tests/__init__.py,
     which PEFT's tests need to run."""
     given = os.environ.get(f"LORA_SCAFFOLD_PEFT_SDIST_{PEFT_VERSION.replace('.', '_')}")

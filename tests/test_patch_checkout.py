@@ -1,7 +1,7 @@
 """Patch mode on a real peft source tree: its own tests, dispatch, idempotence, remove, safety.
 
-The tree is the peft sdist of the installed peft's API generation (0.21.2, or 0.17.1 where peft < 0.19 is
-installed, as in CI's second environment), so that PEFT's own tests run with the packages they expect.
+The tree is the sdist of the installed peft's release (0.17.1 where peft < 0.19 is installed, as in CI's second
+environment; tests/conftest.py:PEFT_VERSION), so that PEFT's own tests run with the packages they expect.
 """
 
 import importlib
@@ -80,7 +80,7 @@ def test_patched_checkout_passes_generated_tests_peft_battery_and_dispatch(check
     collected = count_battery_tests(checkout, "LoraConvTranspose2d or LoraSquaredConv or LoraPlainLinear")
     print("PEFT battery tests on the generated layers:", collected)
     # 15 TEST_CASES (ConvTranspose2d: plain, with lin0, rsLoRA, dropout, lora_bias; SquaredConv: no lora_bias;
-    # PlainLinear: all five and DoRA) and dozens of battery tests each (36 in peft 0.17.1, 55 in 0.21.2).
+    # PlainLinear: all five and DoRA) and dozens of battery tests each (36 in peft 0.17.1, 55 in 0.21.2 and 0.22.0).
     assert collected >= 15 * 30
     assert count_battery_tests(checkout, "LoraPlainLinear and DoRA") >= 30
 
