@@ -137,15 +137,32 @@ def _leaves(value):
         yield value
 
 
+# How much a check scales an adapter's B by, in turn: dead means the output never moves, and an adapter whose effect
+# is real but below the output's float resolution at init (Qwen3.5's `in_proj_a` behind a decay of exp(-17)) moves it
+# once its change is large enough.
+LIVE_SCALES = (3.0, 1e3, 1e6)
+
+
 def live(layer, run, reference: torch.Tensor) -> bool:
+    """Whether scaling the adapter's B moves the model's output at all (on the no-grad, eval path the model runs)."""
     factors = [p for n, p in _own_factors(layer) if "lora_B" in n or "lora_embedding_B" in n]
-    with torch.no_grad():
-        for parameter in factors:
-            parameter.mul_(3.0)
-        moved = not torch.equal(run(), reference)
-        for parameter in factors:
-            parameter.div_(3.0)
-    return moved
+    for scale in LIVE_SCALES:
+        with torch.no_grad():
+            saved = [parameter.clone() for parameter in factors]
+            for parameter in factors:
+                parameter.mul_(scale)
+            try:
+                moved = not torch.equal(run(), reference)
+            except AnalysisError:
+                if scale == LIVE_SCALES[0]:
+                    raise
+                moved = True  # a forward that a huge change breaks (NaN routing) depends on the adapter
+            finally:
+                for parameter, values in zip(factors, saved):
+                    parameter.copy_(values)
+        if moved:
+            return True
+    return False
 
 
 def gradients(model: nn.Module, adapted: dict, model_input: str) -> dict[str, bool]:

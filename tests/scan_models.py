@@ -1,5 +1,7 @@
 """Small models for `scan`: PEFT handles some of their layers, lora-scaffold the others."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 from scaffold_targets import PlainLinear, SquaredConv
@@ -189,3 +191,20 @@ class AttentionPool(nn.Module):
 
 def attention_pool_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 8), AttentionPool())
+
+
+class FaintBranch(nn.Module):
+    """A branch whose effect at init is below float32's resolution of the output (behind a decay of exp(-20), as
+    Qwen3.5's gated delta rule is at init with few heads): live, though a small change of its adapter leaves the
+    output bit-for-bit as it was."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + math.exp(-20) * self.proj(x)
+
+
+def faint_model() -> nn.Module:
+    return nn.Sequential(FaintBranch())

@@ -181,3 +181,10 @@ def test_a_merge_refused_in_words_leaves_the_model_as_it_was_and_passes(capsys):
     assert code == 0 and conv["live"] and conv["gradients"] and "groups > 1" in conv["merge_refused"], report
     assert main(["audit", *grouped]) == 0
     assert "refused: Merging is not supported for _ConvNd layers with groups > 1!" in capsys.readouterr().out
+
+
+def test_an_adapter_whose_effect_is_below_float_resolution_at_init_is_live_not_dead(capsys):
+    """Dead means the output never moves: a small change of a faint branch's adapter leaves float32 outputs equal,
+    a large one does not (the audit called Qwen3.5-MoE's `in_proj_a` dead with two linear-attention heads)."""
+    code, report = audited(capsys, f"{TESTS / 'scan_models.py'}:faint_model", "--model-input", "torch.randn(2, 4)")
+    assert code == 0 and {m["name"]: m["live"] for m in report["modules"]} == {"0.proj": True}
