@@ -80,7 +80,7 @@ def test_patched_checkout_passes_generated_tests_peft_battery_and_dispatch(check
     collected = count_battery_tests(checkout, "LoraConvTranspose2d or LoraSquaredConv or LoraPlainLinear")
     print("PEFT battery tests on the generated layers:", collected)
     # 15 TEST_CASES (ConvTranspose2d: plain, with lin0, rsLoRA, dropout, lora_bias; SquaredConv: no lora_bias;
-    # PlainLinear: all five and DoRA) and dozens of battery tests each (36 in peft 0.17.1, 55 in 0.21.2 and 0.22.0).
+    # PlainLinear: all five and DoRA) and dozens of battery tests each (36 in peft 0.17.1, 55 in 0.21.2).
     assert collected >= 15 * 30
     assert count_battery_tests(checkout, "LoraPlainLinear and DoRA") >= 30
 
