@@ -159,7 +159,8 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
         # PEFT's own layer over a quantized base may refuse too (its torchao layer, without the model's TorchAoConfig)
         quantized = ours_quantized or bool(quantized_tensors(base))
         refused = quantized and _merge_refused(module)
-        merge_error, merge_refused = (math.inf, "") if refused else adapter_checks.merge_error(module, run, run())
+        merging = _merged_with(name, module, adapted)
+        merge_error, merge_refused = (math.inf, "") if refused else adapter_checks.merge_error(merging, run, run())
         # Requantized within its own tolerance, as a generated layer promises; PEFT's layers are measured as they are.
         quantized_merge = "refused" if refused else "requantized" if ours_quantized else ""
         modules.append(
@@ -180,6 +181,15 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
         )
     total, by_peft, by_ours = _coverage(evaluate_model(expression), dispatched_by_peft, our_targets, layers)
     return Audit(expression, tuple(modules), total, by_peft, by_ours)
+
+
+def _merged_with(name: str, layer, adapted: dict):
+    """The layer whose merge merges this one: PEFT's lora.MultiheadAttention merges and unmerges the lora.Linear on
+    its `out_proj` itself, in each forward too, so that adapter merged alone says nothing of what PEFT does."""
+    from peft.tuners.lora.layer import MultiheadAttention
+
+    parent = adapted.get(name.rpartition(".")[0])
+    return parent if name.endswith(".out_proj") and isinstance(parent, MultiheadAttention) else layer
 
 
 def _merge_refused(layer) -> bool:

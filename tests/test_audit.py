@@ -188,3 +188,12 @@ def test_an_adapter_whose_effect_is_below_float_resolution_at_init_is_live_not_d
     a large one does not (the audit called Qwen3.5-MoE's `in_proj_a` dead with two linear-attention heads)."""
     code, report = audited(capsys, f"{TESTS / 'scan_models.py'}:faint_model", "--model-input", "torch.randn(2, 4)")
     assert code == 0 and {m["name"]: m["live"] for m in report["modules"]} == {"0.proj": True}
+
+
+def test_the_out_proj_of_peft_s_multihead_attention_is_merged_with_its_attention(capsys):
+    """PEFT's lora.MultiheadAttention merges the lora.Linear on its out_proj itself (SigLIP's pooling head, in the
+    sweep): merged alone, that adapter is merged again by the attention's forward, and the audit failed it."""
+    model = f"{TESTS / 'scan_models.py'}:attention_pool_model"
+    code, report = audited(capsys, model, "--model-input", "torch.randn(2, 5, 6)")
+    modules = {m["name"]: m for m in report["modules"]}
+    assert code == 0 and modules["1.attention.out_proj"]["merges"] and modules["1.attention"]["merges"]
