@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -426,7 +427,8 @@ def sweep(model_types: list[str]) -> dict[str, str]:
 
 
 def run(name: str, root: Path, model: str | None = None) -> ZooResult:
-    model, out = model or ZOO[name], root / name
+    # The folder is a Python package: a model type like `xlm-roberta` gets `xlm_roberta`.
+    model, out = model or ZOO[name], root / re.sub(r"\W", "_", name)
     generate = _json(["scan", model, "--generate", "-o", str(out)])
     layers = generate["layers"]
     passed, failed = _suites(out, root / f"{name}.xml") if any(layer["layer"] for layer in layers) else (0, 0)

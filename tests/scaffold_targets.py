@@ -247,6 +247,14 @@ class DropoutLinear(nn.Linear):
         return F.dropout(super().forward(x), p=0.5, training=self.training)
 
 
+class PairOutputLinear(nn.Linear):
+    """Returns (x @ W.T + b, None), as IBert's QuantLinear does outside its quantized mode: the float part is linear,
+    but an adapter added to the output would be added to a tuple."""
+
+    def forward(self, x):
+        return F.linear(x, weight=self.weight, bias=self.bias), None
+
+
 class NoisyLinear(nn.Linear):
     """Random even in eval mode: nothing can be checked against it."""
 

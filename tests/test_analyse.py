@@ -51,6 +51,7 @@ def plan_for(target, args=None, **options):
         ("scaffold_targets.GainConv", {}, {}, "delta", False),
         ("scaffold_targets.ReluLinear", {}, {}, "delta", False),
         ("scaffold_targets.DropoutLinear", {}, {}, "reuse", False),
+        ("scaffold_targets.PairOutputLinear", {}, {}, "delta", False),
     ],
 )
 def test_auto_picks_a_factored_path_only_where_the_probe_proves_it(target, args, options, strategy, fan_in_fan_out):
