@@ -4,6 +4,7 @@ model's output (live), do its LoRA parameters get gradients, and does merging it
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -66,8 +67,10 @@ def reached(model: nn.Module, adapted: dict, model_input: str) -> set[str]:
     weights itself (a fused path: Mamba's CPU `mamba_inner_fn` reads `dt_proj.weight`, which makes the adapter dead,
     not unreached). An expert no token is routed to is neither called nor read."""
     weights = {name: list(layer.get_base_layer().parameters()) for name, layer in adapted.items()}
-    called, read = _calls_and_reads(model, adapted, weights, model_input, modes=(False, True))
-    return called | read
+    called, called_empty, read = _calls_and_reads(model, adapted, weights, model_input, modes=(False, True))
+    # A module called only on empty inputs (Higgs Audio's audio_mlp on the no audio tokens of a text input) reads its
+    # weights there too, and proves nothing either.
+    return called | (read - called_empty)
 
 
 def read_without_call(model: nn.Module, names: list[str], model_input: str) -> set[str]:
@@ -79,20 +82,27 @@ def read_without_call(model: nn.Module, names: list[str], model_input: str) -> s
         for parameter in module.parameters(recurse=False):
             holders.setdefault(id(parameter), set()).add(name)
     own = {name: list(model.get_submodule(name).parameters(recurse=False)) for name in names}
-    called, read = _calls_and_reads(model, dict(model.named_modules()), own, model_input, modes=(False,))
+    called, called_empty, read = _calls_and_reads(model, dict(model.named_modules()), own, model_input, modes=(False,))
+    called |= called_empty
     return {name for name in read - called if not any(holders[id(p)] & called for p in own[name])}
 
 
 def _calls_and_reads(
     model: nn.Module, watched: dict[str, nn.Module], weights: dict[str, list], model_input: str, modes: tuple
-) -> tuple[set[str], set[str]]:
-    """The names in `watched` whose modules the model's forward calls, and those in `weights` whose tensors any
-    torch function is given, over a forward in each mode (training or not); a forward that fails counts what it
-    reached before."""
+) -> tuple[set[str], set[str], set[str]]:
+    """The names in `watched` whose modules the model's forward calls on inputs holding data, those it calls only on
+    empty ones, and those in `weights` whose tensors any torch function is given, over a forward in each mode
+    (training or not); a forward that fails counts what it reached before."""
     called: set[str] = set()
+    called_empty: set[str] = set()
     read: set[str] = set()
+
+    def note_call(_module, args, kwargs, name):
+        tensors = [value for value in _leaves((args, kwargs)) if isinstance(value, torch.Tensor)]
+        (called if not tensors or any(t.numel() for t in tensors) else called_empty).add(name)
+
     hooks = [
-        module.register_forward_pre_hook(lambda _module, _args, name=name: called.add(name))
+        module.register_forward_pre_hook(functools.partial(note_call, name=name), with_kwargs=True)
         for name, module in watched.items()
     ]
     owners: dict[int, set[str]] = {}
@@ -109,7 +119,7 @@ def _calls_and_reads(
         model.eval()
         for hook in hooks:
             hook.remove()
-    return called, read
+    return called, called_empty - called, read
 
 
 class _WeightReads(TorchFunctionMode):

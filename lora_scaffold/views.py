@@ -165,8 +165,8 @@ def audit_text(result: Audit) -> str:
     unreached = [m.name for m in result.modules if not m.reached]
     if unreached:
         lines.append(
-            f"unproven  {', '.join(unreached)}: the model's forward on this input never calls them "
-            "(pass --model-input with an input that does)"
+            f"unproven  {', '.join(unreached)}: the model's forward on this input never calls them, or only on "
+            "empty inputs (pass --model-input with an input that does)"
         )
     lines += [f"gradient  {m.name}: {m.input_gradient}" for m in result.modules if m.input_gradient]
     failed = [m.name for m in result.modules if not m.passed]

@@ -4,7 +4,7 @@ table; tests/test_model_zoo.py asserts it, one architecture a test.
 
 `python tests/model_zoo.py --sweep [TYPE ...]` takes the same path for the architectures no one chose: every model
 type of the installed transformers outside the zoo with an AutoModel whose `tiny` config builds under
-SWEEP_PARAMETERS parameters (an hour or so on two cores); its failures are where to look next."""
+SWEEP_PARAMETERS parameters (205 types in 17 minutes on two cores); its failures are where to look next."""
 
 from __future__ import annotations
 

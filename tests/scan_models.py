@@ -208,3 +208,23 @@ class FaintBranch(nn.Module):
 
 def faint_model() -> nn.Module:
     return nn.Sequential(FaintBranch())
+
+
+class TokenTypeBranches(nn.Module):
+    """Rows of one kind go through `text`, rows of another through `audio` (Higgs Audio's decoder layer): on an
+    input without the second kind, `audio` is called on an empty batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.text, self.audio = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        is_audio = x[:, 0] > 1e9
+        out = torch.zeros_like(x)
+        out[~is_audio] = self.text(x[~is_audio])
+        out[is_audio] = self.audio(x[is_audio])
+        return out
+
+
+def token_type_model() -> nn.Module:
+    return nn.Sequential(TokenTypeBranches())

@@ -90,7 +90,9 @@ def test_a_class_whose_first_instance_is_never_called_gets_its_layer_from_one_th
     modules = {m["name"]: m for m in report["modules"]}
     assert code == 0 and not modules["shared"]["reached"] and modules["embed_tokens"]["live"], report
     assert main(["audit", model, *feed, "--layers", str(layers)]) == 0
-    assert "unproven  shared: the model's forward on this input never calls them" in capsys.readouterr().out
+    assert "unproven  shared: the model's forward on this input never calls them, or only on empty inputs" in (
+        capsys.readouterr().out
+    )
 
 
 def test_what_a_model_leaves_empty_is_filled_alike_by_the_tool_and_the_tests(capsys, tmp_path):
@@ -197,3 +199,14 @@ def test_the_out_proj_of_peft_s_multihead_attention_is_merged_with_its_attention
     code, report = audited(capsys, model, "--model-input", "torch.randn(2, 5, 6)")
     modules = {m["name"]: m for m in report["modules"]}
     assert code == 0 and modules["1.attention.out_proj"]["merges"] and modules["1.attention"]["merges"]
+
+
+def test_a_module_called_only_on_an_empty_batch_is_not_reached_rather_than_dead(capsys):
+    """Higgs Audio's audio_mlp runs on the audio tokens of the input, of which a text input has none: that proves
+    nothing either way (the sweep called it dead)."""
+    code, report = audited(
+        capsys, f"{TESTS / 'scan_models.py'}:token_type_model", "--model-input", "torch.randn(3, 4)"
+    )
+    modules = {m["name"]: m for m in report["modules"]}
+    assert code == 0 and modules["0.text"]["reached"] and modules["0.text"]["live"]
+    assert not modules["0.audio"]["reached"] and modules["0.audio"]["passed"]
