@@ -149,30 +149,44 @@ def _leaves(value):
 
 # How much a check scales an adapter's B by, in turn: dead means the output never moves, and an adapter whose effect
 # is real but below the output's float resolution at init (Qwen3.5's `in_proj_a` behind a decay of exp(-17)) moves it
-# once its change is large enough.
-LIVE_SCALES = (3.0, 1e3, 1e6)
+# at 1e3. Not further: at 1e6 the change reaches a model's epsilons (DeepSeek-V4's hash router weighs its experts
+# s / (2s + 1e-20), 1/2 whatever the scores until they are ~1e-20), a move no training could make.
+LIVE_SCALES = (3.0, 1e3)
 
 
 def live(layer, run, reference: torch.Tensor) -> bool:
-    """Whether scaling the adapter's B moves the model's output at all (on the no-grad, eval path the model runs)."""
+    """Whether scaling the adapter's B moves the model's output (on the no-grad, eval path the model runs). Past the
+    first scale, only a finite move counts: an overflow makes outputs NaN that do not depend on the adapter too."""
     factors = [p for n, p in _own_factors(layer) if "lora_B" in n or "lora_embedding_B" in n]
+    finite = reference.isfinite()
     for scale in LIVE_SCALES:
         with torch.no_grad():
             saved = [parameter.clone() for parameter in factors]
             for parameter in factors:
                 parameter.mul_(scale)
             try:
-                moved = not torch.equal(run(), reference)
+                output = run()
             except AnalysisError:
                 if scale == LIVE_SCALES[0]:
                     raise
-                moved = True  # a forward that a huge change breaks (NaN routing) depends on the adapter
+                output = None  # a change this large breaks the forward: it says nothing either way
             finally:
                 for parameter, values in zip(factors, saved):
                     parameter.copy_(values)
-        if moved:
+        if output is None:
+            continue
+        if output.shape != reference.shape:
+            return True
+        if scale != LIVE_SCALES[0] and not output[finite].isfinite().all():
+            continue
+        if not _same(output, reference):
             return True
     return False
+
+
+def _same(output: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Equal entry for entry, NaN where the reference is NaN (a masked row) counting as unchanged."""
+    return bool(((output == reference) | (output.isnan() & reference.isnan())).all())
 
 
 def gradients(model: nn.Module, adapted: dict, model_input: str) -> dict[str, bool]:
