@@ -116,8 +116,7 @@ def test_routers_peft_converts_are_reported_as_peft_handles_them(capsys):
     routers = []
     for model in (MIXTRAL, QWEN2_MOE, GRANITE_MOE):
         router = next(c for name, c in scanned(capsys, model).items() if name.endswith("TopKRouter"))
-        module = shlex.split(router["command"])[shlex.split(router["command"]).index("--module") + 1]
-        leaf = module.rpartition(".")[2]
+        leaf = router["module"].rpartition(".")[2]
         converted = peft_wraps(model, leaf)
         said = f"lora.ParamWrapper on {leaf}.weight (PEFT's transformers-v5 MoE conversion of '{leaf}')"
         assert router["handled_by"] == (said if converted else ""), (model, router["handled_by"])
