@@ -38,6 +38,13 @@ class Gram(nn.Linear):
         return x @ (self.weight.T @ self.weight)
 
 
+class KeywordWeight(nn.Linear):
+    """F.linear with its weight and bias by keyword (IBert's QuantLinear calls it so)."""
+
+    def forward(self, x):
+        return F.linear(x, weight=self.weight, bias=self.bias) + F.linear(input=x, weight=self.weight)
+
+
 class Standardised(nn.Linear):
     def forward(self, x):
         w = self.weight
@@ -51,8 +58,8 @@ class Standardised(nn.Linear):
         (ScaledTwice(6, 4), "its product"),
         (Transposes(6, 4), "each of its 3 products"),
     ]
-    + [(WeightFirst(6, 4), "its product")],
-    ids=["Linear", "ScaledTwice", "Transposes", "WeightFirst"],
+    + [(WeightFirst(6, 4), "its product"), (KeywordWeight(6, 4), "each of its 2 products")],
+    ids=["Linear", "ScaledTwice", "Transposes", "WeightFirst", "KeywordWeight"],
 )
 def test_products_with_the_weight_or_its_transpose_are_factored_and_proven(module, products):
     proven, found = factored_proof(module, "weight", call)

@@ -139,8 +139,8 @@ class FactoredWeightUses(TorchFunctionMode):
 
     def _factored(self, func, args: tuple, kwargs: dict):
         """The base op plus the low-rank path, for a product of an input with a tracked tensor (else None)."""
-        if func is F.linear and len(args) > 1 and self._factors_only(args[1], args[:1] + args[2:], kwargs, 2):
-            return self._plus(func(*args, **kwargs), args[0], args[1], lambda x, L, R: F.linear(F.linear(x, R), L))
+        if func is F.linear:
+            return self._linear(func, args, kwargs)
         if func in self.CONVOLUTIONS:
             return self._convolution(func, args, kwargs)
         if func is F.embedding:
@@ -172,6 +172,14 @@ class FactoredWeightUses(TorchFunctionMode):
             offs = kwargs.get("offs")
             return self._plus(func(*args, **kwargs), args[0], args[1], lambda x, L, R: _grouped(func, x, L, R, offs))
         return None
+
+    def _linear(self, func, args: tuple, kwargs: dict):
+        """linear(x, W + dW) for a matrix W, passed by position or by keyword: linear(x, W) plus x R^T L^T."""
+        bound = dict(zip(("input", "weight", "bias"), args)) | kwargs
+        weight = bound.get("weight")
+        if not self._factors_only(weight, (bound.get("input"), bound.get("bias")), {}, 2):
+            return None
+        return self._plus(func(*args, **kwargs), bound["input"], weight, lambda x, L, R: F.linear(F.linear(x, R), L))
 
     def _convolution(self, func, args: tuple, kwargs: dict):
         """conv(x, W + dW) for a kernel W [out, in, *k] whose change is [out, in * k...] (`delta`'s layout), ungrouped:
