@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,11 +45,35 @@ class FileChange:
         return self.writes or self.status == DELETE
 
     def diff(self) -> str:
-        old = (self.old_text or "").splitlines(keepends=True)
-        new = (self.new_text or "").splitlines(keepends=True)
+        old, new = _diff_lines(self.path, self.old_text), _diff_lines(self.path, self.new_text)
         old_name = str(self.path) if self.old_text is not None else "/dev/null"
         new_name = str(self.path) if self.new_text is not None else "/dev/null"
         return "".join(difflib.unified_diff(old, new, old_name, new_name))
+
+
+def _diff_lines(path: Path, text: str | None) -> list[str]:
+    """The text's lines; a JSON object's as one `key: value` line a value, its multi-line strings (the generation
+    record's pristine copies of whole files) spread over lines, so that a one-line change diffs as one line."""
+    if text is None:
+        return []
+    try:
+        data = json.loads(text) if path.suffix == ".json" else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return text.splitlines(keepends=True)
+    return list(_json_lines(data, ""))
+
+
+def _json_lines(value, key: str):
+    if isinstance(value, dict) and value:
+        for name, item in value.items():
+            yield from _json_lines(item, f"{key}.{name}" if key else name)
+    elif isinstance(value, str) and "\n" in value:
+        yield f"{key}: |\n"
+        yield from (f"    {line}\n" for line in value.splitlines())
+    else:
+        yield f"{key}: {json.dumps(value)}\n"
 
 
 def plan_changes(

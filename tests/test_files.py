@@ -1,10 +1,12 @@
+import json
 import os
+from pathlib import Path
 
 import pytest
 
 from lora_scaffold import journal
 from lora_scaffold.errors import WriteError
-from lora_scaffold.files import GeneratedFile, apply_changes, plan_changes
+from lora_scaffold.files import FileChange, GeneratedFile, apply_changes, plan_changes
 
 
 GENERATED = (GeneratedFile("lora_x.py", "layer\n"), GeneratedFile("test_lora_x.py", "tests\n"))
@@ -16,6 +18,16 @@ def test_statuses(tmp_path):
     statuses = [c.status for c in plan_changes(GENERATED, tmp_path, force=False)]
     assert statuses == ["identical", "conflict"]
     assert [c.status for c in plan_changes(GENERATED, tmp_path, force=True)] == ["identical", "overwrite"]
+
+
+def test_a_records_copy_of_a_file_diffs_line_by_line():
+    """The generation record keeps whole files as JSON strings: a one-line change of one shows as that line."""
+    layer = "".join(f"line {i}\n" for i in range(50))
+    old = json.dumps({"format": 1, "pristine": {"lora_x.py": layer}}, indent=1)
+    new = json.dumps({"format": 1, "pristine": {"lora_x.py": layer.replace("line 7\n", "line seven\n")}}, indent=1)
+    diff = FileChange(Path(".lora-scaffold/lora_x.json"), "update", new, old).diff()
+    changed = [line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert changed == ["-    line 7", "+    line seven"], diff
 
 
 def test_conflicts_are_refused_and_named(tmp_path):
