@@ -8,7 +8,7 @@ import pytest
 
 from lora_scaffold.errors import PatchError
 from lora_scaffold.patch import battery as battery_module
-from lora_scaffold.patch import cst_utils, dispatch, imports
+from lora_scaffold.patch import cst_utils, dispatch, imports, supported
 from lora_scaffold.patch.battery import (
     BATTERY_FILE,
     BatteryEntry,
@@ -309,19 +309,28 @@ def test_edited_battery_model_is_not_removed_without_force():
     assert remove_battery_entry(edited, ENTRY, force=True) == BATTERY
 
 
-PEFT_FILES = ("src/peft/tuners/lora/layer.py", "src/peft/tuners/lora/__init__.py", "tests/test_custom_models.py")
+PEFT_FILES = (
+    "src/peft/tuners/lora/layer.py",
+    "src/peft/tuners/lora/__init__.py",
+    "src/peft/tuners/lora/model.py",
+    "tests/test_custom_models.py",
+)
 
 
 @pytest.mark.parametrize("path", PEFT_FILES)
 def test_excerpts_of_peft_files_give_the_source_back_whatever_they_parse(pristine, path):
     source = (pristine / path).read_text()
     statements = ast.parse(source).body
+    methods = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef)]
     chosen = random.Random(0).sample(range(len(statements)), len(statements) // 3)
     picks = [lambda s: False, lambda s: True, lambda s: isinstance(s, ast.ClassDef), lambda s: s in picked]
     picked = [statements[i] for i in chosen]
+    some_methods = {node.name for node in random.Random(1).sample(methods, len(methods) // 3)}
     for wanted in picks:
-        view = excerpt(source, path, wanted)
-        assert view.code(view.module) == source
+        # Of the classes wanted, all their methods, none, or some (by name: the tree parsed again is another)
+        for wanted_method in (None, lambda m: False, lambda m: True, lambda m: m.name in some_methods):
+            view = excerpt(source, path, wanted, wanted_method)
+            assert view.code(view.module) == source
 
 
 def test_edits_on_an_excerpt_equal_edits_on_the_whole_parse(pristine, monkeypatch):
@@ -329,11 +338,13 @@ def test_edits_on_an_excerpt_equal_edits_on_the_whole_parse(pristine, monkeypatc
     layer = (pristine / LAYER_FILE).read_text()
     battery = (pristine / BATTERY_FILE).read_text()
     branch = DispatchBranch("isinstance(target_base_layer, MyConv)", "new_module = LoraMyConv(target)", "LoraMyConv")
+    model = (pristine / supported.MODEL_FILE).read_text()
     edits = [(dispatch_edit(branch), layer), (battery_edit(ENTRY), battery), (import_edit("sys", LAYER_FILE), layer)]
+    edits.append((supported.supported_edit("mypkg.MyConv"), model))
     on_excerpts = [edit.apply(source) for edit, source in edits]
     whole = cst_utils.excerpt
-    for module in (dispatch, battery_module, imports):
-        monkeypatch.setattr(module, "excerpt", lambda source, filename, wanted: whole(source, filename, bool))
+    for module in (dispatch, battery_module, imports, supported):
+        monkeypatch.setattr(module, "excerpt", lambda source, filename, *wanted: whole(source, filename, bool))
     assert [edit.apply(source) for edit, source in edits] == on_excerpts
     for (edit, source), applied in zip(edits, on_excerpts):
         assert applied != source and edit.revert(applied, False) == source

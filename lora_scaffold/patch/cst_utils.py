@@ -35,12 +35,12 @@ def parse(source: str, filename: str) -> cst.Module:
 
 
 HIDDEN = "__lora_scaffold_unparsed_{}__"
-HIDDEN_LINE = re.compile(r"^__lora_scaffold_unparsed_(\d+)__\n", re.MULTILINE)
+HIDDEN_LINE = re.compile(r"^[ \t]*__lora_scaffold_unparsed_(\d+)__\n", re.MULTILINE)
 
 
 @dataclass(frozen=True)
 class Excerpt:
-    """A source with only some top-level statements parsed by libcst, each other one a one-line placeholder.
+    """A source with only some statements parsed by libcst, each other one a one-line placeholder.
 
     libcst takes over a second for PEFT's 8 000-line test battery, ast a tenth of that: ast finds the statements,
     libcst parses the ones an edit looks at, with every blank line and comment between statements as it was, so an
@@ -53,27 +53,60 @@ class Excerpt:
         return HIDDEN_LINE.sub(lambda match: self.hidden[int(match.group(1))], module.code)
 
 
-def excerpt(source: str, filename: str, wanted: Callable[[ast.stmt], bool]) -> Excerpt:
-    """The statements `wanted` is true for, parsed (the whole source where the shortcut cannot be exact)."""
+def excerpt(
+    source: str,
+    filename: str,
+    wanted: Callable[[ast.stmt], bool],
+    wanted_method: Callable[[ast.stmt], bool] | None = None,
+) -> Excerpt:
+    """The top-level statements `wanted` is true for, parsed (the whole source where the shortcut cannot be exact);
+    with `wanted_method`, of the classes among them only the methods it is true for (PEFT's LoraModel is most of
+    model.py, and one of its methods holds what an edit looks for)."""
     statements = top_level_statements(source, filename)
     if "\r" in source or HIDDEN.format("") in source:
         return Excerpt(parse(source, filename), ())  # CRLF, or our own placeholder
     lines = source.splitlines(keepends=True)
-    pieces, hidden, next_line = [], [], 0
-    for statement in statements:
-        first = min([statement.lineno, *(d.lineno for d in getattr(statement, "decorator_list", ()))]) - 1
-        if first < next_line:
-            return Excerpt(parse(source, filename), ())  # `a; b` on one line
-        pieces.append("".join(lines[next_line:first]))  # blank lines and comments before it, parsed as they are
-        text = "".join(lines[first : statement.end_lineno])
-        if wanted(statement):
-            pieces.append(text)
-        else:
-            pieces.append(HIDDEN.format(len(hidden)) + "\n")
-            hidden.append(text)
-        next_line = statement.end_lineno
-    pieces.append("".join(lines[next_line:]))
+    pieces: list[str] = []
+    hidden: list[str] = []
+    end = _hide_unwanted(statements, lines, 0, wanted, wanted_method, pieces, hidden)
+    if end is None:
+        return Excerpt(parse(source, filename), ())
+    pieces.append("".join(lines[end:]))
     return Excerpt(parse("".join(pieces), filename), tuple(hidden))
+
+
+def _hide_unwanted(statements, lines, next_line, wanted, wanted_method, pieces, hidden) -> int | None:
+    """Appends the source from `next_line` to the statements' end to `pieces`, each unwanted statement a placeholder
+    line at its indentation; the line it ended at, or None where statements share a line (`a; b`)."""
+    for statement in statements:
+        first = _first_line(statement)
+        if first < next_line:
+            return None
+        pieces.append("".join(lines[next_line:first]))  # blank lines and comments before it, parsed as they are
+        if not wanted(statement):
+            indent = lines[first][: len(lines[first]) - len(lines[first].lstrip())]
+            pieces.append(indent + HIDDEN.format(len(hidden)) + "\n")
+            hidden.append("".join(lines[first : statement.end_lineno]))
+        elif isinstance(statement, ast.ClassDef) and wanted_method is not None:
+            body_start = _first_line(statement.body[0])
+            if body_start <= first:
+                return None  # `class A: ...` on one line
+            pieces.append("".join(lines[first:body_start]))
+
+            def kept(member: ast.stmt) -> bool:
+                return not isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef)) or wanted_method(member)
+
+            if _hide_unwanted(statement.body, lines, body_start, kept, None, pieces, hidden) is None:
+                return None
+        else:
+            pieces.append("".join(lines[first : statement.end_lineno]))
+        next_line = statement.end_lineno
+    return next_line
+
+
+def _first_line(statement: ast.stmt) -> int:
+    """The statement's first line, its decorators' included, counted from 0."""
+    return min([statement.lineno, *(d.lineno for d in getattr(statement, "decorator_list", ()))]) - 1
 
 
 @functools.lru_cache(maxsize=16)

@@ -52,7 +52,14 @@ def remove_supported(source: str, qualified_name: str) -> str:
 
 
 def _view(source: str):
-    return excerpt(source, MODEL_FILE, lambda statement: isinstance(statement, ast.ClassDef))
+    return excerpt(source, MODEL_FILE, lambda statement: isinstance(statement, ast.ClassDef), _holds_list_start)
+
+
+def _holds_list_start(method: ast.stmt) -> bool:
+    return any(
+        isinstance(node, ast.Constant) and isinstance(node.value, str) and LIST_START in node.value
+        for node in ast.walk(method)
+    )
 
 
 def _message(module: cst.Module) -> cst.ConcatenatedString | None:
