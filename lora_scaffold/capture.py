@@ -183,10 +183,12 @@ _CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def model_input_choices(model: nn.Module) -> tuple[str, ...]:
-    """Inputs for a transformers model from its config: token ids, pixel values, audio values or features, decoder
-    ids for an encoder-decoder; then embeddings for a decoder that takes them (Qwen3-Omni's talker is fed embeddings
-    by its parent and fails on ids), and audio laid out the other way (AST's spectrogram, frames first). Raises for a
-    model that gives no clue; the user then passes --model-input."""
+    """Inputs for a transformers model from its config: token ids, pixel values (as patches with their grid for a
+    vision tower that takes them so), video frames, audio values or features, decoder ids for an encoder-decoder;
+    then embeddings for a decoder that takes them (Qwen3-Omni's talker is fed embeddings by its parent and fails on
+    ids), and audio laid out the other way (AST's spectrogram, frames first). The main input is the config's, or the
+    forward's first parameter where the forward does not take that (vision towers keep PreTrainedModel's
+    `input_ids`). Raises for a model that gives no clue; the user then passes --model-input."""
     config = getattr(model, "config", None)
     main = getattr(model, "main_input_name", None)
     if config is None or main is None:
@@ -195,6 +197,10 @@ def model_input_choices(model: nn.Module) -> tuple[str, ...]:
             "the model is fed ('torch.randn(2, 16)', or a dict of keyword inputs)"
         )
     takes = inspect.signature(model.forward).parameters
+    main = main if main in takes else next(iter(_named_parameters(takes)), main)
+    patched = _patch_inputs(getattr(config, "vision_config", None) or config, main, takes)
+    if patched:
+        return tuple(_listed(entries) for entries in patched)
     extra = {}
     if getattr(config, "is_encoder_decoder", False):
         extra["decoder_input_ids"] = f"torch.randint(0, {_vocab_size(config)}, ({BATCH}, 4))"
@@ -207,6 +213,51 @@ def model_input_choices(model: nn.Module) -> tuple[str, ...]:
     if main == "input_ids" and "inputs_embeds" in takes and isinstance(hidden, int):
         choices.append(_listed({"inputs_embeds": f"torch.randn({BATCH}, {TOKENS}, {hidden})"} | extra))
     return tuple(choices)
+
+
+def _named_parameters(parameters) -> list[str]:
+    kinds = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
+    return [name for name, parameter in parameters.items() if parameter.kind in kinds]
+
+
+# The side of the grid of patches a vision tower is fed, in merged patches (Qwen-VL's towers merge 2 x 2 patches).
+GRID = 2
+MERGES = ("spatial_merge_size", "merge_kernel_size", "merge_size", "pooling_kernel_size")
+TEMPORAL = ("temporal_patch_size", "patch_temporal")  # the frames one patch spans
+
+
+def _patch_inputs(vision, main: str, takes) -> list[dict[str, str]]:
+    """Inputs of a vision tower fed flattened patches beside their grid: Qwen-VL's and its kin's `grid_thw` (one
+    image of (1, h, w) patches, its patches laid out as each tower reads them: the layouts are tried in turn),
+    SigLIP2's `spatial_shapes` with its attention mask, Gemma 4's `pixel_position_ids`. [] for any other model."""
+    patch = getattr(vision, "patch_size", None)
+    if not isinstance(patch, int) or not {"grid_thw", "spatial_shapes", "pixel_position_ids"} & set(takes):
+        return []
+    channels = getattr(vision, "in_channels", None) or getattr(vision, "num_channels", None) or 3
+    # What the tower merges or pools patches by: the grid's side is a multiple of it.
+    merge = next((getattr(vision, name) for name in MERGES if getattr(vision, name, None)), 1)
+    merge = merge[0] if isinstance(merge, (tuple, list)) else merge
+    side = GRID * merge
+    count = side * side
+    if "grid_thw" in takes:
+        temporal = next((getattr(vision, name) for name in TEMPORAL if getattr(vision, name, None)), 1)
+        grid = {"grid_thw": f"torch.tensor([[1, {side}, {side}]])"}
+        if "merge_sizes" in takes:  # VideoLLaMA3's tower is told its merge size per image
+            grid["merge_sizes"] = f"torch.tensor([{merge}])"
+        layouts = [(count, channels * temporal * patch * patch), (count, channels, temporal, patch, patch)]
+        layouts += [(count, channels, patch, patch), (count, channels * patch * patch)]
+        return [{main: f"torch.randn{shape}"} | grid for shape in dict.fromkeys(layouts)]
+    flat = f"torch.randn({BATCH}, {count}, {channels * patch * patch})"
+    if "spatial_shapes" in takes:
+        mask = f"torch.ones({BATCH}, {count}, dtype=torch.long)"
+        shapes = f"torch.tensor([[{side}, {side}]] * {BATCH})"
+        return [{main: flat, "pixel_attention_mask": mask, "spatial_shapes": shapes}]
+    positions = f"torch.stack(torch.meshgrid(torch.arange({side}), torch.arange({side}), indexing='xy'), -1)"
+    return [{main: flat, "pixel_position_ids": f"{positions}.reshape(1, {count}, 2).expand({BATCH}, -1, -1)"}]
 
 
 def _listed(entries: dict[str, str]) -> str:
@@ -232,6 +283,12 @@ def _main_inputs(config, main: str, model_name: str) -> list[tuple[str, int]]:
         channels = getattr(vision, "num_channels", 3)
         size = getattr(vision, "image_size", 32)
         height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        frames = getattr(vision, "num_frames", None)
+        if isinstance(frames, int):  # a video: frames first (VideoMAE, ViViT, TimeSformer), else channels first
+            return [
+                (f"torch.randn({BATCH}, {frames}, {channels}, {height}, {width})", frames),
+                (f"torch.randn({BATCH}, {channels}, {frames}, {height}, {width})", frames),
+            ]
         return [(f"torch.randn({BATCH}, {channels}, {height}, {width})", 1)]
     bins = getattr(config, "num_mel_bins", None) or getattr(config, "feature_size", None)
     if main == "input_values":

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_end_to_end import run_suites
 
-from lora_scaffold.capture import default_model_input, evaluate_model, recorded_call
+from lora_scaffold.capture import check_runs, default_model_input, evaluate_model, recorded_call
 from lora_scaffold.cli import main
 from lora_scaffold.constructor import ctor_params
 from lora_scaffold.request import ModelCall, Request
@@ -376,6 +376,58 @@ def test_audio_is_laid_out_as_the_model_reads_it():
     assert default_model_input(encoder) == (
         "{'input_features': torch.randn(2, 128, 3000), 'input_features_mask': torch.ones(2, 3000, dtype=torch.long)}"
     )
+
+
+def tiny_vision(config: str, **extra) -> str:
+    sizes = "hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2"
+    extra_text = "".join(f", {key}={value!r}" for key, value in extra.items())
+    return f"transformers.AutoModel.from_config(transformers.{config}({sizes}{extra_text}))"
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        # Qwen-VL's tower: 4 x 4 patches of 3 channels, 2 frames, 14 x 14 pixels, flattened, and their grid.
+        (
+            tiny_vision("Qwen2_5_VLVisionConfig"),
+            "{'hidden_states': torch.randn(16, 1176), 'grid_thw': torch.tensor([[1, 4, 4]])}",
+        ),
+        # Kimi-K2.5's takes the same patches unflattened (the first layout that runs is taken).
+        (
+            tiny_vision("Kimi_K25VisionConfig"),
+            "{'pixel_values': torch.randn(16, 3, 14, 14), 'grid_thw': torch.tensor([[1, 4, 4]])}",
+        ),
+        # VideoLLaMA3's is told its merge size per image.
+        (
+            tiny_vision("VideoLlama3VisionConfig"),
+            "{'pixel_values': torch.randn(4, 768), 'grid_thw': torch.tensor([[1, 2, 2]]), "
+            "'merge_sizes': torch.tensor([1])}",
+        ),
+        (
+            tiny_vision("Siglip2VisionConfig"),
+            "{'pixel_values': torch.randn(2, 4, 768), 'pixel_attention_mask': torch.ones(2, 4, dtype=torch.long), "
+            "'spatial_shapes': torch.tensor([[2, 2]] * 2)}",
+        ),
+        # Gemma 4's pools 3 x 3 patches: a grid of 6 x 6 positions.
+        (
+            tiny_vision("Gemma4VisionConfig", num_key_value_heads=2, head_dim=8),
+            "{'pixel_values': torch.randn(2, 36, 768), 'pixel_position_ids': torch.stack(torch.meshgrid("
+            "torch.arange(6), torch.arange(6), indexing='xy'), -1).reshape(1, 36, 2).expand(2, -1, -1)}",
+        ),
+        # SmolVLM's tower keeps PreTrainedModel's `input_ids` as its main input, and takes pixel values.
+        (tiny_vision("SmolVLMVisionConfig"), "{'pixel_values': torch.randn(2, 3, 224, 224)}"),
+        # A video: frames first.
+        (
+            tiny_vision("VideoMAEConfig", num_frames=4, image_size=32),
+            "{'pixel_values': torch.randn(2, 4, 3, 32, 32)}",
+        ),
+    ],
+    ids=["qwen2_5_vl", "kimi_k25", "video_llama_3", "siglip2", "gemma4", "smolvlm", "videomae"],
+)
+def test_vision_towers_and_videos_get_the_input_they_read(model, expected):
+    built = evaluate_model(model)
+    assert default_model_input(built) == expected
+    check_runs(built, expected)
 
 
 def test_a_time_series_gets_its_context_of_past_values():
