@@ -345,6 +345,14 @@ ZOO: dict[str, str] = {
         "num_labels=3)",
         "AutoModelForImageClassification",
     ),
+    # Vision towers fed flattened patches and their grid (`grid_thw`); Kimi-K2.5's position embedding is interpolated
+    # to the grid, and gets a layer of its own.
+    "qwen2_5_vl_vision": auto(
+        "Qwen2_5_VLVisionConfig(hidden_size=16, intermediate_size=32, depth=1, num_heads=2, out_hidden_size=16)"
+    ),
+    "kimi_k25_vision": auto(
+        "Kimi_K25VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)"
+    ),
 }
 
 
