@@ -44,10 +44,23 @@ def runner(model: nn.Module, model_input: str):
 
 def _adapted_failure(step: str, exc: BaseException) -> AnalysisError:
     # `audit` ran the plain model on the same input first (capture.check_runs): the LoRA layers are the difference.
+    layer, name = getattr(exc, "obj", None), getattr(exc, "name", None)
+    if isinstance(exc, AttributeError) and hasattr(layer, "get_base_layer") and name:
+        base = layer.get_base_layer()
+        if hasattr(base, name):  # PEFT's layers pass on `weight` and `bias` only (Qwen2-Audio reads `conv1.stride`)
+            return AnalysisError(
+                f"the adapted model's {step} failed: the model reads `{name}` of a {type(base).__name__}, which "
+                f"{_whose(layer)} lora.{type(layer).__name__} wrapping it does not pass on (the plain model runs on "
+                "this input): leave such modules out of target_modules"
+            )
     return AnalysisError(
         f"the adapted model's {step} failed: {type(exc).__name__}: {exc} (the plain model runs on this input: a LoRA "
         "layer lacks something the model uses of the module it wraps)"
     )
+
+
+def _whose(layer) -> str:
+    return "PEFT's" if type(layer).__module__.startswith("peft.") else "the generated"
 
 
 def _floating(output) -> torch.Tensor:
