@@ -49,6 +49,8 @@ class ScannedClass:
     module: str = ""  # the submodule the command targets (a parametrized module's parent)
     weight: str = ""  # the weight the command adapts
     storage: str = ""  # how its instances keep their weights, where not as plain floats ("weight stored as int8")
+    # The class's other weights LoRA could adapt, which the command's layer leaves (a layer adapts one weight)
+    unadapted: tuple[str, ...] = ()
 
 
 def is_expression(model: str) -> bool:
@@ -234,7 +236,7 @@ def _describe(
     dead = [name for name, _, _ in instances if name in direct]
     if dead and handled.startswith("lora."):
         handled += f", dead at {', '.join(dead)}: the model reads the weight there without calling the module"
-    command, why_not, target_module, weight = "", "", "", ""
+    command, why_not, target_module, weight, unadapted = "", "", "", "", ()
     adaptable = _adaptable(weights, module)
     if peft_layer_unchanged(cls) and not parametrized and not kept_apart:
         pass  # PEFT's own layer serves it: nothing to generate
@@ -253,6 +255,8 @@ def _describe(
         )
     else:
         target_module, weight = _target(name, adaptable, parametrized, quantized_tensors(module))
+        chosen = weight.rpartition(".")[2] if parametrized else weight
+        unadapted = tuple(name for name, _ in adaptable if name != chosen)
         words = ["lora-scaffold", "new", "--from-model", model_spec, "--module", target_module, "--weight", weight]
         words += ["--model-input", model_input] if model_input else []
         command = shlex.join([*words, "-o", "lora_layers"])
@@ -268,6 +272,7 @@ def _describe(
         module=target_module,
         weight=weight,
         storage=storage_text,
+        unadapted=unadapted,
     )
 
 

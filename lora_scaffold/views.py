@@ -128,7 +128,17 @@ def scan_text(found: tuple[ScannedClass, ...]) -> str:
             lines.append("    PEFT: not supported")
         if scanned.command or scanned.why_not:
             lines.append(f"    {scanned.command or 'not generated: ' + scanned.why_not}")
+        if scanned.unadapted:
+            lines.append(f"    {unadapted_text(scanned)}")
     return "\n".join(lines) or "no module of the model holds parameters"
+
+
+def unadapted_text(scanned: ScannedClass) -> str:
+    names = ", ".join(scanned.unadapted)
+    return (
+        f"leaves {names}: a layer adapts one weight of its class, here {scanned.weight}; "
+        f"--weight {scanned.unadapted[0]} makes the layer for another instead"
+    )
 
 
 def scan_json(found: tuple[ScannedClass, ...]) -> dict:
@@ -202,6 +212,8 @@ def generated_text(results: tuple[Generated, ...]) -> str:
         where = f"{result.scanned.qualified_name} ({result.scanned.module}, {result.scanned.weight})"
         if result.module_name:
             lines.append(f"layer     {result.module_name}.{result.layer_class}: {result.strategy}  <- {where}")
+            if result.scanned.unadapted:
+                lines.append(f"          {unadapted_text(result.scanned)}")
         else:
             lines.append(f"no layer  {where}: {result.error}")
     return "\n".join(lines) or "every class of the model that holds an adaptable weight is PEFT's own"
@@ -213,6 +225,7 @@ def generated_json(results: tuple[Generated, ...], classes: int, outcome: Outcom
             "class": r.scanned.qualified_name,
             "module": r.scanned.module,
             "weight": r.scanned.weight,
+            "unadapted": list(r.scanned.unadapted),
             "layer": r.module_name or None,
             "layer_class": r.layer_class or None,
             "strategy": r.strategy or None,

@@ -82,6 +82,8 @@ def test_moe_experts_get_a_command_with_the_input_the_model_feeds(capsys, tmp_pa
     experts = classes["transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeExperts"]
     assert experts["weights"]["gate_up_proj"] == [4, 16, 16]  # PEFT 0.22 wraps it too, for target_parameters only
     assert "--module model.layers.0.mlp.experts --weight gate_up_proj" in experts["command"]
+    # The bank's other weight is said to be left, in one line, with the command's way to take it instead.
+    assert experts["unadapted"] == ["down_proj"]
     request = request_from_model(QWEN2_MOE, "model.layers.0.mlp.experts", None, weight="gate_up_proj")
     _, plan = plan_layer(request)
     hidden, top_k_index, top_k_weights = plan.call.example_call()[0]
@@ -201,6 +203,7 @@ def test_scan_generate_writes_every_layer_and_one_register(capsys, tmp_path):
     assert main(["scan", QWEN2_MOE, "--generate", "-o", str(out), "--json"]) == 0
     layers = {layer["class"].rpartition(".")[2]: layer for layer in json.loads(capsys.readouterr().out)["layers"]}
     assert layers["Qwen2MoeExperts"]["strategy"] == "experts" and layers["Qwen2MoeTopKRouter"]["strategy"] == "delta"
+    assert layers["Qwen2MoeExperts"]["unadapted"] == ["down_proj"] and layers["Qwen2MoeTopKRouter"]["unadapted"] == []
     assert sorted(p.name for p in out.glob("*.py")) == [
         "__init__.py",
         "conftest.py",
@@ -213,7 +216,9 @@ def test_scan_generate_writes_every_layer_and_one_register(capsys, tmp_path):
     assert result.returncode == 0 and "52 passed" in result.stdout, result.stdout[-3000:]
     # Again: nothing changes; an edited __init__.py is not overwritten.
     assert main(["scan", QWEN2_MOE, "--generate", "-o", str(out)]) == 0
-    assert "identical" in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert "identical" in again
+    assert "leaves down_proj: a layer adapts one weight of its class, here gate_up_proj; --weight down_proj" in again
     (out / "__init__.py").write_text("# mine\n")
     assert main(["scan", QWEN2_MOE, "--generate", "-o", str(out)]) == 2
     assert "__init__.py already exists with other content" in capsys.readouterr().err
