@@ -9,6 +9,7 @@ SWEEP_PARAMETERS parameters (205 types in 17 minutes on two cores); its failures
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -108,6 +109,28 @@ def small_arguments(defaults) -> dict:
     if isinstance(getattr(defaults, "pad_token_id", None), int) and defaults.pad_token_id >= SMALL["vocab_size"]:
         arguments["pad_token_id"] = 0
     return arguments
+
+
+def fitted_mrope(config_class) -> dict:
+    """rope_parameters whose multimodal sections fit the small head (the modeling code of Qwen2-VL's text model and
+    its kin defaults them for a head of 128, and fails on a small one), for a config whose modeling reads them; {}
+    for others."""
+    defaults = config_class()
+    rope = getattr(defaults, "rope_parameters", None)
+    if not isinstance(rope, dict) or "mrope_section" in rope or not _reads_mrope_section(config_class):
+        return {}
+    half = int(SMALL["head_dim"] * rope.get("partial_rotary_factor", 1)) // 2
+    return {"rope_parameters": {**rope, "mrope_section": [half - 2 * (half // 4), half // 4, half // 4]}}
+
+
+def _reads_mrope_section(config_class) -> bool:
+    import importlib
+
+    try:
+        modeling = importlib.import_module(config_class.__module__.replace(".configuration_", ".modeling_"))
+    except ImportError:
+        return False
+    return "mrope_section" in inspect.getsource(modeling)
 
 
 def _has(config, name: str) -> bool:
@@ -425,7 +448,9 @@ def sweep(model_types: list[str]) -> dict[str, str]:
     found = {}
     for model_type in model_types or sorted(set(MODEL_MAPPING_NAMES) - set(ZOO)):
         try:
-            expression = tiny(model_type, "AutoModel")
+            from transformers import CONFIG_MAPPING
+
+            expression = tiny(model_type, "AutoModel", **fitted_mrope(CONFIG_MAPPING[model_type]))
             with torch.device("meta"):
                 model = eval(expression, {"transformers": transformers})  # noqa: S307 - our own expression
         except Exception as error:  # noqa: BLE001 - a config `tiny` cannot make small is skipped, and said
