@@ -228,14 +228,17 @@ def _named_parameters(parameters) -> list[str]:
 GRID = 2
 MERGES = ("spatial_merge_size", "merge_kernel_size", "merge_size", "pooling_kernel_size")
 TEMPORAL = ("temporal_patch_size", "patch_temporal")  # the frames one patch spans
+# What a tower fed patches takes beside them, telling where each patch lies
+PATCH_LAYOUTS = frozenset(["grid_thw", "spatial_shapes", "pixel_position_ids", "target_sizes"])
 
 
 def _patch_inputs(vision, main: str, takes) -> list[dict[str, str]]:
     """Inputs of a vision tower fed flattened patches beside their grid: Qwen-VL's and its kin's `grid_thw` (one
     image of (1, h, w) patches, its patches laid out as each tower reads them: the layouts are tried in turn),
-    SigLIP2's `spatial_shapes` with its attention mask, Gemma 4's `pixel_position_ids`. [] for any other model."""
+    SigLIP2's `spatial_shapes` with its attention mask, Gemma 4's `pixel_position_ids`, MiniCPM's `target_sizes` (of
+    one image: its tower takes one at a time). [] for any other model."""
     patch = getattr(vision, "patch_size", None)
-    if not isinstance(patch, int) or not {"grid_thw", "spatial_shapes", "pixel_position_ids"} & set(takes):
+    if not isinstance(patch, int) or not PATCH_LAYOUTS & set(takes):
         return []
     channels = getattr(vision, "in_channels", None) or getattr(vision, "num_channels", None) or 3
     # What the tower merges or pools patches by: the grid's side is a multiple of it.
@@ -251,6 +254,9 @@ def _patch_inputs(vision, main: str, takes) -> list[dict[str, str]]:
         layouts = [(count, channels * temporal * patch * patch), (count, channels, temporal, patch, patch)]
         layouts += [(count, channels, patch, patch), (count, channels * patch * patch)]
         return [{main: f"torch.randn{shape}"} | grid for shape in dict.fromkeys(layouts)]
+    if "target_sizes" in takes:
+        pixels = f"torch.randn(1, {channels}, {side * patch}, {side * patch})"
+        return [{main: pixels, "target_sizes": f"torch.tensor([[{side}, {side}]])"}]
     flat = f"torch.randn({BATCH}, {count}, {channels * patch * patch})"
     if "spatial_shapes" in takes:
         mask = f"torch.ones({BATCH}, {count}, dtype=torch.long)"

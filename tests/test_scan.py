@@ -419,6 +419,11 @@ def tiny_vision(config: str, **extra) -> str:
             "{'pixel_values': torch.randn(2, 36, 768), 'pixel_position_ids': torch.stack(torch.meshgrid("
             "torch.arange(6), torch.arange(6), indexing='xy'), -1).reshape(1, 36, 2).expand(2, -1, -1)}",
         ),
+        # MiniCPM's takes one image at a time, with its size in patches.
+        (
+            tiny_vision("MiniCPMOcrVisionConfig"),
+            "{'pixel_values': torch.randn(1, 3, 32, 32), 'target_sizes': torch.tensor([[2, 2]])}",
+        ),
         # SmolVLM's tower keeps PreTrainedModel's `input_ids` as its main input, and takes pixel values.
         (tiny_vision("SmolVLMVisionConfig"), "{'pixel_values': torch.randn(2, 3, 224, 224)}"),
         # A video: frames first.
@@ -427,7 +432,7 @@ def tiny_vision(config: str, **extra) -> str:
             "{'pixel_values': torch.randn(2, 4, 3, 32, 32)}",
         ),
     ],
-    ids=["qwen2_5_vl", "kimi_k25", "video_llama_3", "siglip2", "gemma4", "smolvlm", "videomae"],
+    ids=["qwen2_5_vl", "kimi_k25", "video_llama_3", "siglip2", "gemma4", "minicpm_ocr", "smolvlm", "videomae"],
 )
 def test_vision_towers_and_videos_get_the_input_they_read(model, expected):
     built = evaluate_model(model)
