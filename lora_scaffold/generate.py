@@ -103,7 +103,12 @@ def _reading_parent(model: str, scanned: ScannedClass, targeted: set[str]) -> Sc
     cls = type(build_model(model).get_submodule(parent))
     qualified = f"{cls.__module__}.{cls.__qualname__}"
     return replace(
-        scanned, qualified_name=qualified, example=parent, module=parent, weight=f"{child}.{scanned.weight}"
+        scanned,
+        qualified_name=qualified,
+        example=parent,
+        module=parent,
+        weight=f"{child}.{scanned.weight}",
+        unadapted=tuple(f"{child}.{other}" for other in scanned.unadapted),
     )
 
 

@@ -256,7 +256,7 @@ def _describe(
     else:
         target_module, weight = _target(name, adaptable, parametrized, quantized_tensors(module))
         chosen = weight.rpartition(".")[2] if parametrized else weight
-        unadapted = tuple(name for name, _ in adaptable if name != chosen)
+        unadapted = tuple(other for other, _ in adaptable if other != chosen)
         words = ["lora-scaffold", "new", "--from-model", model_spec, "--module", target_module, "--weight", weight]
         words += ["--model-input", model_input] if model_input else []
         command = shlex.join([*words, "-o", "lora_layers"])

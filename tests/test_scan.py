@@ -330,6 +330,15 @@ def test_a_subclass_keeping_peft_s_forward_is_peft_s_and_a_module_read_by_its_pa
     assert "--module 1.attention --weight out_proj.weight" in error and not list(tmp_path.iterdir())
 
 
+def test_a_weight_named_from_its_parent_names_what_it_leaves_from_there_too():
+    from lora_scaffold.generate import _reading_parent
+    from lora_scaffold.scan import ScannedClass
+
+    scanned = ScannedClass("m.PassedWeight", 1, "1.mlp", (), (), "", "new ...", "", "1.mlp", "weight", "", ("other",))
+    parent = _reading_parent(f"{TESTS / 'scan_models.py'}:passed_weight_model", scanned, set())
+    assert (parent.module, parent.weight, parent.unadapted) == ("1", "mlp.weight", ("mlp.other",))
+
+
 def test_a_model_call_is_plain_data():
     call = ModelCall("m()", "a.b", "{'x': 1}")
     assert call == ModelCall("m()", "a.b", "{'x': 1}") and hash(call)
