@@ -238,8 +238,8 @@ def _patch_inputs(vision, main: str, takes) -> list[dict[str, str]]:
     SigLIP2's `spatial_shapes` with its attention mask, Gemma 4's `pixel_position_ids`, MiniCPM's `target_sizes` (of
     one image: its tower takes one at a time). [] for any other model."""
     patch = getattr(vision, "patch_size", None)
-    if not isinstance(patch, int) or not PATCH_LAYOUTS & set(takes):
-        return []
+    if not isinstance(patch, int) or not PATCH_LAYOUTS & set(takes) or main == "input_ids":
+        return []  # a whole multimodal model, fed token ids first, is not a tower
     channels = getattr(vision, "in_channels", None) or getattr(vision, "num_channels", None) or 3
     # What the tower merges or pools patches by: the grid's side is a multiple of it.
     merge = next((getattr(vision, name) for name in MERGES if getattr(vision, name, None)), 1)
