@@ -490,10 +490,10 @@ def _json(arguments: list[str]) -> dict:
     with contextlib.redirect_stdout(output), contextlib.redirect_stderr(errors):
         code = main([*arguments, "--json"])
     if not output.getvalue().strip():
-        raise AssertionError(f"{' '.join(arguments[:2])}: exit {code}: {errors.getvalue()[-2000:]}")
+        raise AssertionError(f"{arguments[0]}: exit {code}: {errors.getvalue()[-2000:]}")
     data = json.loads(output.getvalue())
     if data.get("error"):
-        raise AssertionError(f"{' '.join(arguments[:2])}: {data['error']}")
+        raise AssertionError(f"{arguments[0]}: {data['error']}")
     return data
 
 
