@@ -207,12 +207,24 @@ def model_input_choices(model: nn.Module) -> tuple[str, ...]:
     choices = []
     for value, frames in _main_inputs(config, main, type(model).__name__):
         # A mask the forward needs beside its features (AudioFlamingo3's encoder sums it): every frame is real.
-        mask = {f"{main}_mask": f"torch.ones({BATCH}, {frames}, dtype=torch.long)"} if f"{main}_mask" in takes else {}
-        choices.append(_listed({main: value} | mask | extra))
+        choices.append(_listed({main: value} | _companions(main, frames, takes) | extra))
     hidden = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "hidden_size", None)
     if main == "input_ids" and "inputs_embeds" in takes and isinstance(hidden, int):
         choices.append(_listed({"inputs_embeds": f"torch.randn({BATCH}, {TOKENS}, {hidden})"} | extra))
     return tuple(choices)
+
+
+def _companions(main: str, frames: int, takes) -> dict[str, str]:
+    """What the forward needs beside its main input: a mask of it (AudioFlamingo3's encoder sums it: every frame is
+    real), a time series' padding (none) and its frequency class (TimesFM's `freq`, the first)."""
+    wanted = {
+        f"{main}_mask": f"torch.ones({BATCH}, {frames}, dtype=torch.long)",
+        f"{main}_padding": f"torch.zeros({BATCH}, {frames})",
+        "freq": f"torch.zeros({BATCH}, 1, dtype=torch.long)",
+    }
+    return {
+        name: value for name, value in wanted.items() if name in takes and (name != "freq" or main == "past_values")
+    }
 
 
 def _named_parameters(parameters) -> list[str]:
@@ -316,9 +328,13 @@ def _main_inputs(config, main: str, model_name: str) -> list[tuple[str, int]]:
             (f"torch.randn({BATCH}, {frames}, {bins})", frames),
         ]
     context = getattr(config, "context_length", None)
-    if main == "past_values" and isinstance(context, int):  # a time series: steps, then channels (PatchTST)
+    if main == "past_values" and isinstance(context, int):
+        # A time series: steps, then channels (PatchTST); or one series a row (TimesFM)
         channels = getattr(config, "num_input_channels", None) or getattr(config, "input_size", None) or 1
-        return [(f"torch.randn({BATCH}, {context}, {channels})", context)]
+        return [
+            (f"torch.randn({BATCH}, {context}, {channels})", context),
+            (f"torch.randn({BATCH}, {context})", context),
+        ]
     raise AnalysisError(
         f"{model_name} takes {main!r}, for which lora-scaffold has no default: pass --model-input EXPR"
     )

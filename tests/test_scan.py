@@ -455,3 +455,17 @@ def test_a_time_series_gets_its_context_of_past_values():
         "num_attention_heads=2, context_length=12, num_input_channels=3))"
     )
     assert default_model_input(patchtst) == "{'past_values': torch.randn(2, 12, 3)}"
+    # TimesFM 2.5 reads one series a row, with its padding; TimesFM also its frequency class.
+    timesfm = evaluate_model(
+        "transformers.AutoModel.from_config(transformers.TimesFm2_5Config(hidden_size=16, intermediate_size=32, "
+        "num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=8, context_length=64))"
+    )
+    expected = "{'past_values': torch.randn(2, 64), 'past_values_padding': torch.zeros(2, 64)}"
+    assert default_model_input(timesfm) == expected
+    check_runs(timesfm, expected)
+    timesfm = evaluate_model(
+        "transformers.AutoModel.from_config(transformers.TimesFmConfig(hidden_size=16, intermediate_size=32, "
+        "num_hidden_layers=1, num_attention_heads=2, head_dim=8, context_length=64))"
+    )
+    assert "'freq': torch.zeros(2, 1, dtype=torch.long)" in default_model_input(timesfm)
+    check_runs(timesfm, default_model_input(timesfm))
