@@ -301,13 +301,15 @@ def _main_inputs(config, main: str, model_name: str) -> list[tuple[str, int]]:
         channels = getattr(vision, "num_channels", 3)
         size = getattr(vision, "image_size", 32)
         height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        image = [(f"torch.randn({BATCH}, {channels}, {height}, {width})", 1)]
         frames = getattr(vision, "num_frames", None)
         if isinstance(frames, int):  # a video: frames first (VideoMAE, ViViT, TimeSformer), else channels first
             return [
                 (f"torch.randn({BATCH}, {frames}, {channels}, {height}, {width})", frames),
                 (f"torch.randn({BATCH}, {channels}, {frames}, {height}, {width})", frames),
+                *image,  # a config may count frames for a model fed images
             ]
-        return [(f"torch.randn({BATCH}, {channels}, {height}, {width})", 1)]
+        return image
     bins = getattr(config, "num_mel_bins", None) or getattr(config, "feature_size", None)
     if main == "input_values":
         strides = getattr(config, "conv_stride", None) or (1,)
