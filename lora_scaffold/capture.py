@@ -220,11 +220,10 @@ def _companions(main: str, frames: int, takes) -> dict[str, str]:
     wanted = {
         f"{main}_mask": f"torch.ones({BATCH}, {frames}, dtype=torch.long)",
         f"{main}_padding": f"torch.zeros({BATCH}, {frames})",
-        "freq": f"torch.zeros({BATCH}, 1, dtype=torch.long)",
     }
-    return {
-        name: value for name, value in wanted.items() if name in takes and (name != "freq" or main == "past_values")
-    }
+    if main == "past_values":
+        wanted["freq"] = f"torch.zeros({BATCH}, 1, dtype=torch.long)"
+    return {name: value for name, value in wanted.items() if name in takes}
 
 
 def _named_parameters(parameters) -> list[str]:
@@ -254,12 +253,12 @@ def _patch_inputs(vision, main: str, takes) -> list[dict[str, str]]:
         return []  # a whole multimodal model, fed token ids first, is not a tower
     channels = getattr(vision, "in_channels", None) or getattr(vision, "num_channels", None) or 3
     # What the tower merges or pools patches by: the grid's side is a multiple of it.
-    merge = next((getattr(vision, name) for name in MERGES if getattr(vision, name, None)), 1)
+    merge = _first_set(vision, MERGES)
     merge = merge[0] if isinstance(merge, (tuple, list)) else merge
     side = GRID * merge
     count = side * side
     if "grid_thw" in takes:
-        temporal = next((getattr(vision, name) for name in TEMPORAL if getattr(vision, name, None)), 1)
+        temporal = _first_set(vision, TEMPORAL)
         grid = {"grid_thw": f"torch.tensor([[1, {side}, {side}]])"}
         if "merge_sizes" in takes:  # VideoLLaMA3's tower is told its merge size per image
             grid["merge_sizes"] = f"torch.tensor([{merge}])"
@@ -276,6 +275,11 @@ def _patch_inputs(vision, main: str, takes) -> list[dict[str, str]]:
         return [{main: flat, "pixel_attention_mask": mask, "spatial_shapes": shapes}]
     positions = f"torch.stack(torch.meshgrid(torch.arange({side}), torch.arange({side}), indexing='xy'), -1)"
     return [{main: flat, "pixel_position_ids": f"{positions}.reshape(1, {count}, 2).expand({BATCH}, -1, -1)"}]
+
+
+def _first_set(config, names: tuple[str, ...]):
+    """The first of the config's attributes `names` that is set, else 1."""
+    return next((getattr(config, name) for name in names if getattr(config, name, None)), 1)
 
 
 def _listed(entries: dict[str, str]) -> str:
