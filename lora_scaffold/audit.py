@@ -7,7 +7,10 @@ two or more dimensions) PEFT alone adapts, and PEFT with the generated layers.""
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import math
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ from torch import nn
 from lora_scaffold import adapter_checks
 from lora_scaffold.capture import check_runs, default_model_input, evaluate_model
 from lora_scaffold.errors import USER_CODE_ERRORS, ScaffoldError
+from lora_scaffold.generate import PACKAGE_RECORD
 from lora_scaffold.peft_answer import peft_layer
 from lora_scaffold.record import RECORD_DIR, GenerationRecord
 from lora_scaffold.resolve import resolve_class
@@ -85,19 +89,70 @@ class GeneratedLayer:
 
 
 def load_layers(folder: Path) -> tuple[GeneratedLayer, ...]:
-    """The layers `new -o` or `scan --generate` wrote into `folder`, through their generation records."""
+    """The layers `new -o` or `scan --generate` wrote into `folder`, through their generation records; registered
+    through the folder's package where `scan --generate` made one (it stacks the layers of a class with several)."""
     records = sorted((folder / RECORD_DIR).glob("lora_*.json"))
     if not records:
         raise ScaffoldError(f"--layers {folder}: no generated layer there (no {RECORD_DIR}/lora_*.json)")
+    package = _generated_package(folder)
     layers = []
     for path in records:
         record = GenerationRecord.from_json(path.read_text(encoding="utf-8"), str(path))
-        resolve_class(f"{folder / record.module_name}.py:{record.layer_class}", "layer")  # imports its module
-        module = sys.modules[record.module_name]
+        if package is None:
+            resolve_class(f"{folder / record.module_name}.py:{record.layer_class}", "layer")  # imports its module
+            module = sys.modules[record.module_name]
+        else:
+            module = _import(f"{package.__name__}.{record.module_name}", folder)
         (target,) = _registered(module.register)  # a generated module registers its one target
         weight = getattr(module, "WEIGHT_NAME", None) or record.request.weight or "weight"  # reuse: PEFT's "weight"
-        layers.append(GeneratedLayer(target, weight, module.register))
+        layers.append(GeneratedLayer(target, weight, package.register if package else module.register))
+    if package is None:
+        _refuse_unstacked(folder, layers)
     return tuple(layers)
+
+
+def _generated_package(folder: Path):
+    """The package `scan --generate` wrote into `folder`, imported under the folder's name (None for `new -o`'s)."""
+    if not (folder / PACKAGE_RECORD).is_file() or not (folder / "__init__.py").is_file():
+        return None
+    name = folder.resolve().name
+    loaded = sys.modules.get(name)
+    if (
+        loaded is not None
+        and Path(getattr(loaded, "__file__", "") or "").resolve() == (folder / "__init__.py").resolve()
+    ):
+        return loaded
+    spec = importlib.util.spec_from_file_location(
+        name, folder / "__init__.py", submodule_search_locations=[str(folder.resolve())]
+    )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    try:
+        spec.loader.exec_module(package)
+    except USER_CODE_ERRORS as exc:
+        del sys.modules[name]
+        raise ScaffoldError(f"--layers {folder}: its package does not import: {type(exc).__name__}: {exc}") from None
+    return package
+
+
+def _import(name: str, folder: Path):
+    try:
+        return importlib.import_module(name)
+    except USER_CODE_ERRORS as exc:
+        raise ScaffoldError(f"--layers {folder}: {name} does not import: {type(exc).__name__}: {exc}") from None
+
+
+def _refuse_unstacked(folder: Path, layers: list[GeneratedLayer]) -> None:
+    """Each layer's own register makes its class dispatch to it alone: two layers of one class would hide one."""
+    seen: dict[type, str] = {}
+    for layer in layers:
+        if layer.target in seen:
+            raise ScaffoldError(
+                f"--layers {folder}: two layers adapt {layer.target.__name__} ({seen[layer.target]} and "
+                f"{layer.weight}), and a module takes one through its layer's register; `scan --generate` writes "
+                "a package that stacks them"
+            )
+        seen[layer.target] = layer.weight
 
 
 def _registered(register) -> dict:
@@ -122,11 +177,12 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
     peft_targets, our_targets = _targets(built, ours)
     # A module whose weight a generated layer adapts through its parent (wav2vec2's weight-normed conv) is that
     # layer's: PEFT's own layer on it too would stack two adapters on one weight.
-    weight_of = {layer.target: layer.weight for layer in layers}
+    weights_of = _weights_of(layers)
     owned = {
-        f"{name}.{weight_of[type(built.get_submodule(name))].rpartition('.')[0]}"
+        f"{name}.{weight.rpartition('.')[0]}"
         for name in our_targets
-        if "." in weight_of.get(type(built.get_submodule(name)), "")
+        for weight in weights_of.get(type(built.get_submodule(name)), ())
+        if "." in weight
     }
     dispatched_by_peft, peft_targets = peft_targets, [name for name in peft_targets if name not in owned]
     # PEFT's own first, then ours: a generated layer may wrap a module whose children PEFT's adapt (a Mamba mixer
@@ -142,7 +198,7 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
             inject_adapter_in_model(config, built)
     # Named as in the model: a module inside a generated layer's base module is the model's `mixer.dt_proj` still.
     adapted = {
-        name.replace(".base_layer.", "."): module
+        _audit_name(name, module, LoraLayer): module
         for name, module in built.named_modules()
         if isinstance(module, LoraLayer)
     }
@@ -181,6 +237,21 @@ def audit(model: str, layers: tuple[GeneratedLayer, ...] = (), model_input: str 
         )
     total, by_peft, by_ours = _coverage(evaluate_model(expression), dispatched_by_peft, our_targets, layers)
     return Audit(expression, tuple(modules), total, by_peft, by_ours)
+
+
+def _audit_name(name: str, layer, lora_layer: type) -> str:
+    """The module's name in the model (a module inside a generated layer's base is the model's `mixer.dt_proj`
+    still); for one of the layers stacked on a module, one a weight, the name of the weight it adapts."""
+    where = re.sub(r"(\.base_layer)+(?=\.|$)", "", name)
+    stacked = isinstance(layer.base_layer, lora_layer) or name.endswith(".base_layer")
+    return f"{where}.{sys.modules[type(layer).__module__].WEIGHT_NAME}" if stacked else where
+
+
+def _weights_of(layers: tuple[GeneratedLayer, ...]) -> dict[type, list[str]]:
+    weights: dict[type, list[str]] = {}
+    for layer in layers:
+        weights.setdefault(layer.target, []).append(layer.weight)
+    return weights
 
 
 def _merged_with(name: str, layer, adapted: dict):
@@ -268,12 +339,12 @@ def _coverage(model: nn.Module, peft_targets, our_targets, layers) -> tuple[int,
     Each tensor once (a tied embedding and head are one)."""
     weights = {id(p): p.numel() for p in model.parameters() if p.dim() >= 2}
     by_peft = {id(p) for name in peft_targets for p in model.get_submodule(name).parameters() if p.dim() >= 2}
-    weight_of = {layer.target: layer.weight for layer in layers}
+    weights_of = _weights_of(layers)
     by_ours = {
         id(p)
         for name in our_targets
-        if type(model.get_submodule(name)) in weight_of
-        for p in _weights(model.get_submodule(name), weight_of[type(model.get_submodule(name))])
+        for weight in weights_of.get(type(model.get_submodule(name)), ())
+        for p in _weights(model.get_submodule(name), weight)
     } - by_peft
     return (
         sum(weights.values()),

@@ -115,6 +115,7 @@ class LayerContext:
     device_hook: bool
     weight_name_differs: bool
     base_has_children: bool
+    stackable: bool
     cast_input_dtype: bool
     missing_dicts: tuple[Identifier, ...]
     peft_warning: bool

@@ -30,12 +30,13 @@ PACKAGE_RECORD = f"{RECORD_DIR}/package.json"
 class Generated:
     """What became of one scanned class: its layer module, or why there is none."""
 
-    scanned: ScannedClass
+    scanned: ScannedClass  # its `weight` is the one this layer adapts
     module_name: str = ""
     layer_class: str = ""
     strategy: str = ""
     reason: str = ""
     error: str = ""
+    target: tuple[str, str] = ("", "")  # (module, class) the layer is for, as its generated module imports it
 
 
 def layer_name_for(scanned: ScannedClass, taken: set[str]) -> str | None:
@@ -74,14 +75,59 @@ def _layer_for(
         return parent, _new_layer(model, parent, model_input, taken, output, force)
 
 
-def _new_layer(model: str, scanned: ScannedClass, model_input, taken: set[str], output: Path, force: bool) -> Outcome:
+def _new_layer(
+    model: str, scanned: ScannedClass, model_input, taken: set[str], output: Path, force: bool, name: str | None = None
+) -> Outcome:
     """The class's layer (a dry run: written with the rest); its module's name taken only when it is made."""
     names = set(taken)
-    options = {"weight": scanned.weight, "name": layer_name_for(scanned, names)}
+    if name is None:
+        name = layer_name_for(scanned, names)
+    else:
+        names.add(f"lora_{name}")
+    options = {"weight": scanned.weight, "name": name}
     request = workflow.request_from_model(model, scanned.module, model_input, **options)
     outcome = workflow.new_plugin(request, output, force, dry_run=True)
     taken.update(names)
     return outcome
+
+
+def _layers_for_other_weights(
+    model: str, first: Generated, model_input, taken: set[str], output: Path, force: bool
+) -> list[tuple[Generated, tuple]]:
+    """A layer for each other weight of the class LoRA could adapt (an expert bank's `down_proj` beside its
+    `gate_up_proj`), each proven by the probe on its own; the package stacks them on the class's modules. Named after
+    the first layer and the weight (`lora_mixtral_experts_down_proj`)."""
+    made = []
+    for weight in first.scanned.unadapted:
+        scanned = replace(first.scanned, weight=weight, unadapted=())
+        suffix = re.sub(r"\W", "_", weight).lower()
+        name = _unique(f"{first.module_name.removeprefix('lora_')}_{suffix}", taken)
+        try:
+            outcome = _new_layer(model, scanned, model_input, taken, output, force, name=name)
+        except ScaffoldError as error:
+            made.append((Generated(scanned, error=str(error)), ()))
+            continue
+        made.append((_generated(scanned, outcome), outcome.changes))
+    return made
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    index, unique = 2, name
+    while f"lora_{unique}" in taken:
+        unique, index = f"{name}_{index}", index + 1
+    return unique
+
+
+def _generated(scanned: ScannedClass, outcome: Outcome) -> Generated:
+    plan = outcome.report.plan
+    return Generated(
+        scanned,
+        plan.names.module_name,
+        plan.names.layer_class,
+        plan.decision.strategy,
+        plan.decision.reason,
+        target=(plan.target.module, plan.target.class_name),
+    )
 
 
 def _other_instances(scanned: ScannedClass):
@@ -112,16 +158,33 @@ def _reading_parent(model: str, scanned: ScannedClass, targeted: set[str]) -> Sc
     )
 
 
-def package_files(model: str, layers: list[str]) -> tuple[GeneratedFile, ...]:
-    """DIR/__init__.py (one register for every layer), DIR/conftest.py (the tests import their layers by name), and
-    the record of both, which says a later run may replace them while nobody edited them."""
-    registers = "(" + ", ".join(f"register_{layer}" for layer in layers) + ("," if len(layers) == 1 else "") + ")"
+def package_files(model: str, made: list[Generated]) -> tuple[GeneratedFile, ...]:
+    """DIR/__init__.py (one register for every layer; a class with a layer for each of several weights gets them
+    stacked on its modules), DIR/conftest.py (the tests import their layers by name), and the record of both, which
+    says a later run may replace them while nobody edited them."""
+    by_target: dict[tuple[str, str], list[Generated]] = {}
+    for generated in made:
+        by_target.setdefault(generated.target, []).append(generated)
+    alone = [group[0].module_name for group in by_target.values() if len(group) == 1]
+    stacks = [group for group in by_target.values() if len(group) > 1]
+    aliases = _target_aliases([group[0].target for group in stacks])
+    layers = sorted(generated.module_name for generated in made)
+    registers = "(" + ", ".join(f"register_{layer}" for layer in alone) + ("," if len(alone) == 1 else "") + ")"
+    stacked = ", ".join(
+        f"{aliases[group[0].target]}: ({', '.join(g.layer_class for g in group)},)" for group in stacks
+    )
     context = {
         "version": __version__,
-        "layers": layers,
+        "alone": sorted(alone),
+        "stacked_imports": sorted({(g.module_name, g.layer_class) for group in stacks for g in group}),
+        "target_imports": sorted(
+            (module, name if aliases[(module, name)] == name else f"{name} as {aliases[(module, name)]}")
+            for module, name in aliases
+        ),
         "model_literal": json.dumps(model),
         "layers_literal": layout(repr(tuple(layers)).replace("'", '"'), 0, "LAYERS = "),
-        "registers": layout(registers, 4, "for register_layer in ", ":"),
+        "registers": layout(registers, 4, "for register_layer in ", ":") if alone else "",
+        "stacked": layout("{" + stacked + "}", 0, "STACKED = ") if stacks else "",
     }
     files = (
         parsed(GeneratedFile("__init__.py", render_snippet("partials/model_package.py.jinja", context))),
@@ -129,6 +192,17 @@ def package_files(model: str, layers: list[str]) -> tuple[GeneratedFile, ...]:
     )
     record = {"model": model, "files": {f.path: digest(f.text) for f in files}, "layers": layers}
     return files + (GeneratedFile(PACKAGE_RECORD, json.dumps(record, indent=2) + "\n"),)
+
+
+def _target_aliases(targets: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """The name each stacked class is imported as in the package: its own, unless two classes share it."""
+    counts: dict[str, int] = {}
+    for _, name in targets:
+        counts[name] = counts.get(name, 0) + 1
+    return {
+        (module, name): name if counts[name] == 1 else f"{name}_{index}"
+        for index, (module, name) in enumerate(targets, 1)
+    }
 
 
 def _unedited(output: Path) -> set[str]:
@@ -191,14 +265,13 @@ def generate(
         except ScaffoldError as error:
             results.append(Generated(each, error=str(error)))
             continue
-        plan = outcome.report.plan
-        results.append(
-            Generated(
-                each, plan.names.module_name, plan.names.layer_class, plan.decision.strategy, plan.decision.reason
-            )
-        )
+        first = _generated(each, outcome)
+        results.append(replace(first, scanned=replace(each, unadapted=())))
         changes += outcome.changes
-    layers = [r.module_name for r in results if r.module_name]
-    if layers:
-        changes += run.changes(package_files(model, layers), _unedited(output))
+        for other, other_changes in _layers_for_other_weights(model, first, model_input, taken, output, force):
+            results.append(other)
+            changes += other_changes
+    made = [r for r in results if r.module_name]
+    if made:
+        changes += run.changes(package_files(model, made), _unedited(output))
     return Outcome(output, tuple(changes), Report(notes=run.recovered)), tuple(results), len(every)

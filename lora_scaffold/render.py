@@ -131,6 +131,9 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             # PEFT moves an adapter to the device and dtype of `weight` (or `qweight`): another one needs a word.
             "weight_name_differs": plan.weight.name != "weight",
             "base_has_children": bool(plan.target.children),
+            # A layer that runs its base with W + dW stacks on another such layer of the module, for another weight
+            # (`scan --generate` makes one a weight of a class with several, and its package stacks them).
+            "stackable": plan.decision.strategy in ("delta", "experts") and peft.mode == PLUGIN,
             "param_wrapper": peft.mode == peft_release.PLUGIN and peft.has(peft_release.TARGET_PARAMETERS),
             "missing_dicts": _missing_dicts(peft),
             "peft_warning": peft.has(peft_release.PEFT_WARNING),
@@ -213,6 +216,7 @@ def context_for_verify(
         layer_class=layer_class,
         test_imports=test_imports,
         weight_cache=False,
+        stackable=False,  # stacking is what a generated layer adds for scan --generate's packages
         uses_dropout=uses_dropout,
         lora_bias_option=lora_bias,
         merges_lora_bias=lora_bias,

@@ -472,7 +472,7 @@ def run(name: str, root: Path, model: str | None = None) -> ZooResult:
     return ZooResult(
         name=name,
         classes=generate["classes"],
-        generated=tuple(f"{_short(layer['class'])}: {layer['strategy']}" for layer in layers if layer["layer"]),
+        generated=tuple(f"{_layer_cell(layer, layers)}: {layer['strategy']}" for layer in layers if layer["layer"]),
         not_generated=tuple(f"{_short(layer['class'])}: {layer['error']}" for layer in layers if not layer["layer"]),
         passed=passed,
         failed=failed,
@@ -502,6 +502,12 @@ def _suites(folder: Path, junit: Path) -> tuple[int, int]:
     cases = list(ElementTree.parse(junit).iter("testcase"))
     failed = sum(1 for case in cases if case.find("failure") is not None or case.find("error") is not None)
     return len(cases) - failed, failed
+
+
+def _layer_cell(layer: dict, layers: list[dict]) -> str:
+    """The class, and the weight where the class has a layer for each of several (stacked on its modules)."""
+    several = sum(other["class"] == layer["class"] for other in layers) > 1
+    return _short(layer["class"]) + (f".{layer['weight']}" if several else "")
 
 
 def _short(qualified: str) -> str:

@@ -41,14 +41,35 @@ def test_a_moe_model_with_its_generated_layers_is_live_everywhere(capsys, tmp_pa
     code, alone = audited(capsys, QWEN2_MOE)
     assert code == 0 and {m["cls"] for m in alone["modules"]} == {"Linear", "Embedding"}
     code, report = audited(capsys, QWEN2_MOE, "--layers", str(layers))
-    generated = {m["cls"]: m for m in report["modules"] if m["generated"]}
-    assert code == 0 and set(generated) == {"Qwen2MoeExperts", "Qwen2MoeTopKRouter"}
+    generated = {m["name"]: m["layer"] for m in report["modules"] if m["generated"]}
+    # The bank's two layers are stacked on it, each named by the weight it adapts.
+    assert code == 0 and generated == {
+        "model.layers.0.mlp.gate": "LoraQwen2MoeTopKRouter",
+        "model.layers.0.mlp.experts.gate_up_proj": "LoraQwen2MoeExperts",
+        "model.layers.0.mlp.experts.down_proj": "LoraQwen2MoeExpertsDownProj",
+    }
     assert all(m["live"] and m["gradients"] and m["merges"] for m in report["modules"])
     coverage = report["coverage"]
-    # PEFT alone: attention, shared expert, embeddings, head; the layers add the router and gate_up_proj (4x16x16).
-    assert coverage["generated"] == 4 * 16 + 4 * 16 * 16 and coverage["peft"] == alone["coverage"]["peft"]
+    # PEFT alone: attention, shared expert, embeddings, head; the layers add the router (4x16), gate_up_proj
+    # (4x16x16) and down_proj (4x16x8): every weight of the model.
+    assert coverage["generated"] == 4 * 16 + 4 * 16 * 16 + 4 * 16 * 8 and coverage["peft"] == alone["coverage"]["peft"]
+    assert coverage["peft"] + coverage["generated"] == coverage["weight_elements"]
     assert main(["audit", QWEN2_MOE, "--layers", str(layers)]) == 0
     assert "with the generated layers" in capsys.readouterr().out
+
+
+def test_two_layers_of_one_class_outside_a_package_are_one_line(capsys, tmp_path):
+    """`new -o` twice into one folder, for two weights of the expert bank: each layer's own register would leave
+    one of them out; a package of scan --generate stacks them."""
+    layers = tmp_path / "layers"
+    for weight in ("gate_up_proj", "down_proj"):
+        name = ["--name", "experts_down"] if weight == "down_proj" else []
+        arguments = ["--from-model", QWEN2_MOE, "--module", "model.layers.0.mlp.experts", "--weight", weight, *name]
+        assert main(["new", *arguments, "-o", str(layers)]) == 0
+    capsys.readouterr()
+    assert main(["audit", QWEN2_MOE, "--layers", str(layers)]) == 2
+    error = capsys.readouterr().err
+    assert "two layers adapt Qwen2MoeExperts" in error and "scan --generate" in error and len(error.splitlines()) == 1
 
 
 def test_a_folder_without_layers_is_one_line(capsys, tmp_path):

@@ -201,39 +201,79 @@ def test_a_model_that_does_not_build_on_the_meta_device_is_built_for_real(capsys
 def test_scan_generate_writes_every_layer_and_one_register(capsys, tmp_path):
     out = tmp_path / "layers"
     assert main(["scan", QWEN2_MOE, "--generate", "-o", str(out), "--json"]) == 0
-    layers = {layer["class"].rpartition(".")[2]: layer for layer in json.loads(capsys.readouterr().out)["layers"]}
-    assert layers["Qwen2MoeExperts"]["strategy"] == "experts" and layers["Qwen2MoeTopKRouter"]["strategy"] == "delta"
-    assert layers["Qwen2MoeExperts"]["unadapted"] == ["down_proj"] and layers["Qwen2MoeTopKRouter"]["unadapted"] == []
+    found = json.loads(capsys.readouterr().out)["layers"]
+    layers = {(layer["class"].rpartition(".")[2], layer["weight"]): layer for layer in found}
+    assert {key: layer["strategy"] for key, layer in layers.items()} == {
+        ("Qwen2MoeTopKRouter", "weight"): "delta",
+        ("Qwen2MoeExperts", "gate_up_proj"): "experts",
+        ("Qwen2MoeExperts", "down_proj"): "experts",  # a layer a weight: the expert bank is adapted whole
+    }
+    assert all(layer["unadapted"] == [] for layer in found)
+    assert layers[("Qwen2MoeExperts", "down_proj")]["layer"] == "lora_qwen2_moe_experts_down_proj"
     assert sorted(p.name for p in out.glob("*.py")) == [
         "__init__.py",
         "conftest.py",
         "lora_qwen2_moe_experts.py",
+        "lora_qwen2_moe_experts_down_proj.py",
         "lora_qwen2_moe_top_k_router.py",
         "test_lora_qwen2_moe_experts.py",
+        "test_lora_qwen2_moe_experts_down_proj.py",
         "test_lora_qwen2_moe_top_k_router.py",
     ]
     result = run_suites([out], tmp_path / "junit.xml", extra_paths=(tmp_path,))
-    assert result.returncode == 0 and "52 passed" in result.stdout, result.stdout[-3000:]
+    assert result.returncode == 0 and "81 passed" in result.stdout, result.stdout[-3000:]
     # Again: nothing changes; an edited __init__.py is not overwritten.
     assert main(["scan", QWEN2_MOE, "--generate", "-o", str(out)]) == 0
     again = capsys.readouterr().out
-    assert "identical" in again
-    assert "leaves down_proj: a layer adapts one weight of its class, here gate_up_proj; --weight down_proj" in again
+    assert "identical" in again and "leaves" not in again
+    assert "lora_qwen2_moe_experts_down_proj.LoraQwen2MoeExpertsDownProj: experts  <- " in again
     (out / "__init__.py").write_text("# mine\n")
     assert main(["scan", QWEN2_MOE, "--generate", "-o", str(out)]) == 2
     assert "__init__.py already exists with other content" in capsys.readouterr().err
     assert (out / "__init__.py").read_text() == "# mine\n"
 
 
-def test_the_package_registers_every_layer(tmp_path, import_path):
+def test_the_package_registers_every_layer_and_stacks_a_class_with_several(tmp_path, import_path):
+    """An expert bank gets a layer for gate_up_proj and one for down_proj; the package stacks them on each bank:
+    both adapters train, merge_and_unload merges both, and a saved adapter loads back into both."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
     out = tmp_path / "moe_layers"
     assert main(["scan", QWEN2_MOE, "--generate", "-o", str(out)]) == 0
     import_path(tmp_path)
     import moe_layers
-    from peft import LoraConfig
 
     config = moe_layers.register(LoraConfig(target_modules=["gate", "experts"]))
     assert sorted(cls.__name__ for cls in config._custom_modules) == ["Qwen2MoeExperts", "Qwen2MoeTopKRouter"]
+
+    def build():
+        torch.manual_seed(0)
+        return eval(QWEN2_MOE, {"transformers": transformers}).eval()  # noqa: S307 - the test's own expression
+
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    plain = build()(input_ids=ids).logits
+    config = moe_layers.register(LoraConfig(target_modules=["experts"], init_lora_weights=False))
+    model = get_peft_model(build(), config).eval()
+    outer = model.get_submodule("base_model.model.model.layers.0.mlp.experts")
+    assert [type(outer).__name__, type(outer.base_layer).__name__] == [
+        "LoraQwen2MoeExpertsDownProj",
+        "LoraQwen2MoeExperts",
+    ]
+    adapted = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, plain, atol=1e-4)
+    model.train()
+    model(input_ids=ids).logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+    assert sum("lora_A" in n for n, _ in model.named_parameters()) == 2
+    model.eval().save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(
+        build(), tmp_path / "adapter", config=moe_layers.register(LoraConfig.from_pretrained(tmp_path / "adapter"))
+    ).eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, adapted)
+    merged = loaded.merge_and_unload()
+    assert type(merged.get_submodule("model.layers.0.mlp.experts")).__name__ == "Qwen2MoeExperts"
+    torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-5)
 
 
 DEEPSEEK_V3 = (
@@ -266,7 +306,7 @@ def test_registered_layers_leave_peft_its_parameter_wrappers(capsys, tmp_path, i
         return type(adapted.get_submodule("base_model.model.model.layers.0.mlp.experts")).__name__
 
     assert experts_layer(["gate_proj", "up_proj", "down_proj"]) == "ParamWrapper"
-    assert experts_layer(["q_a_proj", "experts"]) == "LoraDeepseekV3Experts"
+    assert experts_layer(["q_a_proj", "experts"]) == "LoraDeepseekV3ExpertsDownProj"  # stacked on gate_up_proj's
 
 
 def test_a_model_that_cannot_be_built_is_one_line(capsys):

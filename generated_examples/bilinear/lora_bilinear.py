@@ -44,6 +44,13 @@ def _weight_shape(module: nn.Module) -> torch.Size:
     return getattr(weight, "ds_shape", weight.shape)
 
 
+def _module_below_layers(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The module itself under the LoRA layers stacked on it, one a weight: their own attributes are not its."""
+    while isinstance(module, LoraLayer):
+        module = module.base_layer
+    return module
+
+
 def _computes_in_fp32(tensor: torch.Tensor) -> bool:
     """fp16/bf16 matmuls are slow or missing on CPU: LoRA computes in fp32 there, as PEFT does."""
     return tensor.device.type == "cpu" and tensor.dtype in (torch.float16, torch.bfloat16)
@@ -356,6 +363,7 @@ class LoraBilinear(nn.Module, LoraLayer):
         self.resolve_lora_variant(config=config)  # refuses every variant: this layer implements none
         self._set_up_adapter(adapter_name, r, lora_alpha, config)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        self._update_layer_below(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs) -> Any:
         try:
@@ -524,6 +532,25 @@ class LoraBilinear(nn.Module, LoraLayer):
         finally:
             slots[attribute] = saved
 
+    def _update_layer_below(self, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # Layers stacked on one module, one a weight (scan --generate's package stacks them): PEFT adds a further
+        # adapter to the outermost, which passes it down.
+        below = self.base_layer
+        if isinstance(below, LoraLayer) and adapter_name not in below.r:
+            below.update_layer(adapter_name, *args, **kwargs)
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]
+    ) -> nn.Module:
+        """The base module, with the adapters of this layer and of the layers stacked below it merged when `merge`:
+        PEFT's merge_and_unload visits the outermost layer of a module only."""
+        layer = self
+        while isinstance(layer, LoraLayer):
+            if merge:
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            layer = layer.base_layer
+        return layer
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The change this adapter makes to the base weight, `(B @ A) * scaling` laid out like the weight."""
         # Outside forward, DeepSpeed ZeRO-3 keeps parameters partitioned: gather them (a no-op without ZeRO-3).
@@ -584,7 +611,7 @@ class LoraBilinear(nn.Module, LoraLayer):
         except AttributeError:
             modules = self.__dict__.get("_modules", {})
             if "base_layer" in modules:  # else still being built: nothing to forward to yet
-                return getattr(modules["base_layer"], name)
+                return getattr(_module_below_layers(modules["base_layer"]), name)
             raise
 
     def __repr__(self) -> str:

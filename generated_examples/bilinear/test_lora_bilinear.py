@@ -294,6 +294,49 @@ def test_two_active_adapters_apply_together_and_merge_together():
     assert_close(run(model), both)
 
 
+def stacked(config: LoraConfig) -> LoraConfig:
+    """`config` dispatching the target to the layer stacked on itself, as a model package of `lora-scaffold scan
+    --generate` stacks one layer a weight on a module whose class has several: the same weight twice stands in for
+    the other weight's layer."""
+
+    def stack(target: nn.Module, adapter_name: str, **kwargs) -> LoraBilinear:
+        return LoraBilinear(LoraBilinear(target, adapter_name, **kwargs), adapter_name, **kwargs)
+
+    config._register_custom_module({Bilinear: stack})
+    return config
+
+
+def stacked_output(layer: LoraBilinear, adapter: str) -> torch.Tensor:
+    """The base module's output with W plus the change each stacked layer's `adapter` makes."""
+    weight = base_weight(layer)
+    while isinstance(layer, LoraBilinear):
+        weight = weight + layer.get_delta_weight(adapter)
+        layer = layer.base_layer
+    with torch.no_grad():
+        return flatten(torch.func.functional_call(layer, {"weight": weight}, make_inputs()))
+
+
+def test_stacked_layers_apply_add_adapters_save_and_merge_together(tmp_path):
+    model = get_peft_model(make_base(), stacked(make_config(init_lora_weights=False))).eval()
+    outer = lora_layer(model)
+    inner = outer.base_layer
+    assert isinstance(inner, LoraBilinear) and inner.get_base_layer() is outer.get_base_layer()
+    expected = stacked_output(outer, "default")
+    assert moved(expected, stacked_output(inner, "default"))
+    assert_close(run(model), expected)
+    model.add_adapter("other", stacked(make_config(init_lora_weights=False)))  # PEFT adds it to the outer layer
+    model.set_adapter("other")
+    assert_close(run(model), stacked_output(outer, "other"))
+    model.set_adapter("default")
+    model.save_pretrained(tmp_path)
+    config = stacked(LoraConfig.from_pretrained(tmp_path))
+    loaded = PeftModel.from_pretrained(make_base(), tmp_path, config=config).eval()
+    assert_close(run(loaded), expected)
+    merged = loaded.merge_and_unload()
+    assert not any(isinstance(module, LoraBilinear) for module in merged.modules())
+    assert_close(run(merged), expected)
+
+
 def nudge(weight: torch.Tensor) -> None:
     """A random change at the weight's own spread (1 where it is constant: a table initialised to zeros)."""
     spread = float(weight.std()) if weight.numel() > 1 else 0.0
