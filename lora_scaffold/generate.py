@@ -107,6 +107,13 @@ def _layers_for_other_weights(
         except ScaffoldError as error:
             made.append((Generated(scanned, error=str(error)), ()))
             continue
+        chosen = outcome.report.plan.decision.chosen
+        if not chosen.stacks:
+            why = (
+                f"its layer ({chosen.name}) cannot stack on the layer for {first.scanned.weight}: only a layer running"
+            )
+            made.append((Generated(scanned, error=f"{why} the module with W + dW does"), ()))
+            continue
         made.append((_generated(scanned, outcome), outcome.changes))
     return made
 

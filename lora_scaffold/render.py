@@ -133,7 +133,7 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "base_has_children": bool(plan.target.children),
             # A layer that runs its base with W + dW stacks on another such layer of the module, for another weight
             # (`scan --generate` makes one a weight of a class with several, and its package stacks them).
-            "stackable": plan.decision.strategy in ("delta", "experts") and peft.mode == PLUGIN,
+            "stackable": strategy.stacks and peft.mode == PLUGIN,
             "param_wrapper": peft.mode == peft_release.PLUGIN and peft.has(peft_release.TARGET_PARAMETERS),
             "missing_dicts": _missing_dicts(peft),
             "peft_warning": peft.has(peft_release.PEFT_WARNING),

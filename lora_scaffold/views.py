@@ -137,7 +137,7 @@ def unadapted_text(scanned: ScannedClass) -> str:
     names = ", ".join(scanned.unadapted)
     return (
         f"leaves {names}: a layer adapts one weight of its class, here {scanned.weight}; "
-        f"--weight {scanned.unadapted[0]} makes the layer for another instead"
+        f"--weight {scanned.unadapted[0]} makes the layer for another, and scan --generate one for each, stacked"
     )
 
 

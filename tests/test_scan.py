@@ -276,6 +276,29 @@ def test_the_package_registers_every_layer_and_stacks_a_class_with_several(tmp_p
     torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-5)
 
 
+def test_a_layer_for_another_weight_that_cannot_stack_is_one_line(capsys, tmp_path, monkeypatch):
+    """Stacked layers each run the module with their weight's W + dW; a strategy whose layer does not (one adding
+    its own term to the output) cannot go on top of another: that weight gets no layer, and says why."""
+    from lora_scaffold.strategies.experts import EXPERTS
+
+    monkeypatch.setattr(EXPERTS, "stacks", False)
+    out = tmp_path / "layers"
+    assert main(["scan", QWEN2_MOE, "--generate", "-o", str(out), "--json"]) == 0
+    found = {
+        (layer["class"].rpartition(".")[2], layer["weight"]): layer
+        for layer in json.loads(capsys.readouterr().out)["layers"]
+    }
+    assert found[("Qwen2MoeExperts", "gate_up_proj")]["layer"] == "lora_qwen2_moe_experts"
+    down = found[("Qwen2MoeExperts", "down_proj")]
+    assert down["layer"] is None and down["error"] == (
+        "its layer (experts) cannot stack on the layer for gate_up_proj: only a layer running the module with W + dW does"
+    )
+    assert (
+        not (out / "lora_qwen2_moe_experts_down_proj.py").exists()
+        and "STACKED" not in (out / "__init__.py").read_text()
+    )
+
+
 DEEPSEEK_V3 = (
     f"transformers.AutoModelForCausalLM.from_config(transformers.DeepseekV3Config({LAYERS}, vocab_size=64, "
     "moe_intermediate_size=8, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0, "

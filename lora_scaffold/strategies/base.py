@@ -93,6 +93,8 @@ class Strategy:
     mixed_batch = True  # forward takes `adapter_names` (several adapters in one batch)
     uses_dropout = True
     caches_weight = False  # its eval forward keeps W + dW between calls (delta): the tests check the cache follows
+    # Its layer runs the base with W + dW, so it stacks on another such layer of the module, for another weight
+    stacks = False
     declares_fan_in_fan_out = False  # the layer class says how its weight is stored, which PEFT's DoRA reads
     refused_options: dict[str, str] = {}  # LoraConfig options the layer refuses, and why
     no_dora = ""  # why the strategy never offers DoRA

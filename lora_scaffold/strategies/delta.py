@@ -27,6 +27,7 @@ class Delta(Strategy):
     fallback = True  # what auto takes when no factored path is exact
     adapts_computed_weights = True
     caches_weight = True
+    stacks = True
     no_dora = "DoRA rescales a weight acting as a linear map or a convolution, and the probe found neither"
 
     def judge(self, evidence: Evidence) -> tuple[Verdict, ...]:
