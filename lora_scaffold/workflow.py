@@ -23,7 +23,7 @@ from lora_scaffold.layer_plan import LayerPlan
 from lora_scaffold.merge import merge_file
 from lora_scaffold.patch.checkout import read_text
 from lora_scaffold.peft_release import PLUGIN, PeftRelease, installed_peft, release_for
-from lora_scaffold.record import GenerationRecord, digest, record_path
+from lora_scaffold.record import RECORD_DIR, GenerationRecord, digest, record_path
 from lora_scaffold.render import render
 from lora_scaffold.request import Request
 from lora_scaffold.resolve import resolve_target
@@ -148,12 +148,28 @@ def new_plugin(
     files = (*rendered, record_file(rendered, request, plan, peft))
     previous = _read_record(output / record_path(plan.names.module_name))
     changes = run.changes(files, unedited(output, previous))
-    notes = run.recovered + tuple(note for note in (low_rank_note(plan),) if note)
+    notes = run.recovered + tuple(note for note in (low_rank_note(plan), _same_class_note(output, plan)) if note)
     if spec.target.from_file is not None:
         notes += (
             f"the generated code imports {plan.target.module}; put {spec.target.from_file.parent} on PYTHONPATH",
         )
     return Outcome(output, changes, Report(spec, plan, peft, notes))
+
+
+def _same_class_note(output: Path, plan: LayerPlan) -> str:
+    """Two layers of one class in a folder: each one's register makes the class dispatch to it alone."""
+    target = f"{plan.target.module}.{plan.target.class_name}"
+    for path in sorted((output / RECORD_DIR).glob("lora_*.json")):
+        try:
+            record = _read_record(path)
+        except ScaffoldError:
+            continue  # not ours to judge here: `update` and `audit` say what is wrong with it
+        if record and record.target == target and record.module_name != plan.names.module_name:
+            return (
+                f"{output} holds {record.module_name} for {plan.target.class_name} too: a class dispatches to the "
+                "layer registered last; `scan --generate` writes a package that stacks a class's layers, one a weight"
+            )
+    return ""
 
 
 def update_plugin(layer_file: Path, change: dict, conflicts: str = "stop", dry_run: bool = False) -> Outcome:

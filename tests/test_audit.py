@@ -66,7 +66,7 @@ def test_two_layers_of_one_class_outside_a_package_are_one_line(capsys, tmp_path
         name = ["--name", "experts_down"] if weight == "down_proj" else []
         arguments = ["--from-model", QWEN2_MOE, "--module", "model.layers.0.mlp.experts", "--weight", weight, *name]
         assert main(["new", *arguments, "-o", str(layers)]) == 0
-    capsys.readouterr()
+    assert "holds lora_qwen2_moe_experts for Qwen2MoeExperts too" in capsys.readouterr().out  # said by the second
     assert main(["audit", QWEN2_MOE, "--layers", str(layers)]) == 2
     error = capsys.readouterr().err
     assert "two layers adapt Qwen2MoeExperts" in error and "scan --generate" in error and len(error.splitlines()) == 1
