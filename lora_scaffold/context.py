@@ -87,6 +87,7 @@ class LayerContext:
     weight_name: Expression
     weight_shape: Expression
     weight_path: Expression
+    wrapped_weight_name: Expression
     bias_name: Expression
     bias_name_literal: Expression
     fan_in_fan_out: bool

@@ -77,6 +77,7 @@ def layer_context(plan: LayerPlan, peft: PeftRelease) -> LayerContext:
             "weight_name": _literal(plan.weight.name),
             "weight_shape": str(plan.weight.shape),
             "weight_path": json.dumps(plan.weight.name.split(".")),
+            "wrapped_weight_name": _literal(f"target.{plan.weight.name}"),
             "bias_name": _literal(plan.weight.bias_name) if plan.weight.bias_name else "",
             "bias_name_literal": _literal(plan.weight.bias_name) if plan.weight.bias_name else "None",
             "fan_in_fan_out": plan.decision.fan_in_fan_out,

@@ -371,13 +371,13 @@ def stacked(config: LoraConfig) -> LoraConfig:
 
 
 def stacked_output(layer: LoraQwen2MoeExperts, adapter: str) -> torch.Tensor:
-    """The base module's output with W plus the change each stacked layer's `adapter` makes."""
+    """The plain base's output with W plus the change each stacked layer's `adapter` makes."""
     weight = base_weight(layer)
     while isinstance(layer, LoraQwen2MoeExperts):
         weight = weight + layer.get_delta_weight(adapter)
         layer = layer.base_layer
     with torch.no_grad():
-        return flatten(torch.func.functional_call(layer, {"gate_up_proj": weight}, make_inputs()))
+        return flatten(torch.func.functional_call(make_base().eval(), {"target.gate_up_proj": weight}, make_inputs()))
 
 
 def test_stacked_layers_apply_add_adapters_save_and_merge_together(tmp_path):
