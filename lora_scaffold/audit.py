@@ -122,6 +122,8 @@ def _generated_package(folder: Path):
         and Path(getattr(loaded, "__file__", "") or "").resolve() == (folder / "__init__.py").resolve()
     ):
         return loaded
+    for stale in [key for key in sys.modules if key == name or key.startswith(f"{name}.")]:
+        del sys.modules[stale]  # another folder's package of that name: its layers are not these
     spec = importlib.util.spec_from_file_location(
         name, folder / "__init__.py", submodule_search_locations=[str(folder.resolve())]
     )
@@ -244,7 +246,7 @@ def _audit_name(name: str, layer, lora_layer: type) -> str:
     still); for one of the layers stacked on a module, one a weight, the name of the weight it adapts."""
     where = re.sub(r"(\.base_layer)+(?=\.|$)", "", name)
     stacked = isinstance(layer.base_layer, lora_layer) or name.endswith(".base_layer")
-    return f"{where}.{sys.modules[type(layer).__module__].WEIGHT_NAME}" if stacked else where
+    return f"{where}.{getattr(sys.modules[type(layer).__module__], 'WEIGHT_NAME', 'weight')}" if stacked else where
 
 
 def _weights_of(layers: tuple[GeneratedLayer, ...]) -> dict[type, list[str]]:

@@ -1,6 +1,7 @@
 """`scan MODEL --generate -o DIR`: a layer and its suite for every class of the model that holds a weight LoRA can
-adapt and PEFT cannot, each taken from the model (`new --from-model`), and DIR/__init__.py with one `register(config)`
-for all of them. The whole folder is one change: written all at once, or not at all."""
+adapt and PEFT cannot (one for each such weight of the class), each taken from the model (`new --from-model`), and
+DIR/__init__.py with one `register(config)` for all of them, which stacks a class's layers on its modules. The whole
+folder is one change: written all at once, or not at all."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import keyword
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, replace
 from importlib.metadata import packages_distributions
 from pathlib import Path
@@ -109,10 +111,8 @@ def _layers_for_other_weights(
             continue
         chosen = outcome.report.plan.decision.chosen
         if not chosen.stacks:
-            why = (
-                f"its layer ({chosen.name}) cannot stack on the layer for {first.scanned.weight}: only a layer running"
-            )
-            made.append((Generated(scanned, error=f"{why} the module with W + dW does"), ()))
+            why = f"its layer ({chosen.name}) cannot stack on the layer for {first.scanned.weight}"
+            made.append((Generated(scanned, error=f"{why}: only a layer running the module with W + dW does"), ()))
             continue
         made.append((_generated(scanned, outcome), outcome.changes))
     return made
@@ -203,9 +203,7 @@ def package_files(model: str, made: list[Generated]) -> tuple[GeneratedFile, ...
 
 def _target_aliases(targets: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
     """The name each stacked class is imported as in the package: its own, unless two classes share it."""
-    counts: dict[str, int] = {}
-    for _, name in targets:
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(name for _, name in targets)
     return {
         (module, name): name if counts[name] == 1 else f"{name}_{index}"
         for index, (module, name) in enumerate(targets, 1)

@@ -58,6 +58,23 @@ def test_a_moe_model_with_its_generated_layers_is_live_everywhere(capsys, tmp_pa
     assert "with the generated layers" in capsys.readouterr().out
 
 
+def test_packages_of_one_name_in_two_folders_are_each_their_own(tmp_path):
+    """One process loads two `layers` packages: the second's layers are its own, not the first's of that name."""
+    import inspect
+    import sys
+    from pathlib import Path
+
+    from lora_scaffold.audit import load_layers
+
+    first, second = tmp_path / "a" / "layers", tmp_path / "b" / "layers"
+    for folder in (first, second):
+        assert main(["scan", QWEN2_MOE, "--generate", "-o", str(folder), "--json"]) == 0
+    for folder in (first, second):
+        load_layers(folder)
+        stacked = [cls for layers in sys.modules["layers"].STACKED.values() for cls in layers]
+        assert stacked and all(Path(inspect.getfile(cls)).parent == folder for cls in stacked)
+
+
 def test_two_layers_of_one_class_outside_a_package_are_one_line(capsys, tmp_path):
     """`new -o` twice into one folder, for two weights of the expert bank: each layer's own register would leave
     one of them out; a package of scan --generate stacks them."""
