@@ -31,7 +31,8 @@ GENERATED_NAMES = frozenset(
         *("_computes_in_fp32", "_weight_shape", "gather_params_ctx", "_no_fused_path", "parametrize"),
         *("RANK", "RTOL", "ATOL", "Wrapper", "make_target", "make_inputs", "make_base", "make_config", "make_model"),
         *("cast", "tensors", "flatten", "floating", "run", "assert_close", "load_saved", "lora_layer", "base_weight"),
-        *("base_state", "nudge", "moved", "LAYER_FILE", "layer_warnings", "warnings"),
+        *("base_state", "nudge", "moved", "LAYER_FILE", "layer_warnings", "warnings", "stacked", "stacked_output"),
+        "_module_below_layers",  # a layer that stacks on others of its module (scan --generate)
         *("contextlib", "functools", "inspect", "Captured", "recorded_call", "captured_call"),
         "LayerUnderTest",  # the layer `verify` checks
         # the factored path's mode and helpers (lora_scaffold/factored.py's layer_source)
