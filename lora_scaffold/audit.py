@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import math
 import re
 import sys
@@ -24,7 +23,7 @@ from lora_scaffold.errors import USER_CODE_ERRORS, ScaffoldError
 from lora_scaffold.generate import PACKAGE_RECORD
 from lora_scaffold.peft_answer import peft_layer
 from lora_scaffold.record import RECORD_DIR, GenerationRecord
-from lora_scaffold.resolve import resolve_class
+from lora_scaffold.resolve import import_source, resolve_class
 from lora_scaffold.scan import model_expression
 from lora_scaffold.stored_weights import quantized_tensors
 from lora_scaffold.strategies.beside import input_gradient_note
@@ -115,26 +114,7 @@ def _generated_package(folder: Path):
     """The package `scan --generate` wrote into `folder`, imported under the folder's name (None for `new -o`'s)."""
     if not (folder / PACKAGE_RECORD).is_file() or not (folder / "__init__.py").is_file():
         return None
-    name = folder.resolve().name
-    loaded = sys.modules.get(name)
-    if (
-        loaded is not None
-        and Path(getattr(loaded, "__file__", "") or "").resolve() == (folder / "__init__.py").resolve()
-    ):
-        return loaded
-    for stale in [key for key in sys.modules if key == name or key.startswith(f"{name}.")]:
-        del sys.modules[stale]  # another folder's package of that name: its layers are not these
-    spec = importlib.util.spec_from_file_location(
-        name, folder / "__init__.py", submodule_search_locations=[str(folder.resolve())]
-    )
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[name] = package
-    try:
-        spec.loader.exec_module(package)
-    except USER_CODE_ERRORS as exc:
-        del sys.modules[name]
-        raise ScaffoldError(f"--layers {folder}: its package does not import: {type(exc).__name__}: {exc}") from None
-    return package
+    return import_source(folder.resolve().name, folder / "__init__.py", package=True)
 
 
 def _import(name: str, folder: Path):

@@ -99,12 +99,21 @@ def _import_file_attribute(spec: str, kind: str):
     for folder in (str(path.resolve().parent), os.getcwd()):
         if folder not in sys.path:
             sys.path.insert(0, folder)
+    return path, import_source(module_name, path), name
+
+
+def import_source(module_name: str, path: Path, package: bool = False):
+    """The file at `path` imported as `module_name` (a package's __init__.py with `package`), unless it is already:
+    executing it again would make new classes, which the model's modules and the generated layers' dispatch would
+    not share. A package of that name from another folder goes, with its submodules: its layers are not these."""
     loaded = sys.modules.get(module_name)
     if loaded is not None and Path(getattr(loaded, "__file__", None) or "").resolve() == path.resolve():
-        # Imported already (by generated code, or a first look at the file): executing it again would make new
-        # classes, which the model's modules and the generated layers' dispatch would not share.
-        return path, loaded, name
-    loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        return loaded
+    if package:
+        for stale in [key for key in sys.modules if key == module_name or key.startswith(f"{module_name}.")]:
+            del sys.modules[stale]
+    folders = [str(path.resolve().parent)] if package else None
+    loader_spec = importlib.util.spec_from_file_location(module_name, path, submodule_search_locations=folders)
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[module_name] = module
     try:
@@ -112,7 +121,7 @@ def _import_file_attribute(spec: str, kind: str):
     except USER_CODE_ERRORS as exc:
         del sys.modules[module_name]
         raise TargetError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
-    return path, module, name
+    return module
 
 
 def _import_module(module_name: str):

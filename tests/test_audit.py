@@ -75,6 +75,16 @@ def test_packages_of_one_name_in_two_folders_are_each_their_own(tmp_path):
         assert stacked and all(Path(inspect.getfile(cls)).parent == folder for cls in stacked)
 
 
+def test_a_package_that_does_not_import_is_one_line(capsys, tmp_path):
+    layers = tmp_path / "layers"
+    assert main(["scan", QWEN2_MOE, "--generate", "-o", str(layers)]) == 0
+    (layers / "__init__.py").write_text("raise RuntimeError('edited into a corner')\n")
+    capsys.readouterr()
+    assert main(["audit", QWEN2_MOE, "--layers", str(layers)]) == 2
+    error = capsys.readouterr().err
+    assert "__init__.py failed: RuntimeError: edited into a corner" in error and len(error.splitlines()) == 1
+
+
 def test_two_layers_of_one_class_outside_a_package_are_one_line(capsys, tmp_path):
     """`new -o` twice into one folder, for two weights of the expert bank: each layer's own register would leave
     one of them out; a package of scan --generate stacks them."""
