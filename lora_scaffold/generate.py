@@ -93,6 +93,26 @@ def _new_layer(
     return outcome
 
 
+def _layers_for_class(
+    model: str, scanned: ScannedClass, model_input, taken: set[str], targeted: set[str], output: Path, force: bool
+) -> list[tuple[Generated, tuple]]:
+    """A layer for each weight of the class LoRA could adapt: the first whose layer is made (scan's choice first)
+    wraps the module, and the others' stack on it; each weight whose layer is not made says why."""
+    made = []
+    weights = (scanned.weight, *scanned.unadapted)
+    for index, weight in enumerate(weights):
+        tried = replace(scanned, weight=weight, unadapted=weights[index + 1 :])
+        try:
+            where, outcome = _layer_for(model, tried, model_input, taken, targeted, output, force)
+        except ScaffoldError as error:
+            made.append((Generated(replace(tried, unadapted=()), error=str(error)), ()))
+            continue
+        first = _generated(where, outcome)
+        made.append((replace(first, scanned=replace(where, unadapted=())), outcome.changes))
+        return made + _layers_for_other_weights(model, first, model_input, taken, output, force)
+    return made
+
+
 def _layers_for_other_weights(
     model: str, first: Generated, model_input, taken: set[str], output: Path, force: bool
 ) -> list[tuple[Generated, tuple]]:
@@ -265,17 +285,9 @@ def generate(
     results, changes = [], []
     targeted = {s.module for s in scanned}
     for each in scanned:
-        try:
-            each, outcome = _layer_for(model, each, model_input, taken, targeted, output, force)
-        except ScaffoldError as error:
-            results.append(Generated(each, error=str(error)))
-            continue
-        first = _generated(each, outcome)
-        results.append(replace(first, scanned=replace(each, unadapted=())))
-        changes += outcome.changes
-        for other, other_changes in _layers_for_other_weights(model, first, model_input, taken, output, force):
-            results.append(other)
-            changes += other_changes
+        for result, class_changes in _layers_for_class(model, each, model_input, taken, targeted, output, force):
+            results.append(result)
+            changes += class_changes
     made = [r for r in results if r.module_name]
     if made:
         changes += run.changes(package_files(model, made), _unedited(output))

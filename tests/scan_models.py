@@ -228,3 +228,19 @@ class TokenTypeBranches(nn.Module):
 
 def token_type_model() -> nn.Module:
     return nn.Sequential(TokenTypeBranches())
+
+
+class SpareBank(nn.Module):
+    """Holds a larger weight its forward never reads (a spare bank) beside the one it does: scan names the larger."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.spare = nn.Parameter(torch.randn(4 * width, width))
+        self.used = nn.Parameter(torch.randn(width, width) / width**0.5)
+
+    def forward(self, x):
+        return x @ self.used
+
+
+def spare_bank_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 6), SpareBank())

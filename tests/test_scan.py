@@ -276,6 +276,17 @@ def test_the_package_registers_every_layer_and_stacks_a_class_with_several(tmp_p
     torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-5)
 
 
+def test_where_the_weight_scan_names_gets_no_layer_the_next_weight_does(capsys, tmp_path):
+    """SpareBank's larger weight, which scan names, is never read: that weight's line says so, and the weight the
+    forward reads gets the class's layer."""
+    model = f"{TESTS / 'scan_models.py'}:spare_bank_model"
+    out = tmp_path / "layers"
+    assert main(["scan", model, "--model-input", "torch.randn(5, 6)", "--generate", "-o", str(out), "--json"]) == 0
+    found = {layer["weight"]: layer for layer in json.loads(capsys.readouterr().out)["layers"]}
+    assert found["spare"]["layer"] is None and "does not change with 'spare'" in found["spare"]["error"]
+    assert found["used"]["layer"] == "lora_spare_bank" and (out / "lora_spare_bank.py").is_file()
+
+
 def test_a_layer_for_another_weight_that_cannot_stack_is_one_line(capsys, tmp_path, monkeypatch):
     """Stacked layers each run the module with their weight's W + dW; a strategy whose layer does not (one adding
     its own term to the output) cannot go on top of another: that weight gets no layer, and says why."""
