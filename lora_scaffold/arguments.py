@@ -194,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--generate",
         action="store_true",
-        help="run every `new` command scan lists, into -o DIR, and write DIR/__init__.py with one register(config) "
-        "for all the layers (classes that fail are listed with the reason, the others are written)",
+        help="run every `new` command scan lists, and one for each weight a command leaves, into -o DIR, and write "
+        "DIR/__init__.py with one register(config) for all the layers, stacking a class's layers on its modules "
+        "(classes that fail are listed with the reason, the others are written)",
     )
     scan.add_argument("-o", "--output", metavar="DIR", help="with --generate: the folder (default: lora_layers)")
     _add_model_input(scan, "for the commands and --generate: ")
