@@ -38,9 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # PEFT imports transformers, which imports torchao where it is installed: torchao logs a line for each CUDA kernel it
-# cannot load (on every CPU machine), and torch one for each enum torchao registers. Said on import, of nothing this
+# cannot load (on every CPU machine), and torch one for each enum torchao registers; PEFT imports bitsandbytes, which
+# on a CPU with AVX512-BF16 logs that it could not fetch a 4-bit kernel from the Hub. Said on import, of nothing this
 # tool does, before a command's output; their errors still show.
-IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+IMPORT_NOISE = ("torchao", "torch.utils._pytree", "bitsandbytes")
 
 
 @contextlib.contextmanager

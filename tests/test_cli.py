@@ -109,7 +109,8 @@ def test_console_script_and_module_entry_point_work_from_any_folder(tmp_path):
 
 @pytest.mark.slow  # imports peft in a subprocess
 def test_a_command_importing_peft_says_nothing_on_stderr_off_a_terminal(tmp_path):
-    # Not the lines torchao and torch log when PEFT's import reaches them, where torchao is installed (as here).
+    # Not the lines torchao, torch and bitsandbytes log when PEFT's import reaches them, where they are installed (as
+    # here; bitsandbytes' on a CPU with AVX512-BF16).
     result = run_cli(
         "lora-scaffold", "scan", "torch.nn.Linear(2, 3)", "--model-input", "torch.randn(1, 2)", cwd=tmp_path
     )
