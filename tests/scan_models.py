@@ -244,3 +244,27 @@ class SpareBank(nn.Module):
 
 def spare_bank_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 6), SpareBank())
+
+
+class LengthTable(nn.Module):
+    """Called with a plain int, the sequence length (SAM3-Lite's text position embedding)."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(1, 16, width))
+
+    def forward(self, length: int) -> torch.Tensor:
+        return self.table[:, :length]
+
+
+class LengthTableModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.position = LengthTable()
+
+    def forward(self, x):
+        return x + self.position(x.shape[1])
+
+
+def length_table_model() -> nn.Module:
+    return LengthTableModel()

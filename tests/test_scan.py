@@ -287,6 +287,17 @@ def test_where_the_weight_scan_names_gets_no_layer_the_next_weight_does(capsys, 
     assert found["used"]["layer"] == "lora_spare_bank" and (out / "lora_spare_bank.py").is_file()
 
 
+def test_a_target_called_with_a_plain_int_first_gets_a_green_suite(capsys, tmp_path):
+    """SAM3-Lite's text position embedding takes the sequence length: the suite's mixed-batch check took the length
+    of that int (TypeError) and was red on a valid layer."""
+    model = f"{TESTS / 'scan_models.py'}:length_table_model"
+    out = tmp_path / "length_layers"
+    assert main(["scan", model, "--model-input", "torch.randn(2, 5, 6)", "--generate", "-o", str(out)]) == 0
+    assert "lora_length_table.LoraLengthTable: delta" in capsys.readouterr().out
+    result = run_suites([out], tmp_path / "junit.xml", extra_paths=(tmp_path, TESTS))
+    assert result.returncode == 0 and " failed" not in result.stdout, result.stdout[-3000:]
+
+
 def test_a_layer_for_another_weight_that_cannot_stack_is_one_line(capsys, tmp_path, monkeypatch):
     """Stacked layers each run the module with their weight's W + dW; a strategy whose layer does not (one adding
     its own term to the output) cannot go on top of another: that weight gets no layer, and says why."""
